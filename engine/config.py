@@ -1,0 +1,419 @@
+"""herd's configuration: typed nested dataclasses, YAML presets and dotlist overrides.
+
+This is the only module that imports omegaconf. Everything else receives plain dataclass instances, and each
+component only its own slice (`cfg.model` for the model, `cfg.data` for the loader, ...).
+
+Loading order: the schema's defaults, then the YAML file (after the files it `include`s), then command-line
+overrides (`optim.lr=1e-4`). Every mistake is a `ConfigError` whose one-line message names the key; the CLI prints
+it before any process group, model or data file is touched.
+"""
+
+import dataclasses
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from engine.errors import ConfigError
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class RopeScalingConfig:
+    """Llama 3.1's RoPE frequency scaling for long context (wavelength-dependent interpolation)."""
+
+    enabled: bool = False  # apply the scaling; presets of Llama 3.1 turn it on
+    factor: float = 8.0  # long-wavelength frequencies are divided by this
+    low_freq_factor: float = 1.0  # wavelengths above original_max_seq_len / low_freq_factor are fully scaled
+    high_freq_factor: float = 4.0  # wavelengths below original_max_seq_len / high_freq_factor are untouched
+    original_max_seq_len: int = 8192  # context length the unscaled model was pretrained at
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the dense Llama 3 decoder (paper Table 3)."""
+
+    name: str = "debug"  # preset name, for logs
+    dim: int = 256  # model (residual stream) width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 8  # query heads
+    n_kv_heads: int = 4  # key/value heads (GQA); must divide n_heads
+    ffn_dim: int = 768  # SwiGLU hidden width
+    vocab_size: int = 4096  # rows of the embedding and the output head
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 500000.0  # RoPE base frequency (Llama 3: 500,000)
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    max_seq_len: int = 8192  # longest sequence RoPE tables are built for (the RoPE limit)
+    init_std: float = 0.02  # std of the normal init of weight matrices
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of the parallel dimensions; their product is the world size."""
+
+    dp_replicate: int = 1  # HSDP replicas (outermost)
+    dp_shard: int = -1  # FSDP shards; -1 takes whatever the world size leaves
+    pp: int = 1  # pipeline stages
+    cp: int = 1  # context-parallel ranks
+    tp: int = 1  # tensor-parallel ranks (innermost, Llama 3's [TP, CP, PP, DP] order)
+
+
+@dataclass
+class DatasetConfig:
+    """One tokenized dataset (a `.bin`/`.idx` pair) in a blend."""
+
+    path: str = ""  # prefix of the .bin/.idx pair written by `herd prepare-data`
+    weight: float = 1.0  # relative share of samples drawn from it
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer the data was made with (the model's vocab must cover it)."""
+
+    kind: str = "hf"  # hf (a tokenizers tokenizer.json) or llama3 (the real Llama 3 tiktoken model)
+    path: str = ""  # tokenizer.json for kind=hf
+
+
+@dataclass
+class DataConfig:
+    """Token data, packing, batching and bad-data policy."""
+
+    train: List[DatasetConfig] = field(default_factory=list)  # the training blend
+    valid: List[DatasetConfig] = field(default_factory=list)  # held-out blend for validation loss
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    seq_len: int = 256  # tokens per packed sequence
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    global_batch_size: int = 8  # sequences per optimizer step over all data-parallel ranks
+    seed: int = 1234  # shuffling seed (documents and samples)
+    document_mask: bool = True  # tokens never attend across document boundaries inside a packed sequence
+    eod_mask_loss: bool = True  # no loss where the input token is end-of-document (it predicts another document)
+    on_bad_data: str = "error"  # error: stop naming file and line; skip: leave the document out and count it
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (fused on CUDA, foreach on CPU) over fp32 master weights."""
+
+    lr: float = 3e-4  # peak learning rate
+    weight_decay: float = 0.1  # decoupled weight decay on matrices (not on norms)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # clip by global gradient norm; 0 disables
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule over train.steps optimizer steps."""
+
+    kind: str = "cosine"  # cosine | wsd (warmup-stable-decay) | linear (decay to min, e.g. annealing) | constant
+    warmup_steps: int = 0  # linear warmup from 0 to optim.lr
+    min_lr_ratio: float = 0.1  # final LR as a fraction of optim.lr (Llama 3 405B: 8e-7 / 8e-5 = 0.01)
+    decay_fraction: float = 0.2  # wsd only: share of the steps spent in the final linear decay
+
+
+@dataclass
+class TrainConfig:
+    """The run itself."""
+
+    steps: int = 100  # optimizer steps
+    seed: int = 1234  # model init and RNG seed
+    dtype: str = "bf16"  # autocast compute dtype: bf16 or fp32 (weights and grads stay fp32)
+    device: str = "auto"  # auto (cuda if present), cpu or cuda
+    eval_every: int = 0  # validation loss every N steps (0: only at the end, if data.valid is set)
+    eval_batches: int = 8  # micro-batches of validation data per evaluation
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often the run is saved."""
+
+    dir: str = ""  # checkpoint root; empty means <log.run_dir>/<log.name>/checkpoints
+    every: int = 0  # save every N steps (0: never)
+    keep_last: int = 2  # complete checkpoints kept; at least 2 so one always survives a failed save
+    resume: str = "auto"  # auto: newest complete checkpoint if any; never: start fresh
+
+
+@dataclass
+class FP8Config:
+    """FP8 training (engine/fp8)."""
+
+    backend: str = "none"  # none | native (torch._scaled_mm) | te (TransformerEngine)
+    recipe: str = "tensorwise"  # tensorwise (current scaling) | delayed (amax history)
+    amax_history_len: int = 16  # delayed scaling window
+    grad_dtype: str = "e5m2"  # e5m2 | e4m3 for gradients
+    bf16_first_last_layers: bool = True  # keep the first and last transformer blocks in bf16
+
+
+@dataclass
+class LogConfig:
+    """What the user sees: console lines, TensorBoard, metrics.jsonl."""
+
+    run_dir: str = "runs"  # parent of every run's directory
+    name: str = "debug"  # this run's directory name under run_dir (letters, digits, . _ -)
+    every: int = 1  # console line every N steps
+    tensorboard: bool = True  # write TensorBoard event files under <run>/tb
+    jsonl: bool = True  # write <run>/metrics.jsonl, one JSON object per step
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks the device up (H100 SXM bf16: 989.4)
+
+
+@dataclass
+class JobConfig:
+    """A whole training job."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+_RESOLVER_CALL = re.compile(r"\$\{\s*[^}]*:")  # ${oc.env:X}, ${eval:...}: resolvers run code or read secrets
+_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
+
+
+def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
+                world_size: int = 1) -> JobConfig:
+    """Schema defaults <- YAML file (and its includes) <- dotlist overrides, then validated."""
+    merged = OmegaConf.structured(JobConfig)
+    if path is not None:
+        for source, layer in _yaml_layers(Path(path), chain=()):
+            merged = _merge(merged, layer, source)
+    if overrides:
+        merged = _merge(merged, _parse_overrides(overrides), "command line")
+    try:
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _as_config_error(e, "config") from None
+    validate(cfg, world_size)
+    return cfg
+
+
+def _yaml_layers(path: Path, chain: tuple) -> List[tuple]:
+    """The YAML file's layers in merge order: included files first (depth first), then the file itself."""
+    if not path.is_file():
+        raise ConfigError("", f"config file not found: {path}")
+    if path.resolve() in chain:
+        raise ConfigError("include", f"{path}: include cycle")
+    try:
+        raw = OmegaConf.load(path)
+    except Exception as e:  # yaml.YAMLError and friends: report the first line only
+        raise ConfigError("", f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    if not isinstance(raw, DictConfig):
+        raise ConfigError("", f"{path}: the top level must be a mapping of sections")
+    _reject_resolvers(raw, str(path))
+    layers = []
+    includes = raw.pop("include", None)
+    for name in ([] if includes is None else list(includes) if isinstance(includes, ListConfig) else [includes]):
+        layers += _yaml_layers(_include_path(path, str(name)), chain + (path.resolve(),))
+    layers.append((str(path), raw))
+    return layers
+
+
+def _include_path(parent: Path, name: str) -> Path:
+    """An include is relative to the including file, or else to herd's configs/; it may not climb out."""
+    if Path(name).is_absolute() or ".." in Path(name).parts:
+        raise ConfigError("include", f"{parent}: '{name}' must be a relative path without '..'")
+    for base in (parent.parent, CONFIGS_DIR):
+        if (base / name).is_file():
+            return base / name
+    raise ConfigError("include", f"{parent}: included file '{name}' not found next to it or in {CONFIGS_DIR}")
+
+
+def _parse_overrides(overrides: List[str]) -> DictConfig:
+    for item in overrides:
+        if not _OVERRIDE.match(item):
+            raise ConfigError("", f"override '{item}' is not of the form section.key=value")
+    try:
+        layer = OmegaConf.from_dotlist(list(overrides))
+    except OmegaConfBaseException as e:
+        raise ConfigError("", f"bad override: {str(e).splitlines()[0]}") from None
+    _reject_resolvers(layer, "command line")
+    return layer
+
+
+def _reject_resolvers(node: Any, source: str, prefix: str = "") -> None:
+    """Interpolations of other keys (${data.seq_len}) are fine; resolver calls (${oc.env:TOKEN}) are not."""
+    container = OmegaConf.to_container(node, resolve=False) if isinstance(node, (DictConfig, ListConfig)) else node
+    items = container.items() if isinstance(container, dict) else enumerate(container) \
+        if isinstance(container, list) else ()
+    for key, value in items:
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, (dict, list)):
+            _reject_resolvers(value, source, full)
+        elif isinstance(value, str) and _RESOLVER_CALL.search(value):
+            raise ConfigError(full, f"resolver calls like '{value}' are not allowed ({source})")
+
+
+def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as e:
+        raise _as_config_error(e, source) from None
+
+
+def _as_config_error(e: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(e, "full_key", None) or getattr(e, "key", None) or ""
+    first = str(getattr(e, "msg", None) or e).splitlines()[0]
+    if "not in" in first or type(e).__name__ == "ConfigKeyError":
+        owner = getattr(e, "object_type", None)
+        if "." not in str(key) and dataclasses.is_dataclass(owner) and owner is not JobConfig:
+            # inside a list element OmegaConf forgets the path: name the section's type instead
+            close = difflib.get_close_matches(str(key), [f.name for f in dataclasses.fields(owner)], n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            return ConfigError(str(key), f"unknown key in a {owner.__name__} entry ({source}){hint}")
+        return ConfigError(str(key), f"unknown key ({source}){_suggest(str(key))}")
+    if "could not be converted" in first or "Value '" in first:
+        return ConfigError(str(key), f"wrong type ({source}): {first}")
+    return ConfigError(str(key), f"{first} ({source})")
+
+
+def _suggest(full_key: str) -> str:
+    """' (did you mean 'optim.lr'?)' for the closest field name at the same place in the schema."""
+    parts = [p for p in re.split(r"[.\[\]]", full_key) if p and not p.isdigit()]
+    node: Any = JobConfig
+    for part in parts[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return ""
+        node = _field_type(node, fields[part])
+    if not dataclasses.is_dataclass(node) or not parts:
+        return ""
+    names = [f.name for f in dataclasses.fields(node)]
+    close = difflib.get_close_matches(parts[-1], names, n=1, cutoff=0.5)
+    return f" (did you mean '{'.'.join(parts[:-1] + close)}'?)" if close else f" (valid keys: {', '.join(names)})"
+
+
+def _field_type(owner: Any, f: dataclasses.Field) -> Any:
+    hint = OmegaConf.structured(owner)._get_node(f.name)  # type: ignore[union-attr]
+    element = getattr(hint, "_metadata", None)
+    element_type = getattr(element, "element_type", None)
+    return element_type if dataclasses.is_dataclass(element_type) else element.object_type
+
+
+def to_yaml(cfg: JobConfig) -> str:
+    """The resolved config as YAML, for the run directory (resumes and reproductions start from it)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+_CHOICES = {
+    "data.tokenizer.kind": ("hf", "llama3"),
+    "data.on_bad_data": ("error", "skip"),
+    "schedule.kind": ("cosine", "wsd", "linear", "constant"),
+    "train.dtype": ("bf16", "fp32"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "checkpoint.resume": ("auto", "never"),
+    "fp8.backend": ("none", "native", "te"),
+    "fp8.recipe": ("tensorwise", "delayed"),
+    "fp8.grad_dtype": ("e5m2", "e4m3"),
+}
+
+
+def _get(cfg: JobConfig, dotted: str) -> Any:
+    value: Any = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def validate(cfg: JobConfig, world_size: int = 1) -> None:
+    """Reject impossible values with the key that holds them; cheap, runs before anything heavy."""
+    for key, choices in _CHOICES.items():
+        value = _get(cfg, key)
+        _require(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
+    _validate_model(cfg.model)
+    _validate_data(cfg)
+    resolve_parallel(cfg.parallel, world_size)
+    grad_accum_steps(cfg)
+    _require(cfg.train.steps > 0, "train.steps", f"must be positive, got {cfg.train.steps}")
+    _require(cfg.optim.lr > 0, "optim.lr", f"must be positive, got {cfg.optim.lr}")
+    _require(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
+    _require(0 <= cfg.schedule.warmup_steps <= cfg.train.steps, "schedule.warmup_steps",
+             f"must be between 0 and train.steps={cfg.train.steps}, got {cfg.schedule.warmup_steps}")
+    _require(0 <= cfg.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio", "must be between 0 and 1")
+    _require(0 < cfg.schedule.decay_fraction <= 1, "schedule.decay_fraction", "must be in (0, 1]")
+    _require(cfg.checkpoint.keep_last >= 2, "checkpoint.keep_last",
+             f"must be at least 2 so a complete checkpoint survives a failed save, got {cfg.checkpoint.keep_last}")
+    _require(re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.log.name) is not None and cfg.log.name not in (".", ".."),
+             "log.name", f"'{cfg.log.name}' must be a plain directory name (letters, digits, '.', '_', '-')")
+    _require(cfg.log.every >= 1, "log.every", "must be at least 1")
+
+
+def _validate_model(m: ModelConfig) -> None:
+    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
+        value = getattr(m, key)
+        _require(value > 0, f"model.{key}", f"must be positive, got {value}")
+    _require(m.n_heads % m.n_kv_heads == 0, "model.n_heads",
+             f"n_heads={m.n_heads} is not divisible by n_kv_heads={m.n_kv_heads} (GQA groups must be equal)")
+    _require(m.dim % m.n_heads == 0, "model.dim", f"dim={m.dim} is not divisible by n_heads={m.n_heads}")
+    _require((m.dim // m.n_heads) % 2 == 0, "model.dim", f"head dim {m.dim // m.n_heads} must be even for RoPE")
+    _require(m.rope_theta > 0, "model.rope_theta", "must be positive")
+    _require(m.norm_eps > 0, "model.norm_eps", "must be positive")
+    s = m.rope_scaling
+    if s.enabled:
+        _require(s.factor >= 1, "model.rope_scaling.factor", f"must be >= 1, got {s.factor}")
+        _require(s.high_freq_factor > s.low_freq_factor > 0, "model.rope_scaling.high_freq_factor",
+                 "must exceed low_freq_factor, which must be positive")
+        _require(s.original_max_seq_len > 0, "model.rope_scaling.original_max_seq_len", "must be positive")
+
+
+def _validate_data(cfg: JobConfig) -> None:
+    d = cfg.data
+    _require(d.seq_len > 0, "data.seq_len", f"must be positive, got {d.seq_len}")
+    _require(d.seq_len <= cfg.model.max_seq_len, "data.seq_len",
+             f"{d.seq_len} exceeds model.max_seq_len={cfg.model.max_seq_len} (the RoPE limit)")
+    _require(d.micro_batch_size > 0, "data.micro_batch_size", "must be positive")
+    _require(d.global_batch_size > 0, "data.global_batch_size", "must be positive")
+    for group in ("train", "valid"):
+        for i, ds in enumerate(getattr(d, group)):
+            _require(bool(ds.path), f"data.{group}[{i}].path", "is empty")
+            _require(ds.weight > 0, f"data.{group}[{i}].weight", f"must be positive, got {ds.weight}")
+    _require(d.tokenizer.kind != "hf" or bool(d.tokenizer.path) or not d.train, "data.tokenizer.path",
+             "kind=hf needs the tokenizer.json that the data was prepared with")
+
+
+def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:
+    """Fill dp_shard=-1 from the world size and check that the degrees multiply to it."""
+    for key in ("dp_replicate", "pp", "cp", "tp"):
+        _require(getattr(p, key) >= 1, f"parallel.{key}", f"must be at least 1, got {getattr(p, key)}")
+    others = p.dp_replicate * p.pp * p.cp * p.tp
+    if p.dp_shard == -1:
+        _require(world_size % others == 0, "parallel.dp_shard",
+                 f"world size {world_size} is not divisible by dp_replicate*pp*cp*tp={others}")
+        p.dp_shard = world_size // others
+    _require(p.dp_shard >= 1, "parallel.dp_shard", f"must be at least 1 or -1, got {p.dp_shard}")
+    _require(others * p.dp_shard == world_size, "parallel",
+             f"dp_replicate*dp_shard*pp*cp*tp = {others * p.dp_shard} but the world size is {world_size}")
+    return p
+
+
+def data_parallel_size(p: ParallelConfig) -> int:
+    return p.dp_replicate * p.dp_shard
+
+
+def grad_accum_steps(cfg: JobConfig) -> int:
+    """Micro-batches per optimizer step on each rank, so that tokens per step do not depend on layout."""
+    dp = data_parallel_size(cfg.parallel)
+    per_step = cfg.data.micro_batch_size * dp
+    if cfg.data.global_batch_size % per_step:
+        raise ConfigError("data.global_batch_size",
+                          f"{cfg.data.global_batch_size} is not divisible by micro_batch_size*dp = {per_step}")
+    return cfg.data.global_batch_size // per_step

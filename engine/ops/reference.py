@@ -1,0 +1,42 @@
+"""Pure-torch references of the fused ops: the fallback on CPU and the oracle for csrc/ kernels."""
+
+import torch
+import torch.nn.functional as F
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm (Zhang & Sennrich 2019) as Llama computes it: normalize in fp32, cast back, then scale.
+
+    x: [..., dim], weight: [dim] -> [..., dim] in x's dtype (times weight's dtype promotion).
+    """
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * normed.type_as(x)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding (Su et al. 2021, eq. 34) in the half-split layout HF checkpoints use.
+
+    Pair i of a head is (x[i], x[i + d/2]) rotated by angle pos * freq_i, computed in fp32.
+    x: [b, s, heads, d]; cos, sin: [b, s, 1, d/2] -> [b, s, heads, d] in x's dtype.
+    """
+    half = x.shape[-1] // 2
+    x1, x2 = x.float()[..., :half], x.float()[..., half:]
+    rotated = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return rotated.type_as(x)
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU (Shazeer 2020): silu(x W1) * (x W3). gate, up: [..., ffn] -> [..., ffn]."""
+    return F.silu(gate) * up
+
+
+def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the tokens where loss_mask is true, computed in fp32.
+
+    Summing (not averaging) lets the caller divide by the token count of the whole optimizer step, so gradient
+    accumulation over micro-batches equals one large batch.
+    logits: [b, s, vocab]; targets, loss_mask: [b, s] -> scalar fp32.
+    """
+    per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # [b*s]
+    return (per_token * loss_mask.flatten().float()).sum()
