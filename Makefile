@@ -1,0 +1,36 @@
+# `make demo` trains the main job; `make test` runs the tests. Each creates .venv and installs what is missing.
+PYTHON ?= python3
+VENV ?= .venv
+VENV_FLAGS ?=
+PY := $(VENV)/bin/python
+# A CPU machine has this wheel on local disk; a machine with a CUDA torch already can pass
+# VENV_FLAGS=--system-site-packages so the existing torch (>= 2.11) is used instead.
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.herd-installed
+PIP := $(PY) -m pip install --disable-pip-version-check -q
+
+.PHONY: install demo test test-all clean-demo
+
+$(STAMP): pyproject.toml setup.py
+	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
+	$(PY) -c "import torch, sys; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 11))" 2>/dev/null \
+		|| $(PIP) "$(TORCH_SPEC)"
+	$(PIP) setuptools wheel
+	$(PIP) --no-build-isolation -e ".[test]"
+	# ships the real Llama 3 tokenizer file; its own dependencies are not needed to read it
+	$(PIP) --no-deps llama-models
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m launch.demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+test-all: $(STAMP)
+	$(PY) -m pytest -q -m "" tests
+
+clean-demo:
+	rm -rf data/stdlib* runs/demo runs/demo.*

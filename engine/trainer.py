@@ -1,0 +1,43 @@
+"""The training loop. It only moves data and calls hooks: the TrainModule says what a step is, callbacks do
+everything else (throughput, validation, console, TensorBoard, metrics.jsonl; later checkpoints and guards)."""
+
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+
+from engine.callbacks.base import Callback
+from engine.data.loader import StepLoader
+from engine.train_module import TrainModule
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    total_steps: int = 0
+    tokens_per_step: int = 0  # input tokens in one global batch (all ranks)
+    stop_requested: bool = False
+
+
+class Trainer:
+    def __init__(self, module: TrainModule, loader: StepLoader, state: TrainState, device: torch.device,
+                 callbacks: List[Callback]):
+        self.module, self.loader, self.state, self.device = module, loader, state, device
+        self.callbacks = callbacks
+        self.last_metrics: Dict[str, float] = {}
+
+    def _emit(self, hook: str, *args) -> None:
+        for callback in self.callbacks:
+            getattr(callback, hook)(self, *args)
+
+    def fit(self) -> Dict[str, float]:
+        self._emit("on_fit_start")
+        while self.state.step < self.state.total_steps and not self.state.stop_requested:
+            micro_batches = [batch.to(self.device) for batch in self.loader.next_step()]
+            self._emit("on_step_start")
+            metrics = self.module.train_step(micro_batches)
+            self.state.step += 1
+            self._emit("on_step_end", metrics)
+            self.last_metrics = metrics
+        self._emit("on_fit_end")
+        return self.last_metrics

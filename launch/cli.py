@@ -1,0 +1,85 @@
+"""The `herd` command: a thin dispatcher. Every user mistake is printed as one line, exit code 2."""
+
+import argparse
+import sys
+from typing import List, Optional
+
+from engine.errors import HerdError
+
+EXIT_USAGE = 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from engine.config import load_config
+    cfg = load_config(args.config, args.overrides)
+    if args.print_config:
+        from engine.config import to_yaml
+        print(to_yaml(cfg), end="")
+        return 0
+    from engine.run import train
+    train(cfg)
+    return 0
+
+
+def _prepare_data(args: argparse.Namespace) -> int:
+    from engine.config import TokenizerConfig
+    from engine.data.prepare import DEFAULT_PATTERNS, PrepareReport, list_inputs, prepare_data, read_documents
+    from engine.data.tokenizer import load_tokenizer, train_bpe
+    patterns = tuple(args.include) if args.include else DEFAULT_PATTERNS
+    kwargs = dict(text_key=args.text_key, valid_fraction=args.valid_fraction, on_bad_data=args.on_bad_data,
+                  patterns=patterns, exclude=tuple(args.exclude))
+    if args.train_tokenizer:
+        if args.tokenizer != "hf" or not args.tokenizer_path:
+            raise HerdError("--train-tokenizer needs --tokenizer hf and --tokenizer-path OUT.json")
+        report = PrepareReport()
+        files = list_inputs(args.inputs, patterns, tuple(args.exclude))
+        documents = list(read_documents(files, args.text_key, args.on_bad_data, report))
+        if not documents:
+            raise HerdError(f"no documents with text in {', '.join(args.inputs)}")
+        tokenizer = train_bpe((d.text for d in documents), args.vocab_size, args.tokenizer_path)
+        print(f"trained a byte-level BPE of {tokenizer.vocab_size} tokens on {len(documents)} documents: "
+              f"{args.tokenizer_path}", flush=True)
+        report = prepare_data(args.inputs, args.out, tokenizer, documents=documents, report=report, **kwargs)
+    else:
+        tokenizer = load_tokenizer(TokenizerConfig(kind=args.tokenizer, path=args.tokenizer_path or ""))
+        report = prepare_data(args.inputs, args.out, tokenizer, **kwargs)
+    print(f"wrote {', '.join(p + '.{bin,idx}' for p in report.outputs)} ({report.summary()})", flush=True)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="herd", description="Train Llama 3 models.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a model from a YAML config and key=value overrides")
+    train.add_argument("config", help="YAML config (presets in configs/)")
+    train.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. optim.lr=1e-4 train.steps=50")
+    train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.set_defaults(func=_train)
+
+    prep = sub.add_parser("prepare-data", help="tokenize text files or JSONL into .bin/.idx token files")
+    prep.add_argument("inputs", nargs="+", help="files or directories (searched for --include patterns)")
+    prep.add_argument("--out", required=True, help="output prefix (PREFIX.bin/.idx, or PREFIX.train/.valid)")
+    prep.add_argument("--tokenizer", choices=("hf", "llama3"), default="hf")
+    prep.add_argument("--tokenizer-path", help="tokenizer.json to load (or to write with --train-tokenizer)")
+    prep.add_argument("--train-tokenizer", action="store_true", help="train a byte-level BPE on the inputs")
+    prep.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the trained BPE")
+    prep.add_argument("--valid-fraction", type=float, default=0.0, help="share of documents held out")
+    prep.add_argument("--text-key", default="text", help="JSONL field holding the document text")
+    prep.add_argument("--on-bad-data", choices=("error", "skip"), default="error")
+    prep.add_argument("--include", action="append", help="file name pattern under directories (repeatable)")
+    prep.add_argument("--exclude", action="append", default=[], help="relative path pattern to leave out")
+    prep.set_defaults(func=_prepare_data)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except HerdError as e:
+        print(f"herd: error: {e}", file=sys.stderr, flush=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("herd: interrupted", file=sys.stderr, flush=True)
+        return 130

@@ -1,0 +1,32 @@
+"""Functions run on gloo ranks by the tests (module-level so spawned processes can import them)."""
+
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def collectives(rank: int, world_size: int) -> dict:
+    from torch.distributed.device_mesh import init_device_mesh
+    value = torch.tensor([float(rank + 1)])
+    dist.all_reduce(value)
+    gathered = [torch.zeros(1) for _ in range(world_size)]
+    dist.all_gather(gathered, torch.tensor([float(rank)]))
+    mesh = init_device_mesh("cpu", (2, world_size // 2), mesh_dim_names=("dp", "tp"))
+    tp_sum = torch.tensor([float(rank)])
+    dist.all_reduce(tp_sum, group=mesh.get_group("tp"))
+    return {"sum": value.item(), "gathered": [g.item() for g in gathered], "tp_sum": tp_sum.item(),
+            "tp_rank": mesh.get_local_rank("tp")}
+
+
+def fails_on_rank_one(rank: int, world_size: int) -> int:
+    if rank == 1:
+        raise ValueError("rank one is broken")
+    dist.barrier()  # rank 0 would wait here forever: the harness must stop it
+    return rank
+
+
+def hangs_on_rank_one(rank: int, world_size: int) -> int:
+    if rank == 1:
+        time.sleep(600)
+    return rank

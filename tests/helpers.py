@@ -1,0 +1,31 @@
+"""Shared test fixtures' building blocks: a small real corpus and a tiny config that trains in seconds."""
+
+import sysconfig
+from pathlib import Path
+from typing import List
+
+from engine.config import JobConfig, load_config
+from engine.data.prepare import prepare_data
+from engine.data.tokenizer import train_bpe
+
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
+
+
+def make_corpus(root: Path, vocab_size: int = 512) -> Path:
+    """Tokenize a few real standard-library packages (json, email, http) with a BPE trained on them."""
+    files = sorted(str(p) for pkg in ("json", "email", "http") for p in (STDLIB / pkg).glob("*.py"))
+    texts = [Path(f).read_text(encoding="utf-8") for f in files]
+    tokenizer = train_bpe(texts, vocab_size, str(root / "tok.json"))
+    prepare_data(files, str(root / "corpus"), tokenizer, valid_fraction=0.15, patterns=("*.py",))
+    return root
+
+
+def tiny_config(corpus: Path, run_dir: Path, extra: List[str] = ()) -> JobConfig:
+    return load_config(None, [
+        "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
+        "model.vocab_size=512", "model.max_seq_len=256",
+        f"data.train=[{{path: {corpus}/corpus.train}}]", f"data.valid=[{{path: {corpus}/corpus.valid}}]",
+        f"data.tokenizer.path={corpus}/tok.json", "data.seq_len=32", "data.micro_batch_size=4",
+        "data.global_batch_size=8", "train.steps=6", "train.dtype=fp32", "train.device=cpu", "train.eval_every=3",
+        "train.eval_batches=2", "optim.lr=3e-3", "schedule.warmup_steps=2", f"log.run_dir={run_dir}",
+        "log.name=t", *extra])
