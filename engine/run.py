@@ -30,13 +30,13 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_run_dir(cfg: JobConfig) -> Path:
+def prepare_run_dir(cfg: JobConfig, stream: TextIO) -> Path:
     """<run_dir>/<name>, with config.yaml. An earlier run of the same name is moved aside, never overwritten."""
     run = Path(cfg.log.run_dir) / cfg.log.name
     if run.exists() and any(run.iterdir()):
         archive = run.with_name(f"{cfg.log.name}.{time.strftime('%Y%m%d-%H%M%S')}")
         run.rename(archive)
-        print(f"an earlier run of the same name was moved to {archive}", flush=True)
+        print(f"an earlier run of the same name was moved to {archive}", file=stream, flush=True)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(to_yaml(cfg))
     return run
@@ -68,7 +68,7 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
     module = LMTrainModule(model, optimizer, scheduler, device, cfg.train.dtype, cfg.optim.grad_clip)
     state = TrainState(total_steps=cfg.train.steps, tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len)
 
-    run = prepare_run_dir(cfg)
+    run = prepare_run_dir(cfg, stream)
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
     peak = cfg.log.peak_tflops or (device_peak_tflops(torch.cuda.get_device_name(device))
                                    if device.type == "cuda" else 0.0)

@@ -198,3 +198,10 @@ def test_sampler_resume_is_exact_and_layout_independent(tmp_path):
     union = sorted(int(i) for r in ranks for mb in r.next_step() for i in mb.sample_ids)
     assert union == sorted(int(i) for mb in steps[3] for i in mb.sample_ids)
     assert len(set(union)) == 8
+
+
+def test_an_empty_split_writes_nothing(tmp_path, tokenizer):
+    src = write_corpus(tmp_path / "src", CORPUS[:1])
+    with pytest.raises(DataError, match="the split left '.*' empty"):
+        prepare_data([str(src)], str(tmp_path / "out"), tokenizer, valid_fraction=0.5)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("out")]
