@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.herd-installed
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: install demo test test-all clean-demo
+.PHONY: install demo test test-all clean-demo gpu-wheels
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -34,3 +34,9 @@ test-all: $(STAMP)
 
 clean-demo:
 	rm -rf data/stdlib* runs/demo runs/demo.*
+
+# Pure-Python wheels the lent GPU machine lacks (it has no network); carried there as wheels/.
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download --disable-pip-version-check -q --no-deps -d wheels omegaconf llama-models
+	$(PY) -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: --python-version 3.12 \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d wheels tiktoken

@@ -11,6 +11,7 @@ it before any process group, model or data file is touched.
 import dataclasses
 import difflib
 import re
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -296,10 +297,10 @@ def _suggest(full_key: str) -> str:
 
 
 def _field_type(owner: Any, f: dataclasses.Field) -> Any:
-    hint = OmegaConf.structured(owner)._get_node(f.name)  # type: ignore[union-attr]
-    element = getattr(hint, "_metadata", None)
-    element_type = getattr(element, "element_type", None)
-    return element_type if dataclasses.is_dataclass(element_type) else element.object_type
+    """The dataclass a field holds: its own type, or the element type of a List[...] field."""
+    hint = typing.get_type_hints(owner)[f.name]
+    args = typing.get_args(hint)
+    return args[0] if args and dataclasses.is_dataclass(args[0]) else hint
 
 
 def to_yaml(cfg: JobConfig) -> str:

@@ -1,5 +1,6 @@
 """Assembling a training run from a validated JobConfig: device, data, model, optimizer, callbacks, run dir."""
 
+import json
 import os
 import sys
 import time
@@ -11,9 +12,9 @@ import torch
 from engine import __version__
 from engine.callbacks import (Callback, ConsoleCallback, EvalCallback, JsonlCallback, TensorBoardCallback,
                               ThroughputCallback)
-from engine.config import JobConfig, grad_accum_steps, to_yaml
+from engine.config import DatasetConfig, JobConfig, grad_accum_steps, to_yaml
 from engine.data.loader import StepLoader, build_blend
-from engine.data.tokenizer import load_tokenizer
+from engine.data.tokenizer import Tokenizer, load_tokenizer
 from engine.errors import ConfigError
 from engine.flops import device_peak_tflops, flops_per_token, parameter_count
 from engine.model import build_model
@@ -42,6 +43,19 @@ def prepare_run_dir(cfg: JobConfig, stream: TextIO) -> Path:
     return run
 
 
+def check_prepared_with(datasets: List[DatasetConfig], tokenizer: Tokenizer) -> None:
+    """Data tokenized by another tokenizer would train on garbage with wrong document boundaries: refuse it."""
+    for ds in datasets:
+        meta_path = Path(f"{ds.path}.json")
+        if not meta_path.is_file():  # written by prepare-data; data from elsewhere may not have it
+            continue
+        meta = json.loads(meta_path.read_text())
+        if meta.get("eod_id") != tokenizer.eod_id or meta.get("vocab_size") != tokenizer.vocab_size:
+            raise ConfigError("data.tokenizer", f"{ds.path} was prepared with {meta.get('tokenizer')} "
+                              f"(vocab {meta.get('vocab_size')}, end-of-document id {meta.get('eod_id')}) but the "
+                              f"config loads {tokenizer.name} (vocab {tokenizer.vocab_size}, id {tokenizer.eod_id})")
+
+
 def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size != 1:
@@ -54,6 +68,7 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({tokenizer.vocab_size}, {tokenizer.name})")
+    check_prepared_with(cfg.data.train + cfg.data.valid, tokenizer)
     accum = grad_accum_steps(cfg)
     loader = StepLoader(build_blend(cfg.data.train, cfg.data, cfg.model.vocab_size), cfg.data, tokenizer.eod_id)
     eval_batches = []

@@ -2,7 +2,7 @@
 everything else (throughput, validation, console, TensorBoard, metrics.jsonl; later checkpoints and guards)."""
 
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
@@ -25,6 +25,7 @@ class Trainer:
         self.module, self.loader, self.state, self.device = module, loader, state, device
         self.callbacks = callbacks
         self.last_metrics: Dict[str, float] = {}
+        self.initial_val_loss: Optional[float] = None  # set by EvalCallback before the first step
 
     def _emit(self, hook: str, *args) -> None:
         for callback in self.callbacks:

@@ -45,7 +45,7 @@ class ConsoleCallback(Callback):
     def on_fit_start(self, trainer) -> None:
         for line in self.header:
             self._print(line)
-        initial = getattr(trainer, "initial_val_loss", None)
+        initial = trainer.initial_val_loss
         if initial is not None:
             self._print(f"validation loss before training: {initial:.4f}")
 
@@ -56,7 +56,7 @@ class ConsoleCallback(Callback):
 
     def on_fit_end(self, trainer) -> None:
         m = trainer.last_metrics
-        initial = getattr(trainer, "initial_val_loss", None)
+        initial = trainer.initial_val_loss
         if "val_loss" in m and initial is not None:
             self._print(f"validation loss: {initial:.4f} before training -> {m['val_loss']:.4f} after "
                         f"{trainer.state.step} steps")

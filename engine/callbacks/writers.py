@@ -34,7 +34,7 @@ class TensorBoardCallback(Callback):
     def on_fit_start(self, trainer) -> None:
         from torch.utils.tensorboard import SummaryWriter
         self._writer = SummaryWriter(log_dir=str(self.log_dir))
-        initial = getattr(trainer, "initial_val_loss", None)
+        initial = trainer.initial_val_loss
         if initial is not None:
             self._writer.add_scalar("val/loss", initial, trainer.state.step)
 

@@ -48,7 +48,7 @@ def test_prepare_round_trip_keeps_documents(tmp_path, tokenizer):
         assert doc[-1] == tokenizer.eod_id and tokenizer.eod_id not in doc[:-1]
         assert tokenizer.decode(doc[:-1].tolist()) == text
     meta = json.loads((tmp_path / "out.json").read_text())
-    assert meta["tokens"]["all"] == ds.total_tokens
+    assert meta["tokens"] == ds.total_tokens and meta["eod_id"] == tokenizer.eod_id
 
 
 def test_prepare_jsonl_and_valid_split(tmp_path, tokenizer):
@@ -58,6 +58,7 @@ def test_prepare_jsonl_and_valid_split(tmp_path, tokenizer):
     train, valid = IndexedDataset(str(tmp_path / "out.train")), IndexedDataset(str(tmp_path / "out.valid"))
     assert len(train) + len(valid) == 200 and 5 <= len(valid) <= 40
     assert report.documents == {"train": len(train), "valid": len(valid)}
+    assert json.loads((tmp_path / "out.valid.json").read_text())["documents"] == len(valid)
 
 
 def test_llama3_tokenizer_uses_int32_and_round_trips(tmp_path):

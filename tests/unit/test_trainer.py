@@ -87,3 +87,12 @@ def test_a_rerun_moves_the_earlier_run_aside(corpus, tmp_path):
     run(corpus, tmp_path, "train.steps=1", "schedule.warmup_steps=0")
     archived = [p for p in tmp_path.iterdir() if p.name.startswith("t.")]
     assert len(archived) == 1 and (archived[0] / "metrics.jsonl").read_text() == first
+
+
+def test_data_from_another_tokenizer_is_refused(corpus, tmp_path):
+    from engine.data.tokenizer import train_bpe
+    from engine.errors import ConfigError
+    train_bpe(["some other text entirely"] * 10, 300, str(tmp_path / "other.json"))
+    with pytest.raises(ConfigError, match=r"data.tokenizer: .*corpus.train was prepared with hf:.*tok.json "
+                                          r"\(vocab 512, .*but the config loads hf:.*other.json"):
+        train(tiny_config(corpus, tmp_path, [f"data.tokenizer.path={tmp_path}/other.json"]))
