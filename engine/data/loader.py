@@ -1,0 +1,104 @@
+"""Batches for a rank: which sample ids make up each optimizer step, sharded by data-parallel rank.
+
+Step t consumes the global sample ids [t*G, (t+1)*G) of the blend, G = data.global_batch_size. Data-parallel rank
+r of D takes the contiguous slice [r*G/D, (r+1)*G/D) of them and cuts it into micro-batches. Tokens per optimizer
+step therefore do not depend on the layout, and the union over ranks is the same set of samples in any layout.
+The loader's state is the number of samples consumed; it restores exactly under any dp size.
+"""
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from engine.config import DataConfig, DatasetConfig
+from engine.data.dataset import BlendedDataset, PackedDataset
+from engine.data.indexed import IndexedDataset
+
+
+@dataclass
+class Batch:
+    """One micro-batch; every tensor is [b, s] except sample_ids [b]."""
+
+    inputs: torch.Tensor  # token ids
+    targets: torch.Tensor  # next-token ids
+    loss_mask: torch.Tensor  # bool: this position counts in the loss
+    position_ids: Optional[torch.Tensor]  # restart at 0 after each end-of-document token (None: 0..s-1)
+    doc_ids: Optional[torch.Tensor]  # document index inside the packed sequence (None: no document mask)
+    sample_ids: torch.Tensor  # global sample ids, for exactness checks across resumes
+    num_tokens: int  # positions with loss, counted on the host (no device sync in the step)
+
+    def to(self, device: torch.device) -> "Batch":
+        move = (lambda t: None if t is None else t.to(device, non_blocking=True))
+        return Batch(*(move(getattr(self, f)) for f in ("inputs", "targets", "loss_mask", "position_ids",
+                                                          "doc_ids")), self.sample_ids, self.num_tokens)
+
+
+def collate(samples: np.ndarray, sample_ids: List[int], eod_id: int, document_mask: bool,
+            eod_mask_loss: bool) -> Batch:
+    """samples: [b, s+1] token ids -> a Batch with per-document position ids and document ids."""
+    tokens = torch.from_numpy(samples)
+    inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # [b, s]
+    is_eod = inputs == eod_id  # [b, s]
+    loss_mask = ~is_eod if eod_mask_loss else torch.ones_like(is_eod)
+    position_ids = doc_ids = None
+    if document_mask:
+        doc_ids = torch.cumsum(is_eod, dim=1) - is_eod.long()  # the EOD token belongs to the document it ends
+        index = torch.arange(inputs.shape[1]).expand_as(inputs)
+        starts = torch.zeros_like(is_eod)
+        starts[:, 0] = True
+        starts[:, 1:] = is_eod[:, :-1]
+        position_ids = index - torch.cummax(torch.where(starts, index, 0), dim=1).values
+    return Batch(inputs, targets, loss_mask, position_ids, doc_ids, torch.tensor(sample_ids, dtype=torch.int64),
+                 int(loss_mask.sum()))
+
+
+def build_blend(datasets: List[DatasetConfig], data: DataConfig, vocab_size: int, seed_offset: int = 0
+                ) -> BlendedDataset:
+    """Open each dataset, check its token ids against the model's vocab (by policy), and blend them."""
+    packed = []
+    for i, ds in enumerate(datasets):
+        indexed = IndexedDataset(ds.path)
+        bad = indexed.check_vocab(vocab_size, data.on_bad_data)
+        packed.append(PackedDataset(indexed, data.seq_len, seed=data.seed + 7919 * (i + seed_offset),
+                                    skip_documents=bad))
+    return BlendedDataset(packed, [ds.weight for ds in datasets])
+
+
+class StepLoader:
+    """Yields, for each optimizer step, this rank's micro-batches; `state_dict` is the samples consumed."""
+
+    def __init__(self, blend: BlendedDataset, data: DataConfig, eod_id: int, dp_rank: int = 0, dp_size: int = 1,
+                 consumed_samples: int = 0):
+        self.blend, self.data, self.eod_id = blend, data, eod_id
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.per_rank = data.global_batch_size // dp_size
+        self.consumed_samples = consumed_samples
+
+    def step_sample_ids(self, step_start: int) -> List[List[int]]:
+        """This rank's micro-batches of sample ids for the step starting at global sample `step_start`."""
+        first = step_start + self.dp_rank * self.per_rank
+        mb = self.data.micro_batch_size
+        return [list(range(first + m, first + m + mb)) for m in range(0, self.per_rank, mb)]
+
+    def micro_batch(self, sample_ids: List[int]) -> Batch:
+        samples = np.stack([self.blend[i] for i in sample_ids])  # [b, s+1]
+        return collate(samples, sample_ids, self.eod_id, self.data.document_mask, self.data.eod_mask_loss)
+
+    def next_step(self) -> List[Batch]:
+        batches = [self.micro_batch(ids) for ids in self.step_sample_ids(self.consumed_samples)]
+        self.consumed_samples += self.data.global_batch_size
+        return batches
+
+    def fixed_micro_batches(self, count: int) -> List[Batch]:
+        """`count` micro-batches from the start of the blend (the same every call: a fixed validation set)."""
+        mb = self.data.micro_batch_size
+        starts = [(k * self.dp_size + self.dp_rank) * mb for k in range(count)]
+        return [self.micro_batch(list(range(start, start + mb))) for start in starts]
+
+    def state_dict(self) -> Dict[str, int]:
+        return {"consumed_samples": self.consumed_samples}
+
+    def load_state_dict(self, state: Dict[str, int]) -> None:
+        self.consumed_samples = int(state["consumed_samples"])
