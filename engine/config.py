@@ -62,6 +62,10 @@ class ParallelConfig:
     pp: int = 1  # pipeline stages
     cp: int = 1  # context-parallel ranks
     tp: int = 1  # tensor-parallel ranks (innermost, Llama 3's [TP, CP, PP, DP] order)
+    sequence_parallel: bool = True  # with tp > 1, split norms and residuals along the sequence across tp
+    activation_checkpointing: str = "none"  # none | full (every block) | selective (every ac_every-th block)
+    ac_every: int = 2  # selective activation checkpointing: recompute blocks 0, n, 2n, ...
+    reshard_after_forward: bool = True  # FSDP: free gathered block parameters after forward (ZeRO-3)
 
 
 @dataclass
@@ -320,6 +324,7 @@ _CHOICES = {
     "fp8.backend": ("none", "native", "te"),
     "fp8.recipe": ("tensorwise", "delayed"),
     "fp8.grad_dtype": ("e5m2", "e4m3"),
+    "parallel.activation_checkpointing": ("none", "full", "selective"),
 }
 
 
@@ -401,6 +406,7 @@ def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:
                  f"world size {world_size} is not divisible by dp_replicate*pp*cp*tp={others}")
         p.dp_shard = world_size // others
     _require(p.dp_shard >= 1, "parallel.dp_shard", f"must be at least 1 or -1, got {p.dp_shard}")
+    _require(p.ac_every >= 1, "parallel.ac_every", f"must be at least 1, got {p.ac_every}")
     _require(others * p.dp_shard == world_size, "parallel",
              f"dp_replicate*dp_shard*pp*cp*tp = {others * p.dp_shard} but the world size is {world_size}")
     return p

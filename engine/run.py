@@ -5,15 +5,16 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, TextIO
+from typing import List, Optional, TextIO, Tuple
 
 import torch
+import torch.distributed as dist
 
-from engine import __version__
+from engine import __version__, ops
 from engine.callbacks import (Callback, ConsoleCallback, EvalCallback, JsonlCallback, TensorBoardCallback,
                               ThroughputCallback)
 from engine.config import DatasetConfig, JobConfig, grad_accum_steps, to_yaml
-from engine.data.loader import StepLoader, build_blend
+from engine.data.loader import Batch, StepLoader, build_blend
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 from engine.errors import ConfigError
 from engine.flops import device_peak_tflops, flops_per_token, parameter_count
@@ -21,6 +22,8 @@ from engine.model import build_model
 from engine.optim import build_optimizer, build_scheduler
 from engine.train_module import LMTrainModule
 from engine.trainer import Trainer, TrainState
+from parallel.mesh import LayoutError, Mesh, ParallelDims, build_mesh, check_layout
+from parallel.parallelize import ParallelizeOptions, parallelize
 
 
 def resolve_device(name: str) -> torch.device:
@@ -56,53 +59,98 @@ def check_prepared_with(datasets: List[DatasetConfig], tokenizer: Tokenizer) -> 
                               f"config loads {tokenizer.name} (vocab {tokenizer.vocab_size}, id {tokenizer.eod_id})")
 
 
-def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
+def setup_distributed(cfg: JobConfig) -> Tuple[torch.device, Optional[Mesh]]:
+    """The device of this rank and, with more than one process, the mesh (process groups start here)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size != 1:
-        raise ConfigError("parallel", f"WORLD_SIZE={world_size}: this build of herd trains on one process only")
+    p = cfg.parallel
+    dims = ParallelDims(p.dp_replicate, p.dp_shard, p.pp, p.cp, p.tp)
+    try:
+        check_layout(dims, world_size, cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.ffn_dim)
+    except LayoutError as e:
+        raise ConfigError(e.key, e.message) from None
+    device = resolve_device(cfg.train.device)
+    if world_size == 1:
+        return device, None
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device, build_mesh(dims, device.type)
+
+
+def build_data(cfg: JobConfig, mesh: Optional[Mesh]) -> Tuple[StepLoader, List[Batch]]:
+    """This rank's training loader and its share of the fixed validation micro-batches."""
     if not cfg.data.train:
         raise ConfigError("data.train", "no training data: list at least one dataset prefix")
-    torch.manual_seed(cfg.train.seed)
-    device = resolve_device(cfg.train.device)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({tokenizer.vocab_size}, {tokenizer.name})")
     check_prepared_with(cfg.data.train + cfg.data.valid, tokenizer)
-    accum = grad_accum_steps(cfg)
-    loader = StepLoader(build_blend(cfg.data.train, cfg.data, cfg.model.vocab_size), cfg.data, tokenizer.eod_id)
-    eval_batches = []
+    dp_rank, dp_size = (mesh.dp_rank, mesh.dims.dp) if mesh is not None else (0, 1)
+    loader = StepLoader(build_blend(cfg.data.train, cfg.data, cfg.model.vocab_size), cfg.data, tokenizer.eod_id,
+                        dp_rank, dp_size)
+    eval_batches: List[Batch] = []
     if cfg.data.valid:
         valid = StepLoader(build_blend(cfg.data.valid, cfg.data, cfg.model.vocab_size, seed_offset=1000),
-                           cfg.data, tokenizer.eod_id)
+                           cfg.data, tokenizer.eod_id, dp_rank, dp_size)
         eval_batches = valid.fixed_micro_batches(cfg.train.eval_batches)
+    return loader, eval_batches
 
+
+def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh]) -> LMTrainModule:
+    """Model (same seed on every rank, so shards agree), spread by parallelize(), then optimizer and schedule."""
     model = build_model(cfg.model, device, cfg.train.seed)
-    optimizer = build_optimizer(model, cfg.optim, device)
+    p = cfg.parallel
+    options = ParallelizeOptions(sequence_parallel=p.sequence_parallel,
+                                 activation_checkpointing=p.activation_checkpointing, ac_every=p.ac_every,
+                                 param_dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else None,
+                                 reshard_after_forward=p.reshard_after_forward)
+    parallel = parallelize(model, mesh, options, reference_loss_sum=ops.cross_entropy_sum)
+    optimizer = build_optimizer(parallel.model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.steps)
-    module = LMTrainModule(model, optimizer, scheduler, device, cfg.train.dtype, cfg.optim.grad_clip)
-    state = TrainState(total_steps=cfg.train.steps, tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len)
+    return LMTrainModule(parallel, optimizer, scheduler, device, cfg.train.dtype, cfg.optim.grad_clip)
 
-    run = prepare_run_dir(cfg, stream)
+
+def build_callbacks(cfg: JobConfig, state: TrainState, device: torch.device, eval_batches: List[Batch],
+                    stream: TextIO) -> List[Callback]:
+    """Every rank evaluates (it takes collectives); rank 0 alone prints and writes the run directory."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    callbacks: List[Callback] = []
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
-    peak = cfg.log.peak_tflops or (device_peak_tflops(torch.cuda.get_device_name(device))
-                                   if device.type == "cuda" else 0.0)
-    header = [f"herd {__version__} | model {cfg.model.name}: {parameter_count(cfg.model) / 1e6:.1f}M parameters, "
-              f"{cfg.model.n_layers} layers, dim {cfg.model.dim} | device {device} | world size {world_size}",
-              f"{state.tokens_per_step:,} tokens per step = {cfg.data.global_batch_size} sequences x "
-              f"{cfg.data.seq_len} ({accum} micro-batch(es) of {cfg.data.micro_batch_size}) | "
-              f"{cfg.train.steps} steps | {fpt / 1e6:.1f} MFLOP per token | run dir {run}"]
-    footer = [f"metrics: {run / 'metrics.jsonl'}",
-              f"TensorBoard: {run / 'tb'} (view with: tensorboard --logdir {run / 'tb'})"]
-    callbacks: List[Callback] = [ThroughputCallback(fpt, world_size, peak)]
     if eval_batches:
         callbacks.append(EvalCallback(eval_batches, cfg.train.eval_every))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return callbacks
+    peak = cfg.log.peak_tflops or (device_peak_tflops(torch.cuda.get_device_name(device))
+                                   if device.type == "cuda" else 0.0)
+    run = prepare_run_dir(cfg, stream)
+    p = cfg.parallel
+    header = [f"herd {__version__} | model {cfg.model.name}: {parameter_count(cfg.model) / 1e6:.1f}M parameters, "
+              f"{cfg.model.n_layers} layers, dim {cfg.model.dim} | device {device} | world size {world_size} "
+              f"(dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x tp {p.tp})",
+              f"{state.tokens_per_step:,} tokens per step = {cfg.data.global_batch_size} sequences x "
+              f"{cfg.data.seq_len} ({grad_accum_steps(cfg)} micro-batch(es) of {cfg.data.micro_batch_size} per "
+              f"rank) | {cfg.train.steps} steps | {fpt / 1e6:.1f} MFLOP per token | run dir {run}"]
+    footer = [f"metrics: {run / 'metrics.jsonl'}",
+              f"TensorBoard: {run / 'tb'} (view with: tensorboard --logdir {run / 'tb'})"]
+    callbacks.insert(0, ThroughputCallback(fpt, world_size, peak))
     callbacks.append(ConsoleCallback(cfg.log.every, header, footer, stream))
     if cfg.log.jsonl:
         callbacks.append(JsonlCallback(run / "metrics.jsonl"))
     if cfg.log.tensorboard:
         callbacks.append(TensorBoardCallback(run / "tb"))
-    return Trainer(module, loader, state, device, callbacks)
+    return callbacks
+
+
+def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
+    device, mesh = setup_distributed(cfg)
+    torch.manual_seed(cfg.train.seed)
+    loader, eval_batches = build_data(cfg, mesh)
+    module = build_module(cfg, device, mesh)
+    state = TrainState(total_steps=cfg.train.steps, tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len)
+    return Trainer(module, loader, state, device, build_callbacks(cfg, state, device, eval_batches, stream))
 
 
 def train(cfg: JobConfig, stream: Optional[TextIO] = None) -> Trainer:

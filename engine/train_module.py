@@ -4,10 +4,9 @@ SFT, reward-model and DPO steps are further TrainModules with the same interface
 from typing import Dict, List, Tuple
 
 import torch
-from torch import nn
 
-from engine import ops
 from engine.data.loader import Batch
+from parallel.parallelize import Parallelized
 
 
 class TrainModule:
@@ -23,51 +22,56 @@ class TrainModule:
 class LMTrainModule(TrainModule):
     """Next-token prediction: one optimizer step over all micro-batches of a global batch.
 
-    The loss is the sum of token losses divided by the number of loss tokens in the whole step, so accumulating
-    gradients over micro-batches (in fp32, on the fp32 master weights) equals one large batch exactly; the
-    forward runs under bf16 autocast when asked.
+    The loss is the sum of token losses divided by the number of loss tokens in the whole step, over every
+    data-parallel rank, so accumulating gradients over micro-batches (in fp32, on the fp32 master weights) and
+    over ranks equals one large batch exactly; the forward runs under bf16 autocast when asked. What depends on
+    the layout (the loss over vocabulary shards, dp sums, gradient sync, the global norm) comes from `parallel`.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer,
+    def __init__(self, parallel: Parallelized, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, dtype: str,
                  grad_clip: float):
-        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.parallel, self.model = parallel, parallel.model
+        self.optimizer, self.scheduler = optimizer, scheduler
         self.device, self.grad_clip = device, grad_clip
         self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None):
-            logits = self.model(batch.inputs, batch.position_ids, batch.doc_ids)  # [b, s, vocab]
-        return ops.cross_entropy_sum(logits, batch.targets, batch.loss_mask)
+            logits = self.model(batch.inputs, batch.position_ids, batch.doc_ids)  # [b, s, vocab (or shard)]
+        return self.parallel.loss_sum(logits, batch.targets, batch.loss_mask)
 
     def count_tokens(self, micro_batches: List[Batch]) -> int:
-        """Loss tokens in the step (on one rank: all of them; a data-parallel step sums over ranks)."""
-        return sum(b.num_tokens for b in micro_batches)
+        """Loss tokens in the step over all data-parallel ranks (counted on the host, summed over dp)."""
+        local = torch.tensor(float(sum(b.num_tokens for b in micro_batches)), device=self.device)
+        return int(self.parallel.sum_over_dp(local).item())
 
     def train_step(self, micro_batches: List[Batch]) -> Dict[str, float]:
         self.model.train()
         total_tokens = max(1, self.count_tokens(micro_batches))
         self.optimizer.zero_grad(set_to_none=True)
         loss = torch.zeros((), device=self.device)
-        for batch in micro_batches:
+        for index, batch in enumerate(micro_batches):
+            self.parallel.set_gradient_sync(index == len(micro_batches) - 1)
             micro_loss = self._loss_sum(batch) / total_tokens
-            micro_loss.backward()
+            (micro_loss * self.parallel.loss_scale if self.parallel.loss_scale != 1.0 else micro_loss).backward()
             loss += micro_loss.detach()
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        self.parallel.finish_gradients()
+        grad_norm = self.parallel.clip_grad_norm(self.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
+        loss = self.parallel.sum_over_dp(loss)
         return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "loss_tokens": total_tokens}
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: List[Batch]) -> Tuple[float, int]:
-        """(summed token loss, loss tokens) over the micro-batches, in eval mode."""
+        """(summed token loss, loss tokens) over the micro-batches of every data-parallel rank, in eval mode."""
         self.model.eval()
-        total, tokens = 0.0, 0
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        tokens = torch.zeros((), device=self.device, dtype=torch.float64)
         for batch in micro_batches:
-            total += self._loss_sum(batch).item()
+            total += self._loss_sum(batch).double()
             tokens += batch.num_tokens
-        return total, tokens
+        return self.parallel.sum_over_dp(total).item(), int(self.parallel.sum_over_dp(tokens).item())

@@ -1,6 +1,7 @@
 """The `herd` command: a thin dispatcher. Every user mistake is printed as one line, exit code 2."""
 
 import argparse
+import os
 import sys
 from typing import List, Optional
 
@@ -11,7 +12,7 @@ EXIT_USAGE = 2
 
 def _train(args: argparse.Namespace) -> int:
     from engine.config import load_config
-    cfg = load_config(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if args.print_config:
         from engine.config import to_yaml
         print(to_yaml(cfg), end="")

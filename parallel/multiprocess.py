@@ -22,6 +22,24 @@ class RankFailure(RuntimeError):
     """A rank raised; the message carries its rank and traceback."""
 
 
+def _to_bytes(value: Any) -> bytes:
+    """Results travel as bytes: a tensor put on a torch queue as is would be shared memory that dies with the
+    rank's process, possibly before the parent reads it."""
+    import io
+
+    import torch
+    buffer = io.BytesIO()
+    torch.save(value, buffer)
+    return buffer.getvalue()
+
+
+def _from_bytes(data: bytes) -> Any:
+    import io
+
+    import torch
+    return torch.load(io.BytesIO(data), weights_only=True)
+
+
 def _worker(fn: Callable, rank: int, world_size: int, store_path: str, results: Any, args: tuple,
             backend: str, env: Dict[str, str], collective_timeout_s: float) -> None:
     os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world_size),
@@ -32,7 +50,7 @@ def _worker(fn: Callable, rank: int, world_size: int, store_path: str, results: 
     try:
         dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank, world_size=world_size,
                                 timeout=timedelta(seconds=collective_timeout_s))
-        results.put((rank, "ok", fn(rank, world_size, *args)))
+        results.put((rank, "ok", _to_bytes(fn(rank, world_size, *args))))
     except BaseException:  # noqa: BLE001 - everything goes back to the parent, which decides
         results.put((rank, "error", traceback.format_exc()))
     finally:
@@ -83,5 +101,5 @@ def _collect(procs: list, results: Any, world_size: int, timeout: float) -> List
             continue
         if status == "error":
             raise RankFailure(f"rank {rank} of {world_size} failed:\n{payload}")
-        outputs[rank] = payload
+        outputs[rank] = _from_bytes(payload)
     return [outputs[r] for r in range(world_size)]

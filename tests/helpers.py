@@ -11,7 +11,7 @@ from engine.data.tokenizer import train_bpe
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 
-def make_corpus(root: Path, vocab_size: int = 512) -> Path:
+def make_corpus(root: Path, vocab_size: int = 500) -> Path:
     """Tokenize a few real standard-library packages (json, email, http) with a BPE trained on them."""
     files = sorted(str(p) for pkg in ("json", "email", "http") for p in (STDLIB / pkg).glob("*.py"))
     texts = [Path(f).read_text(encoding="utf-8") for f in files]
@@ -29,3 +29,19 @@ def tiny_config(corpus: Path, run_dir: Path, extra: List[str] = ()) -> JobConfig
         "data.global_batch_size=8", "train.steps=6", "train.dtype=fp32", "train.device=cpu", "train.eval_every=3",
         "train.eval_batches=2", "optim.lr=3e-3", "schedule.warmup_steps=2", f"log.run_dir={run_dir}",
         "log.name=t", *extra])
+
+
+PARITY_MODEL = ["model.dim=64", "model.n_layers=2", "model.n_heads=8", "model.n_kv_heads=4", "model.ffn_dim=128",
+                "model.vocab_size=510", "model.max_seq_len=256"]
+
+
+def parity_config(corpus: Path, run_dir: Path, overrides: List[str] = (), world_size: int = 1) -> JobConfig:
+    """The layout-parity reference: 5 steps, fp32, global batch 16 sequences of 32 in micro-batches of 2, so every
+    layout with dp <= 4 accumulates at least 2 micro-batches per step. The vocab (510) is not divisible by 4,
+    so tp=4 exercises the padded vocabulary."""
+    return load_config(None, [
+        *PARITY_MODEL, f"data.train=[{{path: {corpus}/corpus.train}}]", "data.valid=[]",
+        f"data.tokenizer.path={corpus}/tok.json", "data.seq_len=32", "data.micro_batch_size=2",
+        "data.global_batch_size=16", "train.steps=5", "train.dtype=fp32", "train.device=cpu", "optim.lr=3e-3",
+        "optim.grad_clip=0.5", "schedule.warmup_steps=2", f"log.run_dir={run_dir}", "log.name=p",
+        "log.tensorboard=false", *overrides], world_size=world_size)

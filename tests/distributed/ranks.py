@@ -30,3 +30,44 @@ def hangs_on_rank_one(rank: int, world_size: int) -> int:
     if rank == 1:
         time.sleep(600)
     return rank
+
+
+class _Recorder:
+    """A callback keeping every step's metrics (on every rank)."""
+
+    def __init__(self):
+        self.steps = []
+
+    def on_fit_start(self, trainer):
+        pass
+
+    def on_step_start(self, trainer):
+        pass
+
+    def on_step_end(self, trainer, metrics):
+        self.steps.append(dict(metrics))
+
+    def on_fit_end(self, trainer):
+        pass
+
+
+def train_layouts(rank: int, world_size: int, corpus: str, run_dir: str, layouts: list) -> list:
+    """Train each layout (a list of overrides) in turn; rank 0 returns per-step losses and full parameters."""
+    import io
+    from pathlib import Path
+
+    from engine.run import build_trainer
+    from tests.helpers import parity_config
+    results = []
+    for index, overrides in enumerate(layouts):
+        cfg = parity_config(Path(corpus), Path(run_dir) / f"layout{index}", overrides, world_size)
+        trainer = build_trainer(cfg, stream=io.StringIO())
+        recorder = _Recorder()
+        trainer.callbacks.append(recorder)
+        trainer.fit()
+        params = trainer.module.parallel.full_parameters()
+        losses = [m["loss"] for m in recorder.steps]
+        grad_norms = [m["grad_norm"] for m in recorder.steps]
+        results.append({"losses": losses, "grad_norms": grad_norms, "params": params} if rank == 0 else
+                       {"losses": losses})
+    return results

@@ -94,5 +94,5 @@ def test_data_from_another_tokenizer_is_refused(corpus, tmp_path):
     from engine.errors import ConfigError
     train_bpe(["some other text entirely"] * 10, 300, str(tmp_path / "other.json"))
     with pytest.raises(ConfigError, match=r"data.tokenizer: .*corpus.train was prepared with hf:.*tok.json "
-                                          r"\(vocab 512, .*but the config loads hf:.*other.json"):
+                                          r"\(vocab 500, .*but the config loads hf:.*other.json"):
         train(tiny_config(corpus, tmp_path, [f"data.tokenizer.path={tmp_path}/other.json"]))

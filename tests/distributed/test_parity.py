@@ -1,0 +1,96 @@
+"""Layout parity (shared/TESTING.md): every tensor/sequence/data-parallel layout trains like one process.
+
+The reference trains the parity model (tests/helpers.py) for 5 steps on one process; each layout trains the same
+global batches from the same seed on gloo ranks, with gradient accumulation of 2 or more micro-batches, and
+clipping active (max norm 0.5). In fp32 the per-step losses and every final parameter must match within 1e-5
+relative (parameters: per-tensor L2 norm of the difference over the norm of the reference). The sums are taken
+in another order (over ranks, over vocabulary shards), so equality is not bitwise; the figures are printed.
+"""
+
+import io
+
+import pytest
+import torch
+
+from engine.run import train
+from parallel.multiprocess import run_on_ranks
+from tests.distributed import ranks
+from tests.helpers import make_corpus, parity_config
+
+LAYOUTS_2 = [
+    ["parallel.tp=2"],
+    ["parallel.tp=2", "parallel.sequence_parallel=false"],
+    ["parallel.dp_shard=2"],
+    ["parallel.dp_replicate=2", "parallel.dp_shard=1"],
+    ["parallel.dp_shard=2", "parallel.activation_checkpointing=full", "parallel.reshard_after_forward=false"],
+]
+LAYOUTS_4 = [
+    ["parallel.tp=2", "parallel.dp_shard=2"],
+    ["parallel.tp=2", "parallel.dp_replicate=2", "parallel.dp_shard=1", "parallel.sequence_parallel=false",
+     "parallel.activation_checkpointing=selective"],
+    ["parallel.dp_replicate=2", "parallel.dp_shard=2", "parallel.activation_checkpointing=full"],
+    ["parallel.tp=4"],
+    ["parallel.dp_shard=4"],
+]
+LAYOUTS_8 = [
+    ["parallel.tp=2", "parallel.dp_shard=2", "parallel.dp_replicate=2"],
+    ["parallel.tp=4", "parallel.dp_shard=2", "parallel.sequence_parallel=false"],
+    ["parallel.tp=2", "parallel.dp_shard=4", "parallel.activation_checkpointing=full"],
+    ["parallel.dp_replicate=2", "parallel.dp_shard=4"],
+    ["parallel.tp=4", "parallel.dp_replicate=2", "parallel.dp_shard=1"],
+]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    trainer = train(parity_config(corpus, tmp_path_factory.mktemp("ref")), stream=io.StringIO())
+    losses = [float(x) for x in _losses_of(trainer)]
+    return {"losses": losses, "params": trainer.module.parallel.full_parameters()}
+
+
+def _losses_of(trainer):
+    import json
+    path = trainer.callbacks[-1].path if hasattr(trainer.callbacks[-1], "path") else None
+    rows = [json.loads(line) for line in open(path)] if path else []
+    return [r["loss"] for r in rows]
+
+
+def check_against_reference(name: str, result: dict, reference: dict) -> None:
+    loss_err = max(abs(a - b) / abs(b) for a, b in zip(result["losses"], reference["losses"]))
+    param_err = max(((result["params"][k] - v).norm() / v.norm()).item() for k, v in reference["params"].items())
+    print(f"{name}: max relative loss error {loss_err:.2e}, max relative parameter error {param_err:.2e}")
+    assert len(result["losses"]) == len(reference["losses"]) == 5
+    assert set(result["params"]) == set(reference["params"])
+    assert all(result["params"][k].shape == v.shape for k, v in reference["params"].items())
+    assert loss_err < 1e-5, (result["losses"], reference["losses"])
+    assert param_err < 1e-5
+
+
+def run_world(world_size, layouts, corpus, tmp_path, reference):
+    results = run_on_ranks(ranks.train_layouts, world_size, str(corpus), str(tmp_path), layouts, timeout=900)
+    for index, layout in enumerate(layouts):
+        check_against_reference(" ".join(layout), results[0][index], reference)
+        for rank_result in results[1:]:  # every rank logs the same loss
+            assert rank_result[index]["losses"] == results[0][index]["losses"]
+
+
+def test_reference_changes_weights(reference):
+    assert reference["losses"][-1] < reference["losses"][0]
+
+
+def test_two_rank_layouts(corpus, tmp_path, reference):
+    run_world(2, LAYOUTS_2, corpus, tmp_path, reference)
+
+
+def test_four_rank_layouts(corpus, tmp_path, reference):
+    run_world(4, LAYOUTS_4, corpus, tmp_path, reference)
+
+
+@pytest.mark.slow
+def test_eight_rank_layouts(corpus, tmp_path, reference):
+    run_world(8, LAYOUTS_8, corpus, tmp_path, reference)
