@@ -59,15 +59,21 @@ def check_prepared_with(datasets: List[DatasetConfig], tokenizer: Tokenizer) -> 
                               f"config loads {tokenizer.name} (vocab {tokenizer.vocab_size}, id {tokenizer.eod_id})")
 
 
-def setup_distributed(cfg: JobConfig) -> Tuple[torch.device, Optional[Mesh]]:
-    """The device of this rank and, with more than one process, the mesh (process groups start here)."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+def check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
+    """The layout's degrees, checked against the world size and the model (a ConfigError, before any group)."""
     p = cfg.parallel
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.pp, p.cp, p.tp)
     try:
         check_layout(dims, world_size, cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.ffn_dim)
     except LayoutError as e:
         raise ConfigError(e.key, e.message) from None
+    return dims
+
+
+def setup_distributed(cfg: JobConfig) -> Tuple[torch.device, Optional[Mesh]]:
+    """The device of this rank and, with more than one process, the mesh (process groups start here)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    dims = check_parallel(cfg, world_size)
     device = resolve_device(cfg.train.device)
     if world_size == 1:
         return device, None

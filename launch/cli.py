@@ -2,6 +2,7 @@
 
 import argparse
 import os
+import subprocess
 import sys
 from typing import List, Optional
 
@@ -48,6 +49,22 @@ def _prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch(args: argparse.Namespace) -> int:
+    """Check the config for this world size (one-line errors, nothing started), then run torchrun."""
+    from engine.config import load_config
+    from engine.run import check_parallel
+    if args.nproc < 1:
+        raise HerdError(f"--nproc must be at least 1, got {args.nproc}")
+    cfg = load_config(args.config, args.overrides, world_size=args.nproc)
+    check_parallel(cfg, args.nproc)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "launch", "train", args.config, *args.overrides]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+    print("herd launch: " + " ".join(command[1:]), flush=True)
+    return subprocess.call(command, env=env)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="herd", description="Train Llama 3 models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +74,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. optim.lr=1e-4 train.steps=50")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.set_defaults(func=_train)
+
+    launch = sub.add_parser("launch", help="start a local multi-process run (torchrun underneath)")
+    launch.add_argument("--nproc", type=int, required=True, help="processes (ranks) on this machine")
+    launch.add_argument("config", help="YAML config")
+    launch.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. parallel.tp=2")
+    launch.set_defaults(func=_launch)
 
     prep = sub.add_parser("prepare-data", help="tokenize text files or JSONL into .bin/.idx token files")
     prep.add_argument("inputs", nargs="+", help="files or directories (searched for --include patterns)")

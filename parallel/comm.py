@@ -9,6 +9,10 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Function
 
+# torch 2.13 renamed the flat-tensor collectives (the old names warn on every call); 2.11 has only the old ones
+_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
 
 def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     x = x.contiguous()
@@ -21,7 +25,7 @@ def _gather_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
     n = dist.get_world_size(group)
     seq_first = x.transpose(0, 1).contiguous()  # [s/n, b, ...]
     out = seq_first.new_empty((seq_first.shape[0] * n, *seq_first.shape[1:]))
-    dist.all_gather_into_tensor(out, seq_first, group=group)
+    _all_gather_flat(out, seq_first, group=group)
     return out.transpose(0, 1).contiguous()
 
 
@@ -30,7 +34,7 @@ def _reduce_scatter_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tens
     n = dist.get_world_size(group)
     seq_first = x.transpose(0, 1).contiguous()  # [s, b, ...]
     out = seq_first.new_empty((seq_first.shape[0] // n, *seq_first.shape[1:]))
-    dist.reduce_scatter_tensor(out, seq_first, group=group)
+    _reduce_scatter_flat(out, seq_first, group=group)
     return out.transpose(0, 1).contiguous()
 
 

@@ -41,6 +41,23 @@ LAYOUTS_8 = [
 ]
 
 
+def full_matrix(world_size: int) -> list:
+    """Every layout of tp in {1,2,4} x dp_shard in {1,2,4} x dp_replicate in {1,2} with this world size, with
+    sequence parallelism on and off (where tp > 1) and activation checkpointing off and full."""
+    layouts = []
+    for tp in (1, 2, 4):
+        for shard in (1, 2, 4):
+            for replicate in (1, 2):
+                if tp * shard * replicate != world_size:
+                    continue
+                base = [f"parallel.tp={tp}", f"parallel.dp_shard={shard}", f"parallel.dp_replicate={replicate}"]
+                for sp in ((True, False) if tp > 1 else (True,)):
+                    for ac in ("none", "full"):
+                        layouts.append(base + [f"parallel.sequence_parallel={str(sp).lower()}",
+                                               f"parallel.activation_checkpointing={ac}"])
+    return layouts
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus"))
@@ -94,3 +111,9 @@ def test_four_rank_layouts(corpus, tmp_path, reference):
 @pytest.mark.slow
 def test_eight_rank_layouts(corpus, tmp_path, reference):
     run_world(8, LAYOUTS_8, corpus, tmp_path, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4, 8])
+def test_full_matrix(corpus, tmp_path, reference, world_size):
+    run_world(world_size, full_matrix(world_size), corpus, tmp_path, reference)

@@ -67,3 +67,39 @@ def test_prepare_and_train_end_to_end(tmp_path):
     assert f"metrics: {tmp_path}/runs/demo/metrics.jsonl" in result.stdout
     rows = [json.loads(line) for line in (tmp_path / "runs/demo/metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("nproc,overrides,expected", [
+    (3, ["parallel.tp=3"], "parallel.tp: tp=3 does not divide model.n_heads=8"),
+    (4, ["parallel.dp_shard=2"], "parallel: dp_replicate*dp_shard*pp*cp*tp = 2 but the world size is 4"),
+    (8, ["parallel.tp=8"], "parallel.tp: tp=8 does not divide model.n_kv_heads=4"),
+    (2, ["parallel.pp=2"], "parallel.pp: pipeline and context parallelism are not available yet"),
+    (4, ["parallel.tp=2", "data.global_batch_size=12"], "data.global_batch_size: 12 is not divisible by "
+                                                        "micro_batch_size*dp = 16"),
+    (2, ["parallel.activation_checkpointing=some"], "parallel.activation_checkpointing: 'some' is not one of"),
+])
+def test_bad_layouts_fail_before_any_process_starts(nproc, overrides, expected):
+    result = herd("launch", "--nproc", str(nproc), "configs/demo.yaml", *overrides)
+    assert_one_line_error(result, expected)
+    assert "torch.distributed.run" not in result.stdout
+
+
+def test_launch_two_ranks_matches_one_process(tmp_path):
+    src = [str(p) for p in sorted((STDLIB / "email").glob("*.py"))]
+    prep = herd("prepare-data", *src, "--out", str(tmp_path / "email"), "--train-tokenizer", "--tokenizer-path",
+                str(tmp_path / "tok.json"), "--vocab-size", "400")
+    assert prep.returncode == 0, prep.stderr
+    common = ["configs/demo.yaml", f"data.train=[{{path: {tmp_path}/email}}]", "data.valid=[]",
+              f"data.tokenizer.path={tmp_path}/tok.json", "model.vocab_size=400", "model.n_layers=2",
+              "model.dim=64", "model.ffn_dim=128", "data.seq_len=64", "data.micro_batch_size=2",
+              "data.global_batch_size=8", "train.steps=4", "schedule.warmup_steps=1", "log.tensorboard=false",
+              f"log.run_dir={tmp_path}/runs"]
+    single = herd("train", *common, "log.name=one")
+    assert single.returncode == 0, single.stderr
+    launched = herd("launch", "--nproc", "2", *common, "log.name=two", "parallel.tp=2")
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    assert "world size 2 (dp_replicate 1 x dp_shard 1 x tp 2)" in launched.stdout
+    rows = {name: [json.loads(line)["loss"] for line in (tmp_path / "runs" / name / "metrics.jsonl").open()]
+            for name in ("one", "two")}
+    assert len(rows["two"]) == 4
+    assert max(abs(a - b) / a for a, b in zip(rows["one"], rows["two"])) < 1e-5
