@@ -1,9 +1,11 @@
 """`make demo`: prepare a real corpus present on every machine (the CPython standard library's own source),
-train a byte-level BPE on it, tokenize it with a held-out split, and train the debug model on it (configs/demo.yaml).
+train a byte-level BPE on it, tokenize it with a held-out split, and train the debug model on it (configs/demo.yaml);
+then run its first steps again on 4 processes (tensor parallel 2 x FSDP 2) and compare the losses.
 
 Run as `python -m launch.demo [overrides...]`; overrides go to `herd train` (e.g. train.steps=50).
 """
 
+import json
 import sys
 import sysconfig
 from pathlib import Path
@@ -29,11 +31,32 @@ def prepare_corpus() -> int:
     return herd(args)
 
 
+LAYOUT_STEPS = 30  # inside the 30-step warm-up, so the learning rates equal the long run's
+
+
+def compare_layout_run() -> int:
+    """The first steps again on 4 processes (tp 2 x FSDP 2); their losses against the single-process run's."""
+    print(f"\nthe same job's first {LAYOUT_STEPS} steps on 4 processes: tensor parallel 2 x FSDP 2", flush=True)
+    code = herd(["launch", "--nproc", "4", "configs/demo.yaml", "parallel.tp=2", "parallel.dp_shard=2",
+                 f"train.steps={LAYOUT_STEPS}", "data.valid=[]", "log.name=demo-tp2-dp2", "log.every=5"])
+    if code:
+        return code
+    one, four = ([json.loads(line)["loss"] for line in open(Path("runs") / name / "metrics.jsonl")]
+                 for name in ("demo", "demo-tp2-dp2"))
+    worst = max(abs(a - b) / a for a, b in zip(one[:LAYOUT_STEPS], four))
+    print(f"tp2 x dp2 on 4 processes vs 1 process, {LAYOUT_STEPS} steps: largest relative difference of the "
+          f"per-step losses {worst:.1e} (runs/demo-tp2-dp2/metrics.jsonl)", flush=True)
+    return 0
+
+
 def main() -> int:
     code = prepare_corpus()
     if code:
         return code
-    return herd(["train", "configs/demo.yaml", *sys.argv[1:]])
+    code = herd(["train", "configs/demo.yaml", *sys.argv[1:]])
+    if code or sys.argv[1:]:  # a customized main run is not comparable step by step
+        return code
+    return compare_layout_run()
 
 
 if __name__ == "__main__":

@@ -9,9 +9,16 @@ import torch
 import torch.distributed as dist
 from torch.autograd import Function
 
-# torch 2.13 renamed the flat-tensor collectives (the old names warn on every call); 2.11 has only the old ones
-_all_gather_flat = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
-_reduce_scatter_flat = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _all_gather_flat(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup) -> None:
+    # torch 2.13 renamed the flat-tensor collectives (the old names warn on every call); 2.11 has only the old
+    # ones. Looked up at call time so a benchmark can count them.
+    (getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor)(out, x, group=group)
+
+
+def _reduce_scatter_flat(out: torch.Tensor, x: torch.Tensor, group: dist.ProcessGroup) -> None:
+    (getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor)(out, x, group=group)
 
 
 def _all_reduce(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:

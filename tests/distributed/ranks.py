@@ -5,6 +5,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from engine.callbacks import Callback
+
 
 def collectives(rank: int, world_size: int) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
@@ -32,23 +34,14 @@ def hangs_on_rank_one(rank: int, world_size: int) -> int:
     return rank
 
 
-class _Recorder:
-    """A callback keeping every step's metrics (on every rank)."""
+class Recorder(Callback):
+    """Keeps every step's metrics (on every rank)."""
 
     def __init__(self):
         self.steps = []
 
-    def on_fit_start(self, trainer):
-        pass
-
-    def on_step_start(self, trainer):
-        pass
-
     def on_step_end(self, trainer, metrics):
         self.steps.append(dict(metrics))
-
-    def on_fit_end(self, trainer):
-        pass
 
 
 def train_layouts(rank: int, world_size: int, corpus: str, run_dir: str, layouts: list) -> list:
@@ -62,7 +55,7 @@ def train_layouts(rank: int, world_size: int, corpus: str, run_dir: str, layouts
     for index, overrides in enumerate(layouts):
         cfg = parity_config(Path(corpus), Path(run_dir) / f"layout{index}", overrides, world_size)
         trainer = build_trainer(cfg, stream=io.StringIO())
-        recorder = _Recorder()
+        recorder = Recorder()
         trainer.callbacks.append(recorder)
         trainer.fit()
         params = trainer.module.parallel.full_parameters()

@@ -12,7 +12,7 @@ import io
 import pytest
 import torch
 
-from engine.run import train
+from engine.run import build_trainer
 from parallel.multiprocess import run_on_ranks
 from tests.distributed import ranks
 from tests.helpers import make_corpus, parity_config
@@ -65,16 +65,11 @@ def corpus(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
-    trainer = train(parity_config(corpus, tmp_path_factory.mktemp("ref")), stream=io.StringIO())
-    losses = [float(x) for x in _losses_of(trainer)]
-    return {"losses": losses, "params": trainer.module.parallel.full_parameters()}
-
-
-def _losses_of(trainer):
-    import json
-    path = trainer.callbacks[-1].path if hasattr(trainer.callbacks[-1], "path") else None
-    rows = [json.loads(line) for line in open(path)] if path else []
-    return [r["loss"] for r in rows]
+    trainer = build_trainer(parity_config(corpus, tmp_path_factory.mktemp("ref")), stream=io.StringIO())
+    recorder = ranks.Recorder()
+    trainer.callbacks.append(recorder)
+    trainer.fit()
+    return {"losses": [m["loss"] for m in recorder.steps], "params": trainer.module.parallel.full_parameters()}
 
 
 def check_against_reference(name: str, result: dict, reference: dict) -> None:
