@@ -9,8 +9,9 @@ L layers, P_u parameters in FSDP unit u, n = dp_shard, r = dp_replicate, t = tp,
       cross-entropy), i.e. 2(t-1)/t * 4 bytes * ((4L + 2) b s d + 3 b s) per micro-batch
   tensor parallel with SP (Korthikanti et al. 2022): (8L + 4) all-gathers/reduce-scatters of b*s*d, the same
       bytes as without SP, plus the 3 cross-entropy all-reduces and the all-reduce of SP norm gradients
-      ((2L + 1) d floats per step)
-  full activation checkpointing adds the forward's per-layer collectives once more (recomputation)
+      ((2L + 1) d / n floats per step)
+  full activation checkpointing re-runs a block's forward collectives except its last (recomputation stops early
+      once every saved tensor is back): L more all-reduces without SP, 3L more all-gathers/reduce-scatters with SP
   FSDP (ZeRO-3): all-gather of each block's parameters in forward and again in backward per micro-batch, the
       root's once per micro-batch, and one reduce-scatter of all gradients per step: (n-1)/n * 4 bytes *
       (m (2 P_blocks + P_root) + P), with P the tp-local parameter count; HSDP adds an all-reduce over r of the
@@ -34,6 +35,8 @@ LAYOUTS = {2: [["parallel.tp=2", "parallel.sequence_parallel=false"], ["parallel
                ["parallel.dp_replicate=2", "parallel.dp_shard=1"]],
            4: [["parallel.tp=2", "parallel.dp_shard=2"], ["parallel.tp=2", "parallel.dp_shard=2",
                                                           "parallel.activation_checkpointing=full"],
+               ["parallel.tp=2", "parallel.dp_shard=2", "parallel.activation_checkpointing=full",
+                "parallel.sequence_parallel=false"],
                ["parallel.dp_replicate=2", "parallel.dp_shard=2"], ["parallel.tp=4"]]}
 _PATCHED = {"all_reduce": "all_reduce", "all_gather_single": "all_gather", "all_gather_into_tensor": "all_gather",
             "reduce_scatter_single": "reduce_scatter", "reduce_scatter_tensor": "reduce_scatter"}
@@ -63,7 +66,7 @@ class CollectiveCounter:
         def counted(*args, **kwargs):
             group = kwargs.get("group")
             n = dist.get_world_size(group)
-            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             size = max(t.numel() * t.element_size() for t in tensors)  # the full buffer (gathered / input)
             factor = 2 * (n - 1) / n if kind == "all_reduce" else (n - 1) / n
             key = (kind, self.axis_of_group(group))
@@ -79,9 +82,14 @@ def analytic(cfg, dims, m: int, params_local: dict) -> dict:
     t, n, r = dims["tp"], dims["dp_shard"], dims["dp_replicate"]
     out = {}
     if t > 1:
-        recompute = 1 if cfg.parallel.activation_checkpointing == "full" else 0
-        per_micro = 2 * (t - 1) / t * 4 * ((4 * L + 2 + 2 * L * recompute) * b * s * d + 3 * b * s)
-        sp_norms = 2 * (t - 1) / t * 4 * (2 * L + 1) * d if cfg.parallel.sequence_parallel else 0
+        # recomputation re-runs a block's forward collectives but stops early (torch's non-reentrant checkpoint)
+        # once every saved tensor is back, so the block's last one (w2's all-reduce / reduce-scatter) is skipped
+        recompute = 0.0
+        if cfg.parallel.activation_checkpointing == "full":
+            recompute = 1.5 if cfg.parallel.sequence_parallel else 1.0
+        per_micro = 2 * (t - 1) / t * 4 * ((4 * L + 2 + L * recompute) * b * s * d + 3 * b * s)
+        # SP norm gradients are summed over tp after FSDP has sharded them over dp_shard
+        sp_norms = 2 * (t - 1) / t * 4 * (2 * L + 1) * d / n if cfg.parallel.sequence_parallel else 0
         out["tp"] = m * per_micro + sp_norms
     if n * r > 1:
         blocks, root = params_local["blocks"], params_local["root"]
@@ -102,14 +110,14 @@ def measure_layouts(rank: int, world_size: int, config: str, layouts: list) -> l
     rows = []
     for overrides in layouts:
         cfg = load_config(config, [*overrides, "data.valid=[]", "log.tensorboard=false", "log.jsonl=false",
-                                   "log.name=comm", f"log.run_dir=/tmp/herd-comm-{rank}", "train.steps=2"],
+                                   "log.name=comm", f"log.run_dir=/tmp/herd-comm-{rank}", "train.steps=2",
+                                   "schedule.warmup_steps=1", "data.micro_batch_size=4"],
                           world_size=world_size)
         trainer = build_trainer(cfg, stream=io.StringIO())
         mesh = trainer.module.parallel.mesh
-        groups = {}
-        for axis in ("tp", "dp_shard", "dp_replicate"):
+        groups = {id(mesh.dp_mesh.get_group()): "dp"}
+        for axis in ("tp", "dp_shard", "dp_replicate"):  # a mesh axis wins when its group is also the dp group
             groups[id(mesh.group(axis))] = axis
-        groups[id(mesh.dp_mesh.get_group())] = "dp"
 
         def axis_of(group):
             return "world" if group is None else groups.get(id(group), "other")
