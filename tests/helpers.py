@@ -36,12 +36,12 @@ PARITY_MODEL = ["model.dim=64", "model.n_layers=2", "model.n_heads=8", "model.n_
 
 
 def parity_config(corpus: Path, run_dir: Path, overrides: List[str] = (), world_size: int = 1) -> JobConfig:
-    """The layout-parity reference: 5 steps, fp32, global batch 16 sequences of 32 in micro-batches of 2, so every
-    layout with dp <= 4 accumulates at least 2 micro-batches per step. The vocab (510) is not divisible by 4,
+    """The layout-parity reference: 5 steps, fp32, global batch 32 sequences of 32 in micro-batches of 2, so every
+    layout with dp <= 8 accumulates at least 2 micro-batches per step. The vocab (510) is not divisible by 4,
     so tp=4 exercises the padded vocabulary."""
     return load_config(None, [
         *PARITY_MODEL, f"data.train=[{{path: {corpus}/corpus.train}}]", "data.valid=[]",
         f"data.tokenizer.path={corpus}/tok.json", "data.seq_len=32", "data.micro_batch_size=2",
-        "data.global_batch_size=16", "train.steps=5", "train.dtype=fp32", "train.device=cpu", "optim.lr=3e-3",
+        "data.global_batch_size=32", "train.steps=5", "train.dtype=fp32", "train.device=cpu", "optim.lr=1e-3",
         "optim.grad_clip=0.5", "schedule.warmup_steps=2", f"log.run_dir={run_dir}", "log.name=p",
         "log.tensorboard=false", *overrides], world_size=world_size)
