@@ -51,9 +51,9 @@ def check_layout(dims: ParallelDims, world_size: int, n_heads: int, n_kv_heads: 
     tp = dims.tp
     if n_heads % tp:
         raise LayoutError("parallel.tp", f"tp={tp} does not divide model.n_heads={n_heads}")
-    if n_kv_heads % tp:
-        raise LayoutError("parallel.tp", f"tp={tp} does not divide model.n_kv_heads={n_kv_heads} (replicating "
-                                         f"KV heads for tp > n_kv_heads is not available yet)")
+    if n_kv_heads % tp and tp % n_kv_heads:
+        raise LayoutError("parallel.tp", f"tp={tp} neither divides model.n_kv_heads={n_kv_heads} nor is a multiple "
+                                         f"of it (KV heads are split across tp, or each shared by tp/n_kv ranks)")
     if ffn_dim % tp:
         raise LayoutError("parallel.tp", f"tp={tp} does not divide model.ffn_dim={ffn_dim}")
 

@@ -16,7 +16,7 @@ layout: the loss over vocabulary shards, the dp reductions, gradient sync and th
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Optional
 
 import torch
 import torch.distributed as dist
@@ -71,12 +71,30 @@ class Parallelized:
             self.model.set_requires_gradient_sync(enabled)
 
     def finish_gradients(self) -> None:
-        """Sequence-parallel norm weights saw only this rank's sequence chunk: sum their gradients over tp."""
-        if self.tp_plan is not None and self.tp_plan.partial_grad_names:
-            names = set(self.tp_plan.partial_grad_names)
-            for name, param in self.model.named_parameters():
-                if _fqn(name) in names and param.grad is not None:
-                    dist.all_reduce(_local(param.grad), group=self.tp_plan.group)
+        """Sum the gradients that tp ranks computed only in part: sequence-parallel norm weights (each saw one
+        sequence chunk) over all of tp, and shared KV heads (each rank saw its own query heads) over the ranks
+        sharing the head."""
+        if self.tp_plan is None:
+            return
+        names = set(self.tp_plan.partial_grad_names)
+        for name, param in self.model.named_parameters():
+            if param.grad is None:
+                continue
+            info = self.tp_plan.shards.get(_fqn(name))
+            if _fqn(name) in names:
+                dist.all_reduce(_local(param.grad), group=self.tp_plan.group)
+            elif info is not None and info.replicas > 1:
+                self._sum_over_replicas(_local(param.grad), info.replicas)
+
+    def _sum_over_replicas(self, grad: torch.Tensor, replicas: int) -> None:
+        """Each rank puts its gradient in its KV head's slot of a [heads, ...] buffer; one all-reduce over tp sums
+        every head's copies (KV weights are small under GQA, so the zero slots cost little)."""
+        group = self.tp_plan.group
+        head, heads = dist.get_rank(group) // replicas, dist.get_world_size(group) // replicas
+        buffer = grad.new_zeros((heads, *grad.shape))
+        buffer[head] = grad
+        dist.all_reduce(buffer, group=group)
+        grad.copy_(buffer[head])
 
     def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
         """Global L2 norm over every gradient of the model, counted once whatever the layout; clip to max_norm.
@@ -87,11 +105,11 @@ class Parallelized:
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.mesh is None:
             return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
-        replicated = {id(p) for p in self._tp_replicated_params()}
+        copies = self._tp_copies()
         tp_rank, replica = self.mesh.rank("tp"), self.mesh.rank("dp_replicate")
         squares = torch.zeros((), device=params[0].device, dtype=torch.float32)
         for p in params:
-            if replica == 0 and (id(p) not in replicated or tp_rank == 0):
+            if replica == 0 and tp_rank % copies.get(id(p), 1) == 0:
                 squares += _local(p.grad).float().pow(2).sum()
         dist.all_reduce(squares)
         norm = squares.sqrt()
@@ -101,11 +119,13 @@ class Parallelized:
                 _local(p.grad).mul_(coef)
         return norm
 
-    def _tp_replicated_params(self) -> List[nn.Parameter]:
+    def _tp_copies(self) -> Dict[int, int]:
+        """id(parameter) -> how many consecutive tp ranks hold the same values (all of tp for replicated ones)."""
         if self.tp_plan is None:
-            return []
-        sharded = set(self.tp_plan.shards)
-        return [p for name, p in self.model.named_parameters() if _fqn(name) not in sharded]
+            return {}
+        tp = dist.get_world_size(self.tp_plan.group)
+        return {id(p): (self.tp_plan.shards[_fqn(n)].replicas if _fqn(n) in self.tp_plan.shards else tp)
+                for n, p in self.model.named_parameters()}
 
     def full_parameters(self) -> Dict[str, torch.Tensor]:
         """Every parameter as its full, unsharded, unpadded tensor (a collective: call on every rank)."""
@@ -116,7 +136,7 @@ class Parallelized:
             if info is not None and info.dim is not None:
                 parts = [torch.empty_like(value) for _ in range(dist.get_world_size(self.tp_plan.group))]
                 dist.all_gather(parts, value.contiguous(), group=self.tp_plan.group)
-                value = torch.cat(parts, dim=info.dim).narrow(info.dim, 0, info.full_size)
+                value = torch.cat(parts[::info.replicas], dim=info.dim).narrow(info.dim, 0, info.full_size)
             full[_fqn(name)] = value.detach().clone()
         return full
 

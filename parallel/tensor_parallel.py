@@ -28,6 +28,7 @@ class ShardInfo:
 
     dim: Optional[int]
     full_size: int = 0  # the unpadded size along `dim`
+    replicas: int = 1  # consecutive tp ranks holding the same chunk (KV heads when tp > n_kv_heads)
 
 
 @dataclass
@@ -44,6 +45,15 @@ def _shard_rows(weight: torch.Tensor, group: dist.ProcessGroup, padded_rows: int
     if padded_rows > weight.shape[0]:
         weight = torch.cat([weight, weight.new_zeros(padded_rows - weight.shape[0], *weight.shape[1:])])
     return weight.chunk(dist.get_world_size(group), dim=0)[dist.get_rank(group)].clone()
+
+
+def _shard_kv_rows(weight: torch.Tensor, group: dist.ProcessGroup, n_kv_heads: int) -> torch.Tensor:
+    """K or V projection rows for this rank's query heads. With tp > n_kv_heads, tp / n_kv_heads consecutive
+    ranks share one KV head (their query heads form its group), each holding a copy of its rows."""
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    if tp <= n_kv_heads:
+        return _shard_rows(weight, group)
+    return weight.chunk(n_kv_heads, dim=0)[rank // (tp // n_kv_heads)].clone()
 
 
 def _shard_cols(weight: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
@@ -101,6 +111,7 @@ def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup, sequence_p
     plan = TPPlan(group=group, sequence_parallel=sequence_parallel)
     vocab = model.cfg.vocab_size
     padded = padded_vocab_size(vocab, dist.get_world_size(group))
+    kv_replicas = max(1, dist.get_world_size(group) // model.cfg.n_kv_heads)
     model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, plan, padded)
     plan.shards["tok_embeddings.weight"] = ShardInfo(0, vocab)
     for name, block in model.layers.items():
@@ -110,7 +121,12 @@ def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup, sequence_p
             region_name = "attention" if region is block.attention else "feed_forward"
             for proj in column:
                 linear = getattr(region, proj)
-                plan.shards[f"{prefix}.{region_name}.{proj}.weight"] = ShardInfo(0, linear.weight.shape[0])
+                key = f"{prefix}.{region_name}.{proj}.weight"
+                if proj in ("wk", "wv"):
+                    plan.shards[key] = ShardInfo(0, linear.weight.shape[0], kv_replicas)
+                    _set_weight(linear, _shard_kv_rows(linear.weight.detach(), group, model.cfg.n_kv_heads))
+                    continue
+                plan.shards[key] = ShardInfo(0, linear.weight.shape[0])
                 _set_weight(linear, _shard_rows(linear.weight.detach(), group))
             out = getattr(region, row)
             plan.shards[f"{prefix}.{region_name}.{row}.weight"] = ShardInfo(1, out.weight.shape[1])

@@ -138,3 +138,26 @@ def test_bf16_layouts_within_stated_tolerance(corpus, tmp_path, tmp_path_factory
         print(f"bf16 {' '.join(layout)}: max relative loss error {loss_err:.2e}, parameter error {param_err:.2e}")
         assert loss_err < BF16_TOLERANCE and param_err < BF16_TOLERANCE
         assert loss_err > 0 or param_err > 0  # bf16 really ran: the numbers are not the fp32 path's
+
+
+KV2 = ["model.n_kv_heads=2"]  # tp=4 > 2 KV heads: each KV head is held by 2 tp ranks
+
+
+def kv2_reference(corpus, tmp_path_factory):
+    trainer = build_trainer(parity_config(corpus, tmp_path_factory.mktemp("refkv2"), KV2), stream=io.StringIO())
+    recorder = ranks.Recorder()
+    trainer.callbacks.append(recorder)
+    trainer.fit()
+    return {"losses": [m["loss"] for m in recorder.steps], "params": trainer.module.parallel.full_parameters()}
+
+
+def test_kv_heads_shared_by_tp_ranks(corpus, tmp_path, tmp_path_factory):
+    layouts = [KV2 + ["parallel.tp=4"], KV2 + ["parallel.tp=4", "parallel.sequence_parallel=false"]]
+    run_world(4, layouts, corpus, tmp_path, kv2_reference(corpus, tmp_path_factory))
+
+
+@pytest.mark.slow
+def test_kv_heads_shared_by_tp_ranks_with_fsdp(corpus, tmp_path, tmp_path_factory):
+    layouts = [KV2 + ["parallel.tp=4", "parallel.dp_shard=2"],
+               KV2 + ["parallel.tp=4", "parallel.dp_replicate=2", "parallel.dp_shard=1"]]
+    run_world(8, layouts, corpus, tmp_path, kv2_reference(corpus, tmp_path_factory))

@@ -72,7 +72,8 @@ def test_prepare_and_train_end_to_end(tmp_path):
 @pytest.mark.parametrize("nproc,overrides,expected", [
     (3, ["parallel.tp=3"], "parallel.tp: tp=3 does not divide model.n_heads=8"),
     (4, ["parallel.dp_shard=2"], "parallel: dp_replicate*dp_shard*pp*cp*tp = 2 but the world size is 4"),
-    (8, ["parallel.tp=8"], "parallel.tp: tp=8 does not divide model.n_kv_heads=4"),
+    (4, ["model.dim=240", "model.n_heads=12", "model.n_kv_heads=6", "parallel.tp=4"],
+     "parallel.tp: tp=4 neither divides model.n_kv_heads=6 nor is a multiple of it"),
     (2, ["parallel.pp=2"], "parallel.pp: pipeline and context parallelism are not available yet"),
     (4, ["parallel.tp=2", "data.global_batch_size=12"], "data.global_batch_size: 12 is not divisible by "
                                                         "micro_batch_size*dp = 16"),
