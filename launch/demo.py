@@ -43,9 +43,11 @@ def compare_layout_run() -> int:
         return code
     one, four = ([json.loads(line)["loss"] for line in open(Path("runs") / name / "metrics.jsonl")]
                  for name in ("demo", "demo-tp2-dp2"))
-    worst = max(abs(a - b) / a for a, b in zip(one[:LAYOUT_STEPS], four))
-    print(f"tp2 x dp2 on 4 processes vs 1 process, {LAYOUT_STEPS} steps: largest relative difference of the "
-          f"per-step losses {worst:.1e} (runs/demo-tp2-dp2/metrics.jsonl)", flush=True)
+    gaps = [abs(a - b) / a for a, b in zip(one[:LAYOUT_STEPS], four)]
+    print(f"tp2 x dp2 on 4 processes vs 1 process: largest relative difference of the per-step losses "
+          f"{max(gaps[:10]):.1e} over the first 10 steps, {max(gaps):.1e} over all {LAYOUT_STEPS} (the same math "
+          f"summed in another order; training amplifies such rounding differences as the learning rate rises)",
+          flush=True)
     return 0
 
 
