@@ -10,7 +10,6 @@ in another order (over ranks, over vocabulary shards), so equality is not bitwis
 import io
 
 import pytest
-import torch
 
 from engine.run import build_trainer
 from parallel.multiprocess import run_on_ranks
@@ -63,13 +62,18 @@ def corpus(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-@pytest.fixture(scope="module")
-def reference(corpus, tmp_path_factory):
-    trainer = build_trainer(parity_config(corpus, tmp_path_factory.mktemp("ref")), stream=io.StringIO())
+def train_reference(corpus, run_dir, overrides=()) -> dict:
+    """The single-process run every layout is compared with: per-step losses and final parameters."""
+    trainer = build_trainer(parity_config(corpus, run_dir, list(overrides)), stream=io.StringIO())
     recorder = ranks.Recorder()
     trainer.callbacks.append(recorder)
     trainer.fit()
     return {"losses": [m["loss"] for m in recorder.steps], "params": trainer.module.parallel.full_parameters()}
+
+
+@pytest.fixture(scope="module")
+def reference(corpus, tmp_path_factory):
+    return train_reference(corpus, tmp_path_factory.mktemp("ref"))
 
 
 def check_against_reference(name: str, result: dict, reference: dict) -> None:
@@ -124,12 +128,7 @@ BF16_TOLERANCE = 1e-2
 
 
 def test_bf16_layouts_within_stated_tolerance(corpus, tmp_path, tmp_path_factory):
-    trainer = build_trainer(parity_config(corpus, tmp_path_factory.mktemp("ref16"), ["train.dtype=bf16"]),
-                            stream=io.StringIO())
-    recorder = ranks.Recorder()
-    trainer.callbacks.append(recorder)
-    trainer.fit()
-    reference = {"losses": [m["loss"] for m in recorder.steps], "params": trainer.module.parallel.full_parameters()}
+    reference = train_reference(corpus, tmp_path_factory.mktemp("ref16"), ["train.dtype=bf16"])
     results = run_on_ranks(ranks.train_layouts, 2, str(corpus), str(tmp_path), BF16_LAYOUTS, timeout=900)[0]
     for layout, result in zip(BF16_LAYOUTS, results):
         loss_err = max(abs(a - b) / abs(b) for a, b in zip(result["losses"], reference["losses"]))
@@ -144,11 +143,7 @@ KV2 = ["model.n_kv_heads=2"]  # tp=4 > 2 KV heads: each KV head is held by 2 tp 
 
 
 def kv2_reference(corpus, tmp_path_factory):
-    trainer = build_trainer(parity_config(corpus, tmp_path_factory.mktemp("refkv2"), KV2), stream=io.StringIO())
-    recorder = ranks.Recorder()
-    trainer.callbacks.append(recorder)
-    trainer.fit()
-    return {"losses": [m["loss"] for m in recorder.steps], "params": trainer.module.parallel.full_parameters()}
+    return train_reference(corpus, tmp_path_factory.mktemp("refkv2"), KV2)
 
 
 def test_kv_heads_shared_by_tp_ranks(corpus, tmp_path, tmp_path_factory):
