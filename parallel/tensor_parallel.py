@@ -27,8 +27,26 @@ class ShardInfo:
     """How a parameter's full tensor maps to this rank's: split along `dim` into tp chunks (None: replicated)."""
 
     dim: Optional[int]
-    full_size: int = 0  # the unpadded size along `dim`
+    full_shape: tuple = ()  # the whole parameter's shape (unpadded)
     replicas: int = 1  # consecutive tp ranks holding the same chunk (KV heads when tp > n_kv_heads)
+    padded_size: int = 0  # rows after zero-padding (vocabulary rows), 0 when not padded
+
+    @property
+    def full_size(self) -> int:
+        return self.full_shape[self.dim]
+
+
+def tp_local(full: torch.Tensor, info: ShardInfo, group: dist.ProcessGroup) -> torch.Tensor:
+    """This rank's part of a parameter's full tensor (works on the meta device too).
+
+    Rows or columns are cut into tp equal chunks; vocabulary rows are zero-padded first to a multiple of tp; a KV
+    projection shared by `replicas` ranks gives each of them the rows of the one KV head their queries use.
+    """
+    tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    if info.padded_size > full.shape[0]:
+        full = torch.cat([full, full.new_zeros(info.padded_size - full.shape[0], *full.shape[1:])])
+    chunks, index = (tp // info.replicas, rank // info.replicas) if info.replicas > 1 else (tp, rank)
+    return full.chunk(chunks, dim=info.dim)[index].clone()
 
 
 @dataclass
@@ -38,26 +56,6 @@ class TPPlan:
     shards: Dict[str, ShardInfo] = field(default_factory=dict)  # parameter name -> how it is split
     # SP norm weights, by name (FSDP later swaps the Parameter objects): their grads are summed over tp
     partial_grad_names: List[str] = field(default_factory=list)
-
-
-def _shard_rows(weight: torch.Tensor, group: dist.ProcessGroup, padded_rows: int = 0) -> torch.Tensor:
-    """This rank's chunk of the rows (dim 0), after zero-padding to `padded_rows` when given."""
-    if padded_rows > weight.shape[0]:
-        weight = torch.cat([weight, weight.new_zeros(padded_rows - weight.shape[0], *weight.shape[1:])])
-    return weight.chunk(dist.get_world_size(group), dim=0)[dist.get_rank(group)].clone()
-
-
-def _shard_kv_rows(weight: torch.Tensor, group: dist.ProcessGroup, n_kv_heads: int) -> torch.Tensor:
-    """K or V projection rows for this rank's query heads. With tp > n_kv_heads, tp / n_kv_heads consecutive
-    ranks share one KV head (their query heads form its group), each holding a copy of its rows."""
-    tp, rank = dist.get_world_size(group), dist.get_rank(group)
-    if tp <= n_kv_heads:
-        return _shard_rows(weight, group)
-    return weight.chunk(n_kv_heads, dim=0)[rank // (tp // n_kv_heads)].clone()
-
-
-def _shard_cols(weight: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    return weight.chunk(dist.get_world_size(group), dim=1)[dist.get_rank(group)].clone()
 
 
 def _set_weight(module: nn.Module, weight: torch.Tensor) -> None:
@@ -86,10 +84,10 @@ class VocabParallelEmbedding(nn.Module):
     """Rows [start, start + rows) of the (padded) embedding; ids outside give 0, and the sum over tp (all-reduce,
     or reduce-scatter along the sequence for SP) completes every row."""
 
-    def __init__(self, embedding: nn.Embedding, plan: TPPlan, padded_vocab: int):
+    def __init__(self, embedding: nn.Embedding, plan: TPPlan, info: ShardInfo):
         super().__init__()
         self.plan = plan
-        self.weight = nn.Parameter(_shard_rows(embedding.weight.detach(), plan.group, padded_vocab))
+        self.weight = nn.Parameter(tp_local(embedding.weight.detach(), info, plan.group))
         self.start = dist.get_rank(plan.group) * self.weight.shape[0]
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -106,37 +104,38 @@ def padded_vocab_size(vocab_size: int, tp: int) -> int:
     return -(-vocab_size // tp) * tp
 
 
+def _shard(plan: TPPlan, module: nn.Module, key: str, info: ShardInfo) -> None:
+    """Replace module.weight by this rank's part, and remember how it was cut (for init, gathers and grads)."""
+    info.full_shape = tuple(module.weight.shape)
+    plan.shards[key] = info
+    _set_weight(module, tp_local(module.weight.detach(), info, plan.group))
+
+
 def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool) -> TPPlan:
-    """Shard a materialized Llama `model` in place over `group`; returns what was split, for gathers and grads."""
+    """Shard a Llama `model` (materialized or on the meta device) in place over `group`; returns what was split,
+    for initialization, gathers and gradients."""
     plan = TPPlan(group=group, sequence_parallel=sequence_parallel)
-    vocab = model.cfg.vocab_size
-    padded = padded_vocab_size(vocab, dist.get_world_size(group))
-    kv_replicas = max(1, dist.get_world_size(group) // model.cfg.n_kv_heads)
-    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, plan, padded)
-    plan.shards["tok_embeddings.weight"] = ShardInfo(0, vocab)
+    tp = dist.get_world_size(group)
+    vocab_rows = ShardInfo(0, padded_size=padded_vocab_size(model.cfg.vocab_size, tp))
+    kv_replicas = max(1, tp // model.cfg.n_kv_heads)
+    vocab_rows.full_shape = tuple(model.tok_embeddings.weight.shape)
+    plan.shards["tok_embeddings.weight"] = vocab_rows
+    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, plan, vocab_rows)
     for name, block in model.layers.items():
         prefix = f"layers.{name}"
-        for region, column, row in ((block.attention, ("wq", "wk", "wv"), "wo"),
-                                    (block.feed_forward, ("w1", "w3"), "w2")):
-            region_name = "attention" if region is block.attention else "feed_forward"
+        for region_name, column, row in (("attention", ("wq", "wk", "wv"), "wo"),
+                                         ("feed_forward", ("w1", "w3"), "w2")):
+            region = getattr(block, region_name)
             for proj in column:
-                linear = getattr(region, proj)
-                key = f"{prefix}.{region_name}.{proj}.weight"
-                if proj in ("wk", "wv"):
-                    plan.shards[key] = ShardInfo(0, linear.weight.shape[0], kv_replicas)
-                    _set_weight(linear, _shard_kv_rows(linear.weight.detach(), group, model.cfg.n_kv_heads))
-                    continue
-                plan.shards[key] = ShardInfo(0, linear.weight.shape[0])
-                _set_weight(linear, _shard_rows(linear.weight.detach(), group))
-            out = getattr(region, row)
-            plan.shards[f"{prefix}.{region_name}.{row}.weight"] = ShardInfo(1, out.weight.shape[1])
-            _set_weight(out, _shard_cols(out.weight.detach(), group))
+                replicas = kv_replicas if proj in ("wk", "wv") else 1
+                _shard(plan, getattr(region, proj), f"{prefix}.{region_name}.{proj}.weight",
+                       ShardInfo(0, replicas=replicas))
+            _shard(plan, getattr(region, row), f"{prefix}.{region_name}.{row}.weight", ShardInfo(1))
             region.register_forward_pre_hook(_enter_region(plan))
-            out.register_forward_hook(_leave_region(plan))
+            getattr(region, row).register_forward_hook(_leave_region(plan))
         if sequence_parallel:
             plan.partial_grad_names += [f"{prefix}.attention_norm.weight", f"{prefix}.ffn_norm.weight"]
-    _set_weight(model.output, _shard_rows(model.output.weight.detach(), group, padded))
-    plan.shards["output.weight"] = ShardInfo(0, vocab)
+    _shard(plan, model.output, "output.weight", ShardInfo(0, padded_size=vocab_rows.padded_size))
     model.output.register_forward_pre_hook(_enter_region(plan))
     if sequence_parallel:
         plan.partial_grad_names.append("norm.weight")
