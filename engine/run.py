@@ -18,7 +18,7 @@ from engine.data.loader import Batch, StepLoader, build_blend
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 from engine.errors import ConfigError
 from engine.flops import device_peak_tflops, flops_per_token, parameter_count
-from engine.model import build_model
+from engine.model import build_meta_model, init_weights
 from engine.optim import build_optimizer, build_scheduler
 from engine.train_module import LMTrainModule
 from engine.trainer import Trainer, TrainState
@@ -106,14 +106,18 @@ def build_data(cfg: JobConfig, mesh: Optional[Mesh]) -> Tuple[StepLoader, List[B
 
 
 def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh]) -> LMTrainModule:
-    """Model (same seed on every rank, so shards agree), spread by parallelize(), then optimizer and schedule."""
-    model = build_model(cfg.model, device, cfg.train.seed)
+    """The model is built on the meta device and parallelized there; then each rank allocates only its shards
+    and fills them from the full initial values (same seed everywhere, so the shards agree and equal the
+    single-process model). Then optimizer and schedule."""
+    model = build_meta_model(cfg.model)
     p = cfg.parallel
     options = ParallelizeOptions(sequence_parallel=p.sequence_parallel,
                                  activation_checkpointing=p.activation_checkpointing, ac_every=p.ac_every,
                                  param_dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else None,
                                  reshard_after_forward=p.reshard_after_forward)
     parallel = parallelize(model, mesh, options, reference_loss_sum=ops.cross_entropy_sum)
+    parallel.model.to_empty(device=device)
+    init_weights(parallel.model, cfg.train.seed, parallel.full_shape, parallel.init_parameter)
     optimizer = build_optimizer(parallel.model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.steps)
     return LMTrainModule(parallel, optimizer, scheduler, device, cfg.train.dtype, cfg.optim.grad_clip)

@@ -21,12 +21,12 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
 from parallel.data_parallel import apply_fsdp
 from parallel.mesh import Mesh
-from parallel.tensor_parallel import TPPlan, apply_tensor_parallel, vocab_parallel_cross_entropy_sum
+from parallel.tensor_parallel import TPPlan, apply_tensor_parallel, tp_local, vocab_parallel_cross_entropy_sum
 
 
 @dataclass
@@ -127,6 +127,20 @@ class Parallelized:
         return {id(p): (self.tp_plan.shards[_fqn(n)].replicas if _fqn(n) in self.tp_plan.shards else tp)
                 for n, p in self.model.named_parameters()}
 
+    def full_shape(self, name: str, param: torch.Tensor) -> tuple:
+        """The unsharded shape of a parameter (its tensor-parallel full shape; FSDP's DTensor shape is already
+        unsharded over dp)."""
+        info = self.tp_plan.shards.get(_fqn(name)) if self.tp_plan is not None else None
+        return info.full_shape if info is not None else tuple(param.shape)
+
+    def init_parameter(self, name: str, param: torch.Tensor, full: torch.Tensor) -> None:
+        """Copy this rank's part of `full` into `param`: its tensor-parallel cut, then its FSDP shard."""
+        info = self.tp_plan.shards.get(_fqn(name)) if self.tp_plan is not None else None
+        local = tp_local(full, info, self.tp_plan.group) if info is not None else full
+        if isinstance(param, DTensor):  # every rank holds the same value: cut locally, no communication
+            local = distribute_tensor(local, param.device_mesh, param.placements, src_data_rank=None).to_local()
+        _local(param).copy_(local)
+
     def full_parameters(self) -> Dict[str, torch.Tensor]:
         """Every parameter as its full, unsharded, unpadded tensor (a collective: call on every rank)."""
         full = {}
@@ -148,7 +162,8 @@ def _fqn(name: str) -> str:
 
 def parallelize(model: nn.Module, mesh: Optional[Mesh], options: ParallelizeOptions,
                 reference_loss_sum: Callable) -> Parallelized:
-    """Apply the dimensions of `mesh` to a materialized, initialized `model` in the fixed order above."""
+    """Apply the dimensions of `mesh` to `model` in the fixed order above. The model may be on the meta device
+    (then materialize with `to_empty` and initialize through `init_parameter`) or already initialized."""
     tp_plan, loss_sum = None, reference_loss_sum
     if mesh is not None and mesh.dims.tp > 1:
         tp_plan = apply_tensor_parallel(model, mesh.tp_group, options.sequence_parallel)

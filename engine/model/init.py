@@ -7,6 +7,7 @@ same seed gives the same model on one process or on many.
 
 import math
 import zlib
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -17,10 +18,15 @@ from engine.model.llama import Transformer
 _RESIDUAL_OUTPUTS = ("attention.wo.weight", "feed_forward.w2.weight")
 
 
-def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> Transformer:
-    """Construct on meta (no memory), allocate on `device`, then initialize."""
+def build_meta_model(cfg: ModelConfig) -> Transformer:
+    """The model on the meta device: shapes only, no memory (parallelize it, then materialize)."""
     with torch.device("meta"):
-        model = Transformer(cfg)
+        return Transformer(cfg)
+
+
+def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> Transformer:
+    """Construct on meta, allocate on `device`, then initialize (the whole model, on one process)."""
+    model = build_meta_model(cfg)
     model.to_empty(device=device)
     init_weights(model, seed)
     return model
@@ -41,10 +47,22 @@ def parameter_init(name: str, shape: torch.Size, cfg: ModelConfig, seed: int) ->
     return torch.empty(shape).normal_(0.0, std, generator=generator)
 
 
+def _copy_whole(name: str, param: torch.Tensor, full: torch.Tensor) -> None:
+    param.copy_(full)
+
+
 @torch.no_grad()
-def init_weights(model: nn.Module, seed: int) -> None:
+def init_weights(model: nn.Module, seed: int, full_shape: Optional[Callable] = None,
+                 assign: Callable = _copy_whole) -> None:
+    """Give every parameter its initial value, then compute the RoPE tables.
+
+    A parallelized model passes `full_shape(name, param)` (the unsharded shape) and `assign(name, param, full)`
+    (copies this process's part of the full value), so each process generates one full parameter at a time and
+    keeps only its shard.
+    """
     for name, param in model.named_parameters():
-        param.copy_(parameter_init(name, param.shape, model.cfg, seed))
+        shape = full_shape(name, param) if full_shape is not None else param.shape
+        assign(name, param, parameter_init(name, shape, model.cfg, seed).to(param.device))
     for module in model.modules():
         if hasattr(module, "reset_tables"):
             module.reset_tables()

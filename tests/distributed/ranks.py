@@ -60,7 +60,9 @@ def train_layouts(rank: int, world_size: int, corpus: str, run_dir: str, layouts
         trainer.fit()
         params = trainer.module.parallel.full_parameters()
         losses = [m["loss"] for m in recorder.steps]
+        local_numel = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
+                          for p in trainer.module.model.parameters())
         grad_norms = [m["grad_norm"] for m in recorder.steps]
-        results.append({"losses": losses, "grad_norms": grad_norms, "params": params} if rank == 0 else
-                       {"losses": losses})
+        results.append({"losses": losses, "grad_norms": grad_norms, "params": params, "local_numel": local_numel}
+                       if rank == 0 else {"losses": losses, "local_numel": local_numel})
     return results

@@ -89,10 +89,16 @@ def check_against_reference(name: str, result: dict, reference: dict) -> None:
 
 def run_world(world_size, layouts, corpus, tmp_path, reference):
     results = run_on_ranks(ranks.train_layouts, world_size, str(corpus), str(tmp_path), layouts, timeout=900)
+    total = sum(v.numel() for v in reference["params"].values())
     for index, layout in enumerate(layouts):
         check_against_reference(" ".join(layout), results[0][index], reference)
         for rank_result in results[1:]:  # every rank logs the same loss
             assert rank_result[index]["losses"] == results[0][index]["losses"]
+        # each rank holds about 1/(tp * dp_shard) of the model (plus replicated norms, padding, shared KV heads)
+        degrees = {o.split("=")[0]: int(o.split("=")[1]) for o in layout if o.split("=")[1].isdigit()}
+        split = degrees.get("parallel.tp", 1) * degrees.get("parallel.dp_shard", 1)
+        held = max(r[index]["local_numel"] for r in results)
+        assert held <= 1.1 * total / split, (layout, held, total)
 
 
 def test_reference_changes_weights(reference):
