@@ -45,90 +45,38 @@ def _reduce_scatter_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tens
     return out.transpose(0, 1).contiguous()
 
 
-def _split_seq(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
-    n, r = dist.get_world_size(group), dist.get_rank(group)
-    return x.chunk(n, dim=1)[r].contiguous()
+def _identity(x: torch.Tensor, group: dist.ProcessGroup) -> torch.Tensor:
+    return x
 
 
-class CopyToTP(Function):
-    """f: identity forward, all-reduce of the gradient backward (input of a column-parallel region)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
+class _Conjugate(Function):
+    """One collective forward and its conjugate on the gradient backward; the operators below are pairs of it."""
 
     @staticmethod
-    def backward(ctx, grad):
-        return _all_reduce(grad, ctx.group), None
-
-
-class ReduceFromTP(Function):
-    """g: all-reduce forward, identity backward (output of a row-parallel region)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        return _all_reduce(x, group)
+    def forward(ctx, x, group, forward_op, backward_op):
+        ctx.group, ctx.backward_op = group, backward_op
+        return forward_op(x, group)
 
     @staticmethod
     def backward(ctx, grad):
-        return grad, None
-
-
-class GatherFromSP(Function):
-    """Sequence-parallel f: all-gather along the sequence forward, reduce-scatter of the gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _gather_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _reduce_scatter_seq(grad, ctx.group), None
-
-
-class ReduceScatterToSP(Function):
-    """Sequence-parallel g: reduce-scatter along the sequence forward, all-gather of the gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _reduce_scatter_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_seq(grad, ctx.group), None
-
-
-class SplitToSP(Function):
-    """Keep this rank's sequence chunk forward; all-gather of the gradient backward."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return _split_seq(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _gather_seq(grad, ctx.group), None
+        return ctx.backward_op(grad, ctx.group), None, None, None
 
 
 def copy_to_tp(x, group):
-    return CopyToTP.apply(x, group)
+    """f: identity forward, all-reduce of the gradient backward (input of a column-parallel region)."""
+    return _Conjugate.apply(x, group, _identity, _all_reduce)
 
 
 def reduce_from_tp(x, group):
-    return ReduceFromTP.apply(x, group)
+    """g: all-reduce forward, identity backward (output of a row-parallel region)."""
+    return _Conjugate.apply(x, group, _all_reduce, _identity)
 
 
 def gather_from_sp(x, group):
-    return GatherFromSP.apply(x, group)
+    """Sequence-parallel f: all-gather along the sequence forward, reduce-scatter of the gradient backward."""
+    return _Conjugate.apply(x, group, _gather_seq, _reduce_scatter_seq)
 
 
 def reduce_scatter_to_sp(x, group):
-    return ReduceScatterToSP.apply(x, group)
-
-
-def split_to_sp(x, group):
-    return SplitToSP.apply(x, group)
+    """Sequence-parallel g: reduce-scatter along the sequence forward, all-gather of the gradient backward."""
+    return _Conjugate.apply(x, group, _reduce_scatter_seq, _gather_seq)
