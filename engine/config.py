@@ -66,6 +66,13 @@ class ParallelConfig:
     activation_checkpointing: str = "none"  # none | full (every block) | selective (every ac_every-th block)
     ac_every: int = 2  # selective activation checkpointing: recompute blocks 0, n, 2n, ...
     reshard_after_forward: bool = True  # FSDP: free gathered block parameters after forward (ZeRO-3)
+    # pipeline: schedule, model chunks per rank, and how the layers are split over the pp * virtual stages
+    pp_schedule: str = "1F1B"  # GPipe | 1F1B | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble | DualPipeV
+    pp_virtual_stages: int = 1  # stages per pp rank (>1 for interleaved schedules; the V schedules need 2)
+    pp_layers: List[int] = field(default_factory=list)  # transformer layers per stage; empty: balanced by cost
+    pp_embedding_cost: float = 1.0  # the embedding counts as this many layers when balancing (Llama 3: one)
+    pp_head_cost: float = 1.0  # the final norm + output head count as this many layers
+    cp_attention: str = "all_gather"  # all_gather (K/V gathered, Llama 3) | ring (K/V passed around, P2P)
 
 
 @dataclass
@@ -325,6 +332,9 @@ _CHOICES = {
     "fp8.recipe": ("tensorwise", "delayed"),
     "fp8.grad_dtype": ("e5m2", "e4m3"),
     "parallel.activation_checkpointing": ("none", "full", "selective"),
+    "parallel.pp_schedule": ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble",
+                             "DualPipeV"),
+    "parallel.cp_attention": ("all_gather", "ring"),
 }
 
 
@@ -407,6 +417,9 @@ def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:
         p.dp_shard = world_size // others
     _require(p.dp_shard >= 1, "parallel.dp_shard", f"must be at least 1 or -1, got {p.dp_shard}")
     _require(p.ac_every >= 1, "parallel.ac_every", f"must be at least 1, got {p.ac_every}")
+    _require(p.pp_virtual_stages >= 1, "parallel.pp_virtual_stages", f"must be at least 1, got {p.pp_virtual_stages}")
+    _require(p.pp_embedding_cost >= 0 and p.pp_head_cost >= 0, "parallel.pp_embedding_cost",
+             "stage costs must be >= 0")
     _require(others * p.dp_shard == world_size, "parallel",
              f"dp_replicate*dp_shard*pp*cp*tp = {others * p.dp_shard} but the world size is {world_size}")
     return p

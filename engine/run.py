@@ -24,6 +24,7 @@ from engine.train_module import LMTrainModule
 from engine.trainer import Trainer, TrainState
 from parallel.mesh import LayoutError, Mesh, ParallelDims, build_mesh, check_layout
 from parallel.parallelize import ParallelizeOptions, parallelize
+from parallel.pipeline_parallel import check_pipeline
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,7 +65,11 @@ def check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
     p = cfg.parallel
     dims = ParallelDims(p.dp_replicate, p.dp_shard, p.pp, p.cp, p.tp)
     try:
-        check_layout(dims, world_size, cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.ffn_dim)
+        check_layout(dims, world_size, cfg.model.n_heads, cfg.model.n_kv_heads, cfg.model.ffn_dim,
+                     cfg.data.seq_len, p.sequence_parallel)
+        if dims.pp > 1:
+            check_pipeline(dims.pp, p.pp_virtual_stages, p.pp_schedule, cfg.model.n_layers, grad_accum_steps(cfg),
+                           p.pp_layers)
     except LayoutError as e:
         raise ConfigError(e.key, e.message) from None
     return dims
@@ -95,12 +100,13 @@ def build_data(cfg: JobConfig, mesh: Optional[Mesh]) -> Tuple[StepLoader, List[B
                           f"vocabulary ({tokenizer.vocab_size}, {tokenizer.name})")
     check_prepared_with(cfg.data.train + cfg.data.valid, tokenizer)
     dp_rank, dp_size = (mesh.dp_rank, mesh.dims.dp) if mesh is not None else (0, 1)
+    cp_rank, cp_size = (mesh.rank("cp"), mesh.dims.cp) if mesh is not None else (0, 1)
     loader = StepLoader(build_blend(cfg.data.train, cfg.data, cfg.model.vocab_size), cfg.data, tokenizer.eod_id,
-                        dp_rank, dp_size)
+                        dp_rank, dp_size, cp_rank=cp_rank, cp_size=cp_size)
     eval_batches: List[Batch] = []
     if cfg.data.valid:
         valid = StepLoader(build_blend(cfg.data.valid, cfg.data, cfg.model.vocab_size, seed_offset=1000),
-                           cfg.data, tokenizer.eod_id, dp_rank, dp_size)
+                           cfg.data, tokenizer.eod_id, dp_rank, dp_size, cp_rank=cp_rank, cp_size=cp_size)
         eval_batches = valid.fixed_micro_batches(cfg.train.eval_batches)
     return loader, eval_batches
 
@@ -114,11 +120,15 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh]) -> 
     options = ParallelizeOptions(sequence_parallel=p.sequence_parallel,
                                  activation_checkpointing=p.activation_checkpointing, ac_every=p.ac_every,
                                  param_dtype=torch.bfloat16 if cfg.train.dtype == "bf16" else None,
-                                 reshard_after_forward=p.reshard_after_forward)
+                                 reshard_after_forward=p.reshard_after_forward, pp_schedule=p.pp_schedule,
+                                 pp_virtual_stages=p.pp_virtual_stages, pp_layers=tuple(p.pp_layers),
+                                 pp_embedding_cost=p.pp_embedding_cost, pp_head_cost=p.pp_head_cost,
+                                 pp_microbatches=grad_accum_steps(cfg), cp_attention=p.cp_attention)
     parallel = parallelize(model, mesh, options, reference_loss_sum=ops.cross_entropy_sum)
-    parallel.model.to_empty(device=device)
-    init_weights(parallel.model, cfg.train.seed, parallel.full_shape, parallel.init_parameter)
-    optimizer = build_optimizer(parallel.model, cfg.optim, device)
+    for part in parallel.parts:
+        part.to_empty(device=device)
+        init_weights(part, cfg.train.seed, parallel.full_shape, parallel.init_parameter)
+    optimizer = build_optimizer(torch.nn.ModuleList(parallel.parts), cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.steps)
     return LMTrainModule(parallel, optimizer, scheduler, device, cfg.train.dtype, cfg.optim.grad_clip)
 
@@ -139,7 +149,7 @@ def build_callbacks(cfg: JobConfig, state: TrainState, device: torch.device, eva
     p = cfg.parallel
     header = [f"herd {__version__} | model {cfg.model.name}: {parameter_count(cfg.model) / 1e6:.1f}M parameters, "
               f"{cfg.model.n_layers} layers, dim {cfg.model.dim} | device {device} | world size {world_size} "
-              f"(dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x tp {p.tp})",
+              f"(dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x pp {p.pp} x cp {p.cp} x tp {p.tp})",
               f"{state.tokens_per_step:,} tokens per step = {cfg.data.global_batch_size} sequences x "
               f"{cfg.data.seq_len} ({grad_accum_steps(cfg)} micro-batch(es) of {cfg.data.micro_batch_size} per "
               f"rank) | {cfg.train.steps} steps | {fpt / 1e6:.1f} MFLOP per token | run dir {run}"]

@@ -22,56 +22,79 @@ class TrainModule:
 class LMTrainModule(TrainModule):
     """Next-token prediction: one optimizer step over all micro-batches of a global batch.
 
-    The loss is the sum of token losses divided by the number of loss tokens in the whole step, over every
-    data-parallel rank, so accumulating gradients over micro-batches (in fp32, on the fp32 master weights) and
-    over ranks equals one large batch exactly; the forward runs under bf16 autocast when asked. What depends on
-    the layout (the loss over vocabulary shards, dp sums, gradient sync, the global norm) comes from `parallel`.
+    The loss is the sum of token losses divided by the number of loss tokens in the whole step, over every rank
+    holding other tokens (dp x cp), so accumulating gradients over micro-batches (in fp32, on the fp32 master
+    weights) and over ranks equals one large batch exactly; the forward runs under bf16 autocast when asked. What
+    depends on the layout (the loss over vocabulary shards, dp/cp sums, gradient sync, the global norm, the
+    pipeline schedule) comes from `parallel`.
     """
 
     def __init__(self, parallel: Parallelized, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, dtype: str,
                  grad_clip: float):
-        self.parallel, self.model = parallel, parallel.model
+        self.parallel = parallel
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device, self.grad_clip = device, grad_clip
         self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
 
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.parallel.model
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                              enabled=self.autocast_dtype is not None)
+
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
-            logits = self.model(batch.inputs, batch.position_ids, batch.doc_ids)  # [b, s, vocab (or shard)]
+        with self._autocast():
+            logits = self.parallel.model(batch.inputs, batch.position_ids, batch.doc_ids)  # [b, s, vocab (shard)]
         return self.parallel.loss_sum(logits, batch.targets, batch.loss_mask)
 
     def count_tokens(self, micro_batches: List[Batch]) -> int:
-        """Loss tokens in the step over all data-parallel ranks (counted on the host, summed over dp)."""
+        """Loss tokens in the step over all ranks with other tokens (counted on the host, summed over dp x cp)."""
         local = torch.tensor(float(sum(b.num_tokens for b in micro_batches)), device=self.device)
-        return int(self.parallel.sum_over_dp(local).item())
+        return int(self.parallel.sum_over_data(local).item())
 
-    def train_step(self, micro_batches: List[Batch]) -> Dict[str, float]:
-        self.model.train()
-        total_tokens = max(1, self.count_tokens(micro_batches))
-        self.optimizer.zero_grad(set_to_none=True)
+    def _forward_backward(self, micro_batches: List[Batch], total_tokens: int) -> torch.Tensor:
+        """Backpropagate every micro-batch's share of the step loss; returns the summed (unscaled) loss."""
+        scale = self.parallel.loss_scale
+        if self.parallel.pipeline is not None:
+            def step_loss(logits, targets, mask):
+                return self.parallel.loss_sum(logits, targets, mask) / total_tokens * scale
+            with self._autocast():
+                return self.parallel.pipeline.forward_backward(micro_batches, step_loss) / scale
         loss = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
             self.parallel.set_gradient_sync(index == len(micro_batches) - 1)
             micro_loss = self._loss_sum(batch) / total_tokens
-            (micro_loss * self.parallel.loss_scale if self.parallel.loss_scale != 1.0 else micro_loss).backward()
+            (micro_loss * scale if scale != 1.0 else micro_loss).backward()
             loss += micro_loss.detach()
+        return loss
+
+    def train_step(self, micro_batches: List[Batch]) -> Dict[str, float]:
+        self.parallel.train(True)
+        total_tokens = max(1, self.count_tokens(micro_batches))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._forward_backward(micro_batches, total_tokens)
         self.parallel.finish_gradients()
         grad_norm = self.parallel.clip_grad_norm(self.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.step()
         self.scheduler.step()
-        loss = self.parallel.sum_over_dp(loss)
+        loss = self.parallel.sum_over_data(loss)
         return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "loss_tokens": total_tokens}
 
     @torch.no_grad()
     def eval_loss(self, micro_batches: List[Batch]) -> Tuple[float, int]:
-        """(summed token loss, loss tokens) over the micro-batches of every data-parallel rank, in eval mode."""
-        self.model.eval()
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        tokens = torch.zeros((), device=self.device, dtype=torch.float64)
-        for batch in micro_batches:
-            total += self._loss_sum(batch).double()
-            tokens += batch.num_tokens
-        return self.parallel.sum_over_dp(total).item(), int(self.parallel.sum_over_dp(tokens).item())
+        """(summed token loss, loss tokens) over the micro-batches of every rank with other tokens, in eval mode."""
+        self.parallel.train(False)
+        tokens = torch.tensor(float(sum(b.num_tokens for b in micro_batches)), device=self.device,
+                              dtype=torch.float64)
+        if self.parallel.pipeline is not None:
+            with self._autocast():
+                total = self.parallel.pipeline.forward_only(micro_batches, self.parallel.loss_sum).double()
+        else:
+            total = torch.zeros((), device=self.device, dtype=torch.float64)
+            for batch in micro_batches:
+                total += self._loss_sum(batch).double()
+        return self.parallel.sum_over_data(total).item(), int(self.parallel.sum_over_data(tokens).item())

@@ -8,6 +8,8 @@ neighbouring ranks (one NVLink domain), as Llama 3 orders them [TP, CP, PP, DP] 
 from dataclasses import dataclass
 from typing import Optional
 
+import warnings
+
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
@@ -40,14 +42,19 @@ class ParallelDims:
         return self.dp_replicate * self.dp_shard
 
 
-def check_layout(dims: ParallelDims, world_size: int, n_heads: int, n_kv_heads: int, ffn_dim: int) -> None:
-    """Raise LayoutError (one line, naming the key) for a layout that cannot run; cheap, before any group."""
+def check_layout(dims: ParallelDims, world_size: int, n_heads: int, n_kv_heads: int, ffn_dim: int,
+                 seq_len: int = 0, sequence_parallel: bool = False) -> None:
+    """Raise LayoutError (one line, naming the key) for a layout that cannot run; cheap, before any group.
+    (The pipeline's own rules are in pipeline_parallel.check_pipeline.)"""
     if dims.world_size != world_size:
         raise LayoutError("parallel", f"dp_replicate*dp_shard*pp*cp*tp = {dims.world_size} but the world size "
                                       f"is {world_size}")
-    if dims.pp > 1 or dims.cp > 1:
-        raise LayoutError("parallel.pp" if dims.pp > 1 else "parallel.cp",
-                          "pipeline and context parallelism are not available yet; use 1")
+    if dims.cp > 1 and seq_len % (2 * dims.cp):
+        raise LayoutError("parallel.cp", f"data.seq_len={seq_len} cannot be cut into 2*cp={2 * dims.cp} equal "
+                                         f"chunks (zigzag load balancing)")
+    if dims.tp > 1 and sequence_parallel and seq_len % (dims.cp * dims.tp):
+        raise LayoutError("parallel.sequence_parallel", f"data.seq_len={seq_len} / cp={dims.cp} tokens per rank "
+                                                        f"cannot be split over tp={dims.tp}")
     tp = dims.tp
     if n_heads % tp:
         raise LayoutError("parallel.tp", f"tp={tp} does not divide model.n_heads={n_heads}")
@@ -64,7 +71,9 @@ class Mesh:
 
     dims: ParallelDims
     device_mesh: DeviceMesh
-    dp_mesh: DeviceMesh  # 1-D, all ranks holding different data (loss token counts are summed over it)
+    dp_mesh: DeviceMesh  # 1-D: dp_replicate x dp_shard, the ranks that read different samples
+    data_mesh: DeviceMesh  # 1-D: dp x cp, the ranks that hold different tokens (loss sums run over it)
+    fsdp_mesh: Optional[DeviceMesh]  # dp_shard x cp (with dp_replicate in front for HSDP); None when 1 rank
 
     def group(self, axis: str) -> Optional[dist.ProcessGroup]:
         return self.device_mesh.get_group(axis)
@@ -80,9 +89,26 @@ class Mesh:
     def tp_group(self) -> dist.ProcessGroup:
         return self.device_mesh.get_group("tp")
 
+    @property
+    def data_ranks(self) -> int:
+        """Ranks holding different tokens of a step: dp x cp."""
+        return self.dims.dp * self.dims.cp
+
 
 def build_mesh(dims: ParallelDims, device_type: str) -> Mesh:
+    """The 5-D mesh and its flattened views. Parameters are replicated over cp (each rank sees other tokens of the
+    same sequences), so FSDP shards them over dp_shard x cp and reduces their gradients there (as torchtitan)."""
     shape = tuple(getattr(dims, axis) for axis in AXES)
     device_mesh = init_device_mesh(device_type, shape, mesh_dim_names=AXES)
     dp_mesh = device_mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    return Mesh(dims, device_mesh, dp_mesh)
+    data_mesh = device_mesh["dp_replicate", "dp_shard", "cp"]._flatten("dp_cp")
+    fsdp_mesh = None
+    if dims.dp * dims.cp > 1:
+        shard = device_mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        if dims.dp_replicate > 1:
+            with warnings.catch_warnings():  # slicing a flattened dim from the root: the way HSDP x cp is built
+                warnings.simplefilter("ignore")
+                fsdp_mesh = device_mesh["dp_replicate", "dp_shard_cp"]
+        else:
+            fsdp_mesh = shard
+    return Mesh(dims, device_mesh, dp_mesh, data_mesh, fsdp_mesh)

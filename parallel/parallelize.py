@@ -1,22 +1,22 @@
 """The one place that spreads a plain model over the mesh, in a fixed order:
 
-    1. pipeline parallelism (split into stages)          - not yet
-    2. context parallelism (attention over cp shards)    - not yet
+    1. pipeline parallelism: split into stages (parallel/pipeline_parallel.py); steps 2-7 apply to each stage
+    2. context parallelism: attention across cp shards (parallel/context_parallel.py)
     3. tensor + sequence parallelism (parallel/tensor_parallel.py)
     4. FP8 linears (the engine passes its GEMM in)       - not yet
     5. activation checkpointing (full, or every n-th block)
     6. torch.compile                                     - not yet
     7. data parallelism: FSDP2 / HSDP (parallel/data_parallel.py)
 
-TP must come before FSDP (FSDP shards the TP shards), activation checkpointing wraps the TP-sharded blocks, and
-FSDP goes last so its units are the final blocks. `Parallelized` carries what the training step needs of the
+Stages are cut first (every later step works on a stage module), TP must come before FSDP (FSDP shards the TP
+shards), activation checkpointing wraps the TP-sharded blocks, and FSDP goes last so its units are the final blocks. `Parallelized` carries what the training step needs of the
 layout: the loss over vocabulary shards, the dp reductions, gradient sync and the global gradient norm.
 """
 
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -24,8 +24,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.utils.checkpoint import checkpoint
 
+from parallel.context_parallel import apply_context_parallel
 from parallel.data_parallel import apply_fsdp
 from parallel.mesh import Mesh
+from parallel.pipeline_parallel import Pipeline, split_layers, stage_module, stage_to_rank
 from parallel.tensor_parallel import TPPlan, apply_tensor_parallel, tp_local, vocab_parallel_cross_entropy_sum
 
 
@@ -35,13 +37,21 @@ class ParallelizeOptions:
     activation_checkpointing: str = "none"  # none | full | selective (every `ac_every`-th block)
     ac_every: int = 2
     param_dtype: Optional[torch.dtype] = None  # FSDP compute dtype (None: keep fp32)
-    reshard_after_forward: bool = True
+    reshard_after_forward: bool = True  # ignored under pp (parameters stay gathered across microbatches)
+    pp_schedule: str = "1F1B"
+    pp_virtual_stages: int = 1
+    pp_layers: Tuple[int, ...] = ()
+    pp_embedding_cost: float = 1.0
+    pp_head_cost: float = 1.0
+    pp_microbatches: int = 1  # microbatches per step on each rank (the schedule's n_microbatches)
+    cp_attention: str = "all_gather"
 
 
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int) -> None:
-    """Recompute a block's activations in backward instead of storing them (keeps parameter names)."""
-    for index, block in enumerate(model.layers.values()):
-        if mode == "full" or (mode == "selective" and index % every == 0):
+    """Recompute a block's activations in backward instead of storing them (keeps parameter names). Selective
+    picks blocks by global layer index, so the same blocks recompute under any pipeline split."""
+    for index, block in model.layers.items():
+        if mode == "full" or (mode == "selective" and int(index) % every == 0):
             block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
@@ -50,24 +60,44 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 
 
 class Parallelized:
-    """A model after parallelize(), with the layout-aware pieces of a training step."""
+    """A model after parallelize(): this rank's stage modules (`parts`; one without pipeline parallelism), the
+    pipeline that runs them, and the layout-aware pieces of a training step."""
 
-    def __init__(self, model: nn.Module, mesh: Optional[Mesh], tp_plan: Optional[TPPlan], fsdp: bool,
-                 loss_sum: Callable):
-        self.model, self.mesh, self.tp_plan, self.fsdp = model, mesh, tp_plan, fsdp
-        self.loss_sum = loss_sum
-        # FSDP averages gradients over dp; a loss already normalized by the global token count needs their sum
-        self.loss_scale = float(mesh.dims.dp) if fsdp else 1.0
+    def __init__(self, parts: List[nn.Module], mesh: Optional[Mesh], tp_plan: Optional[TPPlan], fsdp: bool,
+                 loss_sum: Callable, pipeline: Optional[Pipeline] = None):
+        self.parts, self.mesh, self.tp_plan, self.fsdp = parts, mesh, tp_plan, fsdp
+        self.loss_sum, self.pipeline = loss_sum, pipeline
+        # FSDP averages gradients over dp x cp; a loss already normalized by the global token count needs the sum
+        self.loss_scale = float(mesh.data_ranks) if fsdp else 1.0
 
-    def sum_over_dp(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum over the ranks that hold different data (identity on one process)."""
-        if self.mesh is not None and self.mesh.dims.dp > 1:
-            dist.all_reduce(value, group=self.mesh.dp_mesh.get_group())
+    @property
+    def model(self) -> nn.Module:
+        """The whole model (without pipeline parallelism, where it is the only part)."""
+        if self.pipeline is not None:
+            raise RuntimeError("under pipeline parallelism the model is split into parts; run it via .pipeline")
+        return self.parts[0]
+
+    def named_parameters(self) -> Iterator[Tuple[str, nn.Parameter]]:
+        for part in self.parts:
+            yield from part.named_parameters()
+
+    def parameters(self) -> List[nn.Parameter]:
+        return [p for _, p in self.named_parameters()]
+
+    def train(self, mode: bool = True) -> None:
+        for part in self.parts:
+            part.train(mode)
+
+    def sum_over_data(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum over the ranks that hold different tokens, dp x cp (identity on one process)."""
+        if self.mesh is not None and self.mesh.data_ranks > 1:
+            dist.all_reduce(value, group=self.mesh.data_mesh.get_group())
         return value
 
     def set_gradient_sync(self, enabled: bool) -> None:
-        """FSDP reduce-scatters only on the last micro-batch of a step; earlier ones accumulate locally."""
-        if self.fsdp:
+        """FSDP reduce-scatters only on the last micro-batch of a step; earlier ones accumulate locally (under pp
+        the pipeline stage does this itself)."""
+        if self.fsdp and self.pipeline is None:
             self.model.set_requires_gradient_sync(enabled)
 
     def finish_gradients(self) -> None:
@@ -77,7 +107,7 @@ class Parallelized:
         if self.tp_plan is None:
             return
         names = set(self.tp_plan.partial_grad_names)
-        for name, param in self.model.named_parameters():
+        for name, param in self.named_parameters():
             if param.grad is None:
                 continue
             info = self.tp_plan.shards.get(_fqn(name))
@@ -100,9 +130,10 @@ class Parallelized:
         """Global L2 norm over every gradient of the model, counted once whatever the layout; clip to max_norm.
 
         Each distinct gradient element is counted on exactly one rank: TP-replicated parameters only on tp rank
-        0, HSDP replicas only on dp_replicate rank 0; the squares are then summed over the world.
+        0, HSDP replicas only on dp_replicate rank 0 (FSDP shards over dp_shard x cp are disjoint, pipeline
+        stages hold disjoint parameters); the squares are then summed over the world.
         """
-        params = [p for p in self.model.parameters() if p.grad is not None]
+        params = [p for p in self.parameters() if p.grad is not None]
         if self.mesh is None:
             return torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
         copies = self._tp_copies()
@@ -125,7 +156,7 @@ class Parallelized:
             return {}
         tp = dist.get_world_size(self.tp_plan.group)
         return {id(p): (self.tp_plan.shards[_fqn(n)].replicas if _fqn(n) in self.tp_plan.shards else tp)
-                for n, p in self.model.named_parameters()}
+                for n, p in self.named_parameters()}
 
     def full_shape(self, name: str, param: torch.Tensor) -> tuple:
         """The unsharded shape of a parameter (its tensor-parallel full shape; FSDP's DTensor shape is already
@@ -142,9 +173,9 @@ class Parallelized:
         _local(param).copy_(local)
 
     def full_parameters(self) -> Dict[str, torch.Tensor]:
-        """Every parameter as its full, unsharded, unpadded tensor (a collective: call on every rank)."""
+        """Every parameter as its full, unsharded, unpadded tensor, on every rank (a collective: call on all)."""
         full = {}
-        for name, p in self.model.named_parameters():
+        for name, p in self.named_parameters():
             value = p.full_tensor() if isinstance(p, DTensor) else p.detach()
             info = self.tp_plan.shards.get(_fqn(name)) if self.tp_plan is not None else None
             if info is not None and info.dim is not None:
@@ -152,6 +183,10 @@ class Parallelized:
                 dist.all_gather(parts, value.contiguous(), group=self.tp_plan.group)
                 value = torch.cat(parts[::info.replicas], dim=info.dim).narrow(info.dim, 0, info.full_size)
             full[_fqn(name)] = value.detach().clone()
+        if self.pipeline is not None:  # each pp rank holds other layers: exchange them
+            stages: List[Dict[str, torch.Tensor]] = [{} for _ in range(self.mesh.dims.pp)]
+            dist.all_gather_object(stages, {k: v.cpu() for k, v in full.items()}, group=self.mesh.group("pp"))
+            full = {k: v.to(self.parts[0].rope.cos.device) for stage in stages for k, v in stage.items()}
         return full
 
 
@@ -160,18 +195,42 @@ def _fqn(name: str) -> str:
     return name.replace("_checkpoint_wrapped_module.", "")
 
 
+def _split_stages(model: nn.Module, mesh: Mesh, options: ParallelizeOptions) -> Tuple[List[nn.Module], List[int],
+                                                                                         List[int], int]:
+    """This pp rank's stage modules, their stage indices, every stage's rank, and the number of stages."""
+    n_stages = mesh.dims.pp * options.pp_virtual_stages
+    layers = split_layers(model.cfg.n_layers, n_stages, options.pp_embedding_cost, options.pp_head_cost,
+                          list(options.pp_layers))
+    ranks = stage_to_rank(n_stages, mesh.dims.pp, options.pp_schedule)
+    mine = [s for s in range(n_stages) if ranks[s] == mesh.rank("pp")]
+    parts = [stage_module(model, layers[s], s == 0, s == n_stages - 1) for s in mine]
+    return parts, mine, ranks, n_stages
+
+
 def parallelize(model: nn.Module, mesh: Optional[Mesh], options: ParallelizeOptions,
                 reference_loss_sum: Callable) -> Parallelized:
     """Apply the dimensions of `mesh` to `model` in the fixed order above. The model may be on the meta device
     (then materialize with `to_empty` and initialize through `init_parameter`) or already initialized."""
+    pp = mesh is not None and mesh.dims.pp > 1
+    parts, stage_ids, ranks, n_stages = _split_stages(model, mesh, options) if pp else ([model], [0], [0], 1)
     tp_plan, loss_sum = None, reference_loss_sum
-    if mesh is not None and mesh.dims.tp > 1:
-        tp_plan = apply_tensor_parallel(model, mesh.tp_group, options.sequence_parallel)
-        loss_sum = partial(vocab_parallel_cross_entropy_sum, vocab_size=model.cfg.vocab_size,
-                           group=mesh.tp_group)
-    if options.activation_checkpointing != "none":
-        apply_activation_checkpointing(model, options.activation_checkpointing, options.ac_every)
-    fsdp = mesh is not None and mesh.dims.dp > 1
-    if fsdp:
-        apply_fsdp(model, mesh, options.param_dtype, options.reshard_after_forward)
-    return Parallelized(model, mesh, tp_plan, fsdp, loss_sum)
+    fsdp = mesh is not None and mesh.data_ranks > 1
+    for part in parts:
+        if mesh is not None and mesh.dims.cp > 1:
+            apply_context_parallel(part, mesh.group("cp"), options.cp_attention)
+        if mesh is not None and mesh.dims.tp > 1:
+            plan = apply_tensor_parallel(part, mesh.tp_group, options.sequence_parallel)
+            tp_plan = plan if tp_plan is None else tp_plan.merge(plan)
+            loss_sum = partial(vocab_parallel_cross_entropy_sum, vocab_size=model.cfg.vocab_size,
+                               group=mesh.tp_group)
+        if options.activation_checkpointing != "none":
+            apply_activation_checkpointing(part, options.activation_checkpointing, options.ac_every)
+        if fsdp:  # under pp, parameters stay gathered across the step's microbatches (Llama 3)
+            apply_fsdp(part, mesh, options.param_dtype, options.reshard_after_forward and not pp)
+    pipeline = None
+    if pp:
+        device = torch.device(mesh.device_mesh.device_type, torch.cuda.current_device()) \
+            if mesh.device_mesh.device_type == "cuda" else torch.device("cpu")
+        pipeline = Pipeline(parts, stage_ids, n_stages, ranks, mesh.group("pp"), device, options.pp_schedule,
+                            options.pp_microbatches)
+    return Parallelized(parts, mesh, tp_plan, fsdp, loss_sum, pipeline)

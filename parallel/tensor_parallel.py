@@ -57,6 +57,12 @@ class TPPlan:
     # SP norm weights, by name (FSDP later swaps the Parameter objects): their grads are summed over tp
     partial_grad_names: List[str] = field(default_factory=list)
 
+    def merge(self, other: "TPPlan") -> "TPPlan":
+        """One plan for several pipeline stages of this rank (their parameter names are disjoint)."""
+        self.shards.update(other.shards)
+        self.partial_grad_names += other.partial_grad_names
+        return self
+
 
 def _set_weight(module: nn.Module, weight: torch.Tensor) -> None:
     module.weight = nn.Parameter(weight, requires_grad=module.weight.requires_grad)
@@ -112,15 +118,16 @@ def _shard(plan: TPPlan, module: nn.Module, key: str, info: ShardInfo) -> None:
 
 
 def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool) -> TPPlan:
-    """Shard a Llama `model` (materialized or on the meta device) in place over `group`; returns what was split,
-    for initialization, gathers and gradients."""
+    """Shard a Llama `model` or pipeline stage (materialized or on the meta device) in place over `group`; returns
+    what was split, for initialization, gathers and gradients."""
     plan = TPPlan(group=group, sequence_parallel=sequence_parallel)
     tp = dist.get_world_size(group)
-    vocab_rows = ShardInfo(0, padded_size=padded_vocab_size(model.cfg.vocab_size, tp))
+    padded_vocab = padded_vocab_size(model.cfg.vocab_size, tp)
     kv_replicas = max(1, tp // model.cfg.n_kv_heads)
-    vocab_rows.full_shape = tuple(model.tok_embeddings.weight.shape)
-    plan.shards["tok_embeddings.weight"] = vocab_rows
-    model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, plan, vocab_rows)
+    if model.tok_embeddings is not None:
+        vocab_rows = ShardInfo(0, full_shape=tuple(model.tok_embeddings.weight.shape), padded_size=padded_vocab)
+        plan.shards["tok_embeddings.weight"] = vocab_rows
+        model.tok_embeddings = VocabParallelEmbedding(model.tok_embeddings, plan, vocab_rows)
     for name, block in model.layers.items():
         prefix = f"layers.{name}"
         for region_name, column, row in (("attention", ("wq", "wk", "wv"), "wo"),
@@ -135,10 +142,11 @@ def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup, sequence_p
             getattr(region, row).register_forward_hook(_leave_region(plan))
         if sequence_parallel:
             plan.partial_grad_names += [f"{prefix}.attention_norm.weight", f"{prefix}.ffn_norm.weight"]
-    _shard(plan, model.output, "output.weight", ShardInfo(0, padded_size=vocab_rows.padded_size))
-    model.output.register_forward_pre_hook(_enter_region(plan))
-    if sequence_parallel:
-        plan.partial_grad_names.append("norm.weight")
+    if model.output is not None:
+        _shard(plan, model.output, "output.weight", ShardInfo(0, padded_size=padded_vocab))
+        model.output.register_forward_pre_hook(_enter_region(plan))
+        if sequence_parallel:
+            plan.partial_grad_names.append("norm.weight")
     return plan
 
 

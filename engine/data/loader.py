@@ -1,7 +1,8 @@
 """Batches for a rank: which sample ids make up each optimizer step, sharded by data-parallel rank.
 
 Step t consumes the global sample ids [t*G, (t+1)*G) of the blend, G = data.global_batch_size. Data-parallel rank
-r of D takes the contiguous slice [r*G/D, (r+1)*G/D) of them and cuts it into micro-batches. Tokens per optimizer
+r of D takes the contiguous slice [r*G/D, (r+1)*G/D) of them and cuts it into micro-batches; under context
+parallelism each cp rank keeps its zigzag share of every sequence. Tokens per optimizer
 step therefore do not depend on the layout, and the union over ranks is the same set of samples in any layout.
 The loader's state is the number of samples consumed; it restores exactly under any dp size.
 """
@@ -15,6 +16,7 @@ import torch
 from engine.config import DataConfig, DatasetConfig
 from engine.data.dataset import BlendedDataset, PackedDataset
 from engine.data.indexed import IndexedDataset
+from parallel.context_parallel import shard_sequence
 
 
 @dataclass
@@ -24,10 +26,18 @@ class Batch:
     inputs: torch.Tensor  # token ids
     targets: torch.Tensor  # next-token ids
     loss_mask: torch.Tensor  # bool: this position counts in the loss
-    position_ids: Optional[torch.Tensor]  # restart at 0 after each end-of-document token (None: 0..s-1)
+    position_ids: torch.Tensor  # 0..s-1, or restarting at 0 after each end-of-document token
     doc_ids: Optional[torch.Tensor]  # document index inside the packed sequence (None: no document mask)
     sample_ids: torch.Tensor  # global sample ids, for exactness checks across resumes
     num_tokens: int  # positions with loss, counted on the host (no device sync in the step)
+
+    def shard_for_cp(self, cp: int, rank: int) -> "Batch":
+        """This context-parallel rank's zigzag share of every sequence (parallel/context_parallel.py), positions
+        and document ids included; sample ids are kept whole."""
+        cut = (lambda t: None if t is None else shard_sequence(t, cp, rank))
+        loss_mask = cut(self.loss_mask)
+        return Batch(cut(self.inputs), cut(self.targets), loss_mask, cut(self.position_ids), cut(self.doc_ids),
+                     self.sample_ids, int(loss_mask.sum()))
 
     def to(self, device: torch.device) -> "Batch":
         move = (lambda t: None if t is None else t.to(device, non_blocking=True))
@@ -42,10 +52,10 @@ def collate(samples: np.ndarray, sample_ids: List[int], eod_id: int, document_ma
     inputs, targets = tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous()  # [b, s]
     is_eod = inputs == eod_id  # [b, s]
     loss_mask = ~is_eod if eod_mask_loss else torch.ones_like(is_eod)
-    position_ids = doc_ids = None
+    index = torch.arange(inputs.shape[1]).expand_as(inputs)
+    position_ids, doc_ids = index.clone(), None
     if document_mask:
         doc_ids = torch.cumsum(is_eod, dim=1) - is_eod.long()  # the EOD token belongs to the document it ends
-        index = torch.arange(inputs.shape[1]).expand_as(inputs)
         starts = torch.zeros_like(is_eod)
         starts[:, 0] = True
         starts[:, 1:] = is_eod[:, :-1]
@@ -70,9 +80,10 @@ class StepLoader:
     """Yields, for each optimizer step, this rank's micro-batches; `state_dict` is the samples consumed."""
 
     def __init__(self, blend: BlendedDataset, data: DataConfig, eod_id: int, dp_rank: int = 0, dp_size: int = 1,
-                 consumed_samples: int = 0):
+                 consumed_samples: int = 0, cp_rank: int = 0, cp_size: int = 1):
         self.blend, self.data, self.eod_id = blend, data, eod_id
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.cp_rank, self.cp_size = cp_rank, cp_size
         self.per_rank = data.global_batch_size // dp_size
         self.consumed_samples = consumed_samples
 
@@ -84,7 +95,8 @@ class StepLoader:
 
     def micro_batch(self, sample_ids: List[int]) -> Batch:
         samples = np.stack([self.blend[i] for i in sample_ids])  # [b, s+1]
-        return collate(samples, sample_ids, self.eod_id, self.data.document_mask, self.data.eod_mask_loss)
+        batch = collate(samples, sample_ids, self.eod_id, self.data.document_mask, self.data.eod_mask_loss)
+        return batch.shard_for_cp(self.cp_size, self.cp_rank) if self.cp_size > 1 else batch
 
     def next_step(self) -> List[Batch]:
         batches = [self.micro_batch(ids) for ids in self.step_sample_ids(self.consumed_samples)]

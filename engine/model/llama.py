@@ -26,8 +26,26 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps)
 
 
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                     mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Scaled dot-product attention, causal or under a boolean mask, with GQA.
+
+    q: [b, s, h, d], k/v: [b, s, kv, d], mask: None (causal) or bool [b, 1, s, s] -> [b, s, h, d].
+    """
+    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, d]
+    if mask is None:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    else:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    return out.transpose(1, 2)
+
+
 class Attention(nn.Module):
-    """Causal grouped-query attention through SDPA; n_heads / n_kv_heads query heads share each K/V head."""
+    """Grouped-query attention; n_heads / n_kv_heads query heads share each K/V head.
+
+    `core` computes attention from the rotated q, k, v and the mask object that Transformer.attention_mask made;
+    context parallelism replaces both from outside (parallel/context_parallel.py).
+    """
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -37,21 +55,17 @@ class Attention(nn.Module):
         self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self.core = causal_attention
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
         b, s, _ = x.shape  # x: [b, s, dim]
         # heads are read from the projection width so a tensor-parallel shard (fewer local heads) works as is
         q = self.wq(x).view(b, s, -1, self.head_dim)  # [b, s, h, d]
         k = self.wk(x).view(b, s, -1, self.head_dim)  # [b, s, kv, d]
         v = self.wv(x).view(b, s, -1, self.head_dim)  # [b, s, kv, d]
         q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, d]
-        if mask is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        return self.wo(out.transpose(1, 2).reshape(b, s, -1))  # [b, h, s, d] -> [b, s, h*d] -> [b, s, dim]
+        out = self.core(q, k, v, mask)  # [b, s, h, d]
+        return self.wo(out.reshape(b, s, -1))  # [b, s, h*d] -> [b, s, dim]
 
 
 class FeedForward(nn.Module):
@@ -78,17 +92,18 @@ class TransformerBlock(nn.Module):
         self.ffn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.feed_forward = FeedForward(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
         h = x + self.attention(self.attention_norm(x), cos, sin, mask)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def document_causal_mask(doc_ids: torch.Tensor) -> torch.Tensor:
-    """Causal mask that also keeps tokens inside their own document of a packed sequence.
+def document_causal_mask(position_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Causal mask that also keeps tokens inside their own document of a packed sequence (None: plain causal).
 
     doc_ids: [b, s] -> bool [b, 1, s, s], True where query i may attend key j (j <= i, same document).
     """
+    if doc_ids is None:
+        return None
     s = doc_ids.shape[1]
     causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
     same_doc = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)  # [b, s, s]
@@ -104,19 +119,21 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
         self.norm: Optional[RMSNorm] = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: Optional[nn.Linear] = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.attention_mask = document_causal_mask  # (position_ids, doc_ids) -> what Attention.core takes
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:
         """tokens: [b, s] ids (or [b, s, dim] hidden states on a later pipeline stage) -> logits [b, s, vocab].
+        A pipeline stage or sharded sequence passes position_ids always (hidden states may be split along s).
 
         position_ids: [b, s], restarting at 0 in each packed document (default 0..s-1).
         doc_ids: [b, s] document index of each token; None means one causal sequence.
         """
-        b, s = tokens.shape[:2]
         if position_ids is None:
+            b, s = tokens.shape[:2]
             position_ids = torch.arange(s, device=tokens.device).expand(b, s)
         cos, sin = self.rope(position_ids)
-        mask = None if doc_ids is None else document_causal_mask(doc_ids)
+        mask = self.attention_mask(position_ids, doc_ids)
         h = self.tok_embeddings(tokens) if self.tok_embeddings is not None else tokens  # [b, s, dim]
         for layer in self.layers.values():
             h = layer(h, cos, sin, mask)

@@ -61,7 +61,7 @@ def train_layouts(rank: int, world_size: int, corpus: str, run_dir: str, layouts
         params = trainer.module.parallel.full_parameters()
         losses = [m["loss"] for m in recorder.steps]
         local_numel = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
-                          for p in trainer.module.model.parameters())
+                          for p in trainer.module.parallel.parameters())
         grad_norms = [m["grad_norm"] for m in recorder.steps]
         results.append({"losses": losses, "grad_norms": grad_norms, "params": params, "local_numel": local_numel}
                        if rank == 0 else {"losses": losses, "local_numel": local_numel})

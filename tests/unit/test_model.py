@@ -65,7 +65,7 @@ def test_document_mask_blocks_attention_across_documents():
 
 
 def test_document_causal_mask_shape_and_values():
-    mask = document_causal_mask(torch.tensor([[0, 0, 1, 1, 1]]))
+    mask = document_causal_mask(None, torch.tensor([[0, 0, 1, 1, 1]]))
     assert mask.shape == (1, 1, 5, 5)
     expected = torch.tensor([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 1]])
     assert torch.equal(mask[0, 0].int(), expected)
