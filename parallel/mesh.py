@@ -49,12 +49,6 @@ def check_layout(dims: ParallelDims, world_size: int, n_heads: int, n_kv_heads: 
     if dims.world_size != world_size:
         raise LayoutError("parallel", f"dp_replicate*dp_shard*pp*cp*tp = {dims.world_size} but the world size "
                                       f"is {world_size}")
-    if dims.cp > 1 and seq_len % (2 * dims.cp):
-        raise LayoutError("parallel.cp", f"data.seq_len={seq_len} cannot be cut into 2*cp={2 * dims.cp} equal "
-                                         f"chunks (zigzag load balancing)")
-    if dims.tp > 1 and sequence_parallel and seq_len % (dims.cp * dims.tp):
-        raise LayoutError("parallel.sequence_parallel", f"data.seq_len={seq_len} / cp={dims.cp} tokens per rank "
-                                                        f"cannot be split over tp={dims.tp}")
     tp = dims.tp
     if n_heads % tp:
         raise LayoutError("parallel.tp", f"tp={tp} does not divide model.n_heads={n_heads}")
@@ -63,6 +57,12 @@ def check_layout(dims: ParallelDims, world_size: int, n_heads: int, n_kv_heads: 
                                          f"of it (KV heads are split across tp, or each shared by tp/n_kv ranks)")
     if ffn_dim % tp:
         raise LayoutError("parallel.tp", f"tp={tp} does not divide model.ffn_dim={ffn_dim}")
+    if dims.cp > 1 and seq_len % (2 * dims.cp):
+        raise LayoutError("parallel.cp", f"data.seq_len={seq_len} cannot be cut into 2*cp={2 * dims.cp} equal "
+                                         f"chunks (zigzag load balancing)")
+    if dims.tp > 1 and sequence_parallel and seq_len % (dims.cp * dims.tp):
+        raise LayoutError("parallel.sequence_parallel", f"data.seq_len={seq_len} / cp={dims.cp} tokens per rank "
+                                                        f"cannot be split over tp={dims.tp}")
 
 
 @dataclass
