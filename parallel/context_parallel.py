@@ -81,8 +81,8 @@ class AllGatherAttention:
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: CPMask) -> torch.Tensor:
         # q: [b, L, h, d]; k, v: [b, L, kv, d] with L = S / cp -> out [b, L, h, d]
-        k_all = comm.gather_from_sp(k, self.group)  # [b, S, kv, d], rank r's tokens at [r*L, (r+1)*L)
-        v_all = comm.gather_from_sp(v, self.group)
+        kv = comm.gather_from_sp(torch.cat([k, v], dim=2), self.group)  # one collective: [b, S, 2*kv, d]
+        k_all, v_all = kv.chunk(2, dim=2)  # [b, S, kv, d] each, rank r's tokens at [r*L, (r+1)*L)
         everything = slice(None)
         allowed = torch.cat([mask.allowed(mask.rank, everything, r, everything, q.device)
                              for r in range(mask.cp)], dim=-1)  # [b or 1, 1, L, S]

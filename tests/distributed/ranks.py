@@ -53,6 +53,7 @@ def train_layouts(rank: int, world_size: int, corpus: str, run_dir: str, layouts
     from tests.helpers import parity_config
     results = []
     for index, overrides in enumerate(layouts):
+        started = time.perf_counter()
         cfg = parity_config(Path(corpus), Path(run_dir) / f"layout{index}", overrides, world_size)
         trainer = build_trainer(cfg, stream=io.StringIO())
         recorder = Recorder()
@@ -63,6 +64,10 @@ def train_layouts(rank: int, world_size: int, corpus: str, run_dir: str, layouts
         local_numel = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
                           for p in trainer.module.parallel.parameters())
         grad_norms = [m["grad_norm"] for m in recorder.steps]
-        results.append({"losses": losses, "grad_norms": grad_norms, "params": params, "local_numel": local_numel}
-                       if rank == 0 else {"losses": losses, "local_numel": local_numel})
+        # the same 16 validation sequences in every layout: 8 micro-batches of 2 over the dp ranks
+        dp = cfg.parallel.dp_replicate * cfg.parallel.dp_shard
+        evaluation = trainer.module.eval_loss(trainer.loader.fixed_micro_batches(8 // dp))  # (loss sum, tokens)
+        results.append({"losses": losses, "grad_norms": grad_norms, "params": params, "local_numel": local_numel,
+                        "eval": evaluation, "seconds": time.perf_counter() - started}
+                       if rank == 0 else {"losses": losses, "local_numel": local_numel, "eval": evaluation})
     return results

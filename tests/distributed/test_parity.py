@@ -68,7 +68,8 @@ def train_reference(corpus, run_dir, overrides=()) -> dict:
     recorder = ranks.Recorder()
     trainer.callbacks.append(recorder)
     trainer.fit()
-    return {"losses": [m["loss"] for m in recorder.steps], "params": trainer.module.parallel.full_parameters()}
+    return {"losses": [m["loss"] for m in recorder.steps], "params": trainer.module.parallel.full_parameters(),
+            "eval": trainer.module.eval_loss(trainer.loader.fixed_micro_batches(8))}
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,11 @@ def reference(corpus, tmp_path_factory):
 def check_against_reference(name: str, result: dict, reference: dict) -> None:
     loss_err = max(abs(a - b) / abs(b) for a, b in zip(result["losses"], reference["losses"]))
     param_err = max(((result["params"][k] - v).norm() / v.norm()).item() for k, v in reference["params"].items())
-    print(f"{name}: max relative loss error {loss_err:.2e}, max relative parameter error {param_err:.2e}")
+    eval_err = abs(result["eval"][0] - reference["eval"][0]) / reference["eval"][0]
+    print(f"{name}: max relative loss error {loss_err:.2e}, max relative parameter error {param_err:.2e}, "
+          f"validation loss error {eval_err:.2e} ({result.get('seconds', 0):.1f} s)")
+    assert result["eval"][1] == reference["eval"][1]  # the same tokens were evaluated
+    assert eval_err < 1e-5
     assert len(result["losses"]) == len(reference["losses"]) == 5
     assert set(result["params"]) == set(reference["params"])
     assert all(result["params"][k].shape == v.shape for k, v in reference["params"].items())
@@ -87,18 +92,20 @@ def check_against_reference(name: str, result: dict, reference: dict) -> None:
     assert param_err < 1e-5
 
 
-def run_world(world_size, layouts, corpus, tmp_path, reference):
-    results = run_on_ranks(ranks.train_layouts, world_size, str(corpus), str(tmp_path), layouts, timeout=900)
+def run_world(world_size, layouts, corpus, tmp_path, reference, held_share=None):
+    results = run_on_ranks(ranks.train_layouts, world_size, str(corpus), str(tmp_path), layouts, timeout=1800)
     total = sum(v.numel() for v in reference["params"].values())
     for index, layout in enumerate(layouts):
         check_against_reference(" ".join(layout), results[0][index], reference)
-        for rank_result in results[1:]:  # every rank logs the same loss
+        for rank_result in results[1:]:  # every rank logs the same loss and validation loss
             assert rank_result[index]["losses"] == results[0][index]["losses"]
+            assert rank_result[index]["eval"] == results[0][index]["eval"]
         # each rank holds about 1/(tp * dp_shard) of the model (plus replicated norms, padding, shared KV heads)
         degrees = {o.split("=")[0]: int(o.split("=")[1]) for o in layout if o.split("=")[1].isdigit()}
         split = degrees.get("parallel.tp", 1) * degrees.get("parallel.dp_shard", 1)
         held = max(r[index]["local_numel"] for r in results)
-        assert held <= 1.1 * total / split, (layout, held, total)
+        share = held_share(degrees) if held_share is not None else 1.1 / split
+        assert held <= share * total, (layout, held, total)
 
 
 def test_reference_changes_weights(reference):

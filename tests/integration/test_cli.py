@@ -74,7 +74,12 @@ def test_prepare_and_train_end_to_end(tmp_path):
     (4, ["parallel.dp_shard=2"], "parallel: dp_replicate*dp_shard*pp*cp*tp = 2 but the world size is 4"),
     (4, ["model.dim=240", "model.n_heads=12", "model.n_kv_heads=6", "parallel.tp=4"],
      "parallel.tp: tp=4 neither divides model.n_kv_heads=6 nor is a multiple of it"),
-    (2, ["parallel.pp=2"], "parallel.pp: pipeline and context parallelism are not available yet"),
+    (8, ["parallel.pp=8"], "parallel.pp: pp * pp_virtual_stages = 8 stages but model.n_layers=4"),
+    (2, ["parallel.cp=2", "data.seq_len=250"], "parallel.cp: data.seq_len=250 cannot be cut into 2*cp=4 equal"),
+    (4, ["parallel.pp=4"], "data.global_batch_size: 1F1B needs at least as many microbatches as stages (4); "
+                           "this layout gives 2 per step"),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=DualPipeV"], "parallel.pp_virtual_stages: DualPipeV needs exactly 2"),
+    (2, ["parallel.pp=2", "parallel.pp_schedule=ZB"], "parallel.pp_schedule: 'ZB' is not one of GPipe, 1F1B"),
     (4, ["parallel.tp=2", "data.global_batch_size=12"], "data.global_batch_size: 12 is not divisible by "
                                                         "micro_batch_size*dp = 16"),
     (2, ["parallel.activation_checkpointing=some"], "parallel.activation_checkpointing: 'some' is not one of"),
