@@ -1,6 +1,7 @@
 """`make demo`: prepare a real corpus present on every machine (the CPython standard library's own source),
 train a byte-level BPE on it, tokenize it with a held-out split, and train the debug model on it (configs/demo.yaml);
-then run its first steps again on 4 processes (tensor parallel 2 x FSDP 2) and compare the losses.
+then run its first steps again on 16 processes in a 4D layout (tensor 2 x context 2 x pipeline 2 x FSDP 2) and
+compare the losses.
 
 Run as `python -m launch.demo [overrides...]`; overrides go to `herd train` (e.g. train.steps=50).
 """
@@ -31,20 +32,24 @@ def prepare_corpus() -> int:
     return herd(args)
 
 
-LAYOUT_STEPS = 30  # inside the 30-step warm-up, so the learning rates equal the long run's
+LAYOUT_STEPS = 20  # inside the 30-step warm-up, so the learning rates equal the long run's
+LAYOUT = ["parallel.tp=2", "parallel.cp=2", "parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=1F1B",
+          "parallel.cp_attention=all_gather", "data.micro_batch_size=2"]  # 4 microbatches per step through 2 stages
 
 
 def compare_layout_run() -> int:
-    """The first steps again on 4 processes (tp 2 x FSDP 2); their losses against the single-process run's."""
-    print(f"\nthe same job's first {LAYOUT_STEPS} steps on 4 processes: tensor parallel 2 x FSDP 2", flush=True)
-    code = herd(["launch", "--nproc", "4", "configs/demo.yaml", "parallel.tp=2", "parallel.dp_shard=2",
-                 f"train.steps={LAYOUT_STEPS}", "data.valid=[]", "log.name=demo-tp2-dp2", "log.every=5"])
+    """The first steps again on 16 processes (tp 2 x cp 2 x pp 2 x FSDP 2); their losses against the
+    single-process run's."""
+    print(f"\nthe same job's first {LAYOUT_STEPS} steps on 16 processes: tensor 2 x context 2 x pipeline 2 (1F1B) x "
+          f"FSDP 2", flush=True)
+    code = herd(["launch", "--nproc", "16", "configs/demo.yaml", *LAYOUT, f"train.steps={LAYOUT_STEPS}",
+                 "data.valid=[]", "log.name=demo-4d", "log.every=5"])
     if code:
         return code
-    one, four = ([json.loads(line)["loss"] for line in open(Path("runs") / name / "metrics.jsonl")]
-                 for name in ("demo", "demo-tp2-dp2"))
-    gaps = [abs(a - b) / a for a, b in zip(one[:LAYOUT_STEPS], four)]
-    print(f"tp2 x dp2 on 4 processes vs 1 process: largest relative difference of the per-step losses "
+    one, many = ([json.loads(line)["loss"] for line in open(Path("runs") / name / "metrics.jsonl")]
+                 for name in ("demo", "demo-4d"))
+    gaps = [abs(a - b) / a for a, b in zip(one[:LAYOUT_STEPS], many)]
+    print(f"4D on 16 processes vs 1 process: largest relative difference of the per-step losses "
           f"{max(gaps[:10]):.1e} over the first 10 steps, {max(gaps):.1e} over all {LAYOUT_STEPS} (the same math "
           f"summed in another order; training amplifies such rounding differences as the learning rate rises)",
           flush=True)

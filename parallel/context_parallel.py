@@ -9,7 +9,8 @@ outside attention is per token, so only attention needs the other ranks. Two var
   reduce-scatters the K/V gradients.
 - ring: K and V travel around the cp ranks (P2P, the next block's transfer overlapped with the current block's
   compute); each block gives a partial output and its log-sum-exp, merged exactly (Liu et al. 2023, Ring
-  Attention). The backward passes K, V and their gradient accumulators around the ring again. With zigzag chunks
+  Attention). The backward passes K, V around the ring again (overlapped with the block's gradients) and the
+  gradient accumulators after them. With zigzag chunks
   an off-diagonal block needs only half of itself: all queries against the source's first chunk (source before
   this rank) or this rank's second query chunk against all its keys (source after it).
 
@@ -164,6 +165,7 @@ class _RingAttention(torch.autograd.Function):
         grads = torch.zeros_like(current)
         for step in range(mask.cp):
             src = (mask.rank - step) % mask.cp
+            incoming = _ring_shift(current, group) if step < mask.cp - 1 else None  # K, V move on during compute
             rows, cols = _block(mask, src)
             keys, values = current[0][:, :, cols], current[1][:, :, cols]  # [b, kv, n, d]
             scores = torch.einsum("bkgqd,bknd->bkgqn", qf[..., rows, :], keys) * scale
@@ -175,10 +177,11 @@ class _RingAttention(torch.autograd.Function):
             d_scores = probs * (d_probs - delta[..., rows].unsqueeze(-1)) * scale
             grad_q[..., rows, :] += torch.einsum("bkgqn,bknd->bkgqd", d_scores, keys)
             grads[0][:, :, cols] += torch.einsum("bkgqn,bkgqd->bknd", d_scores, qf[..., rows, :])
-            if step < mask.cp - 1:  # K, V and their gradients move on to the next rank together
-                current, grads = torch.split(_ring_shift(torch.cat([current, grads]), group).wait(), 2)
+            if incoming is not None:  # their gradient accumulators follow once this block has added to them
+                grads = _ring_shift(grads, group).wait()
+                current = incoming.wait()
         # the accumulators now hold every rank's contribution for the K/V of rank+1: one last hop brings them home
-        grads = _ring_shift(grads.contiguous(), group).wait()
+        grads = _ring_shift(grads, group).wait()
         return (grad_q.view(b, h, length, d).to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype), None, None)
 
 
