@@ -4,7 +4,8 @@ Trains the demo's debug model (fp32) under cp = 2 and 4 with each variant, inter
 transfer on the cp group during one step (after a warm-up step) and compares the bytes one rank sends with
 parallel/context_parallel.cp_bytes_per_layer x layers x microbatches, plus the document ids each forward gathers
 (int64, b x S/cp per rank). Ring all-gather / reduce-scatter cost (n-1)/n of the full buffer per rank; a P2P send
-costs its size. FSDP traffic (sharded over dp_shard x cp) is not on the cp group and is left out.
+costs its size. Only attention's traffic is counted (the K/V gather and its backward reduce-scatter, the document
+id gather, ring P2P): FSDP's, sharded over dp_shard x cp and here on the same ranks, is not.
 
     python -m benchmarks.cp_comm [--save]
 """
@@ -18,11 +19,45 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from benchmarks.comm_volume import CollectiveCounter
+from parallel import comm
 
 RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS = {2: [["parallel.cp=2", "parallel.cp_attention=all_gather"], ["parallel.cp=2", "parallel.cp_attention=ring"]],
            4: [["parallel.cp=4", "parallel.cp_attention=all_gather"], ["parallel.cp=4", "parallel.cp_attention=ring"]]}
+
+
+class AttentionCollectives:
+    """Counts the sequence all-gathers / reduce-scatters and list all-gathers issued on the cp group."""
+
+    def __init__(self, group):
+        self.group, self.bytes, self.calls = group, 0.0, 0
+
+    def _count(self, original, full_size):
+        def counted(x, group, *args, **kwargs):
+            if group is self.group:
+                n = dist.get_world_size(group)
+                self.bytes += (n - 1) / n * full_size(x, n)
+                self.calls += 1
+            return original(x, group, *args, **kwargs)
+        return counted
+
+    def __enter__(self):
+        self._saved = (comm._gather_seq, comm._reduce_scatter_seq, dist.all_gather)
+        comm._gather_seq = self._count(comm._gather_seq, lambda x, n: n * x.numel() * x.element_size())
+        comm._reduce_scatter_seq = self._count(comm._reduce_scatter_seq, lambda x, n: x.numel() * x.element_size())
+        original_all_gather = dist.all_gather
+
+        def all_gather(outputs, x, group=None, **kwargs):  # the document ids
+            if group is self.group:
+                n = dist.get_world_size(group)
+                self.bytes += (n - 1) * x.numel() * x.element_size()
+                self.calls += 1
+            return original_all_gather(outputs, x, group=group, **kwargs)
+        dist.all_gather = all_gather
+        return self
+
+    def __exit__(self, *exc):
+        comm._gather_seq, comm._reduce_scatter_seq, dist.all_gather = self._saved
 
 
 class P2PCounter:
@@ -62,22 +97,20 @@ def measure(rank: int, world_size: int, config: str, layouts: list) -> list:
         trainer.state.total_steps = 1
         trainer.fit()
         trainer.state.total_steps = 2
-        with CollectiveCounter(lambda g: "cp" if g is cp_group else "other") as collectives, \
-                P2PCounter(cp_group) as p2p:
+        with AttentionCollectives(cp_group) as collectives, P2PCounter(cp_group) as p2p:
             trainer.fit()
         m, b, s, cp = grad_accum_steps(cfg), cfg.data.micro_batch_size, cfg.data.seq_len, world_size
         per_layer = cp_bytes_per_layer(cfg.parallel.cp_attention, cp, b, s, cfg.model.n_kv_heads,
                                        cfg.model.dim // cfg.model.n_heads, 4)
         doc_ids = (cp - 1) * b * (s // cp) * 8
-        kv_counted = sum(v for (kind, axis), v in collectives.bytes.items() if axis == "cp") + p2p.bytes
-        # the all-gather of document ids is counted with the other cp collectives; separate it by its size
+        kv_counted = collectives.bytes + p2p.bytes
         rows.append({"layout": " ".join(o.replace("parallel.", "") for o in overrides), "cp": cp,
                      "microbatches": m, "layers": cfg.model.n_layers,
                      "counted_bytes": kv_counted,
                      "analytic_kv_bytes": m * cfg.model.n_layers * (per_layer["forward"] + per_layer["backward"]),
                      "analytic_doc_id_bytes": m * doc_ids,
                      "p2p_sends": p2p.calls,
-                     "collective_calls": sum(v for (k, a), v in collectives.calls.items() if a == "cp")})
+                     "collective_calls": collectives.calls})
     return rows
 
 
