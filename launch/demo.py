@@ -32,7 +32,7 @@ def prepare_corpus() -> int:
     return herd(args)
 
 
-LAYOUT_STEPS = 20  # inside the 30-step warm-up, so the learning rates equal the long run's
+LAYOUT_STEPS = 30  # the warm-up, so the learning rates equal the long run's
 LAYOUT = ["parallel.tp=2", "parallel.cp=2", "parallel.pp=2", "parallel.dp_shard=2", "parallel.pp_schedule=1F1B",
           "parallel.cp_attention=all_gather", "data.micro_batch_size=2"]  # 4 microbatches per step through 2 stages
 
