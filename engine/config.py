@@ -149,6 +149,7 @@ class CheckpointConfig:
     every: int = 0  # save every N steps (0: never)
     keep_last: int = 2  # complete checkpoints kept; at least 2 so one always survives a failed save
     resume: str = "auto"  # auto: newest complete checkpoint if any; never: start fresh
+    verify_sample: int = 0  # on load, hash every file (0) or all small files plus this many large ones
 
 
 @dataclass

@@ -11,8 +11,10 @@ import torch
 import torch.distributed as dist
 
 from engine import __version__, ops
-from engine.callbacks import (Callback, ConsoleCallback, EvalCallback, JsonlCallback, TensorBoardCallback,
-                              ThroughputCallback)
+from engine.callbacks import (Callback, CheckpointCallback, ConsoleCallback, EvalCallback, JsonlCallback,
+                              TensorBoardCallback, ThroughputCallback)
+from engine.checkpoint.checkpointer import Checkpointer, checkpoint_root
+from engine.checkpoint.store import CheckpointStore
 from engine.config import DatasetConfig, JobConfig, grad_accum_steps, to_yaml
 from engine.data.loader import Batch, StepLoader, build_blend
 from engine.data.tokenizer import Tokenizer, load_tokenizer
@@ -35,10 +37,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def prepare_run_dir(cfg: JobConfig, stream: TextIO) -> Path:
-    """<run_dir>/<name>, with config.yaml. An earlier run of the same name is moved aside, never overwritten."""
+def prepare_run_dir(cfg: JobConfig, stream: TextIO, resumed: bool = False) -> Path:
+    """<run_dir>/<name>, with config.yaml. An earlier run of the same name is moved aside, never overwritten,
+    unless this run resumes from its checkpoint (then its logs are appended to)."""
     run = Path(cfg.log.run_dir) / cfg.log.name
-    if run.exists() and any(run.iterdir()):
+    if run.exists() and any(run.iterdir()) and not resumed:
         archive = run.with_name(f"{cfg.log.name}.{time.strftime('%Y%m%d-%H%M%S')}")
         run.rename(archive)
         print(f"an earlier run of the same name was moved to {archive}", file=stream, flush=True)
@@ -134,7 +137,7 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh]) -> 
 
 
 def build_callbacks(cfg: JobConfig, state: TrainState, device: torch.device, eval_batches: List[Batch],
-                    stream: TextIO) -> List[Callback]:
+                    stream: TextIO, resumed: bool = False) -> List[Callback]:
     """Every rank evaluates (it takes collectives); rank 0 alone prints and writes the run directory."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     callbacks: List[Callback] = []
@@ -145,7 +148,7 @@ def build_callbacks(cfg: JobConfig, state: TrainState, device: torch.device, eva
         return callbacks
     peak = cfg.log.peak_tflops or (device_peak_tflops(torch.cuda.get_device_name(device))
                                    if device.type == "cuda" else 0.0)
-    run = prepare_run_dir(cfg, stream)
+    run = prepare_run_dir(cfg, stream, resumed)
     p = cfg.parallel
     header = [f"herd {__version__} | model {cfg.model.name}: {parameter_count(cfg.model) / 1e6:.1f}M parameters, "
               f"{cfg.model.n_layers} layers, dim {cfg.model.dim} | device {device} | world size {world_size} "
@@ -170,7 +173,21 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
     loader, eval_batches = build_data(cfg, mesh)
     module = build_module(cfg, device, mesh)
     state = TrainState(total_steps=cfg.train.steps, tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len)
-    return Trainer(module, loader, state, device, build_callbacks(cfg, state, device, eval_batches, stream))
+    run = Path(cfg.log.run_dir) / cfg.log.name
+    store = CheckpointStore(checkpoint_root(cfg.checkpoint.dir, run), cfg.checkpoint.keep_last,
+                            cfg.checkpoint.verify_sample, cfg.train.seed)
+    layout = {k: getattr(cfg.parallel, k) for k in ("dp_replicate", "dp_shard", "pp", "cp", "tp")}
+    checkpointer = Checkpointer(store, module, loader, state, to_yaml(cfg), layout)
+    resumed = checkpointer.resume() if cfg.checkpoint.resume == "auto" else None
+    callbacks = build_callbacks(cfg, state, device, eval_batches, stream, resumed is not None)
+    is_rank0 = int(os.environ.get("RANK", "0")) == 0
+    say = (lambda line: print(line, file=stream, flush=True)) if is_rank0 else None
+    if resumed is not None and say:
+        say(f"resumed from {store.step_dir(resumed)} at step {resumed} "
+            f"({loader.consumed_samples:,} samples consumed)")
+    if cfg.checkpoint.every > 0:
+        callbacks.append(CheckpointCallback(checkpointer, cfg.checkpoint.every, say))
+    return Trainer(module, loader, state, device, callbacks)
 
 
 def train(cfg: JobConfig, stream: Optional[TextIO] = None) -> Trainer:

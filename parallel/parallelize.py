@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.utils.checkpoint import checkpoint
 
 from parallel.context_parallel import apply_context_parallel
@@ -171,6 +172,30 @@ class Parallelized:
         if isinstance(param, DTensor):  # every rank holds the same value: cut locally, no communication
             local = distribute_tensor(local, param.device_mesh, param.placements, src_data_rank=None).to_local()
         _local(param).copy_(local)
+
+    def checkpoint_box(self, name: str, tensor: torch.Tensor) -> Optional[Tuple[torch.Tensor, tuple, tuple]]:
+        """This rank's piece of parameter `name` (or of optimizer state shaped like it) as a box of the full,
+        unpadded tensor: (local view, offsets, full shape), or None when the rank holds only padding.
+
+        The box is the FSDP shard's place inside the tensor-parallel shard, plus the tp shard's place inside the
+        full tensor (consecutive tp ranks sharing a KV head share a box), clipped to the unpadded vocabulary.
+        Boxes are layout-free coordinates, so a checkpoint written under one layout loads under any other.
+        """
+        local = _local(tensor)
+        offsets = [0] * local.ndim
+        if isinstance(tensor, DTensor):
+            _, global_offsets = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh,
+                                                                      tensor.placements)
+            offsets = list(global_offsets)
+        info = self.tp_plan.shards.get(_fqn(name)) if self.tp_plan is not None else None
+        full_shape = tuple(info.full_shape) if info is not None else tuple(tensor.shape)
+        if info is not None and info.dim is not None:
+            index = dist.get_rank(self.tp_plan.group) // info.replicas
+            offsets[info.dim] += index * tensor.shape[info.dim]
+        sizes = [max(0, min(o + n, f) - o) for o, n, f in zip(offsets, local.shape, full_shape)]
+        if any(n == 0 for n in sizes):
+            return None
+        return local[tuple(slice(0, n) for n in sizes)], tuple(offsets), full_shape
 
     def full_parameters(self) -> Dict[str, torch.Tensor]:
         """Every parameter as its full, unsharded, unpadded tensor, on every rank (a collective: call on all)."""

@@ -1,10 +1,11 @@
 """Callbacks: everything around a training step that is not the step itself."""
 
 from engine.callbacks.base import Callback
+from engine.callbacks.checkpoint import CheckpointCallback
 from engine.callbacks.console import ConsoleCallback
 from engine.callbacks.evaluation import EvalCallback
 from engine.callbacks.throughput import ThroughputCallback
 from engine.callbacks.writers import JsonlCallback, TensorBoardCallback
 
-__all__ = ["Callback", "ConsoleCallback", "EvalCallback", "JsonlCallback", "TensorBoardCallback",
+__all__ = ["Callback", "CheckpointCallback", "ConsoleCallback", "EvalCallback", "JsonlCallback", "TensorBoardCallback",
            "ThroughputCallback"]

@@ -104,7 +104,7 @@ def test_launch_two_ranks_matches_one_process(tmp_path):
     assert single.returncode == 0, single.stderr
     launched = herd("launch", "--nproc", "2", *common, "log.name=two", "parallel.tp=2")
     assert launched.returncode == 0, launched.stderr[-3000:]
-    assert "world size 2 (dp_replicate 1 x dp_shard 1 x tp 2)" in launched.stdout
+    assert "world size 2 (dp_replicate 1 x dp_shard 1 x pp 1 x cp 1 x tp 2)" in launched.stdout
     rows = {name: [json.loads(line)["loss"] for line in (tmp_path / "runs" / name / "metrics.jsonl").open()]
             for name in ("one", "two")}
     assert len(rows["two"]) == 4

@@ -1,0 +1,24 @@
+"""Saves a checkpoint every `every` steps and at the end of the run (every rank takes part: saving is a
+collective)."""
+
+from engine.callbacks.base import Callback
+
+
+class CheckpointCallback(Callback):
+    def __init__(self, checkpointer, every: int, announce=None):
+        self.checkpointer, self.every, self.announce = checkpointer, every, announce
+        self.last_saved = -1
+
+    def _save(self, trainer) -> None:
+        path = self.checkpointer.save(trainer.state.step)
+        self.last_saved = trainer.state.step
+        if self.announce is not None:
+            self.announce(f"checkpoint saved: {path}")
+
+    def on_step_end(self, trainer, metrics) -> None:
+        if self.every > 0 and trainer.state.step % self.every == 0:
+            self._save(trainer)
+
+    def on_fit_end(self, trainer) -> None:
+        if self.every > 0 and trainer.state.step != self.last_saved and trainer.state.step > 0:
+            self._save(trainer)

@@ -1,0 +1,137 @@
+"""Saving and resuming a training run: sharded model/optimizer state (DCP), per-rank RNG, LR schedule, data
+position and step, committed through CheckpointStore so a checkpoint is complete or absent.
+
+Files of one checkpoint: DCP's `__<rank>_<n>.distcp` shards and `.metadata` (model.* and optim.* boxes, layout
+free), `rng/rank<r>.pt` (tensors only, read with weights_only), and the manifest's `meta` (JSON: step, samples
+consumed, scheduler state, layout, the resolved config). Every rank hashes the files it wrote; rank 0 commits.
+On resume rank 0 picks the newest complete checkpoint and verifies it before any rank parses a byte of it.
+"""
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+import torch.distributed as dist
+
+from engine.checkpoint.sharded import load_sharded, save_sharded, sharded_state
+from engine.checkpoint.store import CheckpointError, CheckpointStore, describe_files
+
+
+def _rank_world() -> tuple:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _agree(value):
+    """Rank 0's value on every rank (an object broadcast; identity on one process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _gather(value) -> List:
+    if not (dist.is_available() and dist.is_initialized()):
+        return [value]
+    out: List = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """AdamW creates its state at the first step; a resume needs it to exist (zeros) to load into."""
+    for group in optimizer.param_groups:
+        fused = group.get("fused") or False
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if fused else "cpu")
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+
+
+class Checkpointer:
+    """Saves and restores everything a run needs to continue exactly: module (model, optimizer, scheduler),
+    loader position, train state, RNG."""
+
+    def __init__(self, store: CheckpointStore, module, loader, train_state, config_yaml: str, layout: dict):
+        self.store, self.module, self.loader, self.train_state = store, module, loader, train_state
+        self.config_yaml, self.layout = config_yaml, layout
+
+    def save(self, step: int) -> Path:
+        rank, world = _rank_world()
+        path = self.store.step_dir(step)
+        if rank == 0:
+            self.store.begin(step)
+        _agree(None)  # the directory exists before anyone writes into it
+        init_optimizer_state(self.module.optimizer)
+        save_sharded(path, sharded_state(self.module.parallel, self.module.optimizer))
+        rng_file = path / "rng" / f"rank{rank}.pt"
+        rng_file.parent.mkdir(exist_ok=True)
+        rng = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, rng_file)
+        mine = [rng_file] + sorted(path.glob(f"__{rank}_*.distcp"))
+        if rank == 0:
+            mine.append(path / ".metadata")
+        files: Dict[str, dict] = {}
+        for part in _gather(describe_files(path, mine)):
+            files.update(part)
+        if rank == 0:
+            self.store.commit(step, files, self._meta(step, world))
+        _agree(None)  # nobody continues (or exits) before the commit
+        return path
+
+    def _meta(self, step: int, world: int) -> dict:
+        return {"step": step, "loader": self.loader.state_dict(), "scheduler": self.module.scheduler.state_dict(),
+                "world_size": world, "layout": self.layout, "config": self.config_yaml}
+
+    def resume(self) -> Optional[int]:
+        """Load the newest complete checkpoint, if any; returns its step. Rank 0 chooses and verifies."""
+        rank, world = _rank_world()
+        choice = None
+        if rank == 0:
+            step = self.store.latest_step()
+            try:
+                choice = (step, self.store.verify(step)) if step is not None else (None, None)
+            except CheckpointError as e:
+                choice = ("error", str(e))
+        step, manifest = _agree(choice)
+        if step == "error":
+            raise CheckpointError(manifest)
+        if step is None:
+            return None
+        self._load(self.store.step_dir(step), manifest, rank, world)
+        return step
+
+    @torch.no_grad()
+    def _load(self, path: Path, manifest: dict, rank: int, world: int) -> None:
+        meta = manifest["meta"]
+        init_optimizer_state(self.module.optimizer)
+        state = sharded_state(self.module.parallel, self.module.optimizer)
+        for p in self.module.parallel.parameters():  # padding rows (vocab) are not in the checkpoint: zero
+            (p.to_local() if hasattr(p, "to_local") else p).zero_()
+        load_sharded(path, state)
+        scheduler = self.module.scheduler
+        scheduler.load_state_dict(meta["scheduler"])
+        # the learning rate of the next step comes from this run's schedule at the saved step (the same value
+        # unless the config changed, e.g. a run extended to more steps)
+        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+        for group, lr in zip(self.module.optimizer.param_groups, lrs):
+            group["lr"] = lr
+        scheduler._last_lr = lrs
+        self.loader.load_state_dict(meta["loader"])
+        self.train_state.step = int(meta["step"])
+        rng_file = path / "rng" / f"rank{rank}.pt"
+        if meta["world_size"] == world and rng_file.is_file():  # the same ranks: each gets its own RNG back
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+
+
+def checkpoint_root(checkpoint_dir: str, run_dir: Path) -> Path:
+    return Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoints"

@@ -1,0 +1,151 @@
+"""Model and optimizer state through torch.distributed.checkpoint (DCP), in layout-free coordinates.
+
+Each rank offers DCP its pieces of every parameter and of AdamW's two moments as `Box`es: the piece's place in
+the full, unpadded tensor (Parallelized.checkpoint_box). DCP writes the boxes (one copy of each: replicas are
+deduplicated by their offsets) and, on load, reads into each rank's boxes whatever saved boxes overlap them, so a
+checkpoint written under any tp / pp / cp / dp_shard / dp_replicate layout loads under any other.
+
+Only tensors go through DCP (no pickled objects: DCP would load those with full unpickling). DCP's own `.metadata`
+file is a pickle, so it is read with an allowlist unpickler that can only build DCP's metadata classes, torch
+sizes and dtypes: a planted payload fails to load instead of running (shared/TESTING.md R15).
+"""
+
+import io
+import pickle
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.planner import LoadPlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
+
+from engine.checkpoint.store import CheckpointError
+from parallel.parallelize import Parallelized
+
+_SAFE_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")} | {
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+    ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"), ("builtins", "set"),
+    ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),  # StorageMeta.checkpoint_id: a path, inert
+}
+
+
+class _AllowlistUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in _SAFE_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                  torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name}")
+
+
+class SafeReader(dcp.FileSystemReader):
+    """FileSystemReader whose metadata pickle may only build DCP metadata (never arbitrary callables)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any):
+        path = Path(self.path) / ".metadata"
+        try:
+            metadata = _AllowlistUnpickler(io.BytesIO(path.read_bytes())).load()
+        except (pickle.UnpicklingError, AttributeError, EOFError, TypeError) as e:
+            raise CheckpointError(f"{path}: not a DCP metadata file ({e})") from None
+        if getattr(metadata, "storage_meta", None) is not None:
+            metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class Box:
+    """DCP's checkpointable protocol for one local piece of a full tensor: `tensor` sits at `offsets`."""
+
+    def __init__(self, tensor: torch.Tensor, offsets: tuple, full_shape: tuple):
+        self.tensor, self.offsets, self.full_shape = tensor, torch.Size(offsets), torch.Size(full_shape)
+
+    def size(self) -> torch.Size:
+        return self.full_shape
+
+    def __create_write_items__(self, fqn: str, obj: Any):
+        chunk = ChunkStorageMetadata(offsets=self.offsets, sizes=self.tensor.shape)
+        return [WriteItem(index=MetadataIndex(fqn, self.offsets), type=WriteItemType.SHARD,
+                          tensor_data=TensorWriteData(chunk=chunk, size=self.full_shape,
+                                                      properties=TensorProperties.create_from_tensor(self.tensor)))]
+
+    def __create_chunk_list__(self):
+        return [ChunkStorageMetadata(offsets=self.offsets, sizes=self.tensor.shape)]
+
+    def __get_tensor_shard__(self, index: MetadataIndex) -> torch.Tensor:
+        return self.tensor
+
+
+class _BoxSavePlanner(dcp.DefaultSavePlanner):
+    def lookup_object(self, index: MetadataIndex) -> Any:
+        obj = self.state_dict[index.fqn]
+        return obj.tensor if isinstance(obj, Box) else super().lookup_object(index)
+
+
+class _BoxLoadPlanner(dcp.DefaultLoadPlanner):
+    """Reads, for each local box, the parts of the saved boxes that overlap it (DCP's resharding). The state
+    dict is flat and holds only boxes, so DCP's own set-up (which rebuilds tensor leaves) is skipped."""
+
+    def set_up_planner(self, state_dict, metadata=None, is_coordinator: bool = False) -> None:
+        self.original_state_dict = self.state_dict = state_dict
+        self.metadata, self.is_coordinator = metadata, is_coordinator
+
+    def create_local_plan(self) -> LoadPlan:
+        requests = []
+        saved = self.metadata.state_dict_metadata
+        for fqn, box in self.state_dict.items():
+            if fqn not in saved:
+                raise CheckpointError(f"the checkpoint has no '{fqn}' (saved from another model?)")
+            if saved[fqn].size != box.full_shape:
+                raise CheckpointError(f"'{fqn}' has shape {tuple(saved[fqn].size)} in the checkpoint, "
+                                      f"{tuple(box.full_shape)} in this model")
+            requests += create_read_items_for_chunk_list(fqn, saved[fqn], box.__create_chunk_list__())
+        self.plan = LoadPlan(requests)
+        return self.plan
+
+    def lookup_tensor(self, index: MetadataIndex) -> torch.Tensor:
+        obj = self.state_dict[index.fqn]
+        return obj.tensor if isinstance(obj, Box) else super().lookup_tensor(index)
+
+
+def _name(param_name: str) -> str:
+    return param_name.replace("_checkpoint_wrapped_module.", "")
+
+
+def sharded_state(parallel: Parallelized, optimizer: torch.optim.Optimizer) -> Dict[str, Box]:
+    """`model.<name>`, `optim.<name>.exp_avg|exp_avg_sq|step` as boxes of this rank (views: loading fills them)."""
+    state: Dict[str, Box] = {}
+    for name, param in parallel.named_parameters():
+        key = _name(name)
+        tensors = {f"model.{key}": param}
+        for moment in ("exp_avg", "exp_avg_sq"):
+            if moment in optimizer.state.get(param, {}):
+                tensors[f"optim.{key}.{moment}"] = optimizer.state[param][moment]
+        for fqn, tensor in tensors.items():
+            box = parallel.checkpoint_box(key, tensor)
+            if box is not None:
+                state[fqn] = Box(*box)
+        step = optimizer.state.get(param, {}).get("step")
+        if step is not None:  # a scalar, equal everywhere
+            state[f"optim.{key}.step"] = Box(step.view(1), (0,), (1,))
+    return state
+
+
+def save_sharded(path: Path, state: Dict[str, Box], process_group: Optional[Any] = None) -> None:
+    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path), sync_files=True), planner=_BoxSavePlanner(flatten_state_dict=False),
+             process_group=process_group)
+
+
+@torch.no_grad()
+def load_sharded(path: Path, state: Dict[str, Box], process_group: Optional[Any] = None) -> None:
+    """Fill this rank's boxes from the checkpoint at `path` (already verified against its manifest)."""
+    try:
+        dcp.load(state, storage_reader=SafeReader(str(path)), planner=_BoxLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
+                 process_group=process_group)
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError) as e:
+        message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: cannot load into this model: {message}") from None

@@ -1,0 +1,88 @@
+"""Stop and resume on one process (shared/TESTING.md R1, R7, R8): bitwise equal to a run that never stopped."""
+
+import io
+
+import pytest
+import torch
+
+from engine.checkpoint.store import CheckpointError
+from engine.run import build_trainer
+from tests.distributed.ranks import Recorder
+from tests.helpers import make_corpus, tiny_config
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
+
+
+class SampleRecorder(Recorder):
+    """Also keeps the sample ids each step consumed."""
+
+    def __init__(self):
+        super().__init__()
+        self.samples = []
+
+    def on_step_start(self, trainer):
+        start = trainer.loader.consumed_samples - trainer.loader.data.global_batch_size
+        self.samples.append([i for mb in trainer.loader.step_sample_ids(start) for i in mb])
+
+
+class StopAt(Recorder):
+    """Stops the run at the end of step `step` (as a preemption would), before the checkpoint callback runs."""
+
+    def __init__(self, step):
+        super().__init__()
+        self.step = step
+
+    def on_step_end(self, trainer, metrics):
+        if trainer.state.step == self.step:
+            trainer.state.stop_requested = True
+
+
+def run(corpus, run_dir, steps=6, extra=(), stop_at=None):
+    trainer = build_trainer(tiny_config(corpus, run_dir, ["train.eval_every=0", "checkpoint.every=2",
+                                                           f"train.steps={steps}", *extra]), stream=io.StringIO())
+    recorder = SampleRecorder()
+    trainer.callbacks.insert(0, recorder)
+    if stop_at is not None:
+        trainer.callbacks.insert(0, StopAt(stop_at))
+    trainer.fit()
+    return trainer, recorder
+
+
+def test_stop_and_resume_is_bitwise_equal(corpus, tmp_path):
+    reference, ref_rec = run(corpus, tmp_path / "ref")
+    stopped, _ = run(corpus, tmp_path / "split", stop_at=3)  # stops after step 3: checkpoint at the end of fit
+    rng_at_stop = torch.get_rng_state()
+    saved = torch.load(tmp_path / "split/t/checkpoints/step_00000003/rng/rank0.pt", weights_only=True)
+    resumed, rec = run(corpus, tmp_path / "split")  # same run name: resumes from step 3
+    print("reference losses", [m["loss"] for m in ref_rec.steps])
+    print("resumed losses  ", [m["loss"] for m in rec.steps])
+    assert [m["loss"] for m in rec.steps] == [m["loss"] for m in ref_rec.steps[3:]]
+    for (name, a), (_, b) in zip(reference.module.model.named_parameters(), resumed.module.model.named_parameters()):
+        assert torch.equal(a, b), name
+    # R7: the resumed run consumed exactly the samples the reference did after step 3: no duplicates, no skips
+    assert rec.samples == ref_rec.samples[3:]
+    assert resumed.loader.consumed_samples == reference.loader.consumed_samples
+    # R8: the RNG state saved at step 3 is the one the resumed run started from
+    assert torch.equal(saved["torch"], rng_at_stop)
+
+
+def test_resume_never_starts_fresh_and_keeps_old_run(corpus, tmp_path):
+    run(corpus, tmp_path / "r", 3)
+    trainer, rec = run(corpus, tmp_path / "r", 3, ["checkpoint.resume=never"])
+    assert trainer.state.step == 3
+    assert len(rec.steps) == 3  # trained from step 0 again
+    assert any(p.name.startswith("t.") for p in (tmp_path / "r").iterdir())  # the earlier run was moved aside
+
+
+def test_corrupt_checkpoint_stops_the_resume_with_the_file_named(corpus, tmp_path):
+    run(corpus, tmp_path / "c", 3)
+    shard = next((tmp_path / "c" / "t" / "checkpoints" / "step_00000003").glob("__0_*.distcp"))
+    assert (tmp_path / "c" / "t" / "checkpoints" / "step_00000002").is_dir()  # every=2, and the end of fit
+    data = bytearray(shard.read_bytes())
+    data[100] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="__0_0.distcp: sha256 differs"):
+        run(corpus, tmp_path / "c", 6)
