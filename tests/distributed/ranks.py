@@ -71,3 +71,56 @@ def train_layouts(rank: int, world_size: int, corpus: str, run_dir: str, layouts
                         "eval": evaluation, "seconds": time.perf_counter() - started}
                        if rank == 0 else {"losses": losses, "local_numel": local_numel, "eval": evaluation})
     return results
+
+
+class StopAfter(Callback):
+    """Requests the end of the run after step `step` (as a preemption would); the checkpoint callback then saves."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer, metrics):
+        if trainer.state.step == self.step:
+            trainer.state.stop_requested = True
+
+
+class FirstState(Callback):
+    """The full parameters the run starts from (after any resume), and the sample ids of every step."""
+
+    def __init__(self):
+        self.params, self.samples = None, []
+
+    def on_fit_start(self, trainer):
+        self.params = trainer.module.parallel.full_parameters()
+
+    def on_step_start(self, trainer):
+        start = trainer.loader.consumed_samples - trainer.loader.data.global_batch_size
+        self.samples.append([i for mb in trainer.loader.step_sample_ids(start) for i in mb])
+
+
+def train_phases(rank: int, world_size: int, corpus: str, run_dir: str, jobs: list) -> list:
+    """Each job: (overrides, stop_after or None). Trains it (resuming from its checkpoint.dir if one is there);
+    returns per job the losses, the starting and final full parameters (rank 0), and this rank's dp rank and
+    sample ids per step."""
+    import io
+    from pathlib import Path
+
+    from engine.run import build_trainer
+    from tests.helpers import parity_config
+    results = []
+    for index, (overrides, stop_after) in enumerate(jobs):
+        cfg = parity_config(Path(corpus), Path(run_dir) / f"job{index}", overrides, world_size)
+        trainer = build_trainer(cfg, stream=io.StringIO())
+        recorder, first = Recorder(), FirstState()
+        trainer.callbacks[:0] = [first, recorder] + ([StopAfter(stop_after)] if stop_after else [])
+        trainer.fit()
+        mesh = trainer.module.parallel.mesh
+        out = {"losses": [m["loss"] for m in recorder.steps], "samples": first.samples,
+               "dp_rank": mesh.dp_rank if mesh is not None else 0,
+               "holds_data": mesh is None or (mesh.rank("tp") == 0 and mesh.rank("cp") == 0
+                                              and mesh.rank("pp") == 0)}
+        final = trainer.module.parallel.full_parameters()
+        if rank == 0:
+            out.update(start=first.params, final=final)
+        results.append(out)
+    return results
