@@ -127,7 +127,10 @@ class Checkpointer:
         self.train_state.step = int(meta["step"])
         rng_file = path / "rng" / f"rank{rank}.pt"
         if meta["world_size"] == world and rng_file.is_file():  # the same ranks: each gets its own RNG back
-            rng = torch.load(rng_file, weights_only=True)
+            try:
+                rng = torch.load(rng_file, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - weights-only unpickling refuses anything but tensors
+                raise CheckpointError(f"{rng_file}: not an RNG state file ({type(e).__name__})") from None
             torch.set_rng_state(rng["torch"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])

@@ -17,6 +17,7 @@ from typing import Any, Dict, Optional
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
 from torch.distributed.checkpoint.planner import LoadPlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
@@ -141,11 +142,13 @@ def save_sharded(path: Path, state: Dict[str, Box], process_group: Optional[Any]
 @torch.no_grad()
 def load_sharded(path: Path, state: Dict[str, Box], process_group: Optional[Any] = None) -> None:
     """Fill this rank's boxes from the checkpoint at `path` (already verified against its manifest)."""
+    SafeReader(str(path)).read_metadata()  # a bad metadata file fails here, with its name, on every rank
     try:
-        dcp.load(state, storage_reader=SafeReader(str(path)), planner=_BoxLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
+        dcp.load(state, storage_reader=SafeReader(str(path)),
+                 planner=_BoxLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
                  process_group=process_group)
     except CheckpointError:
         raise
-    except (RuntimeError, ValueError) as e:
+    except (Exception, CheckpointException) as e:  # DCP wraps rank failures in its own exception types
         message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: cannot load into this model: {message}") from None

@@ -86,3 +86,39 @@ def test_corrupt_checkpoint_stops_the_resume_with_the_file_named(corpus, tmp_pat
     shard.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="__0_0.distcp: sha256 differs"):
         run(corpus, tmp_path / "c", 6)
+
+
+def _rewrite_manifest(step_dir):
+    """What an attacker who controls the directory would do: make the manifest and marker match the files."""
+    import hashlib
+    import json
+    manifest = json.loads((step_dir / "manifest.json").read_text())
+    for name, info in manifest["files"].items():
+        data = (step_dir / name).read_bytes()
+        info.update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    raw = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    (step_dir / "manifest.json").write_bytes(raw)
+    (step_dir / "COMMITTED").write_text(hashlib.sha256(raw).hexdigest())
+
+
+@pytest.mark.parametrize("target", [".metadata", "rng/rank0.pt"])
+def test_a_malicious_pickle_with_matching_hashes_never_runs(corpus, tmp_path, target):
+    """R15: even with the manifest rewritten to match, a pickle planted in a file the load reads is refused."""
+    import os
+    import pickle
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'payload-ran'}",))
+
+    run(corpus, tmp_path / "m", 2)
+    step_dir = tmp_path / "m" / "t" / "checkpoints" / "step_00000002"
+    if target == ".metadata":
+        (step_dir / target).write_bytes(pickle.dumps(Payload()))
+    else:
+        torch.save({"torch": Payload()}, step_dir / target)
+    _rewrite_manifest(step_dir)
+    with pytest.raises(CheckpointError, match=target.replace('.', r'\.')) as info:
+        run(corpus, tmp_path / "m", 4)
+    print(f"{target}: {str(info.value).splitlines()[0][:160]}")
+    assert not (tmp_path / "payload-ran").exists()
