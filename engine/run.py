@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from engine import __version__, ops
 from engine.callbacks import (Callback, CheckpointCallback, ConsoleCallback, EvalCallback, JsonlCallback,
-                              TensorBoardCallback, ThroughputCallback)
+                              PreemptionCallback, TensorBoardCallback, ThroughputCallback)
 from engine.checkpoint.checkpointer import Checkpointer, checkpoint_root
 from engine.checkpoint.store import CheckpointStore
 from engine.config import DatasetConfig, JobConfig, grad_accum_steps, to_yaml
@@ -185,7 +185,8 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
     if resumed is not None and say:
         say(f"resumed from {store.step_dir(resumed)} at step {resumed} "
             f"({loader.consumed_samples:,} samples consumed)")
-    if cfg.checkpoint.every > 0:
+    if cfg.checkpoint.every > 0:  # a preemption stops every rank at one step boundary; the end of fit saves
+        callbacks.append(PreemptionCallback(device=device))
         callbacks.append(CheckpointCallback(checkpointer, cfg.checkpoint.every, say))
     return Trainer(module, loader, state, device, callbacks)
 

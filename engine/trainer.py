@@ -17,6 +17,7 @@ class TrainState:
     total_steps: int = 0
     tokens_per_step: int = 0  # input tokens in one global batch (all ranks)
     stop_requested: bool = False
+    preempted: int = 0  # the signal that stopped the run (0: not preempted)
 
 
 class Trainer:

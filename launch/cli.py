@@ -18,8 +18,13 @@ def _train(args: argparse.Namespace) -> int:
         from engine.config import to_yaml
         print(to_yaml(cfg), end="")
         return 0
+    from engine.callbacks import PREEMPTED_EXIT_CODE
     from engine.run import train
-    train(cfg)
+    trainer = train(cfg)
+    if trainer.state.preempted:  # saved at the step boundary; the launch script requeues on this code
+        print(f"preempted by signal {trainer.state.preempted} at step {trainer.state.step}: checkpoint saved, "
+              f"exiting with {PREEMPTED_EXIT_CODE} (requeue)", flush=True)
+        return PREEMPTED_EXIT_CODE
     return 0
 
 

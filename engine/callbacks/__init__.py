@@ -4,8 +4,10 @@ from engine.callbacks.base import Callback
 from engine.callbacks.checkpoint import CheckpointCallback
 from engine.callbacks.console import ConsoleCallback
 from engine.callbacks.evaluation import EvalCallback
+from engine.callbacks.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback
 from engine.callbacks.throughput import ThroughputCallback
 from engine.callbacks.writers import JsonlCallback, TensorBoardCallback
 
-__all__ = ["Callback", "CheckpointCallback", "ConsoleCallback", "EvalCallback", "JsonlCallback", "TensorBoardCallback",
+__all__ = ["Callback", "CheckpointCallback", "ConsoleCallback", "EvalCallback", "JsonlCallback", "PREEMPTED_EXIT_CODE",
+           "PreemptionCallback", "TensorBoardCallback",
            "ThroughputCallback"]

@@ -124,3 +124,32 @@ def train_phases(rank: int, world_size: int, corpus: str, run_dir: str, jobs: li
             out.update(start=first.params, final=final)
         results.append(out)
     return results
+
+
+class SignalSelf(Callback):
+    """Sends `signum` to this process at the end of step `step` on rank `rank` only (a SLURM preemption that
+    reached one rank first)."""
+
+    def __init__(self, rank, step, signum):
+        self.rank, self.step, self.signum = rank, step, signum
+
+    def on_step_end(self, trainer, metrics):
+        import os
+        if int(os.environ["RANK"]) == self.rank and trainer.state.step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def preempted_run(rank: int, world_size: int, corpus: str, run_dir: str, overrides: list, signal_at) -> dict:
+    """Train; with signal_at = (rank, step, signum), that rank gets the signal after that step."""
+    import io
+    from pathlib import Path
+
+    from engine.run import build_trainer
+    from tests.helpers import parity_config
+    cfg = parity_config(Path(corpus), Path(run_dir), overrides, world_size)
+    trainer = build_trainer(cfg, stream=io.StringIO())
+    recorder = Recorder()
+    trainer.callbacks[:0] = [recorder] + ([SignalSelf(*signal_at)] if signal_at else [])
+    trainer.fit()
+    return {"step": trainer.state.step, "preempted": trainer.state.preempted,
+            "losses": [m["loss"] for m in recorder.steps]}

@@ -109,3 +109,31 @@ def test_launch_two_ranks_matches_one_process(tmp_path):
             for name in ("one", "two")}
     assert len(rows["two"]) == 4
     assert max(abs(a - b) / a for a, b in zip(rows["one"], rows["two"])) < 1e-5
+
+
+def test_sigterm_saves_and_exits_with_the_requeue_code(tmp_path):
+    """R12 through the command: SIGTERM to `herd train` -> checkpoint at the step boundary, exit code 75; running
+    the same command again resumes from it."""
+    import signal
+    src = [str(p) for p in sorted((STDLIB / "email").glob("*.py"))]
+    assert herd("prepare-data", *src, "--out", str(tmp_path / "e"), "--train-tokenizer", "--tokenizer-path",
+                str(tmp_path / "tok.json"), "--vocab-size", "300").returncode == 0
+    args = ["train", "configs/demo.yaml", f"data.train=[{{path: {tmp_path}/e}}]", "data.valid=[]",
+            f"data.tokenizer.path={tmp_path}/tok.json", "model.vocab_size=300", "model.n_layers=1", "model.dim=64",
+            "model.ffn_dim=128", "data.seq_len=32", "data.micro_batch_size=2", "data.global_batch_size=4",
+            "train.steps=200", "schedule.warmup_steps=1", "checkpoint.every=1000", "log.every=1",
+            f"log.run_dir={tmp_path}/runs", "log.tensorboard=false"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "2"}
+    proc = subprocess.Popen([sys.executable, "-m", "launch", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        if line.startswith("step "):
+            proc.send_signal(signal.SIGTERM)
+            break
+    out, err = proc.communicate(timeout=600)
+    print(out.strip().splitlines()[-1])
+    assert proc.returncode == 75, err[-2000:]
+    assert "checkpoint saved" in out and "exiting with 75 (requeue)" in out
+    again = herd(*args, "train.steps=3")  # the requeued job (shortened): same run, resumes
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stdout

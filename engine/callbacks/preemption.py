@@ -1,0 +1,42 @@
+"""Preemption (SLURM sends SIGTERM, or SIGUSR1 ahead of the time limit with `--signal=USR1@<s>`): a signal
+delivered to any rank makes every rank stop at the same step boundary; the checkpoint callback then saves, and
+`herd train` exits with PREEMPTED_EXIT_CODE so the launch script can requeue (the requeued job resumes by itself).
+
+The handler only sets a flag. At each step end the flag is reduced over all ranks (a MAX all-reduce of one
+integer), so ranks agree even when the signal reached one of them only, or reached them at different moments.
+"""
+
+import signal
+
+import torch
+import torch.distributed as dist
+
+from engine.callbacks.base import Callback
+
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL (sysexits.h): a temporary failure, try again
+
+
+class PreemptionCallback(Callback):
+    def __init__(self, signals=(signal.SIGTERM, signal.SIGUSR1), device: torch.device = torch.device("cpu")):
+        self.signals, self.device = signals, device
+        self.received = 0
+        self._previous = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.received = int(signum)
+
+    def on_fit_start(self, trainer) -> None:
+        for sig in self.signals:
+            self._previous[sig] = signal.signal(sig, self._handle)
+
+    def on_step_end(self, trainer, metrics) -> None:
+        flag = torch.tensor([self.received], device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag.item()):
+            trainer.state.stop_requested = True
+            trainer.state.preempted = int(flag.item())
+
+    def on_fit_end(self, trainer) -> None:
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
