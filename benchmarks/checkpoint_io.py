@@ -1,0 +1,84 @@
+"""Checkpoint save and load time against checkpoint size (one process, local disk).
+
+For a few model widths, builds the run, takes one optimizer step (so AdamW's moments exist) and times: the save
+(DCP shards + RNG + fsync + sha256 of every file + manifest and marker; saving is synchronous today, so the
+training loop is blocked for all of it), then a resume into a fresh run of the same config (verification of
+every hash + DCP load). Sizes are model + AdamW state in fp32 (about 12 bytes per parameter).
+
+    python -m benchmarks.checkpoint_io [--save]
+"""
+
+import argparse
+import io
+import json
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+WIDTHS = [(256, 4), (512, 8), (1024, 8)]  # (dim, layers)
+
+
+def measure(dim: int, layers: int, config: str, root: Path) -> dict:
+    from engine.config import load_config
+    from engine.run import build_trainer
+    overrides = [f"model.dim={dim}", f"model.n_layers={layers}", f"model.ffn_dim={dim * 3}", "data.valid=[]",
+                 "train.steps=1", "schedule.warmup_steps=0", "data.micro_batch_size=2", "data.global_batch_size=2",
+                 "data.seq_len=64", f"log.run_dir={root}", "log.name=io", "log.tensorboard=false",
+                 "checkpoint.every=1000", "train.dtype=fp32"]
+    trainer = build_trainer(load_config(config, overrides), stream=io.StringIO())
+    trainer.fit()
+    checkpointer = next(c.checkpointer for c in trainer.callbacks if hasattr(c, "checkpointer"))
+    shutil.rmtree(checkpointer.store.step_dir(1))  # the end of fit saved it already: time a save of our own
+    start = time.perf_counter()
+    path = checkpointer.save(1)
+    save_s = time.perf_counter() - start
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    start = time.perf_counter()
+    resumed = build_trainer(load_config(config, overrides + ["train.steps=2"]), stream=io.StringIO())
+    build_and_load_s = time.perf_counter() - start
+    start = time.perf_counter()
+    resumed.callbacks[-1].checkpointer.store.verify(1)
+    verify_s = time.perf_counter() - start
+    params = sum(p.numel() for p in trainer.module.model.parameters())
+    shutil.rmtree(root / "io", ignore_errors=True)
+    return {"dim": dim, "layers": layers, "parameters": params, "bytes": size, "save_s": save_s,
+            "resume_s": build_and_load_s, "verify_s": verify_s}
+
+
+def main() -> None:
+    from launch.demo import prepare_corpus
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/demo.yaml")
+    parser.add_argument("--save", action="store_true")
+    args = parser.parse_args()
+    if args.config == "configs/demo.yaml" and prepare_corpus():
+        raise SystemExit("could not prepare the demo corpus")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for dim, layers in WIDTHS:
+            rows.append(measure(dim, layers, args.config, Path(tmp)))
+    lines = ["| model | parameters | checkpoint MB | save s (blocking) | save MB/s | resume s (build + verify + "
+             "load) | of which verify s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mb = r["bytes"] / 1e6
+        lines.append(f"| dim {r['dim']}, {r['layers']} layers | {r['parameters'] / 1e6:.1f}M | {mb:.1f} | "
+                     f"{r['save_s']:.2f} | {mb / r['save_s']:.0f} | {r['resume_s']:.2f} | {r['verify_s']:.2f} |")
+    table = "\n".join(lines)
+    print(table)
+    if args.save:
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "checkpoint_io.json").write_text(json.dumps(rows, indent=2) + "\n")
+        (RESULTS / "checkpoint_io.md").write_text(
+            f"# Checkpoint save and resume time ({time.strftime('%Y-%m-%d')}, {platform.machine()} CPU, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}, local disk)\n\n"
+            f"`python -m benchmarks.checkpoint_io --save` (method in benchmarks/checkpoint_io.py). Saving is "
+            f"synchronous: the save column is the time training is blocked.\n\n{table}\n")
+
+
+if __name__ == "__main__":
+    main()
