@@ -179,12 +179,17 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
     layout = {k: getattr(cfg.parallel, k) for k in ("dp_replicate", "dp_shard", "pp", "cp", "tp")}
     checkpointer = Checkpointer(store, module, loader, state, to_yaml(cfg), layout)
     resumed = checkpointer.resume() if cfg.checkpoint.resume == "auto" else None
+    initialized = None
+    if resumed is None and cfg.checkpoint.load_weights:
+        initialized = checkpointer.load_weights(Path(cfg.checkpoint.load_weights), cfg.model)
     callbacks = build_callbacks(cfg, state, device, eval_batches, stream, resumed is not None)
     is_rank0 = int(os.environ.get("RANK", "0")) == 0
     say = (lambda line: print(line, file=stream, flush=True)) if is_rank0 else None
     if resumed is not None and say:
         say(f"resumed from {store.step_dir(resumed)} at step {resumed} "
             f"({loader.consumed_samples:,} samples consumed)")
+    if initialized is not None and say:
+        say(f"model weights loaded from {cfg.checkpoint.load_weights} (its step {initialized})")
     if cfg.checkpoint.every > 0:  # a preemption stops every rank at one step boundary; the end of fit saves
         callbacks.append(PreemptionCallback(device=device))
         callbacks.append(CheckpointCallback(checkpointer, cfg.checkpoint.every, say))

@@ -70,6 +70,17 @@ def _launch(args: argparse.Namespace) -> int:
     return subprocess.call(command, env=env)
 
 
+def _convert(args: argparse.Namespace) -> int:
+    from engine.checkpoint.convert import export_hf, import_hf
+    if args.direction == "hf-to-herd":
+        path = import_hf(args.source, args.dest)
+        print(f"wrote herd checkpoint {path}; train from it with checkpoint.load_weights={args.dest}", flush=True)
+    else:
+        path = export_hf(args.source, args.dest)
+        print(f"wrote HF Llama directory {path} (transformers: LlamaForCausalLM.from_pretrained)", flush=True)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="herd", description="Train Llama 3 models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -85,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("config", help="YAML config")
     launch.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. parallel.tp=2")
     launch.set_defaults(func=_launch)
+
+    convert = sub.add_parser("convert", help="HF Llama directory <-> herd checkpoint")
+    convert.add_argument("direction", choices=("hf-to-herd", "herd-to-hf"))
+    convert.add_argument("source", help="HF directory (hf-to-herd) or herd checkpoint root (herd-to-hf)")
+    convert.add_argument("dest", help="herd checkpoint root (hf-to-herd) or HF directory (herd-to-hf)")
+    convert.set_defaults(func=_convert)
 
     prep = sub.add_parser("prepare-data", help="tokenize text files or JSONL into .bin/.idx token files")
     prep.add_argument("inputs", nargs="+", help="files or directories (searched for --include patterns)")

@@ -7,6 +7,7 @@ consumed, scheduler state, layout, the resolved config). Every rank hashes the f
 On resume rank 0 picks the newest complete checkpoint and verifies it before any rank parses a byte of it.
 """
 
+import dataclasses
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -105,6 +106,37 @@ class Checkpointer:
         if step is None:
             return None
         self._load(self.store.step_dir(step), manifest, rank, world)
+        return step
+
+    def load_weights(self, root: Path, model_cfg=None) -> int:
+        """Initialize the model (only) from the newest complete checkpoint under `root` (an imported HF model or
+        another run's checkpoint, any layout); the optimizer, schedule and data start fresh. Returns its step."""
+        rank, _ = _rank_world()
+        choice = None
+        if rank == 0:
+            source = CheckpointStore(root)
+            step = source.latest_step()
+            try:
+                if step is None:
+                    raise CheckpointError(f"{root}: no complete checkpoint to load weights from")
+                choice = (step, source.verify(step))
+            except CheckpointError as e:
+                choice = ("error", str(e))
+        step, manifest = _agree(choice)
+        if step == "error":
+            raise CheckpointError(manifest)
+        saved = manifest["meta"].get("model")
+        if saved is not None and model_cfg is not None:  # an imported model: its config must be this run's
+            ours = dataclasses.asdict(model_cfg)
+            for key in sorted(set(saved) - {"name"}):
+                if saved[key] != ours.get(key):
+                    raise CheckpointError(f"{root}: the checkpoint's model.{key} is {saved[key]}, this run's is "
+                                          f"{ours.get(key)}; set model.{key}={saved[key]}")
+        with torch.no_grad():
+            state = sharded_state(self.module.parallel, None)
+            for p in self.module.parallel.parameters():
+                (p.to_local() if hasattr(p, "to_local") else p).zero_()
+            load_sharded(CheckpointStore(root).step_dir(step), state)
         return step
 
     @torch.no_grad()

@@ -115,12 +115,18 @@ def _name(param_name: str) -> str:
     return param_name.replace("_checkpoint_wrapped_module.", "")
 
 
-def sharded_state(parallel: Parallelized, optimizer: torch.optim.Optimizer) -> Dict[str, Box]:
-    """`model.<name>`, `optim.<name>.exp_avg|exp_avg_sq|step` as boxes of this rank (views: loading fills them)."""
+def sharded_state(parallel: Parallelized, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Box]:
+    """`model.<name>`, `optim.<name>.exp_avg|exp_avg_sq|step` as boxes of this rank (views: loading fills them);
+    model weights only when `optimizer` is None."""
     state: Dict[str, Box] = {}
     for name, param in parallel.named_parameters():
         key = _name(name)
         tensors = {f"model.{key}": param}
+        if optimizer is None:
+            box = parallel.checkpoint_box(key, param)
+            if box is not None:
+                state[f"model.{key}"] = Box(*box)
+            continue
         for moment in ("exp_avg", "exp_avg_sq"):
             if moment in optimizer.state.get(param, {}):
                 tensors[f"optim.{key}.{moment}"] = optimizer.state[param][moment]

@@ -153,3 +153,15 @@ def preempted_run(rank: int, world_size: int, corpus: str, run_dir: str, overrid
     trainer.fit()
     return {"step": trainer.state.step, "preempted": trainer.state.preempted,
             "losses": [m["loss"] for m in recorder.steps]}
+
+
+def loaded_weights(rank: int, world_size: int, corpus: str, run_dir: str, overrides: list) -> dict:
+    """Build a run with checkpoint.load_weights (no training); rank 0 returns its consolidated parameters."""
+    import io
+    from pathlib import Path
+
+    from engine.run import build_trainer
+    from tests.helpers import parity_config
+    trainer = build_trainer(parity_config(Path(corpus), Path(run_dir), overrides, world_size), stream=io.StringIO())
+    params = trainer.module.parallel.full_parameters()  # a collective: every rank takes part
+    return {"params": params if rank == 0 else None}
