@@ -149,6 +149,7 @@ class CheckpointConfig:
     every: int = 0  # save every N steps (0: never)
     keep_last: int = 2  # complete checkpoints kept; at least 2 so one always survives a failed save
     resume: str = "auto"  # auto: newest complete checkpoint if any; never: start fresh
+    async_save: bool = False  # write, hash and commit in a background thread (training blocks only for a copy)
     verify_sample: int = 0  # on load, hash every file (0) or all small files plus this many large ones
     load_weights: str = ""  # a checkpoint root (e.g. from `herd convert hf-to-herd`) whose newest model weights
     #                         initialize a run that has no checkpoint of its own; optimizer and data start fresh

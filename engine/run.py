@@ -177,7 +177,7 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
     store = CheckpointStore(checkpoint_root(cfg.checkpoint.dir, run), cfg.checkpoint.keep_last,
                             cfg.checkpoint.verify_sample, cfg.train.seed)
     layout = {k: getattr(cfg.parallel, k) for k in ("dp_replicate", "dp_shard", "pp", "cp", "tp")}
-    checkpointer = Checkpointer(store, module, loader, state, to_yaml(cfg), layout)
+    checkpointer = Checkpointer(store, module, loader, state, to_yaml(cfg), layout, cfg.checkpoint.async_save)
     resumed = checkpointer.resume() if cfg.checkpoint.resume == "auto" else None
     initialized = None
     if resumed is None and cfg.checkpoint.load_weights:

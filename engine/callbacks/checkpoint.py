@@ -1,5 +1,5 @@
 """Saves a checkpoint every `every` steps and at the end of the run (every rank takes part: saving is a
-collective)."""
+collective), and waits at the end for a background save to commit."""
 
 from engine.callbacks.base import Callback
 
@@ -13,7 +13,8 @@ class CheckpointCallback(Callback):
         path = self.checkpointer.save(trainer.state.step)
         self.last_saved = trainer.state.step
         if self.announce is not None:
-            self.announce(f"checkpoint saved: {path}")
+            mode = "writing in the background" if self.checkpointer.async_save else "saved"
+            self.announce(f"checkpoint {mode}: {path} (training blocked {self.checkpointer.last_blocking_s:.2f} s)")
 
     def on_step_end(self, trainer, metrics) -> None:
         if self.every > 0 and trainer.state.step % self.every == 0:
@@ -22,3 +23,4 @@ class CheckpointCallback(Callback):
     def on_fit_end(self, trainer) -> None:
         if self.every > 0 and trainer.state.step != self.last_saved and trainer.state.step > 0:
             self._save(trainer)
+        self.checkpointer.wait()  # the run ends (or is preempted) only with its last checkpoint committed

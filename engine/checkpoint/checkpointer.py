@@ -8,13 +8,16 @@ On resume rank 0 picks the newest complete checkpoint and verifies it before any
 """
 
 import dataclasses
+import json
+import threading
+import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
-from engine.checkpoint.sharded import load_sharded, save_sharded, sharded_state
+from engine.checkpoint.sharded import Box, load_sharded, save_sharded, sharded_state
 from engine.checkpoint.store import CheckpointError, CheckpointStore, describe_files
 
 
@@ -24,20 +27,20 @@ def _rank_world() -> tuple:
     return 0, 1
 
 
-def _agree(value):
+def _agree(value, group=None):
     """Rank 0's value on every rank (an object broadcast; identity on one process)."""
     if not (dist.is_available() and dist.is_initialized()):
         return value
     box = [value]
-    dist.broadcast_object_list(box, src=0)
+    dist.broadcast_object_list(box, src=0, group=group)
     return box[0]
 
 
-def _gather(value) -> List:
+def _gather(value, group=None) -> List:
     if not (dist.is_available() and dist.is_initialized()):
         return [value]
-    out: List = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
+    out: List = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, value, group=group)
     return out
 
 
@@ -57,34 +60,72 @@ class Checkpointer:
     """Saves and restores everything a run needs to continue exactly: module (model, optimizer, scheduler),
     loader position, train state, RNG."""
 
-    def __init__(self, store: CheckpointStore, module, loader, train_state, config_yaml: str, layout: dict):
+    def __init__(self, store: CheckpointStore, module, loader, train_state, config_yaml: str, layout: dict,
+                 async_save: bool = False):
         self.store, self.module, self.loader, self.train_state = store, module, loader, train_state
-        self.config_yaml, self.layout = config_yaml, layout
+        self.config_yaml, self.layout, self.async_save = config_yaml, layout, async_save
+        self._writer: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
+        self.last_blocking_s = 0.0
+        # a background write runs its collectives on a group of its own, never interleaved with training's
+        self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
 
     def save(self, step: int) -> Path:
+        """Save step `step`. Training is blocked while the previous save finishes and the state is copied to host
+        memory; with async_save the writing, hashing and commit then run in a background thread."""
+        started = time.perf_counter()
+        self.wait()
         rank, world = _rank_world()
         path = self.store.step_dir(step)
         if rank == 0:
             self.store.begin(step)
         _agree(None)  # the directory exists before anyone writes into it
         init_optimizer_state(self.module.optimizer)
-        save_sharded(path, sharded_state(self.module.parallel, self.module.optimizer))
-        rng_file = path / "rng" / f"rank{rank}.pt"
-        rng_file.parent.mkdir(exist_ok=True)
+        state = sharded_state(self.module.parallel, self.module.optimizer)
+        if self.async_save:  # a snapshot: training goes on changing the live tensors
+            state = {k: Box(b.tensor.detach().to("cpu", copy=True), b.offsets, b.full_shape) for k, b in state.items()}
         rng = {"torch": torch.get_rng_state()}
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             rng["cuda"] = torch.cuda.get_rng_state()
+        meta = json.loads(json.dumps(self._meta(step, world)))  # a snapshot, as the tensors are
+        if self.async_save:
+            self._writer = threading.Thread(target=self._write_guarded, args=(path, state, rng, meta, rank),
+                                            name=f"herd-checkpoint-{step}", daemon=True)
+            self._writer.start()
+        else:
+            self._write(path, state, rng, meta, rank)
+        self.last_blocking_s = time.perf_counter() - started
+        return path
+
+    def wait(self) -> None:
+        """Block until the background save (if any) has committed; re-raise its error here."""
+        if self._writer is not None:
+            self._writer.join()
+            self._writer = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _write_guarded(self, *args) -> None:
+        try:
+            self._write(*args)
+        except BaseException as e:  # noqa: BLE001 - handed to the training thread at the next wait()
+            self._error = e
+
+    def _write(self, path: Path, state: dict, rng: dict, meta: dict, rank: int) -> None:
+        save_sharded(path, state, process_group=self._group)
+        rng_file = path / "rng" / f"rank{rank}.pt"
+        rng_file.parent.mkdir(exist_ok=True)
         torch.save(rng, rng_file)
         mine = [rng_file] + sorted(path.glob(f"__{rank}_*.distcp"))
         if rank == 0:
             mine.append(path / ".metadata")
         files: Dict[str, dict] = {}
-        for part in _gather(describe_files(path, mine)):
+        for part in _gather(describe_files(path, mine), self._group):
             files.update(part)
         if rank == 0:
-            self.store.commit(step, files, self._meta(step, world))
-        _agree(None)  # nobody continues (or exits) before the commit
-        return path
+            self.store.commit(meta["step"], files, meta)
+        _agree(None, self._group)  # nobody continues (or exits) before the commit
 
     def _meta(self, step: int, world: int) -> dict:
         return {"step": step, "loader": self.loader.state_dict(), "scheduler": self.module.scheduler.state_dict(),

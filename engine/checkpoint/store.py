@@ -71,8 +71,9 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_dir(path.parent)
 
 
-def _maybe_die(point: str) -> None:
-    if os.environ.get(_KILL_POINT) == point:
+def _maybe_die(point: str, step: Optional[int] = None) -> None:
+    """Fault injection: HERD_CHECKPOINT_KILL_AT=<point> or <point>@<step> SIGKILLs this process there."""
+    if os.environ.get(_KILL_POINT) in (point, f"{point}@{step}"):
         os.kill(os.getpid(), 9)
 
 
@@ -119,11 +120,11 @@ class CheckpointStore:
         manifest = json.dumps({"format": FORMAT, "step": step, "files": files, "meta": meta or {}},
                               indent=1, sort_keys=True).encode()
         write_atomic(path / MANIFEST, manifest)
-        _maybe_die("after_manifest")
+        _maybe_die("after_manifest", step)
         write_atomic(path / MARKER, hashlib.sha256(manifest).hexdigest().encode())
-        _maybe_die("after_marker")
+        _maybe_die("after_marker", step)
         write_atomic(self.root / LATEST, step_name(step).encode())
-        _maybe_die("after_latest")
+        _maybe_die("after_latest", step)
         self.purge()
 
     def purge(self) -> None:

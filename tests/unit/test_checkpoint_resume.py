@@ -51,12 +51,14 @@ def run(corpus, run_dir, steps=6, extra=(), stop_at=None):
     return trainer, recorder
 
 
-def test_stop_and_resume_is_bitwise_equal(corpus, tmp_path):
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_stop_and_resume_is_bitwise_equal(corpus, tmp_path, mode):
+    extra = ["checkpoint.async_save=true"] if mode == "async" else []
     reference, ref_rec = run(corpus, tmp_path / "ref")
-    stopped, _ = run(corpus, tmp_path / "split", stop_at=3)  # stops after step 3: checkpoint at the end of fit
+    stopped, _ = run(corpus, tmp_path / "split", extra=extra, stop_at=3)  # checkpoint at the end of fit
     rng_at_stop = torch.get_rng_state()
     saved = torch.load(tmp_path / "split/t/checkpoints/step_00000003/rng/rank0.pt", weights_only=True)
-    resumed, rec = run(corpus, tmp_path / "split")  # same run name: resumes from step 3
+    resumed, rec = run(corpus, tmp_path / "split", extra=extra)  # same run name: resumes from step 3
     print("reference losses", [m["loss"] for m in ref_rec.steps])
     print("resumed losses  ", [m["loss"] for m in rec.steps])
     assert [m["loss"] for m in rec.steps] == [m["loss"] for m in ref_rec.steps[3:]]
@@ -122,3 +124,38 @@ def test_a_malicious_pickle_with_matching_hashes_never_runs(corpus, tmp_path, ta
         run(corpus, tmp_path / "m", 4)
     print(f"{target}: {str(info.value).splitlines()[0][:160]}")
     assert not (tmp_path / "payload-ran").exists()
+
+
+ASYNC_RUN = """
+import io, sys
+from pathlib import Path
+from engine.run import build_trainer
+from tests.helpers import tiny_config
+trainer = build_trainer(tiny_config(Path(sys.argv[1]), Path(sys.argv[2]), ["train.eval_every=0", "train.steps=6",
+                        "checkpoint.every=2", "checkpoint.async_save=true"]), stream=io.StringIO())
+trainer.fit()
+"""
+
+
+def test_kill_during_an_async_save_leaves_the_previous_checkpoint(corpus, tmp_path):
+    """R4: the process dies while a background save of step 4 commits (after its manifest): step 2 stays the
+    newest complete checkpoint and verifies, and the rerun resumes from it and finishes."""
+    import os
+    import subprocess
+    import sys
+
+    from engine.checkpoint.store import CheckpointStore
+    from tests.unit.test_checkpoint_store import ROOT
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HERD_CHECKPOINT_KILL_AT": "after_manifest@4"}
+    code = subprocess.run([sys.executable, "-c", ASYNC_RUN, str(corpus), str(tmp_path)], env=env, cwd=ROOT,
+                          capture_output=True).returncode
+    assert code == -9
+    store = CheckpointStore(tmp_path / "t" / "checkpoints")
+    print(f"killed during the async save of step 4: complete checkpoints {store.complete_steps()}")
+    assert store.latest_step() == 2 and (tmp_path / "t" / "checkpoints" / "latest").read_text() == "step_00000002"
+    store.verify(2)
+    env.pop("HERD_CHECKPOINT_KILL_AT")
+    again = subprocess.run([sys.executable, "-c", ASYNC_RUN, str(corpus), str(tmp_path)], env=env, cwd=ROOT,
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert store.complete_steps() == [4, 6]
