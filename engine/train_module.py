@@ -1,12 +1,30 @@
 """What one training step means. The Trainer loop only calls `train_step`; LM pretraining is defined here, and
 SFT, reward-model and DPO steps are further TrainModules with the same interface."""
 
+import os
+import signal
 from typing import Dict, List, Tuple
 
 import torch
 
 from engine.data.loader import Batch
 from parallel.parallelize import Parallelized
+
+
+def _fault_point(point: str) -> None:
+    """Fault injection for the kill tests (shared/TESTING.md R2): HERD_FAULT=<point>:<rank>:<n> SIGKILLs that rank
+    the n-th time it passes `point`. Unset, this is one dictionary lookup."""
+    spec = os.environ.get("HERD_FAULT")
+    if not spec:
+        return
+    name, rank, count = spec.split(":")
+    if name == point and os.environ.get("RANK", "0") == rank:
+        _FAULT_COUNTS[point] = _FAULT_COUNTS.get(point, 0) + 1
+        if _FAULT_COUNTS[point] == int(count):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_FAULT_COUNTS: Dict[str, int] = {}
 
 
 class TrainModule:
@@ -76,6 +94,7 @@ class LMTrainModule(TrainModule):
         total_tokens = max(1, self.count_tokens(micro_batches))
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._forward_backward(micro_batches, total_tokens)
+        _fault_point("after_backward")
         self.parallel.finish_gradients()
         grad_norm = self.parallel.clip_grad_norm(self.grad_clip)
         lr = self.optimizer.param_groups[0]["lr"]

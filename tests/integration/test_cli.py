@@ -137,3 +137,30 @@ def test_sigterm_saves_and_exits_with_the_requeue_code(tmp_path):
     again = herd(*args, "train.steps=3")  # the requeued job (shortened): same run, resumes
     assert again.returncode == 0, again.stderr[-2000:]
     assert "resumed from" in again.stdout
+
+
+def test_rank_killed_between_backward_and_step_resumes_bitwise(tmp_path):
+    """R2: SIGKILL one of two ranks after its backward of step 3, before the optimizer step: the job ends (no
+    hang), and launching it again resumes from the step-2 checkpoint with per-step losses bitwise equal to an
+    uninterrupted 2-rank run."""
+    src = [str(p) for p in sorted((STDLIB / "email").glob("*.py"))]
+    assert herd("prepare-data", *src, "--out", str(tmp_path / "e"), "--train-tokenizer", "--tokenizer-path",
+                str(tmp_path / "tok.json"), "--vocab-size", "300").returncode == 0
+    args = ["launch", "--nproc", "2", "configs/demo.yaml", f"data.train=[{{path: {tmp_path}/e}}]", "data.valid=[]",
+            f"data.tokenizer.path={tmp_path}/tok.json", "model.vocab_size=300", "model.n_layers=2", "model.dim=64",
+            "model.ffn_dim=128", "data.seq_len=32", "data.micro_batch_size=2", "data.global_batch_size=8",
+            "train.steps=5", "schedule.warmup_steps=1", "checkpoint.every=2", "parallel.tp=2",
+            f"log.run_dir={tmp_path}/runs", "log.tensorboard=false"]
+    reference = herd(*args, "log.name=ref")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "HERD_FAULT": "after_backward:1:3"}
+    killed = subprocess.run([sys.executable, "-m", "launch", *args, "log.name=run"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode != 0
+    again = herd(*args, "log.name=run")
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "resumed from" in again.stdout and "at step 2" in again.stdout
+    losses = {name: [json.loads(line)["loss"] for line in (tmp_path / "runs" / name / "metrics.jsonl").open()]
+              for name in ("ref", "run")}
+    print(f"killed at step 3, resumed from 2: losses {losses['run']} vs {losses['ref']}")
+    assert losses["run"] == losses["ref"]
