@@ -21,12 +21,18 @@ CASES = {  # name: (world A, layout A, world B, layout B)
     "tp2xdp2->pp2xdp2": (4, ["parallel.tp=2", "parallel.dp_shard=2"], 4, ["parallel.pp=2", "parallel.dp_shard=2"]),
     "4 ranks->1": (4, ["parallel.tp=2", "parallel.dp_shard=2"], 1, []),
     "tp4 (padded vocab)->cp2 x dp2": (4, ["parallel.tp=4"], 4, ["parallel.cp=2", "parallel.dp_shard=2"]),
+    "pp2 x 2 virtual stages x HSDP2->tp2 x dp2": (
+        4, ["model.n_layers=4", "parallel.pp=2", "parallel.pp_schedule=Interleaved1F1B",
+            "parallel.pp_virtual_stages=2", "parallel.dp_replicate=2", "parallel.dp_shard=1"],
+        4, ["model.n_layers=4", "parallel.tp=2", "parallel.dp_shard=2"]),
 }
 
 
 @pytest.fixture(scope="module")
 def reference6(corpus, tmp_path_factory):  # noqa: F811
-    return train_reference(corpus, tmp_path_factory.mktemp("ref6"), ["train.steps=6"])
+    """Uninterrupted single-process runs, by the number of layers the case's model has."""
+    return {layers: train_reference(corpus, tmp_path_factory.mktemp(f"ref6-{layers}"),
+                                    ["train.steps=6", f"model.n_layers={layers}"]) for layers in (2, 4)}
 
 
 def _jobs(tmp_path, side: str, world: int) -> dict:
@@ -57,7 +63,8 @@ def test_resume_under_another_layout(corpus, tmp_path, reference6):  # noqa: F81
     for world in (1, 2, 4):
         resumed.update(_run("B", world, corpus, tmp_path))
     total = 32  # global batch of the parity config
-    for name in CASES:
+    for name, case in CASES.items():
+        reference = reference6[4 if "model.n_layers=4" in case[1] else 2]
         a, b = saved[name][0], resumed[name][0]
         assert len(a["losses"]) == 3 and len(b["losses"]) == 3
         # the consolidated model B starts from is exactly the one A saved
@@ -65,8 +72,8 @@ def test_resume_under_another_layout(corpus, tmp_path, reference6):  # noqa: F81
         for key, value in a["final"].items():
             assert torch.equal(b["start"][key], value), (name, key)
         losses = a["losses"] + b["losses"]
-        loss_err = max(abs(x - y) / abs(y) for x, y in zip(losses, reference6["losses"]))
-        param_err = max(((b["final"][k] - v).norm() / v.norm()).item() for k, v in reference6["params"].items())
+        loss_err = max(abs(x - y) / abs(y) for x, y in zip(losses, reference["losses"]))
+        param_err = max(((b["final"][k] - v).norm() / v.norm()).item() for k, v in reference["params"].items())
         # R7: every sample of steps 4-6 consumed exactly once over B's data-parallel ranks
         consumed = sorted(i for r in resumed[name] if r["holds_data"] for step in r["samples"] for i in step)
         print(f"{name}: losses of steps 1-6 within {loss_err:.2e}, final parameters within {param_err:.2e} of "
