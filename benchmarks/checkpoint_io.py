@@ -11,7 +11,6 @@ every hash + DCP load). Sizes are model + AdamW state in fp32 (about 12 bytes pe
 
 import argparse
 import io
-import json
 import platform
 import shutil
 import tempfile
@@ -20,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.report import publish
+
 WIDTHS = [(256, 4), (512, 8), (1024, 8)]  # (dim, layers)
 
 
@@ -77,16 +77,11 @@ def main() -> None:
         lines.append(f"| dim {r['dim']}, {r['layers']} layers | {r['parameters'] / 1e6:.1f}M | {mb:.1f} | "
                      f"{r['save_s']:.2f} | {mb / r['save_s']:.0f} | {r['async_blocking_s']:.2f} | "
                      f"{r['async_total_s']:.2f} | {r['resume_s']:.2f} | {r['verify_s']:.2f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.save:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "checkpoint_io.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (RESULTS / "checkpoint_io.md").write_text(
-            f"# Checkpoint save and resume time ({time.strftime('%Y-%m-%d')}, {platform.machine()} CPU, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}, local disk)\n\n"
-            f"`python -m benchmarks.checkpoint_io --save` (method in benchmarks/checkpoint_io.py). A synchronous "
-            f"save blocks training for all of it; an async save only for the host copy.\n\n{table}\n")
+    publish("checkpoint_io", rows, "\n".join(lines),
+            f"Checkpoint save and resume time ({time.strftime('%Y-%m-%d')}, {platform.machine()} CPU, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}, local disk)",
+            "`python -m benchmarks.checkpoint_io --save` (method in benchmarks/checkpoint_io.py). A synchronous save "
+            "blocks training for all of it; an async save only for the host copy.", args.save)
 
 
 if __name__ == "__main__":

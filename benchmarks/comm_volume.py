@@ -22,15 +22,14 @@ L layers, P_u parameters in FSDP unit u, n = dp_shard, r = dp_replicate, t = tp,
 
 import argparse
 import io
-import json
 import time
 from collections import defaultdict
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.report import publish
+
 LAYOUTS = {2: [["parallel.tp=2", "parallel.sequence_parallel=false"], ["parallel.tp=2"], ["parallel.dp_shard=2"],
                ["parallel.dp_replicate=2", "parallel.dp_shard=1"]],
            4: [["parallel.tp=2", "parallel.dp_shard=2"], ["parallel.tp=2", "parallel.dp_shard=2",
@@ -164,16 +163,11 @@ def main() -> None:
             ratio = f"{got / want:.4f}" if want else "-"
             lines.append(f"| {row['world']} | {row['layout']} | {axis} | {got / 1e6:.3f} | {want / 1e6:.3f} | "
                          f"{ratio} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.save:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "comm_volume.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (RESULTS / "comm_volume.md").write_text(
-            f"# Bytes moved per rank per step, counted vs analytic ({time.strftime('%Y-%m-%d')})\n\n"
-            f"`python -m benchmarks.comm_volume --save` on CPU gloo ranks, configs/demo.yaml's debug model "
-            f"(ring-algorithm bytes; formulas in benchmarks/comm_volume.py). Left out: token counts and loss sums "
-            f"over dp and the gradient-norm sum over the world (a few floats per step).\n\n{table}\n")
+    publish("comm_volume", rows, "\n".join(lines),
+            f"Bytes moved per rank per step, counted vs analytic ({time.strftime('%Y-%m-%d')})",
+            "`python -m benchmarks.comm_volume --save` on CPU gloo ranks, configs/demo.yaml's debug model "
+            "(ring-algorithm bytes; formulas in benchmarks/comm_volume.py). Left out: token counts and loss sums "
+            "over dp and the gradient-norm sum over the world (a few floats per step).", args.save)
 
 
 if __name__ == "__main__":

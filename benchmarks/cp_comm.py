@@ -12,16 +12,14 @@ id gather, ring P2P): FSDP's, sharded over dp_shard x cp and here on the same ra
 
 import argparse
 import io
-import json
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from benchmarks.report import publish
 from parallel import comm
 
-RESULTS = Path(__file__).resolve().parent / "results"
 LAYOUTS = {2: [["parallel.cp=2", "parallel.cp_attention=all_gather"], ["parallel.cp=2", "parallel.cp_attention=ring"]],
            4: [["parallel.cp=4", "parallel.cp_attention=all_gather"], ["parallel.cp=4", "parallel.cp_attention=ring"]]}
 
@@ -133,15 +131,10 @@ def main() -> None:
         lines.append(f"| {r['layout']} | {r['microbatches']} x {r['layers']} | {r['counted_bytes'] / 1e6:.3f} | "
                      f"{r['analytic_kv_bytes'] / 1e6:.3f} + {r['analytic_doc_id_bytes'] / 1e6:.3f} | "
                      f"{r['counted_bytes'] / want:.4f} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.save:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "cp_comm.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (RESULTS / "cp_comm.md").write_text(
-            f"# Context-parallel bytes per rank per step ({time.strftime('%Y-%m-%d')}, torch {torch.__version__})"
-            f"\n\n`python -m benchmarks.cp_comm --save` on CPU gloo ranks, configs/demo.yaml's debug model in "
-            f"fp32 (formulas in benchmarks/cp_comm.py and parallel/context_parallel.py).\n\n{table}\n")
+    publish("cp_comm", rows, "\n".join(lines),
+            f"Context-parallel bytes per rank per step ({time.strftime('%Y-%m-%d')}, torch {torch.__version__})",
+            "`python -m benchmarks.cp_comm --save` on CPU gloo ranks, configs/demo.yaml's debug model in fp32 "
+            "(formulas in benchmarks/cp_comm.py and parallel/context_parallel.py).", args.save)
 
 
 if __name__ == "__main__":

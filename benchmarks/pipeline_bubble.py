@@ -17,17 +17,16 @@ Theory, with F = B = W = t per stage (Narayanan et al. 2021; Qi et al. 2023/2024
 """
 
 import argparse
-import json
 import platform
 import statistics
 import time
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
 from torch import nn
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from benchmarks.report import publish
+
 SCHEDULES = ["GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV"]
 
 
@@ -130,15 +129,11 @@ def main() -> None:
     for r in rows:
         lines.append(f"| {r['schedule']} | {r['virtual_stages']} | {r['step_s']:.3f} | {r['busy_s']:.3f} | "
                      f"{r['bubble']:.1%} | {r['theory']:.1%} |")
-    table = "\n".join(lines)
-    print(table)
-    if args.save:
-        RESULTS.mkdir(exist_ok=True)
-        (RESULTS / "pipeline_bubble.json").write_text(json.dumps(rows, indent=2) + "\n")
-        (RESULTS / "pipeline_bubble.md").write_text(
-            f"# Pipeline bubble per schedule ({time.strftime('%Y-%m-%d')}, {platform.processor() or 'CPU'}, "
-            f"torch {torch.__version__})\n\n`python -m benchmarks.pipeline_bubble --save`: herd's Pipeline over "
-            f"timed stages on CPU gloo ranks (method and theory in benchmarks/pipeline_bubble.py).\n\n{table}\n")
+    publish("pipeline_bubble", rows, "\n".join(lines),
+            f"Pipeline bubble per schedule ({time.strftime('%Y-%m-%d')}, {platform.processor() or 'CPU'}, "
+            f"torch {torch.__version__})",
+            "`python -m benchmarks.pipeline_bubble --save`: herd's Pipeline over timed stages on CPU gloo ranks "
+            "(method and theory in benchmarks/pipeline_bubble.py).", args.save)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ RoPE needs nothing: the loader shards position ids with the tokens. The loss sum
 """
 
 import math
-from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -44,12 +44,22 @@ class CPMask:
     cp: int
     chunk: int  # tokens per zigzag chunk
     doc_ids: Optional[List[torch.Tensor]]  # per cp rank: [b, 2*chunk] document ids (None: no document mask)
+    _cache: Dict[tuple, torch.Tensor] = field(default_factory=dict)
 
     def indices(self, rank: int, device: torch.device) -> torch.Tensor:
         return zigzag_indices(2 * self.chunk * self.cp, self.cp, rank).to(device)
 
     def allowed(self, q_rank: int, q_rows: slice, k_rank: int, k_cols: slice, device) -> torch.Tensor:
-        """bool [b or 1, 1, len(q_rows), len(k_cols)]: key at or before the query, and in its document."""
+        """bool [b or 1, 1, len(q_rows), len(k_cols)]: key at or before the query, and in its document. Built
+        once per forward: every layer (and the recomputation under activation checkpointing) reuses it."""
+        key = (q_rank, q_rows.start, q_rows.stop, k_rank, k_cols.start, k_cols.stop)
+        if key not in self._cache:
+            self._cache[key] = self._allowed(q_rank, q_rows, k_rank, k_cols, device)
+        return self._cache[key]
+
+    def _allowed(self, q_rank: int, q_rows: slice, k_rank: int, k_cols: slice, device) -> torch.Tensor:
+        if k_rank == -1:  # keys of every rank, in rank order (the all-gathered K/V)
+            return torch.cat([self._allowed(q_rank, q_rows, r, k_cols, device) for r in range(self.cp)], dim=-1)
         q_index = self.indices(q_rank, device)[q_rows]
         k_index = self.indices(k_rank, device)[k_cols]
         allowed = (k_index.unsqueeze(0) <= q_index.unsqueeze(1)).unsqueeze(0)  # [1, q, k]
@@ -85,8 +95,7 @@ class AllGatherAttention:
         kv = comm.gather_from_sp(torch.cat([k, v], dim=2), self.group)  # one collective: [b, S, 2*kv, d]
         k_all, v_all = kv.chunk(2, dim=2)  # [b, S, kv, d] each, rank r's tokens at [r*L, (r+1)*L)
         everything = slice(None)
-        allowed = torch.cat([mask.allowed(mask.rank, everything, r, everything, q.device)
-                             for r in range(mask.cp)], dim=-1)  # [b or 1, 1, L, S]
+        allowed = mask.allowed(mask.rank, everything, -1, everything, q.device)  # [b or 1, 1, L, S]
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=allowed, enable_gqa=True)
         return out.transpose(1, 2)
@@ -156,7 +165,7 @@ class _RingAttention(torch.autograd.Function):
         q, k, v, out, lse = ctx.saved_tensors
         mask, group = ctx.mask, ctx.group
         b, h, length, d = q.shape
-        kv_heads, scale = k.shape[1], 1.0 / math.sqrt(d)
+        scale = 1.0 / math.sqrt(d)
         grad_out = grad_out.float().reshape(out.shape)  # [b, kv, g, L, d]
         delta = (grad_out * out).sum(-1)  # [b, kv, g, L]: rowsum(dO * O) of the softmax backward
         qf = q.float().view(out.shape)
