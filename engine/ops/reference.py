@@ -40,3 +40,24 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, loss_mask: to
     """
     per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # [b*s]
     return (per_token * loss_mask.flatten().float()).sum()
+
+
+FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}  # largest finite value of each format
+
+
+def fp8_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over the whole tensor, as an fp32 scalar tensor (the input of an FP8 scale)."""
+    return x.abs().max().float()
+
+
+def fp8_cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, transpose: bool):
+    """Quantize x [M, K] to `dtype` as saturate(x * scale), plus (when `transpose`) the [K, M] row-major copy
+    the weight-gradient GEMM needs, and the amax of x (for delayed scaling's history).
+
+    x: [M, K] bf16/fp32; scale: fp32 scalar tensor -> (out [M, K], out_t [K, M] or empty [0], amax fp32 scalar).
+    Values beyond the format's largest finite value saturate to it (an overflow clamps instead of giving inf).
+    """
+    limit = FP8_MAX[dtype]
+    out = (x.float() * scale).clamp(-limit, limit).to(dtype)
+    out_t = out.t().contiguous() if transpose else out.new_empty(0)
+    return out, out_t, fp8_amax(x)
