@@ -19,6 +19,7 @@ from engine.config import DatasetConfig, JobConfig, grad_accum_steps, to_yaml
 from engine.data.loader import Batch, StepLoader, build_blend
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 from engine.errors import ConfigError
+from engine.fp8 import apply_fp8, check_fp8_config, set_amax_groups
 from engine.flops import device_peak_tflops, flops_per_token, parameter_count
 from engine.model import build_meta_model, init_weights
 from engine.optim import build_optimizer, build_scheduler
@@ -118,7 +119,9 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh]) -> 
     """The model is built on the meta device and parallelized there; then each rank allocates only its shards
     and fills them from the full initial values (same seed everywhere, so the shards agree and equal the
     single-process model). Then optimizer and schedule."""
+    check_fp8_config(cfg.fp8, device)
     model = build_meta_model(cfg.model)
+    apply_fp8(model, cfg.fp8)  # before parallelize: TP and FSDP then shard the FP8 layers' plain weights
     p = cfg.parallel
     options = ParallelizeOptions(sequence_parallel=p.sequence_parallel,
                                  activation_checkpointing=p.activation_checkpointing, ac_every=p.ac_every,
@@ -128,6 +131,8 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh]) -> 
                                  pp_embedding_cost=p.pp_embedding_cost, pp_head_cost=p.pp_head_cost,
                                  pp_microbatches=grad_accum_steps(cfg), cp_attention=p.cp_attention)
     parallel = parallelize(model, mesh, options, reference_loss_sum=ops.cross_entropy_sum)
+    if mesh is not None and cfg.fp8.backend == "native":  # ranks holding pieces of one tensor share its scale
+        set_amax_groups(parallel.parts, [mesh.tp_group if p.tp > 1 else None, mesh.group("cp") if p.cp > 1 else None])
     for part in parallel.parts:
         part.to_empty(device=device)
         init_weights(part, cfg.train.seed, parallel.full_shape, parallel.init_parameter)

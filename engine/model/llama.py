@@ -22,8 +22,11 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        """norm(x), or with `residual`: (norm(residual + x), residual + x) in one fused pass."""
+        if residual is None:
+            return ops.rms_norm(x, self.weight, self.eps)
+        return ops.add_rms_norm(x, residual, self.weight, self.eps)
 
 
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -63,7 +66,7 @@ class Attention(nn.Module):
         q = self.wq(x).view(b, s, -1, self.head_dim)  # [b, s, h, d]
         k = self.wk(x).view(b, s, -1, self.head_dim)  # [b, s, kv, d]
         v = self.wv(x).view(b, s, -1, self.head_dim)  # [b, s, kv, d]
-        q, k = ops.apply_rope(q, cos, sin), ops.apply_rope(k, cos, sin)
+        q, k = ops.apply_rope_qk(q, k, cos, sin)  # in place on CUDA (csrc/rope)
         out = self.core(q, k, v, mask)  # [b, s, h, d]
         return self.wo(out.reshape(b, s, -1))  # [b, s, h*d] -> [b, s, dim]
 
@@ -93,8 +96,9 @@ class TransformerBlock(nn.Module):
         self.feed_forward = FeedForward(cfg)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
-        h = x + self.attention(self.attention_norm(x), cos, sin, mask)
-        return h + self.feed_forward(self.ffn_norm(h))
+        attended = self.attention(self.attention_norm(x), cos, sin, mask)
+        normed, h = self.ffn_norm(attended, residual=x)  # h = x + attended, added inside the fused norm
+        return h + self.feed_forward(normed)
 
 
 def document_causal_mask(position_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:

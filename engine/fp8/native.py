@@ -1,0 +1,184 @@
+"""Native FP8 linear layers on torch._scaled_mm (Micikevicius et al. 2022, "FP8 Formats for Deep Learning").
+
+Each of the three GEMMs of a linear layer runs in FP8 with per-tensor scales:
+    forward  y  = x  @ W^T    x: e4m3 [M, K], W: e4m3 [N, K]
+    dgrad    dx = dy @ W      dy: e5m2 (or e4m3) [M, N], W^T copy [K, N]
+    wgrad    dW = dy^T @ x    dy^T copy [N, M], x^T copy [K, M]
+A tensor t is quantized as saturate(t * s) with s = fp8_max / amax(t), and the GEMM is told 1/s for each operand
+(torch._scaled_mm's scale_a/scale_b dequantize). The transposed copies come out of the same cast kernel
+(engine/ops fp8_cast), because _scaled_mm wants its first operand row-major and its second column-major.
+
+Two recipes (config `fp8.recipe`):
+- tensorwise (current scaling): amax of the tensor itself, measured just before its cast (one extra read).
+- delayed: the scale comes from the largest amax in a window of the last `amax_history_len` steps; the cast
+  measures the current amax in the same pass and pushes it into the window afterwards (TransformerEngine's
+  DelayedScaling). A value above the scaled range saturates to the format's max instead of overflowing to inf,
+  and the next scale shrinks because the window now holds the larger amax. A non-finite amax (the step is lost
+  anyway, e.g. a loss spike to inf) is not recorded, so one bad step cannot poison the window. A window that has
+  never been filled (a fresh run, or a resumed one: this state is not checkpointed) scales that one step by the
+  current amax.
+
+Amaxes are max-reduced over the groups `set_amax_groups` is given (tensor and context parallel ranks): every rank
+that holds a piece of the same logical tensor then uses the same scale, so a sharded run quantizes exactly as one
+process would. Data-parallel ranks hold different tensors and keep their own scales.
+"""
+
+from typing import List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from engine import ops  # noqa: F401  (defines the herd:: ops)
+from engine.ops.fp8_cast import fp8_amax, fp8_cast
+from engine.config import FP8Config
+from engine.ops.reference import FP8_MAX
+
+E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+_TINY_AMAX = 1e-12  # an all-zero tensor gets scale fp8_max / 1e-12 -> its (zero) values stay exact
+
+
+class ScalingState(nn.Module):
+    """Scale of one tensor role (input, weight or grad) of one layer. Buffers live on the layer's device and are
+    never read on the host, so no step synchronizes with the GPU."""
+
+    def __init__(self, dtype: torch.dtype, recipe: str, history_len: int):
+        super().__init__()
+        self.dtype, self.recipe = dtype, recipe
+        self.register_buffer("amax_history", torch.zeros(history_len), persistent=False)  # [H], newest first
+        self.register_buffer("scale", torch.ones(()), persistent=False)
+        self.register_buffer("overflows", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.groups: List[dist.ProcessGroup] = []
+        self.filled = False  # has a step recorded its amax yet
+
+    @torch.no_grad()
+    def reset_tables(self) -> None:
+        """Zero the window (called by init_weights after the model is materialized from the meta device)."""
+        self.amax_history.zero_()
+        self.scale.fill_(1.0)
+        self.overflows.zero_()
+        self.filled = False
+
+    def reduce(self, amax: torch.Tensor) -> torch.Tensor:
+        for group in self.groups:
+            dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
+        return amax
+
+    def quantize(self, t: torch.Tensor, transpose: bool):
+        """t [M, K] -> (t_fp8 [M, K], t_fp8^T [K, M] or empty, 1/scale fp32 scalar)."""
+        limit = FP8_MAX[self.dtype]
+        if self.recipe == "tensorwise":
+            amax = self.reduce(fp8_amax(t))
+            scale = limit / amax.clamp(min=_TINY_AMAX)
+            out, out_t, _ = fp8_cast(t, scale, self.dtype, transpose)
+            return out, out_t, scale.reciprocal()
+        if not self.filled:  # never filled: this one step uses current scaling (a host flag: no GPU sync)
+            self.scale.copy_(limit / self.reduce(fp8_amax(t)).clamp(min=_TINY_AMAX))
+            self.filled = True
+        scale = self.scale.clone()
+        out, out_t, amax = fp8_cast(t, scale, self.dtype, transpose)
+        self.update(self.reduce(amax), scale)
+        return out, out_t, scale.reciprocal()
+
+    @torch.no_grad()
+    def update(self, amax: torch.Tensor, used_scale: torch.Tensor) -> None:
+        """Push this step's amax into the window and derive the next scale (delayed scaling)."""
+        limit = FP8_MAX[self.dtype]
+        finite = torch.isfinite(amax)
+        self.overflows.add_((finite & (amax * used_scale > limit)).long())
+        rolled = torch.roll(self.amax_history, 1)
+        rolled[0] = amax
+        self.amax_history.copy_(torch.where(finite, rolled, self.amax_history))
+        window_max = self.amax_history.max()
+        self.scale.copy_(torch.where(window_max > 0, limit / window_max.clamp(min=_TINY_AMAX), self.scale))
+
+
+def _gemm_ok(*sizes: int) -> bool:
+    """torch._scaled_mm on CUDA needs every GEMM dimension to be a multiple of 16."""
+    return all(size % 16 == 0 for size in sizes)
+
+
+class _FP8Linear(torch.autograd.Function):
+    """y = x @ W^T with all three GEMMs in FP8; saves only the FP8 transposed copies for backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, layer, out_dtype):
+        # x: [M, K]; weight: [N, K]
+        x_fp8, x_t, x_inv = layer.input_scaling.quantize(x, transpose=weight.requires_grad)
+        w_fp8, w_t, w_inv = layer.weight_scaling.quantize(weight, transpose=True)
+        y = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)  # [M, N]
+        ctx.save_for_backward(x_t, x_inv, w_t, w_inv)
+        ctx.layer, ctx.x_dtype, ctx.w_dtype = layer, x.dtype, weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x_t, x_inv, w_t, w_inv = ctx.saved_tensors
+        dy_fp8, dy_t, dy_inv = ctx.layer.grad_scaling.quantize(dy.contiguous(), transpose=x_t.numel() > 0)
+        # dgrad: [M, N] @ [N, K]; the second operand is W^T's row-major copy seen as column-major W
+        dx = torch._scaled_mm(dy_fp8, w_t.t(), scale_a=dy_inv, scale_b=w_inv, out_dtype=dy.dtype).to(ctx.x_dtype)
+        dw = None
+        if ctx.needs_input_grad[1]:  # wgrad: [N, M] @ [M, K], fp32 out so accumulation stays fp32
+            dw = torch._scaled_mm(dy_t, x_t.t(), scale_a=dy_inv, scale_b=x_inv,
+                                  out_dtype=torch.float32).to(ctx.w_dtype)
+        return dx, dw, None, None
+
+
+class Float8Linear(nn.Linear):
+    """nn.Linear (no bias) whose matmuls run in FP8. The weight stays a plain high-precision Parameter named
+    `weight`, so checkpoints, tensor parallel sharding and FSDP work on it unchanged; FSDP all-gathers it in its
+    own dtype and the cast to FP8 happens after the gather, in forward."""
+
+    def __init__(self, in_features: int, out_features: int, cfg: FP8Config, device=None):
+        super().__init__(in_features, out_features, bias=False, device=device)
+        grad_dtype = E5M2 if cfg.grad_dtype == "e5m2" else E4M3
+        self.input_scaling = ScalingState(E4M3, cfg.recipe, cfg.amax_history_len)
+        self.weight_scaling = ScalingState(E4M3, cfg.recipe, cfg.amax_history_len)
+        self.grad_scaling = ScalingState(grad_dtype, cfg.recipe, cfg.amax_history_len)
+
+    def set_amax_groups(self, groups: Sequence[dist.ProcessGroup]) -> None:
+        for state in (self.input_scaling, self.weight_scaling, self.grad_scaling):
+            state.groups = list(groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        device_type = x.device.type
+        out_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else x.dtype
+        x2d = x.reshape(-1, x.shape[-1])  # [M, K]
+        n, k = self.weight.shape
+        if x.is_cuda and not _gemm_ok(x2d.shape[0], n, k):  # cuBLASLt FP8 shape rule: fall back to bf16
+            return nn.functional.linear(x, self.weight)
+        with torch.autocast(device_type, enabled=False):
+            y = _FP8Linear.apply(x2d.contiguous(), self.weight, self, out_dtype)  # [M, N]
+        return y.view(*x.shape[:-1], n)
+
+
+def _swap(parent: nn.Module, name: str, cfg: FP8Config) -> None:
+    old = getattr(parent, name)
+    new = Float8Linear(old.in_features, old.out_features, cfg, device=old.weight.device)
+    new.weight = old.weight  # same Parameter (meta or materialized): no copy, names unchanged
+    setattr(parent, name, new)
+
+
+def convert(model: nn.Module, cfg: FP8Config) -> List[str]:
+    """Swap the projections of the transformer blocks for Float8Linear in place; the output head, the embedding
+    and (by config) the first and last blocks stay in bf16. Returns the names of the converted layers."""
+    layer_ids = list(model.layers.keys())
+    keep = {layer_ids[0], layer_ids[-1]} if cfg.bf16_first_last_layers and len(layer_ids) > 2 else set()
+    converted = []
+    for layer_id, block in model.layers.items():
+        if layer_id in keep:
+            continue
+        for region, names in (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w3", "w2"))):
+            for name in names:
+                _swap(getattr(block, region), name, cfg)
+                converted.append(f"layers.{layer_id}.{region}.{name}")
+    return converted
+
+
+def set_amax_groups(model: nn.Module, groups: Sequence[Optional[dist.ProcessGroup]]) -> int:
+    """Give every Float8Linear the groups its amaxes are max-reduced over; returns how many layers got them."""
+    real = [g for g in groups if g is not None]
+    layers = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    for layer in layers:
+        layer.set_amax_groups(real)
+    return len(layers)
