@@ -1,0 +1,113 @@
+"""benchmarks/mfu.py on CPU with a tiny shape: the child's row (numbers and their MFU arithmetic), the parent's
+isolation of a failing or hanging child, the table and the saved results."""
+
+import json
+import math
+
+import pytest
+
+from benchmarks import mfu, report
+from engine.flops import flops_per_token
+
+TINY = ["--seq-len", "32", "--layers", "2", "--dim", "64", "--ffn-dim", "128", "--heads", "4", "--kv-heads", "2",
+        "--vocab", "256", "--n-batches", "2", "--device", "cpu", "--peak-tflops", "2.5"]
+
+
+def check_row(row: dict, args) -> None:
+    """Finite positive numbers, and tokens/s, TFLOP/s and MFU recomputed from the row agree with engine/flops.py."""
+    assert row["error"] is None, row["error"]
+    tokens = args.steps * args.batch_size * args.seq_len
+    assert math.isfinite(row["seconds"]) and row["seconds"] > 0
+    assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0
+    assert row["tokens_per_s"] == pytest.approx(tokens / row["seconds"])
+    assert row["ms_per_step"] == pytest.approx(1000 * row["seconds"] / args.steps)
+    expected_fpt = flops_per_token(mfu.model_config(args), args.seq_len, causal=False)
+    assert row["flops_per_token"] == expected_fpt
+    assert row["tflops"] == pytest.approx(expected_fpt * row["tokens_per_s"] / 1e12)
+    assert row["peak_tflops"] == 2.5 and row["peak_dtype"] == "bf16"
+    assert row["mfu"] == pytest.approx(row["tflops"] / 2.5)
+    for key in ("first_loss", "last_loss"):
+        assert math.isfinite(row[key]) and row[key] > 0
+    assert row["loss_finite"]
+    assert abs(row["first_loss"] - math.log(256)) < 0.3  # near-uniform predictions at initialization
+    assert row["peak_mem_gib"] is None and row["device_name"] == "cpu"
+
+
+@pytest.mark.parametrize("variant", ["herd-bf16", "hf-bf16"])
+def test_child_row_in_process(variant):
+    if variant == "hf-bf16":
+        pytest.importorskip("transformers")
+    args = mfu.parse_args(["--variant", variant, "--steps", "2", "--warmup", "1", *TINY])
+    row = mfu.run_child(args)
+    check_row(row, args)
+    if variant == "hf-bf16":
+        assert row["attn_implementation"] == "sdpa" and "kernel_status" not in row
+    else:
+        assert isinstance(row["kernel_status"], dict)
+
+
+def test_child_main_writes_error_row(tmp_path):
+    out = tmp_path / "row.json"
+    assert mfu.main(["--variant", "no-such-variant", "--json-out", str(out), *TINY]) == 1
+    row = json.loads(out.read_text())
+    assert row["variant"] == "no-such-variant" and "unknown variant" in row["error"]
+
+
+def test_child_command_forwards_every_option(tmp_path):
+    args = mfu.parse_args(["--steps", "3", "--warmup", "0", "--seed", "7", *TINY])
+    cmd = mfu.child_command(args, "herd-bf16", tmp_path / "x.json")
+    assert cmd[1:3] == ["-m", "benchmarks.mfu"]
+    child = mfu.parse_args(cmd[3:])
+    assert child.variant == "herd-bf16" and child.json_out == str(tmp_path / "x.json")
+    for _, attr in mfu.FORWARDED:
+        assert getattr(child, attr) == getattr(args, attr), attr
+
+
+def test_failing_child_is_reported_and_others_still_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(report, "RESULTS", tmp_path / "results")
+    args = mfu.parse_args(["--variants", "no-such-variant,herd-bf16", "--steps", "1", "--warmup", "0",
+                           "--log-dir", str(tmp_path / "logs"), "--save", *TINY])
+    rows = mfu.run_parent(args)
+    assert [r["variant"] for r in rows] == ["no-such-variant", "herd-bf16"]
+    assert "unknown variant" in rows[0]["error"]
+    check_row(rows[1], mfu.parse_args(["--steps", "1", *TINY]))
+    printed = capsys.readouterr().out
+    assert "[mfu] no-such-variant FAILED" in printed and "unknown variant" in printed
+    assert printed.rstrip().splitlines()[-1].startswith("- no-such-variant failed: ValueError: unknown variant")
+    saved = json.loads((tmp_path / "results" / "mfu_cpu.json").read_text())
+    assert [r["variant"] for r in saved] == ["no-such-variant", "herd-bf16"]
+    assert "| herd-bf16 |" in (tmp_path / "results" / "mfu_cpu.md").read_text()
+
+
+def test_hanging_child_is_killed_at_the_timeout(tmp_path):
+    args = mfu.parse_args(["--timeout", "0.5", *TINY])
+    row = mfu.run_variant(args, "herd-bf16", tmp_path)
+    assert row["error"] == "timed out after 0.5 s (killed)"
+    assert row["wall_s"] < 10
+
+
+def _row(variant, tps, **extra):
+    row = {"variant": variant, "error": None, "tokens_per_s": tps, "ms_per_step": 8192e3 / tps, "tflops": 400.0,
+           "mfu": 400 / 989.4, "peak_tflops": 989.4, "peak_mem_gib": 40.0, "first_loss": 11.8, "last_loss": 11.5,
+           "loss_finite": True}
+    row.update(extra)
+    return row
+
+
+def test_table_ratios_kernels_and_fp8_peak_statement():
+    rows = [_row("herd-bf16", 40000.0, kernel_status={"rms_norm": "cuda kernel", "swiglu": "reference (x)"}),
+            _row("herd-fp8", 60000.0, fp8_layers=14, kernel_status={},
+                 fp8_config={"recipe": "tensorwise", "bf16_first_last_layers": True}),
+            {"variant": "herd-fp8-delayed", "error": "OutOfMemoryError: CUDA out of memory"},
+            _row("hf-bf16", 20000.0)]
+    table = mfu.make_table(rows)
+    lines = table.splitlines()
+    assert lines[0].startswith("| variant | tokens/s | ms/step | TFLOP/s | MFU | peak GiB | vs hf-bf16 | vs herd-bf16")
+    herd, fp8, failed, hf = lines[2:6]
+    assert "| 2.00x | 1.00x | 1/2 ops (others: x) |" in herd
+    assert "| 3.00x | 1.50x |" in fp8 and "40.4%*" in fp8
+    assert "| failed |" in failed
+    assert "| 1.00x | 0.50x | n/a (transformers) |" in hf
+    assert "fp8 rows are measured against the same bf16 peak" in table and "(989.4 TFLOP/s)" in table
+    assert "herd-fp8-delayed failed: OutOfMemoryError" in table
+    assert "herd-fp8: 14 linear layers in fp8" in table
