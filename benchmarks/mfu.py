@@ -6,7 +6,8 @@ master weights, bf16 autocast, fused AdamW and no activation checkpointing. Vari
 
   herd-bf16            herd's model and loss (engine.ops.cross_entropy_sum / tokens), csrc/ kernels where built
   herd-bf16-nokernels  the same with HERD_KERNELS=0: the pure-torch references, to show what the kernels buy
-  herd-fp8             herd-bf16 after engine.fp8.apply_fp8(model, FP8Config(backend="native", recipe="tensorwise"))
+  herd-fp8             herd-bf16 after engine.fp8.apply_fp8(model, FP8Config(backend="native", recipe="tensorwise",
+                       bf16_first_last_layers=False)): all 4 blocks' projections in FP8, the head in bf16
   herd-fp8-delayed     the same with recipe="delayed"
   hf-bf16              the baseline: transformers' LlamaForCausalLM of the same shape (SDPA attention), loss from
                        its labels (it shifts them itself, so its loss covers seq_len - 1 tokens of each sequence)
@@ -110,7 +111,9 @@ def build_herd(variant: str, cfg, device, seed: int, info: dict) -> Tuple[object
         import dataclasses
         from engine.config import FP8Config
         from engine.fp8 import apply_fp8
-        fp8_cfg = FP8Config(backend="native", recipe=FP8_RECIPES[variant])
+        # every block in FP8: the 4-layer proxy stands for the middle of the 32-layer stack (a full 8B run keeps only
+        # its first and last blocks in bf16, 2 of 32); the output head stays bf16 as in training
+        fp8_cfg = FP8Config(backend="native", recipe=FP8_RECIPES[variant], bf16_first_last_layers=False)
         info["fp8_config"] = dataclasses.asdict(fp8_cfg)
         converted = apply_fp8(model, fp8_cfg)  # in place; returns the converted layer names
         if isinstance(converted, torch.nn.Module):  # (a version that returns the model works too)

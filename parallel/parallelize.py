@@ -29,7 +29,7 @@ from parallel.context_parallel import apply_context_parallel
 from parallel.data_parallel import apply_fsdp
 from parallel.mesh import Mesh
 from parallel.pipeline_parallel import Pipeline, split_layers, stage_module, stage_to_rank
-from parallel.tensor_parallel import TPPlan, apply_tensor_parallel, tp_local, vocab_parallel_cross_entropy_sum
+from parallel.tensor_parallel import TPPlan, apply_tensor_parallel, tp_local
 
 
 @dataclass
@@ -246,8 +246,8 @@ def parallelize(model: nn.Module, mesh: Optional[Mesh], options: ParallelizeOpti
         if mesh is not None and mesh.dims.tp > 1:
             plan = apply_tensor_parallel(part, mesh.tp_group, options.sequence_parallel)
             tp_plan = plan if tp_plan is None else tp_plan.merge(plan)
-            loss_sum = partial(vocab_parallel_cross_entropy_sum, vocab_size=model.cfg.vocab_size,
-                               group=mesh.tp_group)
+            # the loss from this rank's vocabulary shard (engine/ops cross_entropy_sum with a group)
+            loss_sum = partial(reference_loss_sum, vocab_size=model.cfg.vocab_size, group=mesh.tp_group)
         if options.activation_checkpointing != "none":
             apply_activation_checkpointing(part, options.activation_checkpointing, options.ac_every)
         if fsdp:  # under pp, parameters stay gathered across the step's microbatches (Llama 3)

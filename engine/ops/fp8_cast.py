@@ -1,1 +1,55 @@
-"""Placeholder: being written (issue 6)."""
+"""FP8 quantization ops for the FP8 linear layers (engine/fp8): herd::fp8_amax and herd::fp8_cast.
+
+fp8_cast quantizes x as saturate(x * scale) to float8_e4m3fn or float8_e5m2 and, in the same pass over x, gives the
+transposed copy the weight-gradient GEMM needs and amax = max|x| (the statistic of delayed scaling, Micikevicius et
+al. 2022, "FP8 Formats for Deep Learning", sec. 4.3). CPU tensors run the references of engine/ops/reference.py;
+CUDA tensors run csrc/fp8_cast when herd_kernels was built (see csrc/fp8_cast/README.md for the numerics).
+No autograd: quantization is not differentiated through; the FP8 linear's own autograd function calls these.
+"""
+
+import torch
+
+from engine.ops import library, reference
+
+__all__ = ["fp8_amax", "fp8_cast"]
+
+library.define("fp8_amax(Tensor x) -> Tensor", reference.fp8_amax)
+library.define("fp8_cast(Tensor x, Tensor scale, ScalarType dtype, bool transpose) -> (Tensor, Tensor, Tensor)",
+               reference.fp8_cast)
+
+_KERNEL_DTYPES = (torch.bfloat16, torch.float32)  # the input dtypes csrc/fp8_cast handles
+
+
+@torch.library.register_fake("herd::fp8_amax")
+def _fp8_amax_fake(x):
+    return x.new_empty((), dtype=torch.float32)
+
+
+@torch.library.register_fake("herd::fp8_cast")
+def _fp8_cast_fake(x, scale, dtype, transpose):
+    torch._check(x.dim() == 2, lambda: f"fp8_cast: x must be 2-D [M, K], got {x.dim()} dims")
+    m, k = x.shape
+    out_t = x.new_empty((k, m) if transpose else (0,), dtype=dtype)
+    return x.new_empty((m, k), dtype=dtype), out_t, x.new_empty((), dtype=torch.float32)
+
+
+def fp8_amax(x: torch.Tensor) -> torch.Tensor:
+    """max |x| over the whole tensor (any shape) as an fp32 0-dim tensor; NaN anywhere gives NaN."""
+    if library.fused("fp8_amax", x) and x.dtype in _KERNEL_DTYPES:
+        return torch.ops.herd.fp8_amax(x)
+    return reference.fp8_amax(x)
+
+
+def fp8_cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, transpose: bool = False):
+    """Quantize x [..., K] to `dtype` (float8_e4m3fn / float8_e5m2) as saturate(x * scale).
+
+    scale: fp32 one-element tensor on x's device (read there: no host sync). Leading dims of x are flattened to
+    M rows -> (out [..., K] (x's shape), out_t [K, M] row-major when `transpose` else an empty [0] tensor,
+    amax = max|x| fp32 0-dim).
+    """
+    x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+    if library.fused("fp8_cast", x) and x.dtype in _KERNEL_DTYPES:
+        out, out_t, amax = torch.ops.herd.fp8_cast(x2, scale, dtype, transpose)
+    else:
+        out, out_t, amax = reference.fp8_cast(x2, scale, dtype, transpose)
+    return out.view(x.shape), out_t, amax

@@ -1,6 +1,7 @@
 """Pure-torch references of the fused ops: the fallback on CPU and the oracle for csrc/ kernels."""
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 
@@ -39,6 +40,51 @@ def cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, loss_mask: to
     logits: [b, s, vocab]; targets, loss_mask: [b, s] -> scalar fp32.
     """
     per_token = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), reduction="none")  # [b*s]
+    return (per_token * loss_mask.flatten().float()).sum()
+
+
+class _VocabParallelCrossEntropy(torch.autograd.Function):
+    """Per-token cross-entropy from vocabulary-sharded logits: max, sum of exponentials and the target logit are
+    reduced over tp (three all-reduces of [N] floats), never the [N, vocab] logits."""
+
+    @staticmethod
+    def forward(ctx, logits, targets, vocab_start, vocab_size, group):
+        # logits: [N, V/tp] fp32 (padded columns masked out); targets: [N]
+        columns = vocab_start + torch.arange(logits.shape[-1], device=logits.device)
+        logits = logits.masked_fill(columns >= vocab_size, float("-inf"))
+        row_max = logits.max(dim=-1).values
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        shifted = logits - row_max.unsqueeze(-1)
+        exp = shifted.exp()
+        sum_exp = exp.sum(dim=-1)
+        dist.all_reduce(sum_exp, group=group)
+        local_target = targets - vocab_start
+        in_range = (local_target >= 0) & (local_target < logits.shape[-1])
+        local_target = local_target.clamp(0, logits.shape[-1] - 1)
+        target_logit = shifted.gather(-1, local_target.unsqueeze(-1)).squeeze(-1) * in_range
+        dist.all_reduce(target_logit, group=group)
+        ctx.save_for_backward(exp / sum_exp.unsqueeze(-1), local_target, in_range)
+        return sum_exp.log() - target_logit  # [N]
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        softmax, local_target, in_range = ctx.saved_tensors
+        grad = softmax.clone()
+        rows = torch.arange(grad.shape[0], device=grad.device)
+        grad[rows, local_target] -= in_range.to(grad.dtype)
+        return grad * grad_loss.unsqueeze(-1), None, None, None, None
+
+
+def vocab_parallel_cross_entropy_sum(logits: torch.Tensor, targets: torch.Tensor, loss_mask: torch.Tensor,
+                                     vocab_size: int, group: dist.ProcessGroup) -> torch.Tensor:
+    """cross_entropy_sum from this rank's vocabulary shard under tensor parallelism (Shoeybi et al. 2019, sec. 3).
+
+    logits: [b, s, V/tp] columns [rank * V/tp, (rank + 1) * V/tp) of the vocabulary padded to a multiple of tp
+    (ids >= vocab_size are padding, ignored); targets, loss_mask: [b, s] -> scalar fp32.
+    """
+    vocab_start = dist.get_rank(group) * logits.shape[-1]
+    per_token = _VocabParallelCrossEntropy.apply(logits.float().flatten(0, 1), targets.flatten(), vocab_start,
+                                                 vocab_size, group)
     return (per_token * loss_mask.flatten().float()).sum()
 
 
