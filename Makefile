@@ -39,4 +39,4 @@ clean-demo:
 gpu-wheels: $(STAMP)
 	$(PY) -m pip download --disable-pip-version-check -q --no-deps -d wheels omegaconf llama-models
 	$(PY) -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: --python-version 3.12 \
-		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d wheels tiktoken
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d wheels tiktoken ninja

@@ -26,12 +26,14 @@ def main() -> None:
     print("kernels:", kernel_status())
     card = torch.cuda.get_device_name()
     copy_gbs = copy_bandwidth_gbs()
+    print(f"{card}: device copy {copy_gbs:.0f} GB/s", flush=True)
     rows = []
     for name in (args.only.split(",") if args.only else OP_MODULES):
         try:
             module = importlib.import_module(f"benchmarks.kernels.{name}")
             for case in module.cases():
                 rows.append(measure(case, copy_gbs))
+                print(rows[-1], flush=True)  # partial results survive a time limit
                 torch.cuda.empty_cache()
         except Exception as err:  # one broken op must not hide the others' figures
             print(f"{name}: FAILED {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")

@@ -42,12 +42,12 @@ class ScalingState(nn.Module):
     """Scale of one tensor role (input, weight or grad) of one layer. Buffers live on the layer's device and are
     never read on the host, so no step synchronizes with the GPU."""
 
-    def __init__(self, dtype: torch.dtype, recipe: str, history_len: int):
+    def __init__(self, dtype: torch.dtype, recipe: str, history_len: int, device=None):
         super().__init__()
         self.dtype, self.recipe = dtype, recipe
-        self.register_buffer("amax_history", torch.zeros(history_len), persistent=False)  # [H], newest first
-        self.register_buffer("scale", torch.ones(()), persistent=False)
-        self.register_buffer("overflows", torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer("amax_history", torch.zeros(history_len, device=device), persistent=False)  # [H]
+        self.register_buffer("scale", torch.ones((), device=device), persistent=False)
+        self.register_buffer("overflows", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.groups: List[dist.ProcessGroup] = []
         self.filled = False  # has a step recorded its amax yet
 
@@ -132,9 +132,9 @@ class Float8Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, cfg: FP8Config, device=None):
         super().__init__(in_features, out_features, bias=False, device=device)
         grad_dtype = E5M2 if cfg.grad_dtype == "e5m2" else E4M3
-        self.input_scaling = ScalingState(E4M3, cfg.recipe, cfg.amax_history_len)
-        self.weight_scaling = ScalingState(E4M3, cfg.recipe, cfg.amax_history_len)
-        self.grad_scaling = ScalingState(grad_dtype, cfg.recipe, cfg.amax_history_len)
+        self.input_scaling = ScalingState(E4M3, cfg.recipe, cfg.amax_history_len, device)
+        self.weight_scaling = ScalingState(E4M3, cfg.recipe, cfg.amax_history_len, device)
+        self.grad_scaling = ScalingState(grad_dtype, cfg.recipe, cfg.amax_history_len, device)
 
     def set_amax_groups(self, groups: Sequence[dist.ProcessGroup]) -> None:
         for state in (self.input_scaling, self.weight_scaling, self.grad_scaling):

@@ -1,0 +1,57 @@
+"""Native FP8 on an H100: the real torch._scaled_mm with the csrc/ cast kernel, against the fp32 linear and the
+CPU path; and a short FP8 training run. Skipped without a CUDA GPU of compute capability 8.9+."""
+
+import io
+
+import pytest
+import torch
+
+from engine.config import FP8Config
+from engine.fp8.native import Float8Linear
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9),
+                                 reason="needs an FP8 GPU (compute capability 8.9+)")]
+
+
+def rel(a, b):
+    return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+@pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
+@pytest.mark.parametrize("shape", [(2, 512, 4096, 4096), (1, 8192, 4096, 14336), (3, 48, 256, 512)])
+def test_fp8_linear_on_cuda_matches_fp32_within_fp8_error(recipe, shape):
+    b, s, k, n = shape
+    torch.manual_seed(0)
+    layer = Float8Linear(k, n, FP8Config(backend="native", recipe=recipe), device="cuda")
+    torch.nn.init.normal_(layer.weight, std=0.02)
+    for _ in range(2):
+        layer.weight.grad = None
+        x = torch.randn(b, s, k, device="cuda", requires_grad=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            y = layer(x)
+        grad = torch.randn(y.shape, device="cuda")
+        y.backward(grad.to(y.dtype))
+    x_ref, w_ref = x.detach().double().requires_grad_(), layer.weight.detach().double().requires_grad_()
+    y_ref = x_ref @ w_ref.t()
+    y_ref.backward(grad.double())
+    assert y.dtype == torch.bfloat16
+    assert rel(y, y_ref) < 0.05 and rel(x.grad, x_ref.grad) < 0.08 and rel(layer.weight.grad, w_ref.grad) < 0.08
+    assert layer.input_scaling.overflows.item() == 0 or recipe == "delayed"
+
+
+def test_fp8_training_on_cuda_learns_like_bf16(tmp_path):
+    from engine.run import train
+    from tests.helpers import make_corpus, tiny_config
+    corpus = make_corpus(tmp_path / "c")
+    losses = {}
+    for backend in ("none", "native"):
+        trainer = train(tiny_config(corpus, tmp_path / backend, ["train.device=cuda", "train.dtype=bf16",
+                                                                "train.steps=30", f"fp8.backend={backend}",
+                                                                "fp8.bf16_first_last_layers=false"]),
+                        stream=io.StringIO())
+        losses[backend] = trainer.last_metrics["val_loss"]
+        if backend == "native":
+            assert any(isinstance(m, Float8Linear) for m in trainer.module.model.modules())
+            assert trainer.last_metrics["val_loss"] < trainer.initial_val_loss - 0.5
+    assert abs(losses["native"] - losses["none"]) < 0.03 * losses["none"], losses
