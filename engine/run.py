@@ -201,6 +201,15 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
     return Trainer(module, loader, state, device, callbacks)
 
 
+def shutdown_distributed() -> None:
+    """After a run that ended normally: wait for every rank, then close the process groups before the
+    interpreter exits. Left to interpreter teardown, a rank that exits first can close its sockets under a peer's
+    gloo threads, which then abort (SIGABRT) instead of exiting 0."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def train(cfg: JobConfig, stream: Optional[TextIO] = None) -> Trainer:
     trainer = build_trainer(cfg, stream or sys.stdout)
     trainer.fit()

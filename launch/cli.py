@@ -19,8 +19,9 @@ def _train(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     from engine.callbacks import PREEMPTED_EXIT_CODE
-    from engine.run import train
+    from engine.run import shutdown_distributed, train
     trainer = train(cfg)
+    shutdown_distributed()
     if trainer.state.preempted:  # saved at the step boundary; the launch script requeues on this code
         print(f"preempted by signal {trainer.state.preempted} at step {trainer.state.step}: checkpoint saved, "
               f"exiting with {PREEMPTED_EXIT_CODE} (requeue)", flush=True)

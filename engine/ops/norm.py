@@ -122,18 +122,22 @@ def _out_dtype(x: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, weight.dtype)
 
 
-def _kernel_applies(name: str, x: torch.Tensor, weight: torch.Tensor, *others: torch.Tensor) -> bool:
-    """The CUDA kernel exists and takes these tensors (dtypes, D <= MAX_DIM, weight [D]); else the reference."""
-    return (library.fused(name, x) and weight.is_cuda and 1 <= x.shape[-1] <= MAX_DIM
-            and tuple(weight.shape) == (x.shape[-1],)
-            and all(t.dtype in _KERNEL_DTYPES for t in (x, weight, *others)))
+def _kernel_applies(name: str, out_dtype: torch.dtype, x: torch.Tensor, weight: torch.Tensor,
+                    *others: torch.Tensor) -> bool:
+    """The CUDA kernel exists and takes these tensors (fp32/bf16, D <= MAX_DIM, weight [D], all on x's device);
+    else the reference runs."""
+    return (library.fused(name, x) and 1 <= x.shape[-1] <= MAX_DIM and tuple(weight.shape) == (x.shape[-1],)
+            and out_dtype in _KERNEL_DTYPES
+            and all(t.dtype in _KERNEL_DTYPES and t.device == x.device for t in (weight, *others))
+            and x.dtype in _KERNEL_DTYPES)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm: weight * (x / sqrt(mean(x^2) + eps)) normalized in fp32. x: [..., D], weight: [D] -> [..., D]."""
-    if not _kernel_applies("rms_norm_fwd", x, weight):
+    out_dtype = _out_dtype(x, weight)
+    if not _kernel_applies("rms_norm_fwd", out_dtype, x, weight):
         return reference.rms_norm(x, weight, eps)
-    return torch.ops.herd.rms_norm_fwd(x, weight, eps, _out_dtype(x, weight))[0]
+    return torch.ops.herd.rms_norm_fwd(x, weight, eps, out_dtype)[0]
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
@@ -143,12 +147,13 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
     x (branch output), residual (stream): [..., D]; weight: [D] -> (normed [..., D], h [..., D]).
     The kernel stores h in residual's dtype, so it runs only where that is what `residual + x` gives.
     """
-    fused = (_kernel_applies("add_rms_norm_fwd", x, weight, residual) and residual.shape == x.shape
-             and residual.is_cuda and torch.promote_types(x.dtype, residual.dtype) == residual.dtype)
+    out_dtype = _out_dtype(residual, weight)
+    fused = (_kernel_applies("add_rms_norm_fwd", out_dtype, x, weight, residual) and residual.shape == x.shape
+             and torch.promote_types(x.dtype, residual.dtype) == residual.dtype)
     if not fused:
         h = residual + x
         return reference.rms_norm(h, weight, eps), h
-    y, h, _ = torch.ops.herd.add_rms_norm_fwd(x, residual, weight, eps, _out_dtype(residual, weight))
+    y, h, _ = torch.ops.herd.add_rms_norm_fwd(x, residual, weight, eps, out_dtype)
     return y, h
 
 

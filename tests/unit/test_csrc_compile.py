@@ -1,6 +1,7 @@
 """Every csrc/ kernel compiles for sm_90a without register spills, and every torch binding compiles, on a machine
 with nvcc and no GPU (skipped without nvcc). The GPU checks (tests/gpu) then run them against their references."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -16,7 +17,16 @@ KERNELS = sorted(CSRC.glob("*/*.cu"))
 BINDINGS = sorted(CSRC.glob("*/*.cpp"))
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc not installed")
-CUDA_INCLUDE = Path(NVCC).resolve().parents[1] / "include" if NVCC else None
+
+
+def cuda_include() -> Path:
+    """The CUDA toolkit's include folder (nvcc may be a wrapper script outside the toolkit, as here)."""
+    candidates = [Path(os.environ["CUDA_HOME"]) / "include"] if os.environ.get("CUDA_HOME") else []
+    candidates += [Path(NVCC).resolve().parents[1] / "include", Path("/usr/local/cuda/include")]
+    return next((c for c in candidates if (c / "cuda_runtime.h").exists()), candidates[-1])
+
+
+CUDA_INCLUDE = cuda_include() if NVCC else None
 # ptxas -v: "Used 40 registers, used 0 barriers, 8 bytes stack frame" / "0 bytes spill stores, 0 bytes spill loads"
 SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 FUNCTION = re.compile(r"Compiling entry function '([^']+)'")
