@@ -20,8 +20,10 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _swiglu_fwd_cpu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """gate, up: [..., ffn] -> silu(gate) * up [..., ffn], contiguous (as the CUDA kernel's output)."""
-    return reference.swiglu(gate, up).contiguous()
+    """gate, up: [..., ffn] -> silu(gate) * up [..., ffn] contiguous: the reference in fp32 (float64 for float64),
+    rounded once to the inputs' dtype, as the CUDA kernel computes it (for fp32 inputs: the reference exactly)."""
+    acc = _compute_dtype(gate.dtype)
+    return reference.swiglu(gate.to(acc), up.to(acc)).to(gate.dtype).contiguous()
 
 
 def swiglu_bwd_reference(dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
