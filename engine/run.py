@@ -19,7 +19,7 @@ from engine.config import DatasetConfig, JobConfig, grad_accum_steps, to_yaml
 from engine.data.loader import Batch, StepLoader, build_blend
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 from engine.errors import ConfigError
-from engine.fp8 import apply_fp8, check_fp8_config, set_amax_groups
+from engine.fp8 import apply_fp8, check_fp8_config, fp8_forward_context, init_fp8_weights, set_amax_groups
 from engine.flops import device_peak_tflops, flops_per_token, parameter_count
 from engine.model import build_meta_model, init_weights
 from engine.optim import build_optimizer, build_scheduler
@@ -119,7 +119,7 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh]) -> 
     """The model is built on the meta device and parallelized there; then each rank allocates only its shards
     and fills them from the full initial values (same seed everywhere, so the shards agree and equal the
     single-process model). Then optimizer and schedule."""
-    check_fp8_config(cfg.fp8, device)
+    check_fp8_config(cfg.fp8, device, cfg.parallel)
     model = build_meta_model(cfg.model)
     apply_fp8(model, cfg.fp8)  # before parallelize: TP and FSDP then shard the FP8 layers' plain weights
     p = cfg.parallel
@@ -132,13 +132,16 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh]) -> 
                                  pp_microbatches=grad_accum_steps(cfg), cp_attention=p.cp_attention)
     parallel = parallelize(model, mesh, options, reference_loss_sum=ops.cross_entropy_sum)
     if mesh is not None and cfg.fp8.backend == "native":  # ranks holding pieces of one tensor share its scale
-        set_amax_groups(parallel.parts, [mesh.tp_group if p.tp > 1 else None, mesh.group("cp") if p.cp > 1 else None])
+        set_amax_groups(parallel.parts, [mesh.tp_group if p.tp > 1 else None,
+                                         mesh.group("cp") if p.cp > 1 else None])
     for part in parallel.parts:
         part.to_empty(device=device)
         init_weights(part, cfg.train.seed, parallel.full_shape, parallel.init_parameter)
+        init_fp8_weights(part, cfg.fp8, cfg.train.seed)
     optimizer = build_optimizer(torch.nn.ModuleList(parallel.parts), cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.steps)
-    return LMTrainModule(parallel, optimizer, scheduler, device, cfg.train.dtype, cfg.optim.grad_clip)
+    return LMTrainModule(parallel, optimizer, scheduler, device, cfg.train.dtype, cfg.optim.grad_clip,
+                         forward_context=fp8_forward_context(cfg.fp8))
 
 
 def build_callbacks(cfg: JobConfig, state: TrainState, device: torch.device, eval_batches: List[Batch],

@@ -1,9 +1,10 @@
 """What one training step means. The Trainer loop only calls `train_step`; LM pretraining is defined here, and
 SFT, reward-model and DPO steps are further TrainModules with the same interface."""
 
+import contextlib
 import os
 import signal
-from typing import Dict, List, Tuple
+from typing import Callable, ContextManager, Dict, List, Optional, Tuple
 
 import torch
 
@@ -49,19 +50,22 @@ class LMTrainModule(TrainModule):
 
     def __init__(self, parallel: Parallelized, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, dtype: str,
-                 grad_clip: float):
+                 grad_clip: float, forward_context: Optional[Callable[[], ContextManager]] = None):
         self.parallel = parallel
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device, self.grad_clip = device, grad_clip
         self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
+        self.forward_context = forward_context or contextlib.nullcontext  # e.g. TransformerEngine's fp8_autocast
 
     @property
     def model(self) -> torch.nn.Module:
         return self.parallel.model
 
+    @contextlib.contextmanager
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
-                              enabled=self.autocast_dtype is not None)
+        with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                            enabled=self.autocast_dtype is not None), self.forward_context():
+            yield
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         with self._autocast():

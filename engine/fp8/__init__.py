@@ -5,13 +5,14 @@ The engine applies FP8 to the plain model before parallelization (`apply_fp8`), 
 which process groups share their tensors (`set_amax_groups`), so parallel/ never imports this package.
 """
 
-from typing import List, Optional, Sequence
+import contextlib
+from typing import Callable, ContextManager, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from engine.config import FP8Config
+from engine.config import FP8Config, ParallelConfig
 from engine.errors import ConfigError
 
 BACKENDS = ("none", "native", "te")
@@ -19,7 +20,7 @@ RECIPES = ("tensorwise", "delayed")
 GRAD_DTYPES = ("e5m2", "e4m3")
 
 
-def check_fp8_config(cfg: FP8Config, device: torch.device) -> None:
+def check_fp8_config(cfg: FP8Config, device: torch.device, parallel: Optional[ParallelConfig] = None) -> None:
     """One-line ConfigError naming the key for an FP8 setting that cannot run here (config loading already
     checks the choices; this also covers configs built in code, and the device)."""
     for key, value, allowed in (("backend", cfg.backend, BACKENDS), ("recipe", cfg.recipe, RECIPES),
@@ -28,6 +29,14 @@ def check_fp8_config(cfg: FP8Config, device: torch.device) -> None:
             raise ConfigError(f"fp8.{key}", f"'{value}' is not one of {', '.join(allowed)}")
     if cfg.amax_history_len < 1:
         raise ConfigError("fp8.amax_history_len", f"{cfg.amax_history_len} must be at least 1")
+    if cfg.backend == "te":
+        from engine.fp8 import te
+        te.require_te()  # one-line error naming the key when transformer_engine does not import
+        spread = {k: getattr(parallel, k) for k in ("tp", "cp", "pp")} if parallel is not None else {}
+        if any(v > 1 for v in spread.values()):
+            axis = next(k for k, v in spread.items() if v > 1)
+            raise ConfigError(f"parallel.{axis}", "fp8.backend=te is wired into the engine for data parallel "
+                              "layouts only (tp, cp and pp 1); use fp8.backend=native with model parallelism")
     if cfg.backend == "native" and device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
         raise ConfigError("fp8.backend", f"native needs FP8 tensor cores (compute capability 8.9+, e.g. H100); "
                           f"{torch.cuda.get_device_name(device)} has {torch.cuda.get_device_capability(device)}")
@@ -49,3 +58,19 @@ def set_amax_groups(parts: Sequence[nn.Module], groups: Sequence[Optional[dist.P
     """Max-reduce FP8 amaxes over `groups` (tensor and context parallel) in every native FP8 layer of `parts`."""
     from engine.fp8 import native
     return sum(native.set_amax_groups(part, groups) for part in parts)
+
+
+def init_fp8_weights(part: nn.Module, cfg: FP8Config, seed: int) -> None:
+    """After init_weights on a materialized part: TE blocks take herd's initial values under TE's names."""
+    if cfg.backend == "te":
+        from engine.fp8 import te
+        te.init_te_blocks(part, seed)
+
+
+def fp8_forward_context(cfg: FP8Config) -> Callable[[], ContextManager]:
+    """What the train module enters around each forward: TE's fp8_autocast for backend te (TE layers quantize
+    only inside it; one amax reduction per step when it exits), nothing for the others."""
+    if cfg.backend != "te":
+        return contextlib.nullcontext
+    from engine.fp8 import te
+    return lambda: te.fp8_autocast_context(cfg)
