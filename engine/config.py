@@ -167,6 +167,23 @@ class FP8Config:
 
 
 @dataclass
+class GuardConfig:
+    """Runtime guards agreed across ranks: non-finite values, loss spikes, stragglers, GPU telemetry
+    (engine/callbacks/guards.py). Fields: issue 7."""
+
+
+@dataclass
+class WatchdogConfig:
+    """Hang watchdog: collective timeouts, a heartbeat and the merged hang report (engine/callbacks/watchdog.py).
+    Fields: issue 7."""
+
+
+@dataclass
+class SlurmConfig:
+    """What `herd launch --slurm` renders into the sbatch script (launch/slurm.py). Fields: issue 7."""
+
+
+@dataclass
 class LogConfig:
     """What the user sees: console lines, TensorBoard, metrics.jsonl."""
 
@@ -191,6 +208,9 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     fp8: FP8Config = field(default_factory=FP8Config)
     log: LogConfig = field(default_factory=LogConfig)
+    guards: GuardConfig = field(default_factory=GuardConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
 
 
 # ---------------------------------------------------------------------------------------------- loading
