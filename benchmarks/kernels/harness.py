@@ -3,7 +3,7 @@
 Each op module in this folder has `cases() -> List[Case]`. A case names the fused call (through torch.ops.herd, as
 engine/ops runs it), the eager PyTorch reference doing the same work, and the bytes the fused kernel must move at
 least (inputs read once, outputs written once). The harness times the fused call, the eager reference and the
-reference under torch.compile with CUDA events (median of `iters` after warm-up) and reports the fused kernel's
+reference under torch.compile with CUDA events (20 back-to-back calls, median of 5 such runs) and reports the fused kernel's
 bandwidth against the measured device copy bandwidth.
 """
 
@@ -24,19 +24,21 @@ class Case:
     compiled: Optional[Callable[[], object]] = None  # default: torch.compile(eager)
 
 
-def time_ms(fn: Callable[[], object], warmup: int = 5, iters: int = 20) -> float:
-    """Median milliseconds per call, timed with CUDA events around each call."""
+def time_ms(fn: Callable[[], object], warmup: int = 5, calls: int = 20, repeats: int = 5) -> float:
+    """Milliseconds per call: CUDA events around `calls` back-to-back calls (the GPU queue stays full, so a short
+    kernel is not charged the host's dispatch gaps between single timed calls), median over `repeats`."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
     times = []
-    for _ in range(iters):
+    for _ in range(repeats):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(calls):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / calls)
     return statistics.median(times)
 
 

@@ -48,7 +48,7 @@ def main() -> None:
             title=f"csrc/ kernels on {card}",
             description=(f"Measured device copy bandwidth: {copy_gbs:.0f} GB/s (read + write). Fused = the csrc/ "
                          "kernel through torch.ops.herd; eager = the pure-torch reference; compiled = the reference "
-                         "under torch.compile. Median of 20 timed calls (CUDA events) after 5 warm-up calls. "
+                         "under torch.compile. CUDA events around 20 back-to-back calls, median of 5 such runs, after 5 warm-up calls. "
                          "`python -m benchmarks.kernels.run --save`."),
             save=args.save)
 
