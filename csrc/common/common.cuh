@@ -64,4 +64,22 @@ __device__ __forceinline__ Bf16x8 pack(const float in[8]) {
   return v;
 }
 
+// VEC consecutive elements of T, aligned so that one load or store instruction moves them (16 bytes when
+// sizeof(T) * VEC == 16: the vector path of the elementwise kernels).
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) VecPack {
+  T v[VEC];
+};
+
+__device__ __forceinline__ float as_float(float x) { return x; }
+__device__ __forceinline__ float as_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+// fp32 -> T, rounding to nearest even as torch's .to(dtype) does.
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+
 }  // namespace herd

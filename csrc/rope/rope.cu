@@ -22,31 +22,15 @@ namespace rope_impl {
 constexpr int kThreads = 256;
 constexpr int kHeadsPerThread = 4;
 
-// VEC consecutive elements, aligned so that one load/store instruction moves them (16 bytes for the vector path).
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
 // out[0..VEC) = src[0..VEC) (fp32 table values), in loads of up to 16 bytes. src is aligned to 4 * min(VEC, 4)
-// bytes (host check), so each Pack<float, W> load is aligned.
+// bytes (host check), so each VecPack<float, W> load is aligned.
 template <int VEC>
 __device__ __forceinline__ void load_table(const float* __restrict__ src, float out[VEC]) {
   constexpr int W = VEC < 4 ? VEC : 4;
   static_assert(VEC % W == 0, "table chunk must be a whole number of loads");
 #pragma unroll
   for (int i = 0; i < VEC; i += W) {
-    const Pack<float, W> p = *reinterpret_cast<const Pack<float, W>*>(src + i);
+    const VecPack<float, W> p = *reinterpret_cast<const VecPack<float, W>*>(src + i);
 #pragma unroll
     for (int j = 0; j < W; ++j) out[i + j] = p.v[j];
   }
@@ -59,7 +43,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     rope_kernel(T* __restrict__ q, T* __restrict__ k, const float* __restrict__ cos_t,
                 const float* __restrict__ sin_t, int tokens, int hq, int hk, int half, float sign) {
-  using P = Pack<T, VEC>;
+  using P = VecPack<T, VEC>;
   const int chunks = half / VEC;  // chunks per half-head
   const int item = blockIdx.x * kThreads + threadIdx.x;
   if (item >= tokens * chunks) return;  // no barriers below, so an early exit is safe
@@ -93,9 +77,9 @@ __global__ void __launch_bounds__(kThreads)
       P out_lo, out_hi;
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
-        const float x1 = to_f32(lo[j].v[i]), x2 = to_f32(hi[j].v[i]);
-        out_lo.v[i] = from_f32<T>(x1 * c[i] - x2 * s[i]);
-        out_hi.v[i] = from_f32<T>(x2 * c[i] + x1 * s[i]);
+        const float x1 = as_float(lo[j].v[i]), x2 = as_float(hi[j].v[i]);
+        out_lo.v[i] = from_float<T>(x1 * c[i] - x2 * s[i]);
+        out_hi.v[i] = from_float<T>(x2 * c[i] + x1 * s[i]);
       }
       *reinterpret_cast<P*>(row[j]) = out_lo;
       *reinterpret_cast<P*>(row[j] + half) = out_hi;

@@ -17,21 +17,6 @@ namespace swiglu_impl {
 constexpr int kThreads = 256;
 constexpr int kUnroll = 4;
 
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Pack {
-  T v[VEC];
-};
-
-__device__ __forceinline__ float to_f32(float x) { return x; }
-__device__ __forceinline__ float to_f32(__nv_bfloat16 x) { return __bfloat162float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float x);
-template <>
-__device__ __forceinline__ float from_f32<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-
 // 1 / (1 + e^-g). __expf is ex2.approx (a few ulp for the |g| < ~20 that matter); for g < -88 it gives inf and
 // the quotient 0, the correct limit.
 __device__ __forceinline__ float sigmoid(float g) { return 1.f / (1.f + __expf(-g)); }
@@ -48,7 +33,7 @@ __device__ __forceinline__ void swiglu_grads(float d, float g, float u, float& d
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     swiglu_fwd_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out, int64_t n) {
-  using P = Pack<T, VEC>;
+  using P = VecPack<T, VEC>;
   const int64_t nvec = n / VEC;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * (kThreads * kUnroll) + threadIdx.x;
   P g[kUnroll], u[kUnroll];
@@ -66,13 +51,13 @@ __global__ void __launch_bounds__(kThreads)
     if (i < nvec) {
       P o;
 #pragma unroll
-      for (int e = 0; e < VEC; ++e) o.v[e] = from_f32<T>(swiglu_value(to_f32(g[r].v[e]), to_f32(u[r].v[e])));
+      for (int e = 0; e < VEC; ++e) o.v[e] = from_float<T>(swiglu_value(as_float(g[r].v[e]), as_float(u[r].v[e])));
       reinterpret_cast<P*>(out)[i] = o;
     }
   }
   if (VEC > 1 && blockIdx.x == 0) {  // scalar tail: fewer than VEC (<= 7) elements, one per thread
     const int64_t i = nvec * VEC + threadIdx.x;
-    if (i < n) out[i] = from_f32<T>(swiglu_value(to_f32(gate[i]), to_f32(up[i])));
+    if (i < n) out[i] = from_float<T>(swiglu_value(as_float(gate[i]), as_float(up[i])));
   }
 }
 
@@ -81,7 +66,7 @@ template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     swiglu_bwd_kernel(const T* __restrict__ dout, const T* __restrict__ gate, const T* __restrict__ up,
                       T* __restrict__ dgate, T* __restrict__ dup, int64_t n) {
-  using P = Pack<T, VEC>;
+  using P = VecPack<T, VEC>;
   const int64_t nvec = n / VEC;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * (kThreads * kUnroll) + threadIdx.x;
   P d[kUnroll], g[kUnroll], u[kUnroll];
@@ -102,9 +87,9 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int e = 0; e < VEC; ++e) {
         float dg, du;
-        swiglu_grads(to_f32(d[r].v[e]), to_f32(g[r].v[e]), to_f32(u[r].v[e]), dg, du);
-        og.v[e] = from_f32<T>(dg);
-        ou.v[e] = from_f32<T>(du);
+        swiglu_grads(as_float(d[r].v[e]), as_float(g[r].v[e]), as_float(u[r].v[e]), dg, du);
+        og.v[e] = from_float<T>(dg);
+        ou.v[e] = from_float<T>(du);
       }
       reinterpret_cast<P*>(dgate)[i] = og;
       reinterpret_cast<P*>(dup)[i] = ou;
@@ -114,9 +99,9 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t i = nvec * VEC + threadIdx.x;
     if (i < n) {
       float dg, du;
-      swiglu_grads(to_f32(dout[i]), to_f32(gate[i]), to_f32(up[i]), dg, du);
-      dgate[i] = from_f32<T>(dg);
-      dup[i] = from_f32<T>(du);
+      swiglu_grads(as_float(dout[i]), as_float(gate[i]), as_float(up[i]), dg, du);
+      dgate[i] = from_float<T>(dg);
+      dup[i] = from_float<T>(du);
     }
   }
 }
