@@ -20,6 +20,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from engine.errors import ConfigError
+from engine.secrets import redact_tree
 
 CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
@@ -169,18 +170,53 @@ class FP8Config:
 @dataclass
 class GuardConfig:
     """Runtime guards agreed across ranks: non-finite values, loss spikes, stragglers, GPU telemetry
-    (engine/callbacks/guards.py). Fields: issue 7."""
+    (engine/callbacks/guards.py, telemetry.py; docs/reliability.md)."""
+
+    nonfinite: str = "skip"  # NaN/Inf in the loss or a gradient: skip (no update) | rollback | stop
+    spike: str = "skip"  # a loss spike: skip | rollback | stop
+    spike_factor: float = 0.0  # a loss above this x the median of the last spike_window losses is a spike; 0: off
+    spike_window: int = 50  # good steps whose median loss a step is compared with (checked once this many seen)
+    max_consecutive_skips: int = 5  # stop the run when more steps than this in a row are skipped
+    max_rollbacks: int = 3  # stop the run when it would roll back more often than this
+    straggler_every: int = 10  # gather per-rank section timings every N steps (0: off)
+    straggler_threshold: float = 0.1  # slower than the median by this fraction of the median step time
+    straggler_patience: int = 3  # ... in this many consecutive windows flags the rank
+    telemetry_every: int = 10  # read NVML (clocks, temperature, power, throttle, ECC, XID) every N steps; 0: off
 
 
 @dataclass
 class WatchdogConfig:
-    """Hang watchdog: collective timeouts, a heartbeat and the merged hang report (engine/callbacks/watchdog.py).
-    Fields: issue 7."""
+    """Hang watchdog: collective timeouts, a heartbeat and the merged hang report (engine/callbacks/watchdog.py,
+    docs/reliability.md)."""
+
+    enabled: bool = True  # heartbeat thread, collective recorder and hang report (the timeout below applies anyway)
+    collective_timeout: float = 1800.0  # seconds a collective may block before the backend fails it (every group)
+    timeout: float = 600.0  # seconds without progress (step, section or collective) before a hang is declared;
+    #                         keep it below collective_timeout on NCCL, whose own timeout aborts the process
+    heartbeat_every: float = 10.0  # seconds between <run>/heartbeat/rank<r>.json writes (and hang-trigger checks)
+    dump_wait: float = 20.0  # seconds the reporting rank waits for the other ranks' dumps before merging
+    trace_buffer: int = 2000  # torch flight recorder entries (TORCH_FR_BUFFER_SIZE) unless set in the environment
 
 
 @dataclass
 class SlurmConfig:
-    """What `herd launch --slurm` renders into the sbatch script (launch/slurm.py). Fields: issue 7."""
+    """What `herd launch --slurm` renders into the sbatch script (launch/slurm.py, docs/launch.md)."""
+
+    shape: str = "torchrun"  # torchrun: one task per node runs torchrun (c10d rendezvous on the first node);
+    #                          srun: one task per rank, SLURM_PROCID/SLURM_LOCALID become RANK/LOCAL_RANK
+    nodes: int = 1  # nodes to allocate
+    gpus_per_node: int = 8  # ranks per node: one per GPU (with train.device=cpu: CPU processes per node)
+    cpus_per_task: int = 0  # --cpus-per-task; 0 leaves SLURM's default
+    job_name: str = ""  # --job-name (%x in the log names); empty uses log.name
+    partition: str = ""  # --partition; empty: the cluster's default
+    account: str = ""  # --account; empty: none
+    qos: str = ""  # --qos; empty: none
+    time: str = ""  # --time limit as HH:MM:SS or D-HH:MM:SS (e.g. 04:00:00); empty: the partition's limit
+    signal_seconds: int = 300  # SIGUSR1 this many seconds before the time limit (saves and requeues)
+    requeue: bool = True  # --requeue, and `scontrol requeue` when herd exits with 75 (preempted)
+    env_file: str = ""  # per-cluster environment sourced before the ranks start (launch/clusters/*.env)
+    master_port: int = 0  # rendezvous / MASTER_PORT; 0 derives it from the job id (20000 + id % 10000)
+    sbatch_args: List[str] = field(default_factory=list)  # extra `#SBATCH` options, e.g. ["--exclusive"]
 
 
 @dataclass
@@ -338,9 +374,30 @@ def _field_type(owner: Any, f: dataclasses.Field) -> Any:
     return args[0] if args and dataclasses.is_dataclass(args[0]) else hint
 
 
+SECRET = {"secret": True}  # field(..., metadata=SECRET): dumped as *** whatever the field's name (engine/secrets.py)
+
+
+def secret_fields(schema: Any = JobConfig, prefix: str = "") -> set:
+    """Dotted paths (list indices left out) of the fields declared with metadata=SECRET; none today: herd configs
+    hold no credentials, the environment does. Fields whose names look secret are redacted without it."""
+    found = set()
+    for f in dataclasses.fields(schema):
+        path = f"{prefix}{f.name}"
+        if f.metadata.get("secret"):
+            found.add(path)
+        inner = _field_type(schema, f)
+        if dataclasses.is_dataclass(inner):
+            found |= secret_fields(inner, path + ".")
+    return found
+
+
 def to_yaml(cfg: JobConfig) -> str:
-    """The resolved config as YAML, for the run directory (resumes and reproductions start from it)."""
-    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    """The resolved config as YAML, for the run directory and checkpoints (resumes and reproductions start from
+    it). Values under secret-looking or SECRET keys are ***, and secret environment values are scrubbed from the
+    rest (R17): a dump is shared with logs, so it never carries a credential."""
+    marked = secret_fields()
+    tree = redact_tree(OmegaConf.to_container(OmegaConf.structured(cfg)), lambda path: ".".join(path) in marked)
+    return OmegaConf.to_yaml(tree)
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -359,6 +416,7 @@ _CHOICES = {
     "parallel.pp_schedule": ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble",
                              "DualPipeV"),
     "parallel.cp_attention": ("all_gather", "ring"),
+    "slurm.shape": ("torchrun", "srun"),
 }
 
 
@@ -395,6 +453,57 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     _require(re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.log.name) is not None and cfg.log.name not in (".", ".."),
              "log.name", f"'{cfg.log.name}' must be a plain directory name (letters, digits, '.', '_', '-')")
     _require(cfg.log.every >= 1, "log.every", "must be at least 1")
+    _validate_watchdog(cfg.watchdog)
+    _validate_guards(cfg)
+    _validate_slurm(cfg.slurm)
+
+
+def _validate_slurm(s: SlurmConfig) -> None:
+    """Only what would make a broken sbatch script; the rendered script is checked again by sbatch itself."""
+    _require(s.nodes >= 1, "slurm.nodes", f"must be at least 1, got {s.nodes}")
+    _require(s.gpus_per_node >= 1, "slurm.gpus_per_node", f"must be at least 1, got {s.gpus_per_node}")
+    _require(s.cpus_per_task >= 0, "slurm.cpus_per_task", f"must be >= 0 (0: SLURM's default), got {s.cpus_per_task}")
+    _require(s.signal_seconds >= 0, "slurm.signal_seconds", f"must be >= 0, got {s.signal_seconds}")
+    _require(s.master_port == 0 or 1024 <= s.master_port <= 65535, "slurm.master_port",
+             f"must be 0 (from the job id) or a port in 1024-65535, got {s.master_port}")
+    for key in ("job_name", "partition", "account", "qos"):
+        value = getattr(s, key)
+        _require(re.fullmatch(r"[A-Za-z0-9_.,+-]*", value) is not None, f"slurm.{key}",
+                 f"'{value}' may hold only letters, digits and . , _ + -")
+    # only [D-]HH:MM:SS: YAML reads an unquoted 4:00:00 as the number 14400, which SLURM would take as minutes
+    _require(re.fullmatch(r"(\d+-)?\d\d:\d\d:\d\d|", s.time) is not None, "slurm.time",
+             f"'{s.time}' is not a time limit of the form HH:MM:SS or D-HH:MM:SS (two-digit hours, e.g. 04:00:00)")
+    for i, arg in enumerate(s.sbatch_args):
+        _require(re.fullmatch(r"--[a-z][a-z-]*(=[^\s'\"`$;&|<>]+)?", arg) is not None, f"slurm.sbatch_args[{i}]",
+                 f"'{arg}' must be one sbatch option like --exclusive or --constraint=h100 (no spaces or quotes)")
+
+
+def _validate_guards(cfg: JobConfig) -> None:
+    g = cfg.guards
+    for key in ("nonfinite", "spike"):
+        value = getattr(g, key)
+        _require(value in ("skip", "rollback", "stop"), f"guards.{key}",
+                 f"'{value}' is not one of skip, rollback, stop")
+        _require(value != "rollback" or cfg.checkpoint.every > 0, f"guards.{key}",
+                 "rollback needs checkpoints to roll back to: set checkpoint.every > 0")
+    _require(g.spike_factor == 0 or g.spike_factor > 1, "guards.spike_factor",
+             f"must be 0 (off) or above 1, got {g.spike_factor}")
+    _require(g.spike_window >= 3, "guards.spike_window", f"must be at least 3 (a median), got {g.spike_window}")
+    _require(g.max_consecutive_skips >= 1, "guards.max_consecutive_skips", "must be at least 1")
+    _require(g.max_rollbacks >= 0, "guards.max_rollbacks", "must be >= 0")
+    _require(g.straggler_every >= 0, "guards.straggler_every", "must be >= 0 (0: off)")
+    _require(g.straggler_threshold > 0, "guards.straggler_threshold",
+             f"must be positive (a fraction of the median step time), got {g.straggler_threshold}")
+    _require(g.straggler_patience >= 1, "guards.straggler_patience", "must be at least 1")
+    _require(g.telemetry_every >= 0, "guards.telemetry_every", "must be >= 0 (0: off)")
+
+
+def _validate_watchdog(w: WatchdogConfig) -> None:
+    for key in ("collective_timeout", "timeout", "heartbeat_every", "dump_wait"):
+        _require(getattr(w, key) > 0, f"watchdog.{key}", f"must be positive (seconds), got {getattr(w, key)}")
+    _require(w.heartbeat_every < w.timeout, "watchdog.heartbeat_every",
+             f"{w.heartbeat_every:g} s must be shorter than watchdog.timeout={w.timeout:g} s")
+    _require(w.trace_buffer >= 0, "watchdog.trace_buffer", f"must be >= 0 (0: off), got {w.trace_buffer}")
 
 
 def _validate_model(m: ModelConfig) -> None:

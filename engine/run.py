@@ -4,6 +4,7 @@ import json
 import os
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import List, Optional, TextIO, Tuple
 
@@ -13,6 +14,9 @@ import torch.distributed as dist
 from engine import __version__, ops
 from engine.callbacks import (Callback, CheckpointCallback, ConsoleCallback, EvalCallback, JsonlCallback,
                               PreemptionCallback, TensorBoardCallback, ThroughputCallback)
+from engine.callbacks.guards import GuardCallback, StepGuard, StragglerCallback
+from engine.callbacks.telemetry import Telemetry, TelemetryCallback
+from engine.callbacks.watchdog import WatchdogCallback
 from engine.checkpoint.checkpointer import Checkpointer, checkpoint_root
 from engine.checkpoint.store import CheckpointStore
 from engine.config import DatasetConfig, JobConfig, grad_accum_steps, to_yaml
@@ -23,8 +27,10 @@ from engine.fp8 import apply_fp8, check_fp8_config, fp8_forward_context, init_fp
 from engine.flops import device_peak_tflops, flops_per_token, parameter_count
 from engine.model import build_meta_model, init_weights
 from engine.optim import build_optimizer, build_scheduler
+from engine.secrets import scrub
 from engine.train_module import LMTrainModule
 from engine.trainer import Trainer, TrainState
+from parallel.flight_recorder import flight_recorder_env, set_collective_timeout
 from parallel.mesh import LayoutError, Mesh, ParallelDims, build_mesh, check_layout
 from parallel.parallelize import ParallelizeOptions, parallelize
 from parallel.pipeline_parallel import check_pipeline
@@ -45,7 +51,7 @@ def prepare_run_dir(cfg: JobConfig, stream: TextIO, resumed: bool = False) -> Pa
     if run.exists() and any(run.iterdir()) and not resumed:
         archive = run.with_name(f"{cfg.log.name}.{time.strftime('%Y%m%d-%H%M%S')}")
         run.rename(archive)
-        print(f"an earlier run of the same name was moved to {archive}", file=stream, flush=True)
+        print(scrub(f"an earlier run of the same name was moved to {archive}"), file=stream, flush=True)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(to_yaml(cfg))
     return run
@@ -89,9 +95,14 @@ def setup_distributed(cfg: JobConfig) -> Tuple[torch.device, Optional[Mesh]]:
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
+    timeout = cfg.watchdog.collective_timeout  # a collective blocked on a dead or hung peer fails, not waits
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return device, build_mesh(dims, device.type)
+        hang_prefix = str(Path(cfg.log.run_dir) / cfg.log.name / "hang" / "torch_fr_rank")
+        flight_recorder_env(device.type, cfg.watchdog.trace_buffer, hang_prefix)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+    mesh = build_mesh(dims, device.type)
+    set_collective_timeout(timeout)  # the mesh's groups get torch's default timeout, not init_process_group's
+    return device, mesh
 
 
 def build_data(cfg: JobConfig, mesh: Optional[Mesh]) -> Tuple[StepLoader, List[Batch]]:
@@ -149,9 +160,15 @@ def build_callbacks(cfg: JobConfig, state: TrainState, device: torch.device, eva
     """Every rank evaluates (it takes collectives); rank 0 alone prints and writes the run directory."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     callbacks: List[Callback] = []
+    if cfg.watchdog.enabled:  # first, so its section marks bracket the other callbacks' work
+        callbacks.append(WatchdogCallback(cfg.watchdog, Path(cfg.log.run_dir) / cfg.log.name,
+                                          int(os.environ.get("RANK", "0")), world_size))
     fpt = flops_per_token(cfg.model, cfg.data.seq_len)
+    straggler, guards = guard_callbacks(cfg, device, stream)
+    callbacks += straggler  # before evaluation: its optimizer section must hold no other callback's collectives
     if eval_batches:
         callbacks.append(EvalCallback(eval_batches, cfg.train.eval_every))
+    callbacks += guards
     if int(os.environ.get("RANK", "0")) != 0:
         return callbacks
     peak = cfg.log.peak_tflops or (device_peak_tflops(torch.cuda.get_device_name(device))
@@ -175,6 +192,25 @@ def build_callbacks(cfg: JobConfig, state: TrainState, device: torch.device, eva
     return callbacks
 
 
+def guard_callbacks(cfg: JobConfig, device: torch.device, stream: TextIO) -> Tuple[List[Callback], List[Callback]]:
+    """(the straggler detector, [non-finite/spike guard, telemetry]) on every rank; rank 0 prints and writes."""
+    g = cfg.guards
+    is_rank0 = int(os.environ.get("RANK", "0")) == 0
+    say = (lambda line: print(scrub(line), file=stream, flush=True)) if is_rank0 else None
+    guard = StepGuard(g.spike_factor, g.spike_window, device)
+    telemetry = Telemetry(device) if g.telemetry_every > 0 else None
+    straggler: List[Callback] = []
+    if g.straggler_every > 0:
+        report = Path(cfg.log.run_dir) / cfg.log.name / "stragglers.jsonl" if is_rank0 else None
+        straggler.append(StragglerCallback(g.straggler_every, g.straggler_threshold, g.straggler_patience, guard,
+                                           device, report, say, telemetry))
+    guards: List[Callback] = [GuardCallback(guard, g.nonfinite, g.spike, g.spike_factor, g.max_consecutive_skips,
+                                            g.max_rollbacks, say)]
+    if telemetry is not None:
+        guards.append(TelemetryCallback(g.telemetry_every, telemetry, say))
+    return straggler, guards
+
+
 def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
     device, mesh = setup_distributed(cfg)
     torch.manual_seed(cfg.train.seed)
@@ -192,7 +228,7 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
         initialized = checkpointer.load_weights(Path(cfg.checkpoint.load_weights), cfg.model)
     callbacks = build_callbacks(cfg, state, device, eval_batches, stream, resumed is not None)
     is_rank0 = int(os.environ.get("RANK", "0")) == 0
-    say = (lambda line: print(line, file=stream, flush=True)) if is_rank0 else None
+    say = (lambda line: print(scrub(line), file=stream, flush=True)) if is_rank0 else None
     if resumed is not None and say:
         say(f"resumed from {store.step_dir(resumed)} at step {resumed} "
             f"({loader.consumed_samples:,} samples consumed)")

@@ -56,6 +56,7 @@ class LMTrainModule(TrainModule):
         self.device, self.grad_clip = device, grad_clip
         self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
         self.forward_context = forward_context or contextlib.nullcontext  # e.g. TransformerEngine's fp8_autocast
+        self.step_guard = None  # engine/callbacks/guards.py StepGuard, installed by GuardCallback
 
     @property
     def model(self) -> torch.nn.Module:
@@ -101,10 +102,13 @@ class LMTrainModule(TrainModule):
         _fault_point("after_backward")
         self.parallel.finish_gradients()
         grad_norm = self.parallel.clip_grad_norm(self.grad_clip)
+        loss = self.parallel.sum_over_data(loss)  # before the update: the guards judge it
         lr = self.optimizer.param_groups[0]["lr"]
-        self.optimizer.step()
-        self.scheduler.step()
-        loss = self.parallel.sum_over_data(loss)
+        if self.step_guard is None or self.step_guard.check(loss, grad_norm):
+            self.optimizer.step()
+            self.scheduler.step()
+        else:  # withheld on every rank (NaN/Inf or a loss spike): no update, the schedule does not advance
+            self.optimizer.zero_grad(set_to_none=True)
         return {"loss": loss.item(), "grad_norm": grad_norm.item(), "lr": lr, "loss_tokens": total_tokens}
 
     @torch.no_grad()

@@ -4,9 +4,12 @@ import argparse
 import os
 import subprocess
 import sys
+import time
+import traceback
 from typing import List, Optional
 
 from engine.errors import HerdError
+from engine.secrets import scrub
 
 EXIT_USAGE = 2
 
@@ -55,10 +58,34 @@ def _prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _launch_slurm(args: argparse.Namespace) -> int:
+    """Render (and with --submit, sbatch) the SLURM script, after checking the config for nodes x ranks per node
+    (one-line errors; nothing written or submitted)."""
+    from engine.config import load_config
+    from engine.run import check_parallel
+    from launch.slurm import render, write_and_submit
+    flags = [("slurm.nodes", args.nodes), ("slurm.gpus_per_node", args.gpus_per_node), ("slurm.shape", args.shape)]
+    overrides = list(args.overrides) + [f"{key}={value}" for key, value in flags if value is not None]
+    overrides += ["train.device=cpu"] if args.cpu else []
+    # The world size comes from slurm.* in the config; read it with the parallel degrees neutralized (a config
+    # valid for its real world size is valid for this probe), then validate for real.
+    single = [f"parallel.{k}=1" for k in ("dp_replicate", "dp_shard", "pp", "cp", "tp")]
+    probe = load_config(args.config, overrides + single)
+    world_size = probe.slurm.nodes * probe.slurm.gpus_per_node
+    cfg = load_config(args.config, overrides, world_size=world_size)
+    check_parallel(cfg, world_size)
+    out = args.out or f"{cfg.slurm.job_name or cfg.log.name}.sbatch"
+    return write_and_submit(render(cfg, args.config, overrides), out, args.submit)
+
+
 def _launch(args: argparse.Namespace) -> int:
     """Check the config for this world size (one-line errors, nothing started), then run torchrun."""
     from engine.config import load_config
     from engine.run import check_parallel
+    if args.slurm:
+        return _launch_slurm(args)
+    if args.nproc is None:
+        raise HerdError("launch needs --nproc N (processes on this machine) or --slurm (an sbatch script)")
     if args.nproc < 1:
         raise HerdError(f"--nproc must be at least 1, got {args.nproc}")
     cfg = load_config(args.config, args.overrides, world_size=args.nproc)
@@ -67,8 +94,23 @@ def _launch(args: argparse.Namespace) -> int:
                "-m", "launch", "train", args.config, *args.overrides]
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    print("herd launch: " + " ".join(command[1:]), flush=True)
-    return subprocess.call(command, env=env)
+    print(scrub("herd launch: " + " ".join(command[1:])), flush=True)
+    started = time.time()
+    code = subprocess.call(command, env=env)
+    return _hang_exit_code(cfg, started, code) if code else 0
+
+
+def _hang_exit_code(cfg, started: float, code: int) -> int:
+    """torchrun exits 1 whatever its ranks' codes; a hang report written by this job keeps the watchdog's code
+    (docs/reliability.md) so a script can tell a hang from a crash."""
+    from pathlib import Path
+
+    from engine.callbacks.watchdog import HANG_EXIT_CODE
+    report = Path(cfg.log.run_dir) / cfg.log.name / "hang" / "report.txt"
+    if not report.is_file() or report.stat().st_mtime < started:
+        return code
+    print(f"herd launch: hang report {report}: {report.read_text().splitlines()[0]}", file=sys.stderr, flush=True)
+    return HANG_EXIT_CODE
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -92,8 +134,18 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     train.set_defaults(func=_train)
 
-    launch = sub.add_parser("launch", help="start a local multi-process run (torchrun underneath)")
-    launch.add_argument("--nproc", type=int, required=True, help="processes (ranks) on this machine")
+    launch = sub.add_parser("launch", help="start a local multi-process run (torchrun underneath), or render a "
+                                           "SLURM sbatch script with --slurm")
+    launch.add_argument("--nproc", type=int, help="processes (ranks) on this machine")
+    slurm = launch.add_argument_group("SLURM (--slurm; each flag overrides its slurm.* key, docs/launch.md)")
+    slurm.add_argument("--slurm", action="store_true", help="write an sbatch script instead of running")
+    slurm.add_argument("--nodes", type=int, help="nodes (slurm.nodes)")
+    slurm.add_argument("--gpus-per-node", type=int, help="ranks per node, one per GPU (slurm.gpus_per_node)")
+    slurm.add_argument("--shape", choices=("torchrun", "srun"), help="one torchrun per node, or one task per "
+                                                                     "rank (slurm.shape)")
+    slurm.add_argument("--cpu", action="store_true", help="CPU ranks on gloo (train.device=cpu; no GPUs asked)")
+    slurm.add_argument("--out", help="script path (default: JOB_NAME.sbatch)")
+    slurm.add_argument("--submit", action="store_true", help="sbatch the script after writing it")
     launch.add_argument("config", help="YAML config")
     launch.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. parallel.tp=2")
     launch.set_defaults(func=_launch)
@@ -120,12 +172,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _scrubbed_excepthook(kind, value, tb) -> None:
+    """A crash still prints its traceback, but without secret values (a URL with a token in a message: R17)."""
+    sys.stderr.write(scrub("".join(traceback.format_exception(kind, value, tb))))
+    sys.stderr.flush()
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    sys.excepthook = _scrubbed_excepthook
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except HerdError as e:
-        print(f"herd: error: {e}", file=sys.stderr, flush=True)
+        print(scrub(f"herd: error: {e}"), file=sys.stderr, flush=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("herd: interrupted", file=sys.stderr, flush=True)

@@ -16,8 +16,12 @@ class CheckpointCallback(Callback):
             mode = "writing in the background" if self.checkpointer.async_save else "saved"
             self.announce(f"checkpoint {mode}: {path} (training blocked {self.checkpointer.last_blocking_s:.2f} s)")
 
+    def on_fit_start(self, trainer) -> None:
+        self.last_saved = trainer.state.step  # a resumed run's step is saved already
+
     def on_step_end(self, trainer, metrics) -> None:
-        if self.every > 0 and trainer.state.step % self.every == 0:
+        # a guard's rollback (engine/callbacks/guards.py) returns to the step saved last: never save it twice
+        if self.every > 0 and trainer.state.step % self.every == 0 and trainer.state.step != self.last_saved:
             self._save(trainer)
 
     def on_fit_end(self, trainer) -> None:

@@ -5,6 +5,7 @@ import sys
 from typing import Dict, List, TextIO
 
 from engine.callbacks.base import Callback
+from engine.secrets import scrub
 
 
 def _duration(seconds: float) -> str:
@@ -40,7 +41,7 @@ class ConsoleCallback(Callback):
         self.first_val = None
 
     def _print(self, line: str) -> None:
-        print(line, file=self.stream, flush=True)
+        print(scrub(line), file=self.stream, flush=True)  # the header holds paths (R17)
 
     def on_fit_start(self, trainer) -> None:
         for line in self.header:

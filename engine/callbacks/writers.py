@@ -5,6 +5,7 @@ from pathlib import Path
 from typing import Dict
 
 from engine.callbacks.base import Callback
+from engine.secrets import scrub
 
 
 class JsonlCallback(Callback):
@@ -18,7 +19,7 @@ class JsonlCallback(Callback):
         self._file = open(self.path, "a", encoding="utf-8")
 
     def on_step_end(self, trainer, metrics: Dict[str, float]) -> None:
-        self._file.write(json.dumps({"step": trainer.state.step, **metrics}) + "\n")
+        self._file.write(scrub(json.dumps({"step": trainer.state.step, **metrics})) + "\n")  # R17
         self._file.flush()
 
     def on_fit_end(self, trainer) -> None:
@@ -41,7 +42,7 @@ class TensorBoardCallback(Callback):
     def on_step_end(self, trainer, metrics: Dict[str, float]) -> None:
         for key, value in metrics.items():
             tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
-            self._writer.add_scalar(tag, value, trainer.state.step)
+            self._writer.add_scalar(scrub(tag), value, trainer.state.step)  # tags are text in the event file (R17)
 
     def on_fit_end(self, trainer) -> None:
         self._writer.flush()

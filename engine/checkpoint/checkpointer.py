@@ -17,6 +17,7 @@ from typing import Dict, List, Optional
 import torch
 import torch.distributed as dist
 
+from engine.callbacks.guards import assert_finite_state
 from engine.checkpoint.sharded import Box, load_sharded, save_sharded, sharded_state
 from engine.checkpoint.store import CheckpointError, CheckpointStore, describe_files
 
@@ -75,6 +76,8 @@ class Checkpointer:
         memory; with async_save the writing, hashing and commit then run in a background thread."""
         started = time.perf_counter()
         self.wait()
+        device = self.module.parallel.parameters()[0].device
+        assert_finite_state(self.module.parallel.named_parameters(), self.module.optimizer, step, device)
         rank, world = _rank_world()
         path = self.store.step_dir(step)
         if rank == 0:

@@ -23,6 +23,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, TensorWriteData, Writ
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
 from engine.checkpoint.store import CheckpointError
+from engine.secrets import scrub
 from parallel.parallelize import Parallelized
 
 _SAFE_GLOBALS = {
@@ -140,8 +141,19 @@ def sharded_state(parallel: Parallelized, optimizer: Optional[torch.optim.Optimi
     return state
 
 
+class _Writer(dcp.FileSystemWriter):
+    """DCP records the checkpoint's path in `.metadata` (StorageMeta.checkpoint_id); a path can hold a secret
+    value (R17), so it is scrubbed. Loading never reads it."""
+
+    def storage_meta(self):
+        meta = super().storage_meta()
+        if meta is not None and meta.checkpoint_id is not None:
+            meta.checkpoint_id = scrub(str(meta.checkpoint_id))
+        return meta
+
+
 def save_sharded(path: Path, state: Dict[str, Box], process_group: Optional[Any] = None) -> None:
-    dcp.save(state, storage_writer=dcp.FileSystemWriter(str(path), sync_files=True), planner=_BoxSavePlanner(flatten_state_dict=False),
+    dcp.save(state, storage_writer=_Writer(str(path), sync_files=True), planner=_BoxSavePlanner(flatten_state_dict=False),
              process_group=process_group)
 
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from engine.errors import HerdError
+from engine.secrets import scrub_tree
 
 FORMAT = 1
 MANIFEST, MARKER, LATEST = "manifest.json", "COMMITTED", "latest"
@@ -117,7 +118,7 @@ class CheckpointStore:
         path = self.step_dir(step)
         for name in files:
             self._inside(path, name)
-        manifest = json.dumps({"format": FORMAT, "step": step, "files": files, "meta": meta or {}},
+        manifest = json.dumps({"format": FORMAT, "step": step, "files": files, "meta": scrub_tree(meta or {})},
                               indent=1, sort_keys=True).encode()
         write_atomic(path / MANIFEST, manifest)
         _maybe_die("after_manifest", step)

@@ -165,3 +165,92 @@ def loaded_weights(rank: int, world_size: int, corpus: str, run_dir: str, overri
     trainer = build_trainer(parity_config(Path(corpus), Path(run_dir), overrides, world_size), stream=io.StringIO())
     params = trainer.module.parallel.full_parameters()  # a collective: every rank takes part
     return {"params": params if rank == 0 else None}
+
+
+def watched_run(rank: int, world_size: int, corpus: str, run_dir: str, overrides: list) -> dict:
+    """Train with the hang watchdog (shared/TESTING.md R10). Returns this rank's final heartbeat and what it
+    read of it at the end of step 1 (a hang ends the process with the watchdog's exit code instead)."""
+    import io
+    import json
+    from pathlib import Path
+
+    from engine.run import build_trainer
+    from tests.helpers import parity_config
+    cfg = parity_config(Path(corpus), Path(run_dir), overrides, world_size)
+    trainer = build_trainer(cfg, stream=io.StringIO())
+    beat = Path(run_dir) / cfg.log.name / "heartbeat" / f"rank{rank}.json"
+    seen = {}
+
+    class ReadHeartbeat(Callback):
+        def on_step_end(self, trainer, metrics):
+            if trainer.state.step == 1:
+                seen.update(json.loads(beat.read_text()))
+
+    trainer.callbacks.append(ReadHeartbeat())
+    trainer.fit()
+    from engine.callbacks.watchdog import WatchdogCallback
+    watchdog = next(c for c in trainer.callbacks if isinstance(c, WatchdogCallback))
+    watchdog._thread.join(timeout=30)  # it writes its last heartbeat once it sees fit() has returned
+    return {"step": trainer.state.step, "during": seen, "final": json.loads(beat.read_text()),
+            "unwrapped": not hasattr(dist.all_reduce, "__wrapped_by__")}
+
+
+class StepLog(Callback):
+    """Per executed step (a rollback repeats step numbers): the step as run, the data position it started at and
+    its metrics; and the full parameters after steps `snapshot_at` and `snapshot_at + 1` (first time each) and at
+    the start of the first step run again after a rollback."""
+
+    def __init__(self, snapshot_at=None):
+        self.snapshot_at, self.rows, self.snapshots = snapshot_at, [], {}
+        self._running = self._position = 0
+
+    def on_step_start(self, trainer):
+        running = trainer.state.step + 1
+        if running <= self._running and "after_rollback" not in self.snapshots:
+            self.snapshots["after_rollback"] = trainer.module.parallel.full_parameters()
+        self._running = running
+        self._position = trainer.loader.consumed_samples - trainer.loader.data.global_batch_size
+
+    def on_step_end(self, trainer, metrics):
+        self.rows.append({"step": self._running, "position": self._position, **metrics})
+        name = f"step{self._running}"
+        if self.snapshot_at is not None and self._running in (self.snapshot_at, self.snapshot_at + 1) \
+                and name not in self.snapshots:
+            self.snapshots[name] = trainer.module.parallel.full_parameters()
+
+
+def guarded_runs(rank: int, world_size: int, corpus: str, run_dir: str, jobs: list) -> list:
+    """Each job: (overrides, HERD_FAULT value or None, snapshot step or None). Trains it in this world; returns
+    per job what every rank saw: the guard's events, straggler flags, per-step rows, the LR schedule's count,
+    the final full parameters, the console (rank 0) and the error of a run a guard stopped."""
+    import io
+    import os
+    from pathlib import Path
+
+    from engine.callbacks import GuardCallback, GuardError, StragglerCallback
+    from engine.run import build_trainer
+    from tests.helpers import parity_config
+    results = []
+    for index, (overrides, fault, snapshot_at) in enumerate(jobs):
+        os.environ.pop("HERD_FAULT", None)
+        if fault:
+            os.environ["HERD_FAULT"] = fault
+        out = io.StringIO()
+        cfg = parity_config(Path(corpus), Path(run_dir) / f"job{index}", overrides, world_size)
+        trainer = build_trainer(cfg, stream=out)
+        log = StepLog(snapshot_at)
+        trainer.callbacks.append(log)
+        error = None
+        try:
+            trainer.fit()
+        except GuardError as e:
+            error = str(e)
+        os.environ.pop("HERD_FAULT", None)
+        guard = next(c for c in trainer.callbacks if isinstance(c, GuardCallback))
+        straggler = next((c for c in trainer.callbacks if isinstance(c, StragglerCallback)), None)
+        results.append({"events": guard.events, "flags": straggler.flags if straggler else [], "rows": log.rows,
+                        "schedule_steps": trainer.module.scheduler.last_epoch, "step": trainer.state.step,
+                        "final": trainer.module.parallel.full_parameters() if error is None else None,
+                        "snapshots": log.snapshots if rank == 0 else {}, "error": error,
+                        "console": out.getvalue() if rank == 0 else ""})
+    return results

@@ -1,0 +1,162 @@
+"""herd's own sbatch scripts (`herd launch --slurm`) on a real one-node SLURM cluster (tests/slurm_cluster.py):
+a 2-rank CPU gloo job completes with the losses of the same run started by `herd launch --nproc 2`, and a job
+that gets SIGUSR1 mid-run saves, exits 75, is requeued by its script, resumes and ends with the same per-step
+losses as the uninterrupted run. Only the slurm.conf side (slurmctld, slurmd, munge) is test scaffolding; the
+scripts are rendered by the command users run."""
+
+import json
+import re
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import STDLIB
+from tests.integration.test_cli import ROOT, assert_one_line_error, herd
+from tests.slurm_cluster import slurm_cluster  # noqa: F401 (the session fixture)
+
+STEPS = 12
+
+
+@pytest.fixture(scope="module")
+def job_args(tmp_path_factory):
+    """A tiny 2-rank (tp=2) CPU run on a real corpus, and its per-step losses from `herd launch --nproc 2`."""
+    root = tmp_path_factory.mktemp("slurm")
+    src = [str(p) for p in sorted((STDLIB / "email").glob("*.py"))]
+    prep = herd("prepare-data", *src, "--out", str(root / "e"), "--train-tokenizer", "--tokenizer-path",
+                str(root / "tok.json"), "--vocab-size", "300")
+    assert prep.returncode == 0, prep.stderr
+    args = [str(ROOT / "configs/demo.yaml"), f"data.train=[{{path: {root}/e}}]", "data.valid=[]",
+            f"data.tokenizer.path={root}/tok.json", "model.vocab_size=300", "model.n_layers=2", "model.dim=64",
+            "model.ffn_dim=128", "data.seq_len=32", "data.micro_batch_size=2", "data.global_batch_size=8",
+            f"train.steps={STEPS}", "schedule.warmup_steps=1", "parallel.tp=2", "checkpoint.every=100",
+            "log.every=1", "log.tensorboard=false", f"log.run_dir={root}/runs"]
+    reference = herd("launch", "--nproc", "2", *args, "log.name=ref")
+    assert reference.returncode == 0, reference.stderr[-2000:]
+    return root, args, losses(root / "runs" / "ref")
+
+
+def losses(run: Path):
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").open()]
+
+
+def submit(cluster, root: Path, args, name: str, shape: str) -> int:
+    """Render with the user's command (2 CPU ranks on one node, the test cluster's env file), then sbatch it."""
+    script = root / f"{name}.sbatch"
+    rendered = herd("launch", "--slurm", "--cpu", "--nodes", "1", "--gpus-per-node", "2", "--shape", shape,
+                    "--out", str(script), *args, f"log.name={name}", "slurm.env_file=launch/clusters/local.env",
+                    "slurm.signal_seconds=60", cwd=root)  # the script's --chdir: logs and runs land in root
+    assert rendered.returncode == 0, rendered.stderr
+    text = script.read_text()
+    assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@60" in text and "--kill-on-bad-exit=1" in text
+    assert "#SBATCH --output=%x-%j.out" in text and "launch/clusters/local.env" in text
+    assert f"#SBATCH --chdir={root}" in text
+    result = cluster.run("sbatch", "--parsable", str(script))
+    return int(result.stdout.strip().split(";")[0])
+
+
+def job_log(root: Path, name: str, job_id: int) -> str:
+    out, err = (root / f"{name}-{job_id}.{ext}" for ext in ("out", "err"))
+    return (out.read_text() if out.exists() else "") + (err.read_text() if err.exists() else "")
+
+
+@pytest.mark.parametrize("shape", ["torchrun", pytest.param("srun", marks=pytest.mark.slow)])
+def test_sbatch_script_runs_two_ranks_like_herd_launch(slurm_cluster, job_args, shape):  # noqa: F811
+    """The srun shape runs 2 tasks (one per rank); the torchrun shape 1 task whose torchrun starts 2 ranks. The
+    srun shape's run to completion is also part of its preemption test, hence slow tier here."""
+    root, args, reference = job_args
+    name = f"plain-{shape}"
+    job = submit(slurm_cluster, root, args, name, shape)
+    info = slurm_cluster.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"))
+    log = job_log(root, name, job)
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    assert "2 ranks" in log and "world size 2 (dp_replicate 1 x dp_shard 1 x pp 1 x cp 1 x tp 2)" in log
+    got = losses(root / "runs" / name)
+    print(f"job {job} ({shape} shape, {info['NumTasks']} task(s), 2 ranks): {len(got)} steps, largest difference from "
+          f"`herd launch --nproc 2`: {max(abs(a - b) for a, b in zip(got, reference)):.1e}")
+    assert got == reference
+
+
+@pytest.mark.parametrize("shape", ["srun", pytest.param("torchrun", marks=pytest.mark.slow)])
+def test_preempted_job_is_requeued_and_resumes_bitwise(slurm_cluster, job_args, shape):  # noqa: F811
+    """SIGUSR1 to the batch shell (what `--signal=B:USR1@N` does ahead of the time limit) after step 3: every
+    rank saves at one step boundary and exits 75, the script runs `scontrol requeue`, the requeued job resumes
+    from that checkpoint and finishes; its per-step losses equal the uninterrupted run's."""
+    root, args, reference = job_args
+    name = f"preempt-{shape}"
+    job = submit(slurm_cluster, root, args, name, shape)
+    out = root / f"{name}-{job}.out"
+    while not re.search(r"^step +3/", out.read_text() if out.exists() else "", re.M):
+        info = slurm_cluster.job(job)
+        assert info["JobState"] in ("PENDING", "RUNNING"), job_log(root, name, job)[-3000:]
+        time.sleep(0.5)
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job))
+    # the script requeues the job; SLURM then holds it ~2 minutes (BeginTime) before it may run again, which the
+    # test lifts so that it does not wait
+    info = slurm_cluster.wait_for(job, ("PENDING", "COMPLETED", "FAILED", "CANCELLED"), poll=0.5)
+    while info["JobState"] == "PENDING" and int(info.get("Restarts", "0")) == 0:
+        info = slurm_cluster.wait_for(job, ("PENDING", "COMPLETED", "FAILED", "CANCELLED"), poll=0.5)
+    log = job_log(root, name, job)
+    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, log[-3000:])
+    assert "exiting with 75 (requeue)" in log and f"requeueing job {job}" in log
+    # Lift the hold only once the first run has left the node, and a second later: slurmd refuses a batch job
+    # whose credential is not newer than the previous run's revocation, and both carry whole-second times.
+    while slurm_cluster.run("sinfo", "-h", "-N", "-o", "%T").stdout.strip().rstrip("*") != "idle":
+        time.sleep(0.5)
+    time.sleep(2)
+    slurm_cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")
+    info = slurm_cluster.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
+    log = job_log(root, name, job)
+    assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
+    stopped = re.search(r"preempted by signal 10 at step (\d+)", log)
+    resumed = re.search(r"resumed from \S+ at step (\d+)", log)
+    assert stopped and resumed and stopped.group(1) == resumed.group(1), log[-3000:]
+    assert "restart 1 on" in log  # SLURM_RESTART_COUNT seen by the second run of the script
+    got = losses(root / "runs" / name)
+    print(f"job {job} ({shape} shape): SIGUSR1 after step 3, stopped and saved at step {stopped.group(1)}, "
+          f"requeued, resumed at step {resumed.group(1)}, finished {STEPS} steps; steps logged "
+          f"{len(got)}, largest loss difference from the uninterrupted run "
+          f"{max(abs(a - b) for a, b in zip(got, reference)):.1e}")
+    assert 3 <= int(stopped.group(1)) < STEPS
+    assert got == reference
+
+
+@pytest.mark.parametrize("flags,overrides,expected", [
+    (["--nodes", "2", "--gpus-per-node", "3"], ["parallel.tp=2"],
+     "data.global_batch_size: 16 is not divisible by micro_batch_size*dp = 24"),
+    (["--nodes", "2", "--gpus-per-node", "8"], ["parallel.tp=16"], "parallel.tp: tp=16 does not divide"),
+    (["--nodes", "0"], [], "slurm.nodes: must be at least 1, got 0"),
+    ([], ["slurm.time=4:00:00"], "slurm.time: '14400' is not a time limit of the form HH:MM:SS"),
+    (["--gpus-per-node", "2"], ["slurm.env_file=launch/clusters/nope.env"],
+     "slurm.env_file: launch/clusters/nope.env: file not found"),
+    ([], ["slurm.sbatch_args=['--wrap=rm -rf x']"], "slurm.sbatch_args[0]: '--wrap=rm -rf x' must be one"),
+])
+def test_bad_slurm_launch_is_one_line_and_writes_nothing(tmp_path, flags, overrides, expected):
+    result = herd("launch", "--slurm", *flags, "--out", str(tmp_path / "job.sbatch"), "--submit",
+                  "configs/demo.yaml", *overrides)
+    assert_one_line_error(result, expected)
+    assert not (tmp_path / "job.sbatch").exists()
+
+
+def test_rendered_shapes_for_a_gpu_cluster(tmp_path):
+    """What only a GPU cluster can run, checked as text: GPUs asked per node, the cluster's env file sourced,
+    torchrun's c10d rendezvous on the first node, SLURM's ids mapped onto ranks."""
+    scripts = {}
+    for shape in ("torchrun", "srun"):
+        out = tmp_path / f"{shape}.sbatch"
+        result = herd("launch", "--slurm", "--nodes", "2", "--gpus-per-node", "8", "--shape", shape, "--out",
+                      str(out), "configs/demo.yaml", "parallel.tp=8", "slurm.time=04:00:00",
+                      "slurm.env_file=launch/clusters/example_h100.env", "slurm.partition=h100")
+        assert result.returncode == 0, result.stderr
+        scripts[shape] = out.read_text()
+    for text in scripts.values():
+        assert "#SBATCH --nodes=2" in text and "#SBATCH --gpus-per-node=8" in text
+        assert "#SBATCH --time=04:00:00" in text and "#SBATCH --partition=h100" in text
+        assert re.search(r"^source \S+/launch/clusters/example_h100.env", text, re.M)
+        assert 'scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1' in text
+    assert "#SBATCH --ntasks-per-node=1" in scripts["torchrun"]
+    assert '--rdzv-backend=c10d --rdzv-endpoint="$HEAD_NODE:$RDZV_PORT"' in scripts["torchrun"]
+    assert "--nproc-per-node=8" in scripts["torchrun"]
+    assert '--nnodes="$SLURM_JOB_NUM_NODES"' in scripts["torchrun"]
+    assert "#SBATCH --ntasks-per-node=8" in scripts["srun"]
+    assert "RANK=$SLURM_PROCID LOCAL_RANK=$SLURM_LOCALID WORLD_SIZE=$SLURM_NTASKS" in scripts["srun"]
