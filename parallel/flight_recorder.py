@@ -25,12 +25,13 @@ from typing import Any, Callable, Deque, Dict, List, Optional
 
 import torch.distributed as dist
 
-# Collectives and point-to-point calls that can block on a peer (those this torch has are wrapped).
+# Collectives and point-to-point calls that can block on a peer (those this torch has are wrapped). isend, irecv
+# and batch_isend_irecv are left alone: torch.distributed.P2POp accepts only the original isend/irecv objects
+# (the pipeline schedules build P2POps), and their waits show up in torch's own flight recorder.
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "reduce_scatter",
                "reduce_scatter_tensor", "reduce_scatter_single", "all_to_all", "all_to_all_single", "broadcast",
                "reduce", "gather", "scatter", "barrier", "monitored_barrier", "all_gather_object",
-               "broadcast_object_list", "gather_object", "scatter_object_list", "send", "recv", "isend", "irecv",
-               "batch_isend_irecv")
+               "broadcast_object_list", "gather_object", "scatter_object_list", "send", "recv")
 
 _TORCH_DIR = os.path.dirname(os.path.dirname(dist.__file__))  # .../site-packages/torch
 _HERE = os.path.abspath(__file__)
