@@ -4,62 +4,70 @@
 #   run(command="bash benchmarks/gpu/check.sh", carry=["wheels"], timeout_s=560)
 # Stages (STAGES, default all, in this order): build (csrc/ -> herd_kernels, in place), tests (pytest tests/gpu),
 # mfu (benchmarks/mfu.py: herd bf16 with and without kernels, native FP8, HF transformers baseline), kernels
-# (benchmarks/kernels/run.py). Each stage has its own time limit so a hang cannot eat the call. Full logs and the
-# results files go to $OUT (or ./gpu-out); a short table is printed last.
+# (benchmarks/kernels/run.py). The whole script keeps to DEADLINE seconds (default 500): each stage's limit is its
+# own cap or what is left, so a hang cannot eat the call and the results are always packed. Full logs go to
+# $OUT/logs.tgz (the device tool returns at most 8 files), the results files beside it; a short table is printed last.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
+W=$(mktemp -d)  # every log here, packed into $OUT at the end
 STAGES=${STAGES:-build tests mfu kernels}
 MFU_VARIANTS=${MFU_VARIANTS:-herd-bf16,herd-fp8,hf-bf16,herd-bf16-nokernels,herd-fp8-delayed}
+DEADLINE=${DEADLINE:-500}
 mkdir -p "$OUT"
-export PYTHONPATH=$PWD
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 START=$SECONDS
 stage() { echo "== [$((SECONDS - START)) s] $*"; }
 has() { [[ " $STAGES " == *" $1 "* ]]; }
+limit() { local left=$((DEADLINE - (SECONDS - START) - 15)); ((left < $1)) && echo $((left > 5 ? left : 5)) || echo "$1"; }
 
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader | tee "$W/gpu.txt"
+python -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$W/gpu.txt"
 { python -m pip install -q --no-index --find-links wheels omegaconf tiktoken ninja \
-  && python -m pip install -q --no-index --no-deps --find-links wheels llama-models; } >"$OUT/pip.log" 2>&1 \
-  || { echo "wheel install failed (see $OUT/pip.log)"; tail -5 "$OUT/pip.log"; }
+  && python -m pip install -q --no-index --no-deps --find-links wheels llama-models; } >"$W/pip.log" 2>&1 \
+  || { echo "wheel install failed (see pip.log)"; tail -5 "$W/pip.log"; }
 
 build_rc=skipped
 if has build; then
   stage "build csrc/"
-  MAX_JOBS=16 timeout 240 python setup.py build_ext --inplace >"$OUT/build.log" 2>&1
+  MAX_JOBS=16 timeout "$(limit 180)" python setup.py build_ext --inplace >"$W/build.log" 2>&1
   build_rc=$?
-  grep -E "error|Used [0-9]+ registers|spill" "$OUT/build.log" | sort | uniq -c | sort -rn | head -40 >"$OUT/ptxas.txt"
-  [ "$build_rc" = 0 ] || { echo "build failed ($build_rc):"; grep -m 15 -E "error" "$OUT/build.log"; }
+  grep -E "error|Used [0-9]+ registers|spill" "$W/build.log" | sort | uniq -c | sort -rn | head -40 >"$W/ptxas.txt"
+  [ "$build_rc" = 0 ] || { echo "build failed ($build_rc):"; grep -m 15 -E "error" "$W/build.log"; }
 fi
 python -c "import engine.ops as o; [print(f'{k}: {v}') for k, v in o.kernel_status().items()]" 2>&1 \
-  | tee "$OUT/kernel_status.txt"
+  | tee "$W/kernel_status.txt"
 
 tests_rc=skipped
 if has tests; then
   stage "pytest tests/gpu"
-  timeout 200 python -m pytest -q -p no:cacheprovider tests/gpu -m "gpu or not gpu" -rf >"$OUT/pytest_gpu.log" 2>&1
+  timeout "$(limit 150)" python -m pytest -q -p no:cacheprovider tests/gpu -m "gpu or not gpu" -rf --maxfail=30 \
+    >"$W/pytest_gpu.log" 2>&1
   tests_rc=$?
-  grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/pytest_gpu.log" | tail -25
+  grep -E "^(FAILED|ERROR)|passed|failed" "$W/pytest_gpu.log" | tail -25
 fi
 
 if has mfu; then
   stage "benchmarks/mfu.py"
-  timeout 330 python -m benchmarks.mfu --steps 10 --warmup 3 --timeout 100 --variants "$MFU_VARIANTS" \
-    --log-dir "$OUT/mfu" --save >"$OUT/mfu.log" 2>&1
+  timeout "$(limit 260)" python -m benchmarks.mfu --steps 10 --warmup 3 --timeout 75 --variants "$MFU_VARIANTS" \
+    --log-dir "$W/mfu" --save >"$W/mfu.log" 2>&1
   echo "mfu exit $?"
-  cp benchmarks/results/mfu_* "$OUT/" 2>/dev/null
 fi
 
 if has kernels; then
   stage "benchmarks/kernels"
-  timeout 200 python -m benchmarks.kernels.run --save >"$OUT/kernels.log" 2>&1
+  timeout "$(limit 200)" python -m benchmarks.kernels.run --save >"$W/kernels.log" 2>&1
   echo "kernels exit $?"
-  cp benchmarks/results/kernels_* "$OUT/" 2>/dev/null
 fi
 
 stage "summary"
-echo "gpu: $(head -1 "$OUT/gpu.txt")"
-echo "build: exit $build_rc; tests/gpu: $(tail -1 "$OUT/pytest_gpu.log" 2>/dev/null) (exit $tests_rc)"
-cat "$OUT/kernel_status.txt"
-[ -f "$OUT/kernels.log" ] && grep -E "^\| |FAILED" "$OUT/kernels.log"
-[ -f "$OUT/mfu.log" ] && tail -22 "$OUT/mfu.log"
+{
+  echo "gpu: $(head -1 "$W/gpu.txt")"
+  echo "build: exit $build_rc; tests/gpu: $(tail -1 "$W/pytest_gpu.log" 2>/dev/null) (exit $tests_rc)"
+  cat "$W/kernel_status.txt"
+  [ -f "$W/kernels.log" ] && grep -E "^\| |FAILED|Error" "$W/kernels.log"
+  [ -f "$W/mfu.log" ] && tail -22 "$W/mfu.log"
+} | tee "$W/summary.txt"
+cp benchmarks/results/mfu_* benchmarks/results/kernels_* "$W/" 2>/dev/null
+tar -czf "$OUT/logs.tgz" -C "$W" . && cp "$W/summary.txt" "$OUT/"
+ls benchmarks/results/mfu_*.md benchmarks/results/kernels_*.md 2>/dev/null | head -4 | xargs -r cp -t "$OUT/"
 exit 0
