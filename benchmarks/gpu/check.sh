@@ -2,6 +2,7 @@
 # Every GPU check in one call on a lent H100/H200 (see README "GPU checks"). Run from the repository root with the
 # pure-Python wheels that the GPU machine lacks carried in wheels/ (`make gpu-wheels` fetches them here):
 #   run(command="bash benchmarks/gpu/check.sh", carry=["wheels"], timeout_s=560)
+# (Each op's binding is <op>_binding.cpp: a .cpp and a .cu of one name would build to one object file.)
 # Stages (STAGES, default all, in this order): build (csrc/ -> herd_kernels, in place), tests (pytest tests/gpu),
 # mfu (benchmarks/mfu.py: herd bf16 with and without kernels, native FP8, HF transformers baseline), kernels
 # (benchmarks/kernels/run.py). The whole script keeps to DEADLINE seconds (default 500): each stage's limit is its

@@ -308,7 +308,7 @@ void launch_cast_fmt(const void* x, const float* scale, int64_t M, int64_t K, bo
 }  // namespace herd
 
 // The launchers take the stream as void* and return nullptr or the CUDA error text, so that the torch binding
-// (fp8_cast.cpp) needs no CUDA header. Both synchronize nothing.
+// (fp8_cast_binding.cpp) needs no CUDA header. Both synchronize nothing.
 
 // x: n elements on `device`, dtype_code 0 = bf16, 1 = fp32. amax: one fp32, gets max|x| (zeroed here first, by an
 // async memset: cheaper on the host than a torch zeros kernel).

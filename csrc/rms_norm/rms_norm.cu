@@ -264,7 +264,7 @@ dw_reduce_kernel(const float* __restrict__ partial, TW* __restrict__ dweight, in
 
 // ---- host side -------------------------------------------------------------------------------------------------
 
-constexpr int kBFloat16 = 1;  // dtype codes shared with rms_norm.cpp: 0 float32, 1 bfloat16
+constexpr int kBFloat16 = 1;  // dtype codes shared with rms_norm_binding.cpp: 0 float32, 1 bfloat16
 
 template <typename T> struct Tag { using type = T; };
 

@@ -2,7 +2,7 @@
 // herd::swiglu_bwd(Tensor dout, Tensor gate, Tensor up) -> (Tensor, Tensor) (schemas in engine/ops/swiglu.py).
 // Inputs of any layout are made contiguous; outputs are new contiguous tensors in the inputs' dtype.
 //
-// No CUDA header is included, for the reason csrc/rope/rope.cpp gives: c10::DeviceGuard stands for CUDAGuard, the
+// No CUDA header is included, for the reason csrc/rope/rope_binding.cpp gives: c10::DeviceGuard stands for CUDAGuard, the
 // CUDA guard implementation's current stream for at::cuda::getCurrentCUDAStream(), and the launchers return the
 // cudaGetLastError() text that C10_CUDA_KERNEL_LAUNCH_CHECK would check.
 #include <c10/core/DeviceGuard.h>
