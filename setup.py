@@ -24,7 +24,7 @@ def cuda_extensions():
         return [], {}
     flags = {"cxx": ["-O3"], "nvcc": ["-O3", "-gencode=arch=compute_90a,code=sm_90a", "--use_fast_math",
                                       "-Xptxas=-v", "-lineinfo"]}
-    ext = CUDAExtension("herd_kernels", sources, extra_compile_args=flags)
+    ext = CUDAExtension("herd_kernels", sources, include_dirs=[str(ROOT / "csrc" / "common")], extra_compile_args=flags)
     return [ext], {"build_ext": BuildExtension}
 
 
