@@ -24,7 +24,12 @@ def cuda_extensions():
         return [], {}
     flags = {"cxx": ["-O3"], "nvcc": ["-O3", "-gencode=arch=compute_90a,code=sm_90a", "--use_fast_math",
                                       "-Xptxas=-v", "-lineinfo"]}
-    ext = CUDAExtension("herd_kernels", sources, include_dirs=[str(ROOT / "csrc" / "common")], extra_compile_args=flags)
+    # libstdc++ must be torch's shared one: the H200 build machine's g++ links it statically by default, and a
+    # TORCH_CHECK thrown by a binding then crossed two C++ runtimes and segfaulted (found there; a CPU repro with
+    # -static-libstdc++ mangled the error text). Naming the shared library first makes the linker resolve to it.
+    link = ["-Wl,--no-as-needed", "-l:libstdc++.so.6", "-Wl,--as-needed"]
+    ext = CUDAExtension("herd_kernels", sources, include_dirs=[str(ROOT / "csrc" / "common")],
+                        extra_compile_args=flags, extra_link_args=link)
     return [ext], {"build_ext": BuildExtension}
 
 

@@ -7,6 +7,7 @@ Targets (issue 6): 85% or more of the measured copy bandwidth and faster than to
 
 import argparse
 import importlib
+import re
 
 import torch
 
@@ -43,7 +44,7 @@ def main() -> None:
              f"{r['eager_ms']:.3f} | {r['compiled_ms']:.3f} | {r['vs_eager']:.2f} | {r['vs_compiled']:.2f} |"
              for r in rows]
     table = "\n".join([header] + lines)
-    slug = card.replace("NVIDIA ", "").replace(" ", "_")
+    slug = re.sub(r"[^a-z0-9]+", "_", card.lower()).strip("_")  # as benchmarks/mfu.py names its results
     publish(f"kernels_{slug}", [dict(r, card=card, copy_gbs=copy_gbs) for r in rows], table,
             title=f"csrc/ kernels on {card}",
             description=(f"Measured device copy bandwidth: {copy_gbs:.0f} GB/s (read + write). Fused = the csrc/ "
