@@ -1,0 +1,232 @@
+"""The configuration schema: one typed dataclass per component, nested in JobConfig.
+
+Plain dataclasses with defaults and a comment per field; loading, merging and validation live in engine/config.py,
+which re-exports every class here (import them from there).
+"""
+
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+
+@dataclass
+class RopeScalingConfig:
+    """Llama 3.1's RoPE frequency scaling for long context (wavelength-dependent interpolation)."""
+
+    enabled: bool = False  # apply the scaling; presets of Llama 3.1 turn it on
+    factor: float = 8.0  # long-wavelength frequencies are divided by this
+    low_freq_factor: float = 1.0  # wavelengths above original_max_seq_len / low_freq_factor are fully scaled
+    high_freq_factor: float = 4.0  # wavelengths below original_max_seq_len / high_freq_factor are untouched
+    original_max_seq_len: int = 8192  # context length the unscaled model was pretrained at
+
+
+@dataclass
+class ModelConfig:
+    """Shape of the dense Llama 3 decoder (paper Table 3)."""
+
+    name: str = "debug"  # preset name, for logs
+    dim: int = 256  # model (residual stream) width
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 8  # query heads
+    n_kv_heads: int = 4  # key/value heads (GQA); must divide n_heads
+    ffn_dim: int = 768  # SwiGLU hidden width
+    vocab_size: int = 4096  # rows of the embedding and the output head
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rope_theta: float = 500000.0  # RoPE base frequency (Llama 3: 500,000)
+    rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
+    max_seq_len: int = 8192  # longest sequence RoPE tables are built for (the RoPE limit)
+    init_std: float = 0.02  # std of the normal init of weight matrices
+
+
+@dataclass
+class ParallelConfig:
+    """Degrees of the parallel dimensions; their product is the world size."""
+
+    dp_replicate: int = 1  # HSDP replicas (outermost)
+    dp_shard: int = -1  # FSDP shards; -1 takes whatever the world size leaves
+    pp: int = 1  # pipeline stages
+    cp: int = 1  # context-parallel ranks
+    tp: int = 1  # tensor-parallel ranks (innermost, Llama 3's [TP, CP, PP, DP] order)
+    sequence_parallel: bool = True  # with tp > 1, split norms and residuals along the sequence across tp
+    activation_checkpointing: str = "none"  # none | full (every block) | selective (every ac_every-th block)
+    ac_every: int = 2  # selective activation checkpointing: recompute blocks 0, n, 2n, ...
+    reshard_after_forward: bool = True  # FSDP: free gathered block parameters after forward (ZeRO-3)
+    # pipeline: schedule, model chunks per rank, and how the layers are split over the pp * virtual stages
+    pp_schedule: str = "1F1B"  # GPipe | 1F1B | Interleaved1F1B | InterleavedZeroBubble | ZBVZeroBubble | DualPipeV
+    pp_virtual_stages: int = 1  # stages per pp rank (>1 for interleaved schedules; the V schedules need 2)
+    pp_layers: List[int] = field(default_factory=list)  # transformer layers per stage; empty: balanced by cost
+    pp_embedding_cost: float = 1.0  # the embedding counts as this many layers when balancing (Llama 3: one)
+    pp_head_cost: float = 1.0  # the final norm + output head count as this many layers
+    cp_attention: str = "all_gather"  # all_gather (K/V gathered, Llama 3) | ring (K/V passed around, P2P)
+
+
+@dataclass
+class DatasetConfig:
+    """One tokenized dataset (a `.bin`/`.idx` pair) in a blend."""
+
+    path: str = ""  # prefix of the .bin/.idx pair written by `herd prepare-data`
+    weight: float = 1.0  # relative share of samples drawn from it
+
+
+@dataclass
+class TokenizerConfig:
+    """Which tokenizer the data was made with (the model's vocab must cover it)."""
+
+    kind: str = "hf"  # hf (a tokenizers tokenizer.json) or llama3 (the real Llama 3 tiktoken model)
+    path: str = ""  # tokenizer.json for kind=hf
+
+
+@dataclass
+class DataConfig:
+    """Token data, packing, batching and bad-data policy."""
+
+    train: List[DatasetConfig] = field(default_factory=list)  # the training blend
+    valid: List[DatasetConfig] = field(default_factory=list)  # held-out blend for validation loss
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    seq_len: int = 256  # tokens per packed sequence
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    global_batch_size: int = 8  # sequences per optimizer step over all data-parallel ranks
+    seed: int = 1234  # shuffling seed (documents and samples)
+    document_mask: bool = True  # tokens never attend across document boundaries inside a packed sequence
+    eod_mask_loss: bool = True  # no loss where the input token is end-of-document (it predicts another document)
+    on_bad_data: str = "error"  # error: stop naming file and line; skip: leave the document out and count it
+
+
+@dataclass
+class OptimConfig:
+    """AdamW (fused on CUDA, foreach on CPU) over fp32 master weights."""
+
+    lr: float = 3e-4  # peak learning rate
+    weight_decay: float = 0.1  # decoupled weight decay on matrices (not on norms)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # clip by global gradient norm; 0 disables
+
+
+@dataclass
+class ScheduleConfig:
+    """Learning-rate schedule over train.steps optimizer steps."""
+
+    kind: str = "cosine"  # cosine | wsd (warmup-stable-decay) | linear (decay to min, e.g. annealing) | constant
+    warmup_steps: int = 0  # linear warmup from 0 to optim.lr
+    min_lr_ratio: float = 0.1  # final LR as a fraction of optim.lr (Llama 3 405B: 8e-7 / 8e-5 = 0.01)
+    decay_fraction: float = 0.2  # wsd only: share of the steps spent in the final linear decay
+
+
+@dataclass
+class TrainConfig:
+    """The run itself."""
+
+    steps: int = 100  # optimizer steps
+    seed: int = 1234  # model init and RNG seed
+    dtype: str = "bf16"  # autocast compute dtype: bf16 or fp32 (weights and grads stay fp32)
+    device: str = "auto"  # auto (cuda if present), cpu or cuda
+    eval_every: int = 0  # validation loss every N steps (0: only at the end, if data.valid is set)
+    eval_batches: int = 8  # micro-batches of validation data per evaluation
+
+
+@dataclass
+class CheckpointConfig:
+    """Where and how often the run is saved."""
+
+    dir: str = ""  # checkpoint root; empty means <log.run_dir>/<log.name>/checkpoints
+    every: int = 0  # save every N steps (0: never)
+    keep_last: int = 2  # complete checkpoints kept; at least 2 so one always survives a failed save
+    resume: str = "auto"  # auto: newest complete checkpoint if any; never: start fresh
+    async_save: bool = False  # write, hash and commit in a background thread (training blocks only for a copy)
+    verify_sample: int = 0  # on load, hash every file (0) or all small files plus this many large ones
+    load_weights: str = ""  # a checkpoint root (e.g. from `herd convert hf-to-herd`) whose newest model weights
+    #                         initialize a run that has no checkpoint of its own; optimizer and data start fresh
+
+
+@dataclass
+class FP8Config:
+    """FP8 training (engine/fp8)."""
+
+    backend: str = "none"  # none | native (torch._scaled_mm) | te (TransformerEngine)
+    recipe: str = "tensorwise"  # tensorwise (current scaling) | delayed (amax history)
+    amax_history_len: int = 16  # delayed scaling window
+    grad_dtype: str = "e5m2"  # e5m2 | e4m3 for gradients
+    bf16_first_last_layers: bool = True  # keep the first and last transformer blocks in bf16
+
+
+@dataclass
+class GuardConfig:
+    """Runtime guards agreed across ranks: non-finite values, loss spikes, stragglers, GPU telemetry
+    (engine/callbacks/guards.py, telemetry.py; docs/reliability.md)."""
+
+    nonfinite: str = "skip"  # NaN/Inf in the loss or a gradient: skip (no update) | rollback | stop
+    spike: str = "skip"  # a loss spike: skip | rollback | stop
+    spike_factor: float = 0.0  # a loss above this x the median of the last spike_window losses is a spike; 0: off
+    spike_window: int = 50  # good steps whose median loss a step is compared with (checked once this many seen)
+    max_consecutive_skips: int = 5  # stop the run when more steps than this in a row are skipped
+    max_rollbacks: int = 3  # stop the run when it would roll back more often than this
+    straggler_every: int = 10  # gather per-rank section timings every N steps (0: off)
+    straggler_threshold: float = 0.1  # slower than the median by this fraction of the median step time
+    straggler_patience: int = 3  # ... in this many consecutive windows flags the rank
+    telemetry_every: int = 10  # read NVML (clocks, temperature, power, throttle, ECC, XID) every N steps; 0: off
+
+
+@dataclass
+class WatchdogConfig:
+    """Hang watchdog: collective timeouts, a heartbeat and the merged hang report (engine/callbacks/watchdog.py,
+    docs/reliability.md)."""
+
+    enabled: bool = True  # heartbeat thread, collective recorder and hang report (the timeout below applies anyway)
+    collective_timeout: float = 1800.0  # seconds a collective may block before the backend fails it (every group)
+    timeout: float = 600.0  # seconds without progress (step, section or collective) before a hang is declared;
+    #                         keep it below collective_timeout on NCCL, whose own timeout aborts the process
+    heartbeat_every: float = 10.0  # seconds between <run>/heartbeat/rank<r>.json writes (and hang-trigger checks)
+    dump_wait: float = 20.0  # seconds the reporting rank waits for the other ranks' dumps before merging
+    trace_buffer: int = 2000  # torch flight recorder entries (TORCH_FR_BUFFER_SIZE) unless set in the environment
+
+
+@dataclass
+class SlurmConfig:
+    """What `herd launch --slurm` renders into the sbatch script (launch/slurm.py, docs/launch.md)."""
+
+    shape: str = "torchrun"  # torchrun: one task per node runs torchrun (c10d rendezvous on the first node);
+    #                          srun: one task per rank, SLURM_PROCID/SLURM_LOCALID become RANK/LOCAL_RANK
+    nodes: int = 1  # nodes to allocate
+    gpus_per_node: int = 8  # ranks per node: one per GPU (with train.device=cpu: CPU processes per node)
+    cpus_per_task: int = 0  # --cpus-per-task; 0 leaves SLURM's default
+    job_name: str = ""  # --job-name (%x in the log names); empty uses log.name
+    partition: str = ""  # --partition; empty: the cluster's default
+    account: str = ""  # --account; empty: none
+    qos: str = ""  # --qos; empty: none
+    time: str = ""  # --time limit as HH:MM:SS or D-HH:MM:SS (e.g. 04:00:00); empty: the partition's limit
+    signal_seconds: int = 300  # SIGUSR1 this many seconds before the time limit (saves and requeues)
+    requeue: bool = True  # --requeue, and `scontrol requeue` when herd exits with 75 (preempted)
+    env_file: str = ""  # per-cluster environment sourced before the ranks start (launch/clusters/*.env)
+    master_port: int = 0  # rendezvous / MASTER_PORT; 0 derives it from the job id (20000 + id % 10000)
+    sbatch_args: List[str] = field(default_factory=list)  # extra `#SBATCH` options, e.g. ["--exclusive"]
+
+
+@dataclass
+class LogConfig:
+    """What the user sees: console lines, TensorBoard, metrics.jsonl."""
+
+    run_dir: str = "runs"  # parent of every run's directory
+    name: str = "debug"  # this run's directory name under run_dir (letters, digits, . _ -)
+    every: int = 1  # console line every N steps
+    tensorboard: bool = True  # write TensorBoard event files under <run>/tb
+    jsonl: bool = True  # write <run>/metrics.jsonl, one JSON object per step
+    peak_tflops: float = 0.0  # per-device peak for MFU; 0 looks the device up (H100 SXM bf16: 989.4)
+
+
+@dataclass
+class JobConfig:
+    """A whole training job."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    fp8: FP8Config = field(default_factory=FP8Config)
+    log: LogConfig = field(default_factory=LogConfig)
+    guards: GuardConfig = field(default_factory=GuardConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
