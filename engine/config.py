@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from engine.config_schema import (  # noqa: F401  (re-exported: components import them from here)
     RopeScalingConfig, ModelConfig, ParallelConfig, DatasetConfig, TokenizerConfig, DataConfig, OptimConfig,
     ScheduleConfig, TrainConfig, CheckpointConfig, FP8Config, GuardConfig, WatchdogConfig, SlurmConfig, LogConfig,
-    JobConfig)
+    AlignConfig, JobConfig)
 from engine.errors import ConfigError
 from engine.secrets import redact_tree
 
@@ -191,6 +191,9 @@ _CHOICES = {
     "fp8.backend": ("none", "native", "te"),
     "fp8.recipe": ("tensorwise", "delayed"),
     "fp8.grad_dtype": ("e5m2", "e4m3"),
+    "align.kind": ("lm", "sft", "rm", "dpo"),
+    "align.on_too_long": ("truncate", "skip"),
+    "align.dpo_loss": ("sigmoid", "ipo"),
     "parallel.activation_checkpointing": ("none", "full", "selective"),
     "parallel.pp_schedule": ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble",
                              "DualPipeV"),
@@ -235,6 +238,17 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     _validate_watchdog(cfg.watchdog)
     _validate_guards(cfg)
     _validate_slurm(cfg.slurm)
+    _validate_align(cfg)
+
+
+def _validate_align(cfg: JobConfig) -> None:
+    a = cfg.align
+    if a.kind == "lm":
+        return
+    _require(bool(a.train_file), "align.train_file", f"align.kind={a.kind} needs a JSONL file of training rows")
+    _require(a.dpo_beta > 0, "align.dpo_beta", f"must be positive, got {a.dpo_beta}")
+    _require(a.dpo_nll_alpha >= 0, "align.dpo_nll_alpha", f"must be >= 0, got {a.dpo_nll_alpha}")
+    _require(0 <= a.dpo_label_smoothing < 0.5, "align.dpo_label_smoothing", "must be in [0, 0.5)")
 
 
 def _validate_slurm(s: SlurmConfig) -> None:

@@ -215,6 +215,22 @@ class LogConfig:
 
 
 @dataclass
+class AlignConfig:
+    """Post-training (align/, docs/alignment.md): what one step learns from. kind lm is pretraining on data.train;
+    sft, rm and dpo read the JSONL files below (TRL's row formats) and use the rest of the job as it is."""
+
+    kind: str = "lm"  # lm | sft (assistant tokens only) | rm (reward model) | dpo
+    train_file: str = ""  # JSONL: sft {"messages": [...]} or prompt/completion; rm/dpo prompt/chosen/rejected
+    valid_file: str = ""  # held-out rows of the same format (validation loss, RM and DPO accuracy)
+    on_too_long: str = "truncate"  # a row over data.seq_len + 1 tokens: truncate it, or skip it (counted)
+    dpo_beta: float = 0.1  # DPO's KL coefficient beta (Rafailov et al. 2023, eq. 7)
+    dpo_loss: str = "sigmoid"  # sigmoid (DPO) or ipo (Azar et al. 2023)
+    dpo_nll_alpha: float = 0.2  # NLL on the chosen response added to DPO (Llama 3 paper section 4.1.4)
+    dpo_label_smoothing: float = 0.0  # conservative DPO's label noise epsilon (sigmoid loss only)
+    reference: str = ""  # DPO's frozen reference: a checkpoint root; empty = the weights the run starts from
+
+
+@dataclass
 class JobConfig:
     """A whole training job."""
 
@@ -230,3 +246,4 @@ class JobConfig:
     guards: GuardConfig = field(default_factory=GuardConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    align: AlignConfig = field(default_factory=AlignConfig)

@@ -6,7 +6,7 @@ import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import List, Optional, TextIO, Tuple
+from typing import Callable, List, Optional, TextIO, Tuple
 
 import torch
 import torch.distributed as dist
@@ -211,11 +211,17 @@ def guard_callbacks(cfg: JobConfig, device: torch.device, stream: TextIO) -> Tup
     return straggler, guards
 
 
-def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
+DataBuilder = Callable[[JobConfig, Optional[Mesh]], Tuple[StepLoader, List[Batch]]]
+ModuleBuilder = Callable[[JobConfig, torch.device, Optional[Mesh]], LMTrainModule]
+
+
+def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout, data_builder: Optional[DataBuilder] = None,
+                  module_builder: Optional[ModuleBuilder] = None) -> Trainer:
+    """The whole run. Post-training (align/) passes its own data and module builders; the rest is shared."""
     device, mesh = setup_distributed(cfg)
     torch.manual_seed(cfg.train.seed)
-    loader, eval_batches = build_data(cfg, mesh)
-    module = build_module(cfg, device, mesh)
+    loader, eval_batches = (data_builder or build_data)(cfg, mesh)
+    module = (module_builder or build_module)(cfg, device, mesh)
     state = TrainState(total_steps=cfg.train.steps, tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len)
     run = Path(cfg.log.run_dir) / cfg.log.name
     store = CheckpointStore(checkpoint_root(cfg.checkpoint.dir, run), cfg.checkpoint.keep_last,
