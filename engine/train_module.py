@@ -57,6 +57,7 @@ class LMTrainModule(TrainModule):
         self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
         self.forward_context = forward_context or contextlib.nullcontext  # e.g. TransformerEngine's fp8_autocast
         self.step_guard = None  # engine/callbacks/guards.py StepGuard, installed by GuardCallback
+        self.loss_copies = 1  # ranks of one data-parallel rank that report the same loss (cp, for align/ losses)
 
     @property
     def model(self) -> torch.nn.Module:
@@ -68,10 +69,15 @@ class LMTrainModule(TrainModule):
                             enabled=self.autocast_dtype is not None), self.forward_context():
             yield
 
+    def micro_loss(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One micro-batch's summed loss from its logits [b, s, vocab (shard)] (on the last pipeline stage).
+        Post-training modules (align/) override this and `count_tokens`; the rest of the step is shared."""
+        return self.parallel.loss_sum(logits, targets, mask)
+
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         with self._autocast():
             logits = self.parallel.model(batch.inputs, batch.position_ids, batch.doc_ids)  # [b, s, vocab (shard)]
-        return self.parallel.loss_sum(logits, batch.targets, batch.loss_mask)
+        return self.micro_loss(logits, batch.targets, batch.loss_mask)
 
     def count_tokens(self, micro_batches: List[Batch]) -> int:
         """Loss tokens in the step over all ranks with other tokens (counted on the host, summed over dp x cp)."""
@@ -83,7 +89,7 @@ class LMTrainModule(TrainModule):
         scale = self.parallel.loss_scale
         if self.parallel.pipeline is not None:
             def step_loss(logits, targets, mask):
-                return self.parallel.loss_sum(logits, targets, mask) / total_tokens * scale
+                return self.micro_loss(logits, targets, mask) / total_tokens * scale
             with self._autocast():
                 return self.parallel.pipeline.forward_backward(micro_batches, step_loss) / scale
         loss = torch.zeros((), device=self.device)
@@ -102,7 +108,7 @@ class LMTrainModule(TrainModule):
         _fault_point("after_backward")
         self.parallel.finish_gradients()
         grad_norm = self.parallel.clip_grad_norm(self.grad_clip)
-        loss = self.parallel.sum_over_data(loss)  # before the update: the guards judge it
+        loss = self.parallel.sum_over_data(loss) / self.loss_copies  # before the update: the guards judge it
         lr = self.optimizer.param_groups[0]["lr"]
         if self.step_guard is None or self.step_guard.check(loss, grad_norm):
             self.optimizer.step()
@@ -119,7 +125,7 @@ class LMTrainModule(TrainModule):
                               dtype=torch.float64)
         if self.parallel.pipeline is not None:
             with self._autocast():
-                total = self.parallel.pipeline.forward_only(micro_batches, self.parallel.loss_sum).double()
+                total = self.parallel.pipeline.forward_only(micro_batches, self.micro_loss).double()
         else:
             total = torch.zeros((), device=self.device, dtype=torch.float64)
             for batch in micro_batches:

@@ -22,8 +22,9 @@ def _train(args: argparse.Namespace) -> int:
         print(to_yaml(cfg), end="")
         return 0
     from engine.callbacks import PREEMPTED_EXIT_CODE
-    from engine.run import shutdown_distributed, train
-    trainer = train(cfg)
+    from align.run import train_stage  # align.kind lm (pretraining) is the engine's own run
+    from engine.run import shutdown_distributed
+    trainer = train_stage(cfg)
     shutdown_distributed()
     if trainer.state.preempted:  # saved at the step boundary; the launch script requeues on this code
         print(f"preempted by signal {trainer.state.preempted} at step {trainer.state.step}: checkpoint saved, "

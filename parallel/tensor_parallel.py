@@ -143,7 +143,10 @@ def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup, sequence_p
         if sequence_parallel:
             plan.partial_grad_names += [f"{prefix}.attention_norm.weight", f"{prefix}.ffn_norm.weight"]
     if model.output is not None:
-        _shard(plan, model.output, "output.weight", ShardInfo(0, padded_size=padded_vocab))
+        # the head's rows are the vocabulary, or one row for a reward model's scalar head (align/reward.py): either
+        # way they are zero-padded to a multiple of tp and split, and the padding columns carry no loss
+        head_rows = padded_vocab_size(model.output.out_features, tp)
+        _shard(plan, model.output, "output.weight", ShardInfo(0, padded_size=head_rows))
         model.output.register_forward_pre_hook(_enter_region(plan))
         if sequence_parallel:
             plan.partial_grad_names.append("norm.weight")

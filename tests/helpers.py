@@ -45,3 +45,31 @@ def parity_config(corpus: Path, run_dir: Path, overrides: List[str] = (), world_
         "data.global_batch_size=32", "train.steps=5", "train.dtype=fp32", "train.device=cpu", "optim.lr=1e-3",
         "optim.grad_clip=0.5", "schedule.warmup_steps=2", f"log.run_dir={run_dir}", "log.name=p",
         "log.tensorboard=false", *overrides], world_size=world_size)
+
+
+def make_sft_jsonl(path: Path, count: int = 60, max_chars: int = 400) -> Path:
+    """Chat rows from real code: the user names a standard-library function (json, email, http), the assistant
+    answers with its source. Conversational rows ({"messages"}) alternate with prompt/completion rows, and every
+    fifth row carries a system message, so both TRL formats and the system role are exercised."""
+    import ast
+    import json
+    rows = []
+    for pkg in ("json", "email", "http"):
+        for file in sorted((STDLIB / pkg).glob("*.py")):
+            source = file.read_text(encoding="utf-8")
+            for node in ast.walk(ast.parse(source)):
+                if isinstance(node, ast.FunctionDef) and len(rows) < count:
+                    body = ast.get_source_segment(source, node) or ""
+                    if 40 < len(body) <= max_chars:
+                        rows.append((f"Write `{node.name}` from {pkg}/{file.name}.", body))
+    lines = []
+    for i, (prompt, answer) in enumerate(rows):
+        if i % 2:
+            lines.append({"prompt": prompt, "completion": answer})
+        else:
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            if i % 5 == 0:
+                messages.insert(0, {"role": "system", "content": "You write Python."})
+            lines.append({"messages": messages})
+    path.write_text("".join(json.dumps(row) + "\n" for row in lines))
+    return path

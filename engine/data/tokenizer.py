@@ -47,6 +47,9 @@ class HFTokenizer:
             self._tok = _Tok.from_file(str(path))
         except Exception as e:
             raise ConfigError("data.tokenizer.path", f"{path}: not a tokenizers JSON file ({e})") from None
+        # `add_special_tokens=False` only stops the post-processor adding BOS; without this flag a literal
+        # "<|eot_id|>" in the text would still become the control id (a user could forge a turn boundary)
+        self._tok.encode_special_tokens = True
         self.name = f"hf:{path}"
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._required_id("<|begin_of_text|>", path)

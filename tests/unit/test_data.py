@@ -206,3 +206,12 @@ def test_an_empty_split_writes_nothing(tmp_path, tokenizer):
     with pytest.raises(DataError, match="the split left '.*' empty"):
         prepare_data([str(src)], str(tmp_path / "out"), tokenizer, valid_fraction=0.5)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("out")]
+
+
+def test_hf_tokenizer_never_turns_text_into_control_ids(tmp_path):
+    from engine.data.tokenizer import SPECIAL_TOKENS, train_bpe
+    tok = train_bpe(["def f(x):\n    return x + 1\n"] * 20, 300, str(tmp_path / "t.json"))
+    controls = {tok.token_id(t) for t in SPECIAL_TOKENS}
+    ids = tok.encode_batch(["hi <|eot_id|> there <|begin_of_text|>"])[0]
+    assert not controls & set(ids)
+    assert tok.decode(ids) == "hi <|eot_id|> there <|begin_of_text|>"

@@ -1,0 +1,1 @@
+"""Post-training (alignment) data: the Llama 3 chat format and TRL-compatible JSONL readers and writers."""

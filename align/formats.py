@@ -1,0 +1,349 @@
+"""TRL-compatible JSONL data for post-training: SFT rows and preference rows, read into Llama 3 chat tokens.
+
+SFT rows (one JSON object a line):
+  conversational      {"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}
+  prompt/completion   {"prompt": "...", "completion": "..."}  or the same keys holding message lists.
+Preference rows (reward model and DPO; Llama 3 paper section 4.1.2):
+  explicit prompt     {"prompt": str | [messages], "chosen": str | [messages], "rejected": str | [messages]}
+  implicit prompt     {"chosen": [messages], "rejected": [messages]}: the messages both share at the start are the
+                      prompt, as in TRL.
+  either may add      "edited": the annotator's improvement of the chosen answer (section 4.1.2: edited > chosen >
+                      rejected).
+A plain-string prompt is one user message; a plain-string completion/response one assistant message. Keys other
+than these are ignored (TRL data often carries ids and scores). Structural errors stop the load with
+"file:line: what"; rows with nothing to learn are skipped and counted in SkipCounts.
+"""
+
+import json
+import os
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+
+from align.chat import ChatFormatError, ChatTokens, chat_format, check_messages, first_learned_message
+from engine.errors import DataError
+
+TOO_LONG_POLICIES = ("truncate", "skip")
+_BATCH_ROWS = 512  # rows per encode_batch call: one call per row would be slow, one per file unbounded in memory
+
+
+class AlignDataError(DataError, ValueError):
+    """A post-training data file is malformed; the message is "path:line: what"."""
+
+
+def _error(path, line: int, what: str) -> AlignDataError:
+    return AlignDataError(f"{path}:{line}: {' '.join(str(what).split())}")
+
+
+@dataclass
+class SkipCounts:
+    """Rows read, rows skipped by reason, and other things worth reporting (truncations, dropped edits)."""
+
+    rows: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    notes: Counter = field(default_factory=Counter)
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] += 1
+
+    def note(self, what: str) -> None:
+        self.notes[what] += 1
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        kept = self.rows - self.total_skipped
+        text = f"kept {kept} of {self.rows} rows"
+        if self.skipped:
+            text += "; skipped " + ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items()))
+        if self.notes:
+            text += "; " + ", ".join(f"{n} {what}" for what, n in sorted(self.notes.items()))
+        return text
+
+
+@dataclass
+class PreferenceExample:
+    """One preference row: the prompt's tokens (ending in the open assistant header) and, per response, the whole
+    dialog prompt + response, learning the response's tokens only. Every response starts with `prompt`."""
+
+    prompt: List[int]
+    chosen: ChatTokens
+    rejected: ChatTokens
+    edited: Optional[ChatTokens] = None
+    line: int = 0
+
+
+def read_jsonl(path) -> Iterator[Tuple[int, Dict[str, Any]]]:
+    """Yield (line number, object) for each non-blank line; bad JSON, a non-object or an empty file raise."""
+    if not Path(path).is_file():
+        raise AlignDataError(f"{path}: no such file")
+    found = False
+    with open(path, "rb") as stream:
+        for number, raw in enumerate(stream, start=1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise _error(path, number, f"not UTF-8 ({e.reason} at byte {e.start})") from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise _error(path, number, f"malformed JSON: {e.msg} at column {e.colno}") from None
+            if not isinstance(row, dict):
+                raise _error(path, number, f"expected a JSON object, got {type(row).__name__}")
+            found = True
+            yield number, row
+    if not found:
+        raise _error(path, 1, "empty file: no JSON objects")
+
+
+def write_jsonl(path, rows: Iterable[Mapping[str, Any]]) -> int:
+    """Write rows one JSON object a line, atomically: readers see the old file or the complete new one, never a
+    partial one (a crash mid-write leaves only a temporary file beside it). Returns the number of rows."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    count = 0
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            for row in rows:
+                stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+                count += 1
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+    return count
+
+
+def _as_messages(path, line: int, value, key: str, string_role: Optional[str]) -> List[Dict[str, str]]:
+    """A row's field as a list of {role, content}: a string becomes one `string_role` message where allowed."""
+    if isinstance(value, str) and string_role is not None:
+        return [{"role": string_role, "content": value}]
+    try:
+        check_messages(value, key)
+    except ChatFormatError as e:
+        raise _error(path, line, str(e)) from None
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _require(path, line: int, row: Mapping, keys: Sequence[str]) -> None:
+    for key in keys:
+        if key not in row:
+            raise _error(path, line, f"missing '{key}' (found keys: {', '.join(sorted(row)) or 'none'})")
+
+
+def _sft_dialog(path, line: int, row: Mapping, train_on: str) -> Tuple[List[Dict[str, str]], int]:
+    """The row's messages and the index from which assistant turns are learned."""
+    if "messages" in row:
+        messages = _as_messages(path, line, row["messages"], "messages", None)
+        return messages, first_learned_message(messages, train_on)
+    if "prompt" in row or "completion" in row:
+        _require(path, line, row, ("prompt", "completion"))
+        prompt = _as_messages(path, line, row["prompt"], "prompt", "user")
+        completion = _as_messages(path, line, row["completion"], "completion", "assistant")
+        return prompt + completion, len(prompt)  # learn the completion only (TRL's completion-only loss)
+    raise _error(path, line, f"expected 'messages', or 'prompt' and 'completion' "
+                             f"(found keys: {', '.join(sorted(row)) or 'none'})")
+
+
+def _nothing_to_learn(messages: Sequence[Mapping[str, str]], learn_from: int) -> Optional[str]:
+    """Why a dialog teaches nothing, or None: no assistant turn learned, or a learned one that is empty (it would
+    teach the model to answer with an immediate eot)."""
+    learned = [m for m in messages[learn_from:] if m["role"] == "assistant"]
+    if not learned:
+        return "no_assistant_turn"
+    if any(not m["content"].strip() for m in learned):
+        return "empty_assistant"
+    return None
+
+
+def _check_policy(max_len: int, on_too_long: str) -> None:
+    if not isinstance(max_len, int) or max_len < 2:
+        raise ValueError(f"max_len: expected an integer >= 2, got {max_len!r}")
+    if on_too_long not in TOO_LONG_POLICIES:
+        raise ValueError(f"on_too_long: expected one of {', '.join(TOO_LONG_POLICIES)}, got {on_too_long!r}")
+
+
+def _fit(tokens: ChatTokens, max_len: int, on_too_long: str, counts: SkipCounts) -> Optional[ChatTokens]:
+    """The dialog within max_len tokens by policy, or None (counted) when it must be left out."""
+    if len(tokens) <= max_len:
+        return tokens
+    if on_too_long == "skip":
+        counts.skip("too_long")
+        return None
+    cut = tokens.truncated(max_len)
+    if not any(cut.learn):
+        counts.skip("nothing_learned_after_truncation")
+        return None
+    counts.note("truncated")
+    return cut
+
+
+def load_sft(path, tokenizer, max_len: int, on_too_long: str = "truncate",
+             train_on: str = "assistant") -> Tuple[List[ChatTokens], SkipCounts]:
+    """Read an SFT JSONL file into chat tokens. train_on applies to conversational rows ('assistant': every
+    assistant turn, 'last': only the last); prompt/completion rows always learn their completion only."""
+    _check_policy(max_len, on_too_long)
+    first_learned_message([], train_on)  # reject a bad train_on before reading the file
+    fmt, counts, examples = chat_format(tokenizer), SkipCounts(), []
+    pending: List[Tuple[List[Dict[str, str]], int]] = []
+
+    def flush():
+        encoded = fmt.encode_dialogs([messages for messages, _ in pending], [first for _, first in pending])
+        examples.extend(kept for kept in (_fit(t, max_len, on_too_long, counts) for t in encoded) if kept)
+        pending.clear()
+
+    for line, row in read_jsonl(path):
+        counts.rows += 1
+        messages, first = _sft_dialog(path, line, row, train_on)
+        reason = _nothing_to_learn(messages, first)
+        if reason:
+            counts.skip(reason)
+            continue
+        pending.append((messages, first))
+        if len(pending) >= _BATCH_ROWS:
+            flush()
+    if pending:
+        flush()
+    return examples, counts
+
+
+def _same(a: Mapping[str, str], b: Mapping[str, str]) -> bool:
+    # Content is compared stripped, as the chat format encodes it.
+    return a["role"] == b["role"] and a["content"].strip() == b["content"].strip()
+
+
+def _same_list(a: Sequence[Mapping[str, str]], b: Sequence[Mapping[str, str]]) -> bool:
+    return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+
+
+def _split_implicit(path, line: int, row: Mapping) -> Tuple[List[Dict[str, str]], Dict[str, List[Dict[str, str]]]]:
+    """TRL's implicit prompt: the leading messages chosen and rejected share are the prompt."""
+    for key in ("chosen", "rejected"):
+        if isinstance(row[key], str):
+            raise _error(path, line, f"'{key}' is a string but the row has no 'prompt' (an implicit prompt needs "
+                                     f"'chosen' and 'rejected' as message lists)")
+    chosen = _as_messages(path, line, row["chosen"], "chosen", None)
+    rejected = _as_messages(path, line, row["rejected"], "rejected", None)
+    if _same_list(chosen, rejected):
+        return chosen, {"chosen": [], "rejected": []}
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and _same(chosen[shared], rejected[shared]):
+        shared += 1
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        if shared < len(messages) and messages[shared]["role"] != "assistant":
+            raise _error(path, line, f"chosen and rejected first differ at message {shared}, where {key} has a "
+                                     f"'{messages[shared]['role']}' message; the responses after the shared prompt "
+                                     f"must start with an assistant message")
+    prompt = chosen[:shared]
+    responses = {"chosen": chosen[shared:], "rejected": rejected[shared:]}
+    if row.get("edited") is not None:
+        edited = _as_messages(path, line, row["edited"], "edited", "assistant")
+        if not isinstance(row["edited"], str):
+            if not _same_list(edited[:shared], prompt):
+                raise _error(path, line, "edited: a message list must start with the prompt that chosen and "
+                                         "rejected share")
+            edited = edited[shared:]
+        responses["edited"] = edited
+    return prompt, responses
+
+
+def _preference_parts(path, line: int, row: Mapping) -> Tuple[List[Dict[str, str]], Dict[str, List[Dict[str, str]]]]:
+    """The row's prompt messages and its responses (chosen, rejected and, when present, edited)."""
+    _require(path, line, row, ("chosen", "rejected"))
+    if "prompt" not in row:
+        prompt, responses = _split_implicit(path, line, row)
+        offset = len(prompt)
+    else:
+        prompt = _as_messages(path, line, row["prompt"], "prompt", "user")
+        keys = [k for k in ("chosen", "rejected", "edited") if row.get(k) is not None]
+        responses = {k: _as_messages(path, line, row[k], k, "assistant") for k in keys}
+        offset = 0
+    for key, messages in responses.items():
+        if messages and messages[0]["role"] != "assistant":
+            raise _error(path, line, f"{key}[{offset}].role: a response must start with an assistant message, "
+                                     f"got '{messages[0]['role']}'")
+    return prompt, responses
+
+
+def _usable_responses(responses: Dict[str, List[Dict[str, str]]], counts: SkipCounts) -> bool:
+    """Drop what cannot be learned from: False (counted) when the row must be skipped; a bad edit is dropped."""
+    if _same_list(responses["chosen"], responses["rejected"]):
+        counts.skip("identical_responses")
+        return False
+    for key in ("chosen", "rejected"):
+        if _nothing_to_learn(responses[key], 0):
+            counts.skip("empty_response")
+            return False
+    edited = responses.get("edited")
+    if edited is not None and (_nothing_to_learn(edited, 0) or _same_list(edited, responses["chosen"])):
+        counts.note("edited_dropped_empty_or_same_as_chosen")
+        del responses["edited"]
+    return True
+
+
+def _fit_preference(prompt_len: int, dialogs: Dict[str, ChatTokens], max_len: int, on_too_long: str,
+                    counts: SkipCounts) -> Optional[Dict[str, ChatTokens]]:
+    """Apply the length policy to a row's dialogs; None (counted) when the row must be skipped."""
+    if prompt_len >= max_len:
+        counts.skip("prompt_too_long")
+        return None
+    fitted = {}
+    for key, tokens in dialogs.items():
+        if len(tokens) <= max_len:
+            fitted[key] = tokens
+        elif key == "edited" and on_too_long == "skip":
+            counts.note("edited_dropped_too_long")
+        elif on_too_long == "skip":
+            counts.skip("too_long")
+            return None
+        else:
+            counts.note("truncated")
+            fitted[key] = tokens.truncated(max_len)
+    if fitted["chosen"].tokens == fitted["rejected"].tokens:
+        counts.skip("identical_after_truncation")
+        return None
+    return fitted
+
+
+def load_preferences(path, tokenizer, max_len: int,
+                     on_too_long: str = "truncate") -> Tuple[List[PreferenceExample], SkipCounts]:
+    """Read a preference JSONL file (reward model / DPO) into prompt and response tokens."""
+    _check_policy(max_len, on_too_long)
+    fmt, counts, examples = chat_format(tokenizer), SkipCounts(), []
+    pending: List[Tuple[int, List[Dict[str, str]], Dict[str, List[Dict[str, str]]]]] = []
+    header_len = len(fmt.generation_prompt([]).tokens) - 1  # the open assistant header after begin_of_text
+
+    def flush():
+        dialogs = [prompt + responses[key] for _, prompt, responses in pending for key in responses]
+        firsts = [len(prompt) for _, prompt, responses in pending for _ in responses]
+        encoded = iter(fmt.encode_dialogs(dialogs, firsts))
+        for line, prompt, responses in pending:
+            row_dialogs = {key: next(encoded) for key in responses}
+            chosen = row_dialogs["chosen"]
+            # The prompt ends where the first response message's header ends.
+            prompt_len = chosen.message.index(len(prompt)) + header_len
+            fitted = _fit_preference(prompt_len, row_dialogs, max_len, on_too_long, counts)
+            if fitted:
+                examples.append(PreferenceExample(chosen.tokens[:prompt_len], fitted["chosen"], fitted["rejected"],
+                                                  fitted.get("edited"), line))
+        pending.clear()
+
+    for line, row in read_jsonl(path):
+        counts.rows += 1
+        prompt, responses = _preference_parts(path, line, row)
+        if _usable_responses(responses, counts):
+            pending.append((line, prompt, responses))
+        if len(pending) >= _BATCH_ROWS:
+            flush()
+    if pending:
+        flush()
+    return examples, counts
