@@ -3,18 +3,25 @@ and DPO, the TrainModule); model, layout, optimizer, checkpoints, callbacks and 
 
 import os
 import sys
+from functools import partial
+from pathlib import Path
 from typing import List, Optional, TextIO, Tuple
+
+from torch import nn
 
 from engine.config import JobConfig
 from engine.data.loader import Batch
 from engine.data.tokenizer import load_tokenizer
 from engine.errors import ConfigError
-from engine.run import build_trainer
+from engine.run import build_module, build_trainer
 from engine.secrets import scrub
 from engine.trainer import Trainer
 from parallel.mesh import Mesh
 
-from align.formats import AlignDataError, load_sft
+from align.formats import AlignDataError, load_preferences, load_sft
+from align.modules import DPOTrainModule, RewardTrainModule
+from align.preference import PreferenceStepLoader
+from align.reference import reference_table
 from align.sft import SFTStepLoader, pack_samples
 
 
@@ -58,6 +65,40 @@ def sft_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.stdout) 
     return train, eval_batches
 
 
+def preference_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.stdout
+                    ) -> Tuple[PreferenceStepLoader, List]:
+    """The reward-model or DPO loader over align.train_file and held-out micro-batches from align.valid_file."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    dp_rank, dp_size, cp_rank, cp_size = _ranks(mesh)
+    kind = cfg.align.kind
+    max_len = cfg.data.seq_len + (1 if kind == "dpo" else 0)  # DPO shifts by one token, the reward model does not
+    loaders = []
+    for key in ("train_file", "valid_file"):
+        path = getattr(cfg.align, key)
+        if not path:
+            loaders.append(None)
+            continue
+        if not os.path.isfile(path):
+            raise ConfigError(f"align.{key}", f"{path} does not exist")
+        examples, skipped = load_preferences(path, tokenizer, max_len, on_too_long=cfg.align.on_too_long)
+        if not examples:
+            raise AlignDataError(f"{path}: no usable preference row ({skipped.summary()})")
+        _say(stream, f"{kind} {key.split('_')[0]}: {path}: {len(examples)} preference rows, "
+                     f"{sum(e.edited is not None for e in examples)} with an edited response; {skipped.summary()}")
+        offset = len(loaders[0].examples) if loaders else 0
+        loaders.append(PreferenceStepLoader(examples, kind, tokenizer.eod_id, cfg.data, dp_rank, dp_size,
+                                            cp_rank, cp_size, id_offset=offset))
+    train, valid = loaders
+    train.held_out = valid
+    return train, valid.fixed_micro_batches(cfg.train.eval_batches) if valid is not None else []
+
+
+def scalar_head(model: nn.Module) -> None:
+    """The reward model: the language model with its vocabulary head replaced by one output (Llama 3 paper
+    section 4.1.2 trains it on top of the pre-trained checkpoint)."""
+    model.output = nn.Linear(model.cfg.dim, 1, bias=False, device="meta")
+
+
 def build_stage_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
     """The engine's trainer for the job's align.kind (lm: plain pretraining)."""
     kind = cfg.align.kind
@@ -65,7 +106,17 @@ def build_stage_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
         return build_trainer(cfg, stream)
     if kind == "sft":
         return build_trainer(cfg, stream, data_builder=lambda c, mesh: sft_data(c, mesh, stream))
-    raise ConfigError("align.kind", f"'{kind}' is not implemented yet (lm and sft are)")
+    data = (lambda c, mesh: preference_data(c, mesh, stream))
+    if kind == "rm":
+        return build_trainer(cfg, stream, data_builder=data, module_builder=partial(
+            build_module, adapt_model=scalar_head, module_factory=RewardTrainModule))
+    trainer = build_trainer(cfg, stream, data_builder=data, module_builder=partial(
+        build_module, module_factory=partial(DPOTrainModule, align=cfg.align)))
+    run_dir = Path(cfg.log.run_dir) / cfg.log.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    trainer.module.reference = reference_table(trainer, trainer.loader, run_dir, cfg.align.reference,
+                                               say=lambda line: _say(stream, line))
+    return trainer
 
 
 def train_stage(cfg: JobConfig, stream: Optional[TextIO] = None) -> Trainer:

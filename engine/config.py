@@ -21,7 +21,7 @@ from omegaconf.errors import OmegaConfBaseException
 from engine.config_schema import (  # noqa: F401  (re-exported: components import them from here)
     RopeScalingConfig, ModelConfig, ParallelConfig, DatasetConfig, TokenizerConfig, DataConfig, OptimConfig,
     ScheduleConfig, TrainConfig, CheckpointConfig, FP8Config, GuardConfig, WatchdogConfig, SlurmConfig, LogConfig,
-    AlignConfig, JobConfig)
+    AlignConfig, JobConfig, PipelineConfig, StageConfig)
 from engine.errors import ConfigError
 from engine.secrets import redact_tree
 
@@ -49,6 +49,42 @@ def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = Non
         raise _as_config_error(e, "config") from None
     validate(cfg, world_size)
     return cfg
+
+
+STAGE_KINDS = ("sft", "rm", "dpo", "rejection_sampling")
+
+
+def load_pipeline(path: str, overrides: Optional[List[str]] = None) -> PipelineConfig:
+    """An alignment pipeline YAML (<- dotlist overrides), checked: stage names, kinds, the files and "@stage"
+    references each kind needs. The jobs of its stages are loaded (and validated) by the runner."""
+    merged = OmegaConf.structured(PipelineConfig)
+    for source, layer in _yaml_layers(Path(path), chain=()):
+        merged = _merge(merged, layer, source)
+    if overrides:
+        merged = _merge(merged, _parse_overrides(overrides), "command line")
+    try:
+        pipeline = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as e:
+        raise _as_config_error(e, path) from None
+    _require(bool(pipeline.config), "config", f"{path}: name the job YAML every stage starts from")
+    _require(pipeline.rounds >= 1, "rounds", f"must be at least 1, got {pipeline.rounds}")
+    _require(bool(pipeline.stages), "stages", f"{path}: no stages")
+    names = [s.name for s in pipeline.stages]
+    for i, stage in enumerate(pipeline.stages):
+        key = f"stages[{i}]"
+        _require(re.fullmatch(r"[A-Za-z0-9_-]+", stage.name) is not None, f"{key}.name",
+                 f"'{stage.name}' must be a non-empty name of letters, digits, '_' and '-'")
+        _require(names.count(stage.name) == 1, f"{key}.name", f"'{stage.name}' is used by more than one stage")
+        _require(stage.kind in STAGE_KINDS, f"{key}.kind", f"'{stage.kind}' is not one of {', '.join(STAGE_KINDS)}")
+        needed = ("prompts",) if stage.kind == "rejection_sampling" else ("data",)
+        for field_name in needed:
+            _require(bool(getattr(stage, field_name)), f"{key}.{field_name}", f"a {stage.kind} stage needs it")
+        for field_name in ("data", "valid", "init", "reward"):
+            value = getattr(stage, field_name)
+            _require(not value.startswith("@") or value[1:] in names, f"{key}.{field_name}",
+                     f"'{value}' names no stage of this pipeline ({', '.join(names)})")
+        _require(stage.samples >= 1, f"{key}.samples", f"must be at least 1, got {stage.samples}")
+    return pipeline
 
 
 def _yaml_layers(path: Path, chain: tuple) -> List[tuple]:

@@ -247,3 +247,36 @@ class JobConfig:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+
+
+@dataclass
+class StageConfig:
+    """One stage of an alignment pipeline (`herd align`, docs/alignment.md). References to other stages are
+    written "@name": that stage's checkpoints (init, reward) or output rows (data), from this round if it already
+    ran in it, else from the round before."""
+
+    name: str = ""  # unique within the pipeline; the stage's run directory is <run_dir>/r<round>-<name>
+    kind: str = "sft"  # sft | rm | dpo | rejection_sampling
+    data: str = ""  # training rows (JSONL) or "@stage" (the rows a rejection-sampling stage wrote)
+    valid: str = ""  # held-out rows of the same format (optional)
+    init: str = ""  # starting weights: a checkpoint root or "@stage"; empty = the latest policy (sft or dpo)
+    reward: str = ""  # rejection sampling's reward model: root or "@stage"; empty = the latest rm stage
+    prompts: str = ""  # rejection sampling: JSONL rows {"prompt": ...} or {"messages": [...]}
+    samples: int = 4  # rejection sampling: completions per prompt (Llama 3 paper section 4.2.2: 10 to 30)
+    max_new_tokens: int = 128  # rejection sampling: longest completion
+    temperature: float = 0.7  # rejection sampling: sampling temperature (0: greedy)
+    top_p: float = 0.9  # rejection sampling: nucleus
+    overrides: List[str] = field(default_factory=list)  # job overrides for this stage, e.g. train.steps=50
+
+
+@dataclass
+class PipelineConfig:
+    """An ordered list of post-training stages run `rounds` times on one engine (Llama 3 paper section 4.1)."""
+
+    name: str = "align"
+    config: str = ""  # the job YAML every stage starts from (model, layout, optimizer, data.tokenizer, ...)
+    overrides: List[str] = field(default_factory=list)  # job overrides for every stage
+    run_dir: str = "runs/align"  # stage runs, checkpoints and generated rows go under it
+    init: str = ""  # checkpoint root of the first policy (empty: the model's random initialization)
+    rounds: int = 1
+    stages: List[StageConfig] = field(default_factory=list)

@@ -126,12 +126,17 @@ def build_data(cfg: JobConfig, mesh: Optional[Mesh]) -> Tuple[StepLoader, List[B
     return loader, eval_batches
 
 
-def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh]) -> LMTrainModule:
+def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh],
+                 adapt_model: Optional[Callable[[torch.nn.Module], None]] = None,
+                 module_factory: Callable[..., LMTrainModule] = LMTrainModule) -> LMTrainModule:
     """The model is built on the meta device and parallelized there; then each rank allocates only its shards
     and fills them from the full initial values (same seed everywhere, so the shards agree and equal the
-    single-process model). Then optimizer and schedule."""
+    single-process model). Then optimizer and schedule. Post-training may change the meta model first
+    (`adapt_model`: the reward model's scalar head) and bring its own TrainModule class."""
     check_fp8_config(cfg.fp8, device, cfg.parallel)
     model = build_meta_model(cfg.model)
+    if adapt_model is not None:
+        adapt_model(model)
     apply_fp8(model, cfg.fp8)  # before parallelize: TP and FSDP then shard the FP8 layers' plain weights
     p = cfg.parallel
     options = ParallelizeOptions(sequence_parallel=p.sequence_parallel,
@@ -151,8 +156,8 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh]) -> 
         init_fp8_weights(part, cfg.fp8, cfg.train.seed)
     optimizer = build_optimizer(torch.nn.ModuleList(parallel.parts), cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.steps)
-    return LMTrainModule(parallel, optimizer, scheduler, device, cfg.train.dtype, cfg.optim.grad_clip,
-                         forward_context=fp8_forward_context(cfg.fp8))
+    return module_factory(parallel, optimizer, scheduler, device, cfg.train.dtype, cfg.optim.grad_clip,
+                          forward_context=fp8_forward_context(cfg.fp8))
 
 
 def build_callbacks(cfg: JobConfig, state: TrainState, device: torch.device, eval_batches: List[Batch],
@@ -231,7 +236,8 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout, data_builder: Opt
     resumed = checkpointer.resume() if cfg.checkpoint.resume == "auto" else None
     initialized = None
     if resumed is None and cfg.checkpoint.load_weights:
-        initialized = checkpointer.load_weights(Path(cfg.checkpoint.load_weights), cfg.model)
+        initialized = checkpointer.load_weights(Path(cfg.checkpoint.load_weights), cfg.model,
+                                                skip=getattr(module, "fresh_parameters", ()))
     callbacks = build_callbacks(cfg, state, device, eval_batches, stream, resumed is not None)
     is_rank0 = int(os.environ.get("RANK", "0")) == 0
     say = (lambda line: print(scrub(line), file=stream, flush=True)) if is_rank0 else None
@@ -243,7 +249,9 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout, data_builder: Opt
     if cfg.checkpoint.every > 0:  # a preemption stops every rank at one step boundary; the end of fit saves
         callbacks.append(PreemptionCallback(device=device))
         callbacks.append(CheckpointCallback(checkpointer, cfg.checkpoint.every, say))
-    return Trainer(module, loader, state, device, callbacks)
+    trainer = Trainer(module, loader, state, device, callbacks)
+    trainer.checkpointer = checkpointer  # post-training stages load other weights through it (align/reference.py)
+    return trainer
 
 
 def shutdown_distributed() -> None:

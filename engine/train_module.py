@@ -12,7 +12,7 @@ from engine.data.loader import Batch
 from parallel.parallelize import Parallelized
 
 
-def _fault_point(point: str) -> None:
+def fault_point(point: str) -> None:
     """Fault injection for the kill tests (shared/TESTING.md R2): HERD_FAULT=<point>:<rank>:<n> SIGKILLs that rank
     the n-th time it passes `point`. Unset, this is one dictionary lookup."""
     spec = os.environ.get("HERD_FAULT")
@@ -105,7 +105,7 @@ class LMTrainModule(TrainModule):
         total_tokens = max(1, self.count_tokens(micro_batches))
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._forward_backward(micro_batches, total_tokens)
-        _fault_point("after_backward")
+        fault_point("after_backward")
         self.parallel.finish_gradients()
         grad_norm = self.parallel.clip_grad_norm(self.grad_clip)
         loss = self.parallel.sum_over_data(loss) / self.loss_copies  # before the update: the guards judge it

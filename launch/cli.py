@@ -33,6 +33,26 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _align(args: argparse.Namespace) -> int:
+    """Run a post-training pipeline (align/pipeline.py); with --nproc, every stage on that many local ranks."""
+    from engine.config import load_pipeline
+    pipeline = load_pipeline(args.pipeline, args.overrides)
+    if args.nproc is not None and "WORLD_SIZE" not in os.environ:
+        if args.nproc < 1:
+            raise HerdError(f"--nproc must be at least 1, got {args.nproc}")
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+                   "-m", "launch", "align", args.pipeline, *args.overrides]
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
+        print(scrub("herd align: " + " ".join(command[1:])), flush=True)
+        return subprocess.call(command, env=env)
+    from align.pipeline import run_pipeline
+    from engine.run import shutdown_distributed
+    run_pipeline(pipeline)
+    shutdown_distributed()
+    return 0
+
+
 def _prepare_data(args: argparse.Namespace) -> int:
     from engine.config import TokenizerConfig
     from engine.data.prepare import DEFAULT_PATTERNS, PrepareReport, list_inputs, prepare_data, read_documents
@@ -150,6 +170,13 @@ def build_parser() -> argparse.ArgumentParser:
     launch.add_argument("config", help="YAML config")
     launch.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. parallel.tp=2")
     launch.set_defaults(func=_launch)
+
+    align = sub.add_parser("align", help="run a post-training pipeline (SFT, reward model, rejection sampling, "
+                                         "DPO; docs/alignment.md); finished stages are skipped on a rerun")
+    align.add_argument("pipeline", help="pipeline YAML (configs/align_demo.yaml)")
+    align.add_argument("overrides", nargs="*", help="pipeline overrides, e.g. rounds=2 run_dir=runs/a")
+    align.add_argument("--nproc", type=int, help="run every stage on this many local ranks (torchrun)")
+    align.set_defaults(func=_align)
 
     convert = sub.add_parser("convert", help="HF Llama directory <-> herd checkpoint")
     convert.add_argument("direction", choices=("hf-to-herd", "herd-to-hf"))

@@ -108,6 +108,7 @@ class Pipeline:
         self.stages = [pipelining.PipelineStage(part, sid, n_stages, device, group=group)
                        for part, sid in zip(parts, stage_ids)]
         self._loss: Optional[Callable] = None
+        self.current_micro = 0  # index of the micro-batch whose loss is being computed (for per-batch state)
         cls = getattr(pipelining, _CLASSES[schedule])
         stages = self.stages[0] if schedule in SINGLE_STAGE else self.stages
         self.schedule = cls(stages, n_microbatches=n_microbatches, loss_fn=self._schedule_loss, scale_grads=False)
@@ -117,8 +118,12 @@ class Pipeline:
         return self.n_stages - 1 in self.stage_ids
 
     def _schedule_loss(self, logits: torch.Tensor, packed_targets: torch.Tensor) -> torch.Tensor:
-        # packed_targets: [b, s] next-token ids, -1 where the position has no loss
-        return self._loss(logits, packed_targets.clamp(min=0), packed_targets >= 0)
+        # packed_targets: [b, s + 1]: next-token ids, -1 where the position has no loss, then the micro-batch index
+        # (torch's schedules may call the loss an extra time, on micro-batch 0, while they initialize a stage, so
+        # the index travels with the data rather than being counted)
+        self.current_micro = int(packed_targets[0, -1])
+        targets = packed_targets[:, :-1]
+        return self._loss(logits, targets.clamp(min=0), targets >= 0)
 
     def forward_backward(self, micro_batches: List, loss: Callable) -> torch.Tensor:
         """Run the schedule over the step's micro-batches; `loss(logits, targets, mask)` is what each microbatch
@@ -137,7 +142,8 @@ class Pipeline:
         """Sum of loss(logits, targets, mask) over micro-batches, forward only, on every pp rank: each microbatch
         walks the stages in order, hidden states sent to the next stage's rank."""
         total = torch.zeros((), device=self.device)
-        for batch in micro_batches:
+        for index, batch in enumerate(micro_batches):
+            self.current_micro = index
             kwargs = {"position_ids": batch.position_ids, "doc_ids": batch.doc_ids}
             hidden: Optional[torch.Tensor] = batch.inputs
             for stage in range(self.n_stages):
@@ -158,7 +164,10 @@ class Pipeline:
 def _stack(micro_batches: List):
     """The step's micro-batches as whole-step tensors (the schedule cuts them back along dim 0)."""
     cat = (lambda name: torch.cat([getattr(b, name) for b in micro_batches]))
-    targets = torch.where(cat("loss_mask"), cat("targets"), -1)
+    targets = torch.where(cat("loss_mask"), cat("targets"), -1)  # [B, s]
+    index = torch.cat([torch.full((b.targets.shape[0], 1), i, dtype=targets.dtype, device=targets.device)
+                       for i, b in enumerate(micro_batches)])  # [B, 1]: which micro-batch each row came from
+    targets = torch.cat([targets, index], dim=1)  # [B, s + 1]
     kwargs: Dict[str, torch.Tensor] = {"position_ids": cat("position_ids")}
     if micro_batches[0].doc_ids is not None:
         kwargs["doc_ids"] = cat("doc_ids")

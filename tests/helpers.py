@@ -73,3 +73,26 @@ def make_sft_jsonl(path: Path, count: int = 60, max_chars: int = 400) -> Path:
             lines.append({"messages": messages})
     path.write_text("".join(json.dumps(row) + "\n" for row in lines))
     return path
+
+
+def make_preference_jsonl(path: Path, count: int = 48, max_chars: int = 300) -> Path:
+    """Preference rows from real code: the prompt names a standard-library function; chosen is its source,
+    rejected the same lines in reverse order (code that no longer runs). Every third row instead has the source as
+    an edited response, chosen missing its last line, rejected reversed (edited > chosen > rejected)."""
+    import ast
+    import json
+    rows = []
+    for pkg in ("json", "email", "http"):
+        for file in sorted((STDLIB / pkg).glob("*.py")):
+            source = file.read_text(encoding="utf-8")
+            for node in ast.walk(ast.parse(source)):
+                body = ast.get_source_segment(source, node) if isinstance(node, ast.FunctionDef) else None
+                if body and 40 < len(body) <= max_chars and body.count("\n") >= 2 and len(rows) < count:
+                    lines = body.splitlines()
+                    row = {"prompt": f"Write `{node.name}` from {pkg}/{file.name}.", "chosen": body,
+                           "rejected": "\n".join(reversed(lines))}
+                    if len(rows) % 3 == 2:
+                        row["edited"], row["chosen"] = body, "\n".join(lines[:-1])
+                    rows.append(row)
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path

@@ -26,3 +26,5 @@ class EvalCallback(Callback):
         if (self.every and step % self.every == 0) or step == last:
             metrics["val_loss"] = self.evaluate(trainer)
             metrics["val_ppl"] = math.exp(min(metrics["val_loss"], 50.0))
+            # held-out metrics a post-training module computes beside its loss (reward accuracy, margins)
+            metrics.update({f"val_{k}": v for k, v in getattr(trainer.module, "eval_metrics", {}).items()})

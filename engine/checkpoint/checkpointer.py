@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from engine.callbacks.guards import assert_finite_state
-from engine.checkpoint.sharded import Box, load_sharded, save_sharded, sharded_state
+from engine.checkpoint.sharded import Box, load_sharded, param_key, save_sharded, sharded_state
 from engine.checkpoint.store import CheckpointError, CheckpointStore, describe_files
 
 
@@ -152,9 +152,10 @@ class Checkpointer:
         self._load(self.store.step_dir(step), manifest, rank, world)
         return step
 
-    def load_weights(self, root: Path, model_cfg=None) -> int:
+    def load_weights(self, root: Path, model_cfg=None, skip=()) -> int:
         """Initialize the model (only) from the newest complete checkpoint under `root` (an imported HF model or
-        another run's checkpoint, any layout); the optimizer, schedule and data start fresh. Returns its step."""
+        another run's checkpoint, any layout); the optimizer, schedule and data start fresh. Returns its step.
+        Parameters named in `skip` keep their values (a reward model's new scalar head over a language model)."""
         rank, _ = _rank_world()
         choice = None
         if rank == 0:
@@ -177,9 +178,11 @@ class Checkpointer:
                     raise CheckpointError(f"{root}: the checkpoint's model.{key} is {saved[key]}, this run's is "
                                           f"{ours.get(key)}; set model.{key}={saved[key]}")
         with torch.no_grad():
-            state = sharded_state(self.module.parallel, None)
-            for p in self.module.parallel.parameters():
-                (p.to_local() if hasattr(p, "to_local") else p).zero_()
+            skipped = {f"model.{name}" for name in skip}
+            state = {k: v for k, v in sharded_state(self.module.parallel, None).items() if k not in skipped}
+            for name, p in self.module.parallel.named_parameters():
+                if f"model.{param_key(name)}" not in skipped:
+                    (p.to_local() if hasattr(p, "to_local") else p).zero_()
             load_sharded(CheckpointStore(root).step_dir(step), state)
         return step
 

@@ -112,7 +112,7 @@ class _BoxLoadPlanner(dcp.DefaultLoadPlanner):
         return obj.tensor if isinstance(obj, Box) else super().lookup_tensor(index)
 
 
-def _name(param_name: str) -> str:
+def param_key(param_name: str) -> str:
     return param_name.replace("_checkpoint_wrapped_module.", "")
 
 
@@ -121,7 +121,7 @@ def sharded_state(parallel: Parallelized, optimizer: Optional[torch.optim.Optimi
     model weights only when `optimizer` is None."""
     state: Dict[str, Box] = {}
     for name, param in parallel.named_parameters():
-        key = _name(name)
+        key = param_key(name)
         tensors = {f"model.{key}": param}
         if optimizer is None:
             box = parallel.checkpoint_box(key, param)
