@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.herd-installed
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: install demo test test-all clean-demo gpu-wheels
+.PHONY: install demo align-demo test test-all clean-demo gpu-wheels
 
 $(STAMP): pyproject.toml setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
@@ -26,6 +26,9 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m launch.demo
 
+align-demo: $(STAMP)
+	$(PY) -m launch.align_demo
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
@@ -33,7 +36,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m "" tests
 
 clean-demo:
-	rm -rf data/stdlib* runs/demo runs/demo.*
+	rm -rf data/stdlib* data/align runs/demo runs/demo.* runs/align-demo
 
 # Pure-Python wheels the lent GPU machine lacks (it has no network); carried there as wheels/.
 gpu-wheels: $(STAMP)

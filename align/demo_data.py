@@ -66,8 +66,10 @@ def _held_out(module: str, fraction: float) -> bool:
     return int(hashlib.sha256(module.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
-def build(out: Path, stdlib: Path, max_chars: int = 360, held_out: float = 0.1) -> Dict[str, int]:
-    """Write sft.jsonl, pref.train.jsonl, pref.valid.jsonl and prompts.jsonl under `out`; return row counts."""
+def build(out: Path, stdlib: Path, max_chars: int = 360, held_out: float = 0.1, max_prompts: int = 128
+          ) -> Dict[str, int]:
+    """Write sft.jsonl, pref.train.jsonl, pref.valid.jsonl and prompts.jsonl (at most `max_prompts`, spread over
+    the held-out modules) under `out`; return row counts."""
     rows: Dict[str, List[dict]] = {"sft": [], "pref.train": [], "pref.valid": [], "prompts": []}
     for module, body in functions(stdlib, max_chars):
         bad = broken(body)
@@ -83,6 +85,8 @@ def build(out: Path, stdlib: Path, max_chars: int = 360, held_out: float = 0.1) 
         else:
             rows["sft"].append({"messages": [{"role": "user", "content": prompt},
                                              {"role": "assistant", "content": body}]})
+    step = max(1, len(rows["prompts"]) // max_prompts)
+    rows["prompts"] = rows["prompts"][::step][:max_prompts]
     out.mkdir(parents=True, exist_ok=True)
     for name, items in rows.items():
         (out / f"{name}.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))

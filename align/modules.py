@@ -124,7 +124,7 @@ class PreferenceTrainModule(LMTrainModule):
         rows = self.count_tokens(micro_batches)
         self._queue, self.step_rows = list(micro_batches), rows
         if self.parallel.pipeline is not None:
-            with self._autocast():
+            with self.autocast():
                 total = self.parallel.pipeline.forward_only(micro_batches, self.micro_loss).double()
         else:
             total = torch.zeros((), device=self.device, dtype=torch.float64)

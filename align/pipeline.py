@@ -76,9 +76,15 @@ class PipelineRunner:
         """Load every stage's job once before anything runs, so a bad override or layout in the last stage is a
         one-line error now, not after hours of the first ones ("@stage" inputs stand in as placeholders)."""
         for stage in self.pipeline.stages:
-            extra = [] if stage.kind == "rejection_sampling" else [
-                f"align.kind={stage.kind}", f"align.train_file={stage.data}", f"align.valid_file={stage.valid}"]
+            placeholder = (lambda value: f"rows-of-{value[1:]}.jsonl" if value.startswith("@") else value)
+            extra = [] if stage.kind == "rejection_sampling" else self._align_overrides(
+                stage.kind, placeholder(stage.data), placeholder(stage.valid))
             self.job(stage, f"r1-{stage.name}", extra)
+
+    @staticmethod
+    def _align_overrides(kind: str, data: str, valid: str) -> List[str]:
+        """The stage's align.* keys (an empty value is left out: a dotlist reads `key=` as null)."""
+        return [f"align.kind={kind}", f"align.train_file={data}"] + ([f"align.valid_file={valid}"] if valid else [])
 
     def run(self) -> Outputs:
         self.check()
@@ -123,8 +129,7 @@ class PipelineRunner:
         if stage.kind == "rejection_sampling":
             return self._rejection_sampling(stage, stage_id)
         init = self.resolve(stage.init, "checkpoints") or self.outputs.latest_policy
-        extra = [f"align.kind={stage.kind}", f"align.train_file={self.resolve(stage.data, 'rows')}",
-                 f"align.valid_file={self.resolve(stage.valid, 'rows')}"]
+        extra = self._align_overrides(stage.kind, self.resolve(stage.data, "rows"), self.resolve(stage.valid, "rows"))
         extra += [f"checkpoint.load_weights={init}"] if init else []
         cfg = self.job(stage, stage_id, extra)
         if cfg.checkpoint.every <= 0:  # the next stage starts from this stage's final checkpoint
@@ -135,8 +140,9 @@ class PipelineRunner:
             raise SystemExit(_preempted_exit_code())
         root = checkpoint_root(cfg.checkpoint.dir, self.run_dir / stage_id)
         return {"stage": stage_id, "kind": stage.kind, "checkpoints": str(root), "steps": trainer.state.step,
-                "init": init, "last_metrics": {k: v for k, v in (trainer.last_metrics or {}).items()
-                                                if isinstance(v, (int, float))}}
+                "init": init, "initial_val_loss": getattr(trainer, "initial_val_loss", None),
+                "initial_eval_metrics": getattr(trainer, "initial_eval_metrics", {}),
+                "last_metrics": {k: v for k, v in (trainer.last_metrics or {}).items() if isinstance(v, (int, float))}}
 
     def _rejection_sampling(self, stage: StageConfig, stage_id: str) -> dict:
         from align.rejection import run_rejection_sampling

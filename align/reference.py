@@ -34,7 +34,7 @@ def compute_reference(module: DPOTrainModule, loader: PreferenceStepLoader) -> t
         batch = loader.batch_of_examples([i if i < count else 0 for i in wanted]).to(module.device)
         module.collect, module._queue = [], [batch]
         if pipeline is not None:
-            with module._autocast():
+            with module.autocast():
                 pipeline.forward_only([batch], module.micro_loss)
         else:
             module._loss_sum(batch)

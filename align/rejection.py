@@ -188,7 +188,7 @@ def score_dialogs(module: RewardTrainModule, dialogs: Sequence[Optional[ChatToke
         if cp > 1:
             batch = batch.shard_for_cp(cp, cp_rank)
         batch = batch.to(module.device)
-        with module._autocast():  # the training forward's precision (bf16 autocast or fp32)
+        with module.autocast():  # the training forward's precision (bf16 autocast or fp32)
             logits = module.parallel.model(batch.inputs, batch.position_ids, None)  # [n, s / cp, 1 (shard)]
         rewards = module.rewards(logits, batch.loss_mask).tolist()  # [n], whole on every tp and cp rank
         if begin < len(dialogs):  # a lockstep forward's padding row is not a result

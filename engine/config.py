@@ -124,8 +124,9 @@ def _parse_overrides(overrides: List[str]) -> DictConfig:
             raise ConfigError("", f"override '{item}' is not of the form section.key=value")
     try:
         layer = OmegaConf.from_dotlist(list(overrides))
-    except OmegaConfBaseException as e:
-        raise ConfigError("", f"bad override: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # omegaconf's own errors, and YAML's for a value like `@x` that YAML cannot read
+        raise ConfigError("", f"bad override in {' '.join(overrides)}: {str(e).splitlines()[0]} "
+                              f"(quote values that start with @, `, %, ! or a quote)") from None
     _reject_resolvers(layer, "command line")
     return layer
 

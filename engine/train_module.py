@@ -64,7 +64,7 @@ class LMTrainModule(TrainModule):
         return self.parallel.model
 
     @contextlib.contextmanager
-    def _autocast(self):
+    def autocast(self):
         with torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None), self.forward_context():
             yield
@@ -75,7 +75,7 @@ class LMTrainModule(TrainModule):
         return self.parallel.loss_sum(logits, targets, mask)
 
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
-        with self._autocast():
+        with self.autocast():
             logits = self.parallel.model(batch.inputs, batch.position_ids, batch.doc_ids)  # [b, s, vocab (shard)]
         return self.micro_loss(logits, batch.targets, batch.loss_mask)
 
@@ -90,7 +90,7 @@ class LMTrainModule(TrainModule):
         if self.parallel.pipeline is not None:
             def step_loss(logits, targets, mask):
                 return self.micro_loss(logits, targets, mask) / total_tokens * scale
-            with self._autocast():
+            with self.autocast():
                 return self.parallel.pipeline.forward_backward(micro_batches, step_loss) / scale
         loss = torch.zeros((), device=self.device)
         for index, batch in enumerate(micro_batches):
@@ -124,7 +124,7 @@ class LMTrainModule(TrainModule):
         tokens = torch.tensor(float(sum(b.num_tokens for b in micro_batches)), device=self.device,
                               dtype=torch.float64)
         if self.parallel.pipeline is not None:
-            with self._autocast():
+            with self.autocast():
                 total = self.parallel.pipeline.forward_only(micro_batches, self.micro_loss).double()
         else:
             total = torch.zeros((), device=self.device, dtype=torch.float64)

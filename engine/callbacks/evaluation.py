@@ -20,6 +20,7 @@ class EvalCallback(Callback):
     def on_fit_start(self, trainer) -> None:
         if trainer.state.step == 0:  # the untrained model's loss: the baseline the curve falls from
             trainer.initial_val_loss = self.evaluate(trainer)
+            trainer.initial_eval_metrics = dict(getattr(trainer.module, "eval_metrics", {}))
 
     def on_step_end(self, trainer, metrics: Dict[str, float]) -> None:
         step, last = trainer.state.step, trainer.state.total_steps

@@ -40,7 +40,7 @@ config: {files['job']}
 run_dir: {run_dir}
 stages:
   - {{name: sft, kind: sft, data: {files['sft']}, valid: {files['sft']}, overrides: [checkpoint.every=2]}}
-  - {{name: rm, kind: rm, data: {files['pref']}, valid: {files['pref']}}}
+  - {{name: rm, kind: rm, data: {files['pref']}}}
   - {{name: dpo, kind: dpo, data: {files['pref']}, valid: {files['pref']}{stages_extra}}}
 """)
     return path
@@ -75,7 +75,9 @@ def test_stages_hand_their_weights_on(uninterrupted):
     assert done["rm"]["init"] == done["sft"]["checkpoints"]  # the reward model starts from the policy
     assert done["dpo"]["init"] == done["sft"]["checkpoints"]  # DPO starts from (and refers to) the SFT policy
     assert (run_dir / "r1-dpo" / "dpo_reference.pt").is_file()
-    assert 0.0 <= done["rm"]["last_metrics"]["val_rewards/accuracies"] <= 1.0
+    assert 0.0 <= done["rm"]["last_metrics"]["rewards/accuracies"] <= 1.0  # no held-out rows: training metrics
+    assert "val_rewards/accuracies" not in done["rm"]["last_metrics"]
+    assert 0.0 <= done["dpo"]["last_metrics"]["val_rewards/accuracies"] <= 1.0
     assert "r1-dpo (dpo): running" in out
 
 
