@@ -2,7 +2,7 @@
 library. Preference is objectively checkable: Python either compiles a completion or it does not.
 
 From every function of 3 to 12 lines in the standard library's own source (tests left out, as in `make demo`):
-- SFT rows: the user gives the function's first line, the assistant answers with the whole function;
+- SFT rows: the user gives the function's first line and module, the assistant answers with the whole function;
 - preference rows: chosen = the real function (it compiles), rejected = the same lines with the body's order
   reversed and the indentation of the last line broken (it does not compile), every third row also with an edited
   response (the function with its docstring, when it has one) ranked above chosen;
@@ -39,10 +39,15 @@ def functions(stdlib: Path, max_chars: int) -> Iterator[Tuple[str, str]]:
             tree = ast.parse(source)
         except (UnicodeDecodeError, SyntaxError, ValueError):
             continue
+        lines = source.splitlines()
         for node in ast.walk(tree):
-            if isinstance(node, ast.FunctionDef):
-                body = ast.get_source_segment(source, node)
-                if body and 3 <= body.count("\n") + 1 <= 12 and len(body) <= max_chars and "\t" not in body:
+            if isinstance(node, ast.FunctionDef) and 3 <= node.end_lineno - node.lineno + 1 <= 12:
+                # the segment by line numbers (ast.get_source_segment re-splits the whole file on every call)
+                segment = lines[node.lineno - 1:node.end_lineno]
+                segment[-1] = segment[-1].encode()[:node.end_col_offset].decode(errors="replace")  # byte offsets
+                segment[0] = segment[0].encode()[node.col_offset:].decode(errors="replace")
+                body = "\n".join(segment)
+                if len(body) <= max_chars and "\t" not in body:
                     yield str(path.relative_to(stdlib)), _dedent(body)
 
 
@@ -66,11 +71,16 @@ def _held_out(module: str, fraction: float) -> bool:
     return int(hashlib.sha256(module.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
 
 
-def build(out: Path, stdlib: Path, max_chars: int = 360, held_out: float = 0.1, max_prompts: int = 128
-          ) -> Dict[str, int]:
-    """Write sft.jsonl, pref.train.jsonl, pref.valid.jsonl and prompts.jsonl (at most `max_prompts`, spread over
-    the held-out modules) under `out`; return row counts."""
-    rows: Dict[str, List[dict]] = {"sft": [], "pref.train": [], "pref.valid": [], "prompts": []}
+def _spread(items: List[dict], limit: int) -> List[dict]:
+    """At most `limit` items taken evenly over the list (over all modules, not the first ones)."""
+    return items[::max(1, len(items) // limit)][:limit]
+
+
+def build(out: Path, stdlib: Path, max_chars: int = 360, held_out: float = 0.1, max_prompts: int = 128,
+          max_pairs: int = 1024) -> Dict[str, int]:
+    """Write sft.jsonl, sft.valid.jsonl, pref.train.jsonl (at most `max_pairs`), pref.valid.jsonl and
+    prompts.jsonl (at most `max_prompts`), the capped ones spread over all modules, under `out`; row counts."""
+    rows: Dict[str, List[dict]] = {"sft": [], "sft.valid": [], "pref.train": [], "pref.valid": [], "prompts": []}
     for module, body in functions(stdlib, max_chars):
         bad = broken(body)
         if not compiles(body) or compiles(bad):
@@ -80,13 +90,12 @@ def build(out: Path, stdlib: Path, max_chars: int = 360, held_out: float = 0.1, 
         valid = _held_out(module, held_out)
         pair = {"prompt": prompt, "chosen": body, "rejected": bad}
         rows["pref.valid" if valid else "pref.train"].append(pair)
+        rows["sft.valid" if valid else "sft"].append({"messages": [{"role": "user", "content": prompt},
+                                                                 {"role": "assistant", "content": body}]})
         if valid:
             rows["prompts"].append({"prompt": prompt, "module": module, "first_line": first})
-        else:
-            rows["sft"].append({"messages": [{"role": "user", "content": prompt},
-                                             {"role": "assistant", "content": body}]})
-    step = max(1, len(rows["prompts"]) // max_prompts)
-    rows["prompts"] = rows["prompts"][::step][:max_prompts]
+    rows["prompts"] = _spread(rows["prompts"], max_prompts)
+    rows["pref.train"] = _spread(rows["pref.train"], max_pairs)  # the reward model and DPO train on a CPU budget
     out.mkdir(parents=True, exist_ok=True)
     for name, items in rows.items():
         (out / f"{name}.jsonl").write_text("".join(json.dumps(item) + "\n" for item in items))

@@ -20,7 +20,7 @@ from parallel.mesh import Mesh
 
 from align.formats import AlignDataError, load_preferences, load_sft
 from align.modules import DPOTrainModule, RewardTrainModule
-from align.preference import PreferenceStepLoader
+from align.preference import REWARD_BLOCKS, PreferenceStepLoader
 from align.reference import reference_table
 from align.sft import SFTStepLoader, pack_samples
 
@@ -89,6 +89,8 @@ def preference_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.s
         loaders.append(PreferenceStepLoader(examples, kind, tokenizer.eod_id, cfg.data, dp_rank, dp_size,
                                             cp_rank, cp_size, id_offset=offset))
     train, valid = loaders
+    if valid is not None and valid.blocks != train.blocks:  # one batch layout for both files: the wider one
+        train.blocks = valid.blocks = REWARD_BLOCKS
     train.held_out = valid
     return train, valid.fixed_micro_batches(cfg.train.eval_batches) if valid is not None else []
 
@@ -108,8 +110,10 @@ def build_stage_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
         return build_trainer(cfg, stream, data_builder=lambda c, mesh: sft_data(c, mesh, stream))
     data = (lambda c, mesh: preference_data(c, mesh, stream))
     if kind == "rm":
-        return build_trainer(cfg, stream, data_builder=data, module_builder=partial(
+        trainer = build_trainer(cfg, stream, data_builder=data, module_builder=partial(
             build_module, adapt_model=scalar_head, module_factory=RewardTrainModule))
+        trainer.module.blocks = trainer.loader.blocks
+        return trainer
     trainer = build_trainer(cfg, stream, data_builder=data, module_builder=partial(
         build_module, module_factory=partial(DPOTrainModule, align=cfg.align)))
     run_dir = Path(cfg.log.run_dir) / cfg.log.name

@@ -44,7 +44,8 @@ def main(argv) -> int:
     code = prepare_corpus()
     if code:
         return code
-    if not (TASK / "prompts.jsonl").is_file():
+    if not all((TASK / f"{name}.jsonl").is_file() for name in ("sft", "sft.valid", "pref.train", "pref.valid",
+                                                                "prompts")):
         counts = build(TASK, Path(sysconfig.get_paths()["stdlib"]))
         print(f"alignment task under {TASK}/: " + ", ".join(f"{n} {name} rows" for name, n in counts.items()),
               flush=True)

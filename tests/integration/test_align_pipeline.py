@@ -124,3 +124,21 @@ def test_dpo_reference_table_is_reused_not_recomputed(uninterrupted):
     run_dir, _ = uninterrupted
     table = torch.load(run_dir / "r1-dpo" / "dpo_reference.pt", weights_only=True)
     assert table.shape == (48, 2) and torch.isfinite(table).all() and (table < 0).all()
+
+
+def test_the_pipeline_on_two_ranks_under_tp_matches_one_process(files, uninterrupted, tmp_path):
+    """`herd align --nproc 2` with parallel.tp=2 for every stage: each stage's final loss and held-out metrics
+    equal the one-process pipeline's (fp32, 1e-5 relative; below magnitude 1, absolute)."""
+    run_dir = tmp_path / "tp2"
+    pipeline = write_pipeline(files, run_dir)
+    pipeline.write_text(pipeline.read_text().replace("run_dir:", "overrides: [parallel.tp=2]\nrun_dir:"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "launch", "align", str(pipeline), "--nproc", "2"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    for stage in ("sft", "rm", "dpo"):
+        ours = json.loads((run_dir / f"r1-{stage}" / "DONE.json").read_text())["last_metrics"]
+        single = json.loads((uninterrupted[0] / f"r1-{stage}" / "DONE.json").read_text())["last_metrics"]
+        for key in ("loss", "val_loss", "val_rewards/accuracies", "val_rewards/margins"):
+            if key in single:
+                assert abs(ours[key] - single[key]) <= 1e-5 * max(1.0, abs(single[key])), (stage, key)
