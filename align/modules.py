@@ -161,8 +161,7 @@ class RewardTrainModule(PreferenceTrainModule):
         batch = self.current_batch()
         m = self.rows_per_block(batch)
         rewards = self.rewards(logits, mask).view(len(self.blocks), m).t()  # [m, k], best first
-        scored = torch.zeros_like(mask[:, 0], dtype=torch.float32)
-        scored += mask.float().sum(dim=1)
+        scored = mask.float().sum(dim=1)  # [k*m]: 1 where the sequence exists (an absent edited response: 0)
         valid = sum_rows(scored, [self.cp_group] if self.cp_group is not None else []).view(len(self.blocks), m)
         out = ranking_reward_loss(rewards, valid.t() > 0)
         self._add_metrics(out.metrics, m)
@@ -217,5 +216,9 @@ class DPOTrainModule(PreferenceTrainModule):
                                       rejected_count=counts[m:], beta=a.dpo_beta, loss_type=a.dpo_loss,
                                       label_smoothing=a.dpo_label_smoothing, nll_alpha=a.dpo_nll_alpha,
                                       sequences_total=self.step_rows, chosen_tokens_total=self.chosen_tokens)
+        # loss/dpo and nll come normalized by the whole step (rows, chosen tokens); as per-row means of this
+        # micro-batch they average (weighted by rows) back to the step's values
+        for name in ("loss/dpo", "nll"):
+            metrics[name] = metrics[name] * self.step_rows / m
         self._add_metrics(metrics, m)
         return loss * self.step_rows  # the engine divides the step's sum by its rows

@@ -2,6 +2,7 @@
 stages ends, after a rerun, exactly where an uninterrupted run ends (shared/TESTING.md R19)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -75,6 +76,10 @@ def test_stages_hand_their_weights_on(uninterrupted):
     assert done["rm"]["init"] == done["sft"]["checkpoints"]  # the reward model starts from the policy
     assert done["dpo"]["init"] == done["sft"]["checkpoints"]  # DPO starts from (and refers to) the SFT policy
     assert (run_dir / "r1-dpo" / "dpo_reference.pt").is_file()
+    start = done["dpo"]["initial_eval_metrics"]  # the policy is its reference: every log-ratio is 0
+    assert abs(start["loss/dpo"] - math.log(2)) < 1e-6 and start["rewards/margins"] == 0.0
+    assert start["rewards/accuracies"] == 0.0  # a tie is not a win
+    assert abs(done["dpo"]["initial_val_loss"] - (math.log(2) + 0.2 * start["nll"])) < 1e-5
     assert 0.0 <= done["rm"]["last_metrics"]["rewards/accuracies"] <= 1.0  # no held-out rows: training metrics
     assert "val_rewards/accuracies" not in done["rm"]["last_metrics"]
     assert 0.0 <= done["dpo"]["last_metrics"]["val_rewards/accuracies"] <= 1.0
@@ -127,8 +132,9 @@ def test_dpo_reference_table_is_reused_not_recomputed(uninterrupted):
 
 
 def test_the_pipeline_on_two_ranks_under_tp_matches_one_process(files, uninterrupted, tmp_path):
-    """`herd align --nproc 2` with parallel.tp=2 for every stage: each stage's final loss and held-out metrics
-    equal the one-process pipeline's (fp32, 1e-5 relative; below magnitude 1, absolute)."""
+    """`herd align --nproc 2` with parallel.tp=2 for every stage: each stage's final losses equal the one-process
+    pipeline's within 1e-5 relative (fp32), its held-out reward metrics within 1e-4: they are beta times
+    differences of log-prob sums of a few hundred, three stages of rounding deep (measured 2.3e-5)."""
     run_dir = tmp_path / "tp2"
     pipeline = write_pipeline(files, run_dir)
     pipeline.write_text(pipeline.read_text().replace("run_dir:", "overrides: [parallel.tp=2]\nrun_dir:"))
@@ -139,6 +145,7 @@ def test_the_pipeline_on_two_ranks_under_tp_matches_one_process(files, uninterru
     for stage in ("sft", "rm", "dpo"):
         ours = json.loads((run_dir / f"r1-{stage}" / "DONE.json").read_text())["last_metrics"]
         single = json.loads((uninterrupted[0] / f"r1-{stage}" / "DONE.json").read_text())["last_metrics"]
-        for key in ("loss", "val_loss", "val_rewards/accuracies", "val_rewards/margins"):
+        for key, tolerance in (("loss", 1e-5), ("val_loss", 1e-5), ("val_rewards/accuracies", 1e-4),
+                               ("val_rewards/margins", 1e-4)):
             if key in single:
-                assert abs(ours[key] - single[key]) <= 1e-5 * max(1.0, abs(single[key])), (stage, key)
+                assert abs(ours[key] - single[key]) <= tolerance * max(1.0, abs(single[key])), (stage, key)
