@@ -123,14 +123,7 @@ class PreferenceTrainModule(LMTrainModule):
         self.parallel.train(False)
         rows = self.count_tokens(micro_batches)
         self._queue, self.step_rows = list(micro_batches), rows
-        if self.parallel.pipeline is not None:
-            with self.autocast():
-                total = self.parallel.pipeline.forward_only(micro_batches, self.micro_loss).double()
-        else:
-            total = torch.zeros((), device=self.device, dtype=torch.float64)
-            for batch in micro_batches:
-                total += self._loss_sum(batch).double()
-        total = self._dp_sum(total)
+        total = self._dp_sum(self._forward_total(micro_batches))
         self.eval_metrics = self._take_metrics(rows)
         return total.item(), rows
 

@@ -5,7 +5,7 @@ import os
 import sys
 from functools import partial
 from pathlib import Path
-from typing import List, Optional, TextIO, Tuple
+from typing import Callable, List, Optional, TextIO, Tuple
 
 from torch import nn
 
@@ -37,27 +37,47 @@ def _ranks(mesh: Optional[Mesh]) -> Tuple[int, int, int, int]:
     return mesh.dp_rank, mesh.dims.dp, mesh.rank("cp"), mesh.dims.cp
 
 
-def sft_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.stdout) -> Tuple[SFTStepLoader, List[Batch]]:
-    """The SFT loader over align.train_file and the fixed validation micro-batches from align.valid_file."""
+def _tokenizer(cfg: JobConfig):
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({tokenizer.vocab_size}, {tokenizer.name})")
-    dp_rank, dp_size, cp_rank, cp_size = _ranks(mesh)
-    loaders = []
+    return tokenizer
+
+
+def _read_files(cfg: JobConfig, load: Callable, what: str) -> List[Optional[tuple]]:
+    """[(path, items, skip counts) or None] for align.train_file and align.valid_file; a missing file or one with
+    nothing usable is a one-line error."""
+    found = []
     for key in ("train_file", "valid_file"):
         path = getattr(cfg.align, key)
         if not path:
-            loaders.append(None)
+            found.append(None)
             continue
         if not os.path.isfile(path):
             raise ConfigError(f"align.{key}", f"{path} does not exist")
-        samples, skipped = load_sft(path, tokenizer, cfg.data.seq_len + 1, on_too_long=cfg.align.on_too_long)
-        if not samples:
-            raise AlignDataError(f"{path}: no sample has anything to learn ({skipped.summary()})")
+        items, skipped = load(path)
+        if not items:
+            raise AlignDataError(f"{path}: no usable {what} ({skipped.summary()})")
+        found.append((path, items, skipped))
+    return found
+
+
+def sft_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.stdout) -> Tuple[SFTStepLoader, List[Batch]]:
+    """The SFT loader over align.train_file and the fixed validation micro-batches from align.valid_file."""
+    tokenizer = _tokenizer(cfg)
+    dp_rank, dp_size, cp_rank, cp_size = _ranks(mesh)
+    files = _read_files(cfg, lambda path: load_sft(path, tokenizer, cfg.data.seq_len + 1,
+                                                   on_too_long=cfg.align.on_too_long), "sample")
+    loaders = []
+    for role, found in zip(("train", "valid"), files):
+        if found is None:
+            loaders.append(None)
+            continue
+        path, samples, skipped = found
         rows = pack_samples([(s.tokens, s.learn) for s in samples], cfg.data.seq_len, tokenizer.eod_id,
-                            cfg.data.seed + (0 if key == "train_file" else 1000))
-        _say(stream, f"sft {key.split('_')[0]}: {path}: {rows.samples} samples, {rows.learn_tokens:,} learned tokens "
+                            cfg.data.seed + (0 if role == "train" else 1000))
+        _say(stream, f"sft {role}: {path}: {rows.samples} samples, {rows.learn_tokens:,} learned tokens "
                      f"in {len(rows.tokens)} rows of {cfg.data.seq_len}; skipped: {skipped.summary()}")
         loaders.append(SFTStepLoader(rows, cfg.data, dp_rank, dp_size, cp_rank=cp_rank, cp_size=cp_size))
     train, valid = loaders
@@ -68,22 +88,19 @@ def sft_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.stdout) 
 def preference_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.stdout
                     ) -> Tuple[PreferenceStepLoader, List]:
     """The reward-model or DPO loader over align.train_file and held-out micro-batches from align.valid_file."""
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    tokenizer = _tokenizer(cfg)
     dp_rank, dp_size, cp_rank, cp_size = _ranks(mesh)
     kind = cfg.align.kind
     max_len = cfg.data.seq_len + (1 if kind == "dpo" else 0)  # DPO shifts by one token, the reward model does not
+    files = _read_files(cfg, lambda path: load_preferences(path, tokenizer, max_len,
+                                                           on_too_long=cfg.align.on_too_long), "preference row")
     loaders = []
-    for key in ("train_file", "valid_file"):
-        path = getattr(cfg.align, key)
-        if not path:
+    for role, found in zip(("train", "valid"), files):
+        if found is None:
             loaders.append(None)
             continue
-        if not os.path.isfile(path):
-            raise ConfigError(f"align.{key}", f"{path} does not exist")
-        examples, skipped = load_preferences(path, tokenizer, max_len, on_too_long=cfg.align.on_too_long)
-        if not examples:
-            raise AlignDataError(f"{path}: no usable preference row ({skipped.summary()})")
-        _say(stream, f"{kind} {key.split('_')[0]}: {path}: {len(examples)} preference rows, "
+        path, examples, skipped = found
+        _say(stream, f"{kind} {role}: {path}: {len(examples)} preference rows, "
                      f"{sum(e.edited is not None for e in examples)} with an edited response; {skipped.summary()}")
         offset = len(loaders[0].examples) if loaders else 0
         loaders.append(PreferenceStepLoader(examples, kind, tokenizer.eod_id, cfg.data, dp_rank, dp_size,

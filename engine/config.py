@@ -37,18 +37,23 @@ _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
                 world_size: int = 1) -> JobConfig:
     """Schema defaults <- YAML file (and its includes) <- dotlist overrides, then validated."""
-    merged = OmegaConf.structured(JobConfig)
+    cfg = _load_structured(JobConfig, path, overrides, "config")
+    validate(cfg, world_size)
+    return cfg
+
+
+def _load_structured(schema: Any, path: Optional[str], overrides: Optional[List[str]], source: str) -> Any:
+    """An instance of the dataclass `schema`: its defaults <- the YAML file's layers <- the overrides."""
+    merged = OmegaConf.structured(schema)
     if path is not None:
-        for source, layer in _yaml_layers(Path(path), chain=()):
-            merged = _merge(merged, layer, source)
+        for layer_source, layer in _yaml_layers(Path(path), chain=()):
+            merged = _merge(merged, layer, layer_source)
     if overrides:
         merged = _merge(merged, _parse_overrides(overrides), "command line")
     try:
-        cfg = OmegaConf.to_object(merged)
+        return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
-        raise _as_config_error(e, "config") from None
-    validate(cfg, world_size)
-    return cfg
+        raise _as_config_error(e, source) from None
 
 
 STAGE_KINDS = ("sft", "rm", "dpo", "rejection_sampling")
@@ -57,15 +62,7 @@ STAGE_KINDS = ("sft", "rm", "dpo", "rejection_sampling")
 def load_pipeline(path: str, overrides: Optional[List[str]] = None) -> PipelineConfig:
     """An alignment pipeline YAML (<- dotlist overrides), checked: stage names, kinds, the files and "@stage"
     references each kind needs. The jobs of its stages are loaded (and validated) by the runner."""
-    merged = OmegaConf.structured(PipelineConfig)
-    for source, layer in _yaml_layers(Path(path), chain=()):
-        merged = _merge(merged, layer, source)
-    if overrides:
-        merged = _merge(merged, _parse_overrides(overrides), "command line")
-    try:
-        pipeline = OmegaConf.to_object(merged)
-    except OmegaConfBaseException as e:
-        raise _as_config_error(e, path) from None
+    pipeline = _load_structured(PipelineConfig, path, overrides, path)
     _require(bool(pipeline.config), "config", f"{path}: name the job YAML every stage starts from")
     _require(pipeline.rounds >= 1, "rounds", f"must be at least 1, got {pipeline.rounds}")
     _require(bool(pipeline.stages), "stages", f"{path}: no stages")

@@ -123,11 +123,15 @@ class LMTrainModule(TrainModule):
         self.parallel.train(False)
         tokens = torch.tensor(float(sum(b.num_tokens for b in micro_batches)), device=self.device,
                               dtype=torch.float64)
+        total = self._forward_total(micro_batches)
+        return self.parallel.sum_over_data(total).item(), int(self.parallel.sum_over_data(tokens).item())
+
+    def _forward_total(self, micro_batches: List[Batch]) -> torch.Tensor:
+        """This rank's summed micro_loss over the micro-batches, forward only (float64 scalar)."""
         if self.parallel.pipeline is not None:
             with self.autocast():
-                total = self.parallel.pipeline.forward_only(micro_batches, self.micro_loss).double()
-        else:
-            total = torch.zeros((), device=self.device, dtype=torch.float64)
-            for batch in micro_batches:
-                total += self._loss_sum(batch).double()
-        return self.parallel.sum_over_data(total).item(), int(self.parallel.sum_over_data(tokens).item())
+                return self.parallel.pipeline.forward_only(micro_batches, self.micro_loss).double()
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        for batch in micro_batches:
+            total += self._loss_sum(batch).double()
+        return total

@@ -85,5 +85,14 @@ def test_paper_presets(tmp_path, preset, dim, layers, heads, ffn, billions):
 
 
 def test_every_shipped_config_loads():
+    """Job configs as jobs; alignment pipelines (a top-level `stages:`) as pipelines, with every stage's job."""
+    from align.pipeline import PipelineRunner
+    from engine.config import load_pipeline
+    pipelines = 0
     for path in sorted(Path(CONFIGS_DIR).rglob("*.yaml")):
-        load_config(str(path))
+        if "\nstages:" in "\n" + path.read_text():
+            PipelineRunner(load_pipeline(str(path))).check()  # loads each stage's job from the repo root
+            pipelines += 1
+        else:
+            load_config(str(path))
+    assert pipelines >= 1
