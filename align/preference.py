@@ -99,6 +99,11 @@ class PreferenceStepLoader(StepLoader):
         self.held_out: Optional["PreferenceStepLoader"] = None  # the validation loader, for DPO's reference table
         self._orders: Dict[int, np.ndarray] = {}
 
+    @property
+    def sequences_per_sample(self) -> int:
+        """Sequences one preference row runs as (the engine counts tokens per step with it)."""
+        return len(self.blocks)
+
     def example_of(self, sample_id: int) -> int:
         epoch, k = divmod(sample_id, len(self.examples))
         if epoch not in self._orders:

@@ -183,7 +183,7 @@ def build_callbacks(cfg: JobConfig, state: TrainState, device: torch.device, eva
     header = [f"herd {__version__} | model {cfg.model.name}: {parameter_count(cfg.model) / 1e6:.1f}M parameters, "
               f"{cfg.model.n_layers} layers, dim {cfg.model.dim} | device {device} | world size {world_size} "
               f"(dp_replicate {p.dp_replicate} x dp_shard {p.dp_shard} x pp {p.pp} x cp {p.cp} x tp {p.tp})",
-              f"{state.tokens_per_step:,} tokens per step = {cfg.data.global_batch_size} sequences x "
+              f"{state.tokens_per_step:,} tokens per step = {state.tokens_per_step // cfg.data.seq_len} sequences x "
               f"{cfg.data.seq_len} ({grad_accum_steps(cfg)} micro-batch(es) of {cfg.data.micro_batch_size} per "
               f"rank) | {cfg.train.steps} steps | {fpt / 1e6:.1f} MFLOP per token | run dir {run}"]
     footer = [f"metrics: {run / 'metrics.jsonl'}",
@@ -227,7 +227,9 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout, data_builder: Opt
     torch.manual_seed(cfg.train.seed)
     loader, eval_batches = (data_builder or build_data)(cfg, mesh)
     module = (module_builder or build_module)(cfg, device, mesh)
-    state = TrainState(total_steps=cfg.train.steps, tokens_per_step=cfg.data.global_batch_size * cfg.data.seq_len)
+    # a post-training sample can be several sequences (a preference row: chosen and rejected, ...)
+    sequences = cfg.data.global_batch_size * getattr(loader, "sequences_per_sample", 1)
+    state = TrainState(total_steps=cfg.train.steps, tokens_per_step=sequences * cfg.data.seq_len)
     run = Path(cfg.log.run_dir) / cfg.log.name
     store = CheckpointStore(checkpoint_root(cfg.checkpoint.dir, run), cfg.checkpoint.keep_last,
                             cfg.checkpoint.verify_sample, cfg.train.seed)

@@ -84,6 +84,12 @@ def test_stages_hand_their_weights_on(uninterrupted):
     assert "val_rewards/accuracies" not in done["rm"]["last_metrics"]
     assert 0.0 <= done["dpo"]["last_metrics"]["val_rewards/accuracies"] <= 1.0
     assert "r1-dpo (dpo): running" in out
+    # tokens per step count every sequence a row runs as: SFT 1, the reward model 3 (edited rows), DPO 2
+    sft, rest = out.split("r1-rm (rm): running")
+    rm, dpo = rest.split("r1-dpo (dpo): running")
+    assert "512 tokens per step = 4 sequences x 128" in sft
+    assert "1,536 tokens per step = 12 sequences x 128" in rm
+    assert "1,024 tokens per step = 8 sequences x 128" in dpo
 
 
 def test_a_rerun_skips_finished_stages(files, uninterrupted):

@@ -63,8 +63,11 @@ def test_bad_config_files_start_nothing(tmp_path, case):
 
 @pytest.mark.parametrize("overrides,expected", [
     (["data.tokenizer.path=${oc.env:HF_TOKEN}"], "data.tokenizer.path: resolver calls like"),
-    (["data.train=[{path: '${oc.env:HF_TOKEN}'}]"], "data.train.0.path: resolver calls like"),
-    ([f"log.run_dir=${{oc.decode:'{TOKEN}'}}"], "log.run_dir: resolver calls like"),
+    # the same check in a list and with another resolver: the slow tier (each case is a CLI start, ~10 s)
+    pytest.param(["data.train=[{path: '${oc.env:HF_TOKEN}'}]"], "data.train.0.path: resolver calls like",
+                 marks=pytest.mark.slow),
+    pytest.param([f"log.run_dir=${{oc.decode:'{TOKEN}'}}"], "log.run_dir: resolver calls like",
+                 marks=pytest.mark.slow),
     (["log.name=../escape"], "log.name: '../escape' must be a plain directory name"),
     (["train.steps=many"], "train.steps: wrong type"),
     (["parallel.tpp=2"], "parallel.tpp: unknown key (command line) (did you mean 'parallel.tp'?)"),
