@@ -13,7 +13,7 @@ What counts where, in `loss_mask` [k*m, s]:
   header and termination tokens out of chosen and rejected).
 """
 
-from typing import Dict, List, Optional, Sequence
+from typing import List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ from engine.data.loader import Batch, StepLoader
 
 from align.chat import ChatTokens
 from align.formats import PreferenceExample
+from align.sft import EpochOrder
 
 REWARD_BLOCKS = ("edited", "chosen", "rejected")
 DPO_BLOCKS = ("chosen", "rejected")
@@ -97,20 +98,12 @@ class PreferenceStepLoader(StepLoader):
         self.blocks = REWARD_BLOCKS if with_edits else DPO_BLOCKS
         self.id_offset = id_offset  # added to batch sample ids: held-out rows follow the training rows in one table
         self.held_out: Optional["PreferenceStepLoader"] = None  # the validation loader, for DPO's reference table
-        self._orders: Dict[int, np.ndarray] = {}
+        self.example_of = EpochOrder(len(examples), data.seed)  # global sample id -> example
 
     @property
     def sequences_per_sample(self) -> int:
         """Sequences one preference row runs as (the engine counts tokens per step with it)."""
         return len(self.blocks)
-
-    def example_of(self, sample_id: int) -> int:
-        epoch, k = divmod(sample_id, len(self.examples))
-        if epoch not in self._orders:
-            if len(self._orders) > 2:
-                self._orders.clear()
-            self._orders[epoch] = np.random.default_rng([self.data.seed, epoch]).permutation(len(self.examples))
-        return int(self._orders[epoch][k])
 
     def batch_of_examples(self, indices: Sequence[int]) -> Batch:
         batch = preference_batch([self.examples[i] for i in indices], [i + self.id_offset for i in indices],

@@ -80,6 +80,23 @@ def collate_rows(rows: PackedRows, indices: Sequence[int], sample_ids: Sequence[
                  int(loss_mask.sum()))
 
 
+class EpochOrder:
+    """Global sample id -> item index: epochs cycle over `count` items, each epoch in its own order seeded by
+    (seed, epoch), so any layout maps step t to the same items (shared by the SFT and preference loaders)."""
+
+    def __init__(self, count: int, seed: int):
+        self.count, self.seed = count, seed
+        self._orders: Dict[int, np.ndarray] = {}
+
+    def __call__(self, sample_id: int) -> int:
+        epoch, k = divmod(sample_id, self.count)
+        if epoch not in self._orders:
+            if len(self._orders) > 2:  # a step spans at most two epochs; keep memory bounded
+                self._orders.clear()
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.count)
+        return int(self._orders[epoch][k])
+
+
 class SFTStepLoader(StepLoader):
     """The engine's StepLoader (dp sharding, micro-batches, cp zigzag, state) over packed SFT rows."""
 
@@ -90,17 +107,7 @@ class SFTStepLoader(StepLoader):
         super().__init__(blend=None, data=data, eod_id=-1, dp_rank=dp_rank, dp_size=dp_size,
                          consumed_samples=consumed_samples, cp_rank=cp_rank, cp_size=cp_size)
         self.rows = rows
-        self._epoch_orders: Dict[int, np.ndarray] = {}
-
-    def row_of(self, sample_id: int) -> int:
-        """Global sample id -> row: epochs cycle over the rows, each in its own seeded order."""
-        count = len(self.rows.tokens)
-        epoch, k = divmod(sample_id, count)
-        if epoch not in self._epoch_orders:
-            if len(self._epoch_orders) > 2:  # a step spans at most two epochs; keep memory bounded
-                self._epoch_orders.clear()
-            self._epoch_orders[epoch] = np.random.default_rng([self.data.seed, epoch]).permutation(count)
-        return int(self._epoch_orders[epoch][k])
+        self.row_of = EpochOrder(len(rows.tokens), data.seed)  # global sample id -> row
 
     def micro_batch(self, sample_ids: List[int]) -> Batch:
         batch = collate_rows(self.rows, [self.row_of(i) for i in sample_ids], sample_ids)
