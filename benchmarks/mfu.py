@@ -39,6 +39,7 @@ import traceback
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
+from benchmarks import step_profile
 from benchmarks.report import publish
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +50,7 @@ NO_KERNELS = "herd-bf16-nokernels"
 FORWARDED = (("--steps", "steps"), ("--warmup", "warmup"), ("--seq-len", "seq_len"), ("--batch-size", "batch_size"),
              ("--layers", "layers"), ("--dim", "dim"), ("--ffn-dim", "ffn_dim"), ("--heads", "heads"),
              ("--kv-heads", "kv_heads"), ("--vocab", "vocab"), ("--n-batches", "n_batches"), ("--seed", "seed"),
-             ("--device", "device"), ("--peak-tflops", "peak_tflops"))
+             ("--device", "device"), ("--peak-tflops", "peak_tflops"), ("--profile", "profile"))
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -74,6 +75,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="peak for MFU; 0 looks the device up (engine/flops.py, bf16)")
     p.add_argument("--timeout", type=float, default=150.0, help="seconds each child may run before it is killed")
     p.add_argument("--log-dir", default=None, help="children's logs and JSON (default: a new temporary folder)")
+    p.add_argument("--profile", type=int, default=0,
+                   help="1: after the timed steps, profile one more step (CUDA only; benchmarks/step_profile.py)")
     p.add_argument("--save", action="store_true", help="write benchmarks/results/mfu_<card>.{md,json}")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.n_batches < 1:
@@ -258,6 +261,12 @@ def measure(args: argparse.Namespace, info: dict) -> None:
                 peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
                 first_loss=values[0], last_loss=values[-1], loss_finite=all(math.isfinite(v) for v in values),
                 expected_initial_loss=math.log(args.vocab))
+    if args.profile and cuda:  # after the timing: the profiler slows the step it watches
+        try:
+            info["profile"] = step_profile.profile_step(
+                lambda: train_steps(loss_fn, optimizer, batches, args.warmup + args.steps, 1))
+        except Exception as err:  # a profiler problem must not cost the measured row
+            info["profile"] = {"error": error_line(f"{type(err).__name__}: {err}")}
 
 
 def run_child(args: argparse.Namespace) -> dict:
@@ -402,7 +411,9 @@ def make_table(rows: List[dict]) -> str:
             keep = (r.get("fp8_config") or {}).get("bf16_first_last_layers")
             notes.append(f"{r['variant']}: {r['fp8_layers']} linear layers in fp8 (recipe "
                          f"{r['fp8_config']['recipe']}" + ("; first and last blocks kept in bf16)" if keep else ")"))
-    return "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+    profiles = step_profile.markdown(rows)
+    return ("\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
+            + (f"\n\n## One profiled step per variant\n\n{profiles}" if profiles else ""))
 
 
 def card_slug(rows: List[dict]) -> str:

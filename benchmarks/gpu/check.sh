@@ -4,7 +4,8 @@
 #   run(command="bash benchmarks/gpu/check.sh", carry=["wheels"], timeout_s=560)
 # (Each op's binding is <op>_binding.cpp: a .cpp and a .cu of one name would build to one object file.)
 # Stages (STAGES, default all, in this order): build (csrc/ -> herd_kernels, in place), tests (pytest tests/gpu),
-# mfu (benchmarks/mfu.py: herd bf16 with and without kernels, native FP8, HF transformers baseline), kernels
+# mfu (benchmarks/mfu.py: herd bf16 with and without kernels, native FP8, HF transformers baseline; each variant
+# also profiles one step: where its GPU time goes, benchmarks/step_profile.py), kernels
 # (benchmarks/kernels/run.py). The whole script keeps to DEADLINE seconds (default 500): each stage's limit is its
 # own cap or what is left, so a hang cannot eat the call and the results are always packed. Full logs go to
 # $OUT/logs.tgz (the device tool returns at most 8 files), the results files beside it; a short table is printed last.
@@ -50,7 +51,7 @@ fi
 if has mfu; then
   stage "benchmarks/mfu.py"
   timeout "$(limit 260)" python -m benchmarks.mfu --steps 10 --warmup 3 --timeout 75 --variants "$MFU_VARIANTS" \
-    --log-dir "$W/mfu" --save >"$W/mfu.log" 2>&1
+    --profile 1 --log-dir "$W/mfu" --save >"$W/mfu.log" 2>&1
   echo "mfu exit $?"
 fi
 
@@ -66,7 +67,7 @@ stage "summary"
   echo "build: exit $build_rc; tests/gpu: $(tail -1 "$W/pytest_gpu.log" 2>/dev/null) (exit $tests_rc)"
   cat "$W/kernel_status.txt"
   [ -f "$W/kernels.log" ] && grep -E "^\| |FAILED|Error" "$W/kernels.log"
-  [ -f "$W/mfu.log" ] && tail -22 "$W/mfu.log"
+  [ -f "$W/mfu.log" ] && grep -E "^\| (herd|hf)|^\*\*|FAILED|failed" "$W/mfu.log"
 } | tee "$W/summary.txt"
 cp benchmarks/results/mfu_* benchmarks/results/kernels_* "$W/" 2>/dev/null
 tar -czf "$OUT/logs.tgz" -C "$W" . && cp "$W/summary.txt" "$OUT/"

@@ -2,9 +2,9 @@
 in one launch, with fp32 cos/sin tables [1, 8192, 1, 64]. Bytes = q and k read and written once + cos and sin read
 once.
 
-The backward case is what engine/ops/rope.py's autograd runs: contiguous copies of the incoming gradients (they
-may be shared, so they are never rotated in place) rotated back by herd::rope_(inverse=True); the copy doubles its
-traffic over the minimum counted, so expect about half the forward's share of the copy bandwidth."""
+The backward case is what engine/ops/rope.py's autograd runs: the incoming gradients (they may be shared, so they
+are never rotated in place) rotated back into new tensors by herd::rope(inverse=True), one read and one write.
+(Until 2026-11-27 it was a contiguous copy followed by the in-place kernel: twice the traffic.)"""
 
 from typing import List
 
@@ -35,13 +35,11 @@ def cases() -> List[Case]:
     neg_sin = -sin
 
     def fused_bwd():  # _RopeQK.backward
-        dq, dk = q.clone(memory_format=torch.contiguous_format), k.clone(memory_format=torch.contiguous_format)
-        torch.ops.herd.rope_(dq, dk, cos, sin, True)
-        return dq, dk
+        return torch.ops.herd.rope(q, k, cos, sin, True)
 
     return [
         Case("rope fwd (in place)", shape, lambda: torch.ops.herd.rope_(q, k, cos, sin, False),
              lambda: (reference.apply_rope(q, cos, sin), reference.apply_rope(k, cos, sin)), moved),
-        Case("rope bwd (copy + in place)", shape, fused_bwd,
+        Case("rope bwd (out of place)", shape, fused_bwd,
              lambda: (reference.apply_rope(q, cos, neg_sin), reference.apply_rope(k, cos, neg_sin)), moved),
     ]

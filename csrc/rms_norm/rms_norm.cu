@@ -18,6 +18,8 @@ namespace rmsnorm {
 constexpr int kChunks = 4;       // chunks of 8 elements per thread: the row lives in registers
 constexpr int kMaxThreads = 512;  // block size bound: max dim = kMaxThreads * kChunks * 8 = 16384
 constexpr int kFwdBlock = 256;    // forward: rows are packed into blocks of about this many threads
+constexpr int kBwdBlock = 256;    // backward with at most 2 chunks per thread: blocks of this many threads
+constexpr int kBwdBlocksPerSM = 3;  // ... and at least this many resident per SM (caps registers at 80)
 
 // 8 consecutive elements of T in registers: 16 bytes for bf16, 32 bytes for fp32.
 template <typename T> struct Pack;
@@ -167,19 +169,28 @@ fwd_kernel(const TX* __restrict__ x, const TR* __restrict__ residual, const TW* 
 // Each block walks rows in steps of its groups (grid-stride) with dweight in registers (a thread always owns the
 // same columns), then sums its groups through shared memory into one fp32 row of dw_partial [gridDim.x, dim]:
 // stage 1 of the two-stage reduction (no atomics; dw_reduce_kernel is stage 2).
+// CH chunks of 8 per thread (bwd_chunks: 2 for dim 4096, so a row is one 256-thread block). With CH <= 2 and
+// 16-byte loads (KEEP) the thread keeps its dy and h chunks in registers between the two passes, and registers are
+// capped at 80 so that kBwdBlocksPerSM blocks share an SM: while one block waits at its row's reduction barrier,
+// the others' loads are in flight (the first version ran one 512-thread block per SM with 4 chunks per thread and
+// reached about half the copy bandwidth on an H200). Otherwise (dims above 4096, the masked scalar path) the
+// second pass reloads dy and h (L1/L2 hits): keeping them beside dweight's registers would spill. The weight is
+// reloaded in both passes (the same columns for every row: L1 hits).
 // dy: [rows, dim] TDY; h, dh_extra (nullable): [rows, dim] TH; rstd: [rows] -> dx: [rows, dim] TH.
-template <typename TDY, typename TH, typename TW, bool VEC>
-__global__ void __launch_bounds__(kMaxThreads)
+template <typename TDY, typename TH, typename TW, bool VEC, int CH>
+__global__ void __launch_bounds__(CH <= 2 ? kBwdBlock : kMaxThreads, CH <= 2 ? kBwdBlocksPerSM : 1)
 bwd_kernel(const TDY* __restrict__ dy, const TH* __restrict__ h, const TW* __restrict__ weight,
            const float* __restrict__ rstd, const TH* __restrict__ dh_extra, TH* __restrict__ dx,
            float* __restrict__ dw_partial, int64_t rows, int dim, int tpr, float inv_dim) {
+  constexpr bool KEEP = VEC && CH <= 2;  // the masked scalar path would spill
+  constexpr int kRedCols = CH <= 2 ? kBwdBlock : kMaxThreads;
   __shared__ float scratch[32];
-  __shared__ float red[8][kMaxThreads];  // groups 1.. hand their dweight to group 0
+  __shared__ float red[8][kRedCols];  // groups 1.. hand their dweight to group 0 (groups > 1 only for tpr < 256)
   const int groups = blockDim.x / tpr, group = threadIdx.x / tpr, t = threadIdx.x % tpr;
   const int nchunks = (dim + 7) / 8;
-  float dw[kChunks][8];
+  float dw[CH][8];
 #pragma unroll
-  for (int i = 0; i < kChunks; ++i)
+  for (int i = 0; i < CH; ++i)
 #pragma unroll
     for (int k = 0; k < 8; ++k) dw[i][k] = 0.f;
   // `first` depends on blockIdx only, so every thread of the block runs the same iterations (barriers inside)
@@ -189,15 +200,24 @@ bwd_kernel(const TDY* __restrict__ dy, const TH* __restrict__ h, const TW* __res
     const bool active = row < rows;
     const int64_t base = active ? row * dim : 0;
     const float r = active ? rstd[row] : 0.f;
+    Pack<TDY> gp[KEEP ? CH : 1];
+    Pack<TH> hp[KEEP ? CH : 1];
     float dot = 0.f;
 #pragma unroll
-    for (int i = 0; i < kChunks; ++i) {
+    for (int i = 0; i < CH; ++i) {
       const int c = t + i * tpr;
       if (!active || c >= nchunks) continue;
       float g[8], n[8], w[8];
-      load_floats<VEC>(dy + base, c, dim, g);
-      load_floats<VEC>(h + base, c, dim, n);
-      load_floats<VEC>(weight, c, dim, w);
+      if constexpr (KEEP) {
+        gp[i] = load_chunk<VEC>(dy + base, c, dim);
+        hp[i] = load_chunk<VEC>(h + base, c, dim);
+        to_float8(gp[i], g);
+        to_float8(hp[i], n);
+      } else {
+        load_floats<VEC>(dy + base, c, dim, g);
+        load_floats<VEC>(h + base, c, dim, n);
+      }
+      load_floats<VEC>(weight, c, dim, w);  // the same columns every row: an L1 hit after the first
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         n[k] *= r;
@@ -207,12 +227,17 @@ bwd_kernel(const TDY* __restrict__ dy, const TH* __restrict__ h, const TW* __res
     }
     const float mean_gn = group_sum(dot, scratch, tpr) * inv_dim;
 #pragma unroll
-    for (int i = 0; i < kChunks; ++i) {
+    for (int i = 0; i < CH; ++i) {
       const int c = t + i * tpr;
       if (!active || c >= nchunks) continue;
       float g[8], n[8], w[8], out[8];
-      load_floats<VEC>(dy + base, c, dim, g);  // again: the row was just read, an L1/L2 hit (keeping it in
-      load_floats<VEC>(h + base, c, dim, n);   // registers beside dweight's would spill past 128 registers)
+      if constexpr (KEEP) {
+        to_float8(gp[i], g);
+        to_float8(hp[i], n);
+      } else {
+        load_floats<VEC>(dy + base, c, dim, g);  // again: the row was just read, an L1/L2 hit
+        load_floats<VEC>(h + base, c, dim, n);
+      }
       load_floats<VEC>(weight, c, dim, w);
       if (dh_extra != nullptr) {
         load_floats<VEC>(dh_extra + base, c, dim, out);
@@ -227,7 +252,7 @@ bwd_kernel(const TDY* __restrict__ dy, const TH* __restrict__ h, const TW* __res
   }
   float* partial = dw_partial + static_cast<int64_t>(blockIdx.x) * dim;
 #pragma unroll
-  for (int i = 0; i < kChunks; ++i) {
+  for (int i = 0; i < CH; ++i) {
     const int c = t + i * tpr;
     if (groups > 1) {  // uniform over the block: every thread reaches both barriers
       if (group > 0 && c < nchunks)
@@ -273,15 +298,34 @@ template <typename F> void with_dtype(int code, F&& f) {
   else f(Tag<float>{});
 }
 
-// Threads per row: whole warps, each thread holding at most kChunks chunks of 8.
-inline int threads_per_row(int64_t dim) {
-  const int64_t chunks = (dim + 7) / 8, threads = (chunks + kChunks - 1) / kChunks;
+// Threads per row: whole warps, each thread holding at most `chunks_per_thread` chunks of 8.
+inline int threads_per_row(int64_t dim, int chunks_per_thread = kChunks) {
+  const int64_t chunks = (dim + 7) / 8, threads = (chunks + chunks_per_thread - 1) / chunks_per_thread;
   return static_cast<int>((threads + 31) / 32 * 32);
 }
 
+// The backward's chunks per thread: the fewest (1, 2 or 4) that keep a row within kBwdBlock threads, else 4.
+inline int bwd_chunks(int64_t dim) {
+  for (int ch = 1; ch < kChunks; ch *= 2)
+    if (threads_per_row(dim, ch) <= kBwdBlock) return ch;
+  return kChunks;
+}
+
+// The backward's launch shape: threads per row and rows (groups) per block.
+struct BwdShape {
+  int chunks, tpr, groups;
+};
+inline BwdShape bwd_shape(int64_t dim) {
+  const int ch = bwd_chunks(dim), tpr = threads_per_row(dim, ch);
+  const int block = ch <= 2 ? kBwdBlock : kMaxThreads;
+  return {ch, tpr, tpr >= block ? 1 : block / tpr};
+}
+
 template <typename TDY, typename TH, typename TW>
-auto bwd_kernel_for(bool vec) {
-  return vec ? bwd_kernel<TDY, TH, TW, true> : bwd_kernel<TDY, TH, TW, false>;
+auto bwd_kernel_for(bool vec, int chunks) {
+  if (chunks == 1) return vec ? bwd_kernel<TDY, TH, TW, true, 1> : bwd_kernel<TDY, TH, TW, false, 1>;
+  if (chunks == 2) return vec ? bwd_kernel<TDY, TH, TW, true, 2> : bwd_kernel<TDY, TH, TW, false, 2>;
+  return vec ? bwd_kernel<TDY, TH, TW, true, kChunks> : bwd_kernel<TDY, TH, TW, false, kChunks>;
 }
 
 }  // namespace rmsnorm
@@ -331,14 +375,15 @@ const char* herd_rms_norm_fwd(const void* x, const void* residual, const void* w
 
 // Blocks of the backward's stage 1 (rows of its fp32 dweight workspace): as many as fit on the device at once.
 int64_t herd_rms_norm_bwd_blocks(int64_t rows, int64_t dim, int dy_dtype, int h_dtype, int weight_dtype, bool vec) {
-  const int tpr = threads_per_row(dim), groups = kMaxThreads / tpr;
+  const BwdShape shape = bwd_shape(dim);
+  const int groups = shape.groups;
   int device = 0, sms = 1, per_sm = 1;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   with_dtype(dy_dtype, [&](auto tdy) { with_dtype(h_dtype, [&](auto th) { with_dtype(weight_dtype, [&](auto tw) {
     auto kernel = bwd_kernel_for<typename decltype(tdy)::type, typename decltype(th)::type,
-                                 typename decltype(tw)::type>(vec);
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, groups * tpr, 0);
+                                 typename decltype(tw)::type>(vec, shape.chunks);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, groups * shape.tpr, 0);
   }); }); });
   const int64_t needed = (rows + groups - 1) / groups, resident = static_cast<int64_t>(sms) * (per_sm > 0 ? per_sm : 1);
   return needed < resident ? needed : resident;
@@ -351,16 +396,17 @@ const char* herd_rms_norm_bwd(const void* dy, const void* h, const void* weight,
                               int64_t rows, int64_t dim, int dy_dtype, int h_dtype, int weight_dtype, bool vec,
                               void* stream_ptr) {
   const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
-  const int tpr = threads_per_row(dim), groups = kMaxThreads / tpr;
+  const BwdShape shape = bwd_shape(dim);
   const float inv_dim = static_cast<float>(1.0 / static_cast<double>(dim));
   with_dtype(dy_dtype, [&](auto tdy) { with_dtype(h_dtype, [&](auto th) { with_dtype(weight_dtype, [&](auto tw) {
     using TDY = typename decltype(tdy)::type;
     using TH = typename decltype(th)::type;
     using TW = typename decltype(tw)::type;
-    bwd_kernel_for<TDY, TH, TW>(vec)<<<static_cast<unsigned>(blocks), groups * tpr, 0, stream>>>(
+    bwd_kernel_for<TDY, TH, TW>(vec, shape.chunks)<<<static_cast<unsigned>(blocks), shape.groups * shape.tpr, 0,
+                                                    stream>>>(
         static_cast<const TDY*>(dy), static_cast<const TH*>(h), static_cast<const TW*>(weight), rstd,
-        static_cast<const TH*>(dh_extra), static_cast<TH*>(dx), dw_partial, rows, static_cast<int>(dim), tpr,
-        inv_dim);
+        static_cast<const TH*>(dh_extra), static_cast<TH*>(dx), dw_partial, rows, static_cast<int>(dim),
+        shape.tpr, inv_dim);
     dw_reduce_kernel<TW><<<static_cast<unsigned>((dim + 31) / 32), dim3(32, 8), 0, stream>>>(
         dw_partial, static_cast<TW*>(dweight), static_cast<int>(blocks), static_cast<int>(dim));
   }); }); });

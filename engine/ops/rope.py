@@ -1,8 +1,10 @@
 """Rotary position embedding (Su et al. 2021) of q and k: herd::rope_ rotates both in place in one launch
 (csrc/rope), on CUDA; the reference (engine/ops/reference.py apply_rope) everywhere else.
 
-herd::rope_(q, k, cos, sin, inverse) mutates q and k. Rotation is orthogonal, so its backward is the rotation by
-minus the angle (inverse=True) applied to the output gradients; `_RopeQK` wires that into autograd.
+herd::rope_(q, k, cos, sin, inverse) mutates q and k; herd::rope(q, k, cos, sin, inverse) returns rotated copies
+in one pass (one read, one write). Rotation is orthogonal, so its backward is the rotation by minus the angle
+(inverse=True) applied to the output gradients; `_RopeQK` wires that into autograd (the forward in place, the
+backward out of place: the incoming gradients may be shared and must stay unchanged).
 """
 
 from typing import Tuple
@@ -33,12 +35,27 @@ def _rope_cpu_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.T
     k.copy_(_rotated(k, cos, sin))
 
 
+def _rope_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+              inverse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CPU kernel of herd::rope: the rotated q and k as new contiguous tensors (the inputs are not changed)."""
+    sin = -sin if inverse else sin
+    return (_rotated(q, cos, sin).contiguous(memory_format=torch.contiguous_format),
+            _rotated(k, cos, sin).contiguous(memory_format=torch.contiguous_format))
+
+
 library.define("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, bool inverse) -> ()", _rope_cpu_)
+library.define("rope(Tensor q, Tensor k, Tensor cos, Tensor sin, bool inverse) -> (Tensor, Tensor)", _rope_cpu)
 
 
 @torch.library.register_fake("herd::rope_")
 def _rope_fake(q, k, cos, sin, inverse):
     return None
+
+
+@torch.library.register_fake("herd::rope")
+def _rope_out_fake(q, k, cos, sin, inverse):
+    return (torch.empty(q.shape, dtype=q.dtype, device=q.device),
+            torch.empty(k.shape, dtype=k.dtype, device=k.device))
 
 
 class _RopeQK(torch.autograd.Function):
@@ -66,13 +83,11 @@ class _RopeQK(torch.autograd.Function):
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
         qb_shape, kb_shape, q_shape, k_shape = ctx.shapes
-        # Rotate copies, never the incoming gradients themselves: autograd may hand the same tensor to several
+        # Out of place, never in the incoming gradients themselves: autograd may hand the same tensor to several
         # consumers (AddBackward passes one gradient to both of its inputs; dq and dk are even the same tensor for
-        # q_rot + k_rot), and nothing here can see whether it is shared. The copies are also contiguous, which the
-        # in-place kernel needs (gradients arriving through transposes or expands need not be).
-        dq = dq.clone(memory_format=torch.contiguous_format).view(q_shape)
-        dk = dk.clone(memory_format=torch.contiguous_format).view(k_shape)
-        torch.ops.herd.rope_(dq, dk, cos, sin, True)
+        # q_rot + k_rot), and nothing here can see whether it is shared. herd::rope reads any layout (gradients
+        # arriving through transposes or expands need not be contiguous) and writes new contiguous tensors.
+        dq, dk = torch.ops.herd.rope(dq.reshape(q_shape), dk.reshape(k_shape), cos, sin, True)
         return dq.view(qb_shape), dk.view(kb_shape), None, None, None, None
 
 

@@ -106,6 +106,41 @@ def test_rope_forward_and_inverse_match_float64(shape, dtype, offset):
     _untouched(k_buf, k_buf0, k)
 
 
+@pytest.mark.parametrize("shape", SHAPES, ids=[f"{b}x{s}x{hq}/{hk}x{d}" for b, s, hq, hk, d in SHAPES])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+@pytest.mark.parametrize("inverse", [False, True], ids=["fwd", "inverse"])
+def test_rope_out_of_place_matches_float64_and_in_place(shape, dtype, inverse):
+    """herd::rope (the backward's pass) writes into fresh (poisoned) memory what herd::rope_ writes in place, bit
+    for bit, from misaligned inputs too, and leaves its inputs alone."""
+    b, s, hq, hk, d = shape
+    gen = torch.Generator(device=DEVICE).manual_seed(sum(shape) * 10 + inverse)
+    for offset in (8, 11):
+        q_buf, q = _padded((b, s, hq, d), dtype, offset, gen)
+        k_buf, k = _padded((b, s, hk, d), dtype, offset, gen)
+        cos, sin = _tables(b, s, d)
+        q_buf0, k_buf0 = q_buf.clone(), k_buf.clone()
+        scale = max(q.abs().max().item(), k.abs().max().item())
+        _poison_allocator()
+        got_q, got_k = torch.ops.herd.rope(q, k, cos, sin, inverse)
+        _assert_close(got_q, _rotate64(q, cos, sin, inverse), dtype, scale)
+        _assert_close(got_k, _rotate64(k, cos, sin, inverse), dtype, scale)
+        assert torch.equal(q_buf, q_buf0) and torch.equal(k_buf, k_buf0)
+        want_q, want_k = q.clone(), k.clone()
+        torch.ops.herd.rope_(want_q, want_k, cos, sin, inverse)
+        assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+
+
+def test_rope_out_of_place_reads_one_tensor_as_q_and_k_and_any_layout():
+    b, s, h, d = 2, 33, 4, 64
+    g = torch.randn(b, h, s, d, device=DEVICE).transpose(1, 2)  # [b, s, h, d], not contiguous
+    cos, sin = _tables(b, s, d)
+    got_q, got_k = torch.ops.herd.rope(g, g, cos, sin, True)
+    want = _rotate64(g, cos, sin, inverse=True)
+    assert got_q.is_contiguous() and got_k.data_ptr() != got_q.data_ptr()
+    _assert_close(got_q, want, torch.float32, g.abs().max().item())
+    assert torch.equal(got_q, got_k)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_rope_broadcast_and_strided_tables(dtype):
     """cos/sin [1, s, 1, d/2] broadcast over the batch, and non-contiguous tables: the binding copies them."""

@@ -111,3 +111,24 @@ def test_table_ratios_kernels_and_fp8_peak_statement():
     assert "fp8 rows are measured against the same bf16 peak" in table and "(989.4 TFLOP/s)" in table
     assert "herd-fp8-delayed failed: OutOfMemoryError" in table
     assert "herd-fp8: 14 linear layers in fp8" in table
+
+
+def test_step_profile_groups_kernels_by_category_and_ranks_them():
+    from benchmarks import step_profile
+    norm = "void herd::rmsnorm::bwd_kernel<float>(...)"
+    launches = [(norm, 100.0), (norm, 50.0),
+                ("sm90_xmma_gemm_bf16bf16_bf16f32", 4000.0), ("nvjet_hsh_256x128_2cta", 1000.0),
+                ("pytorch_flash::flash_bwd_kernel<...>", 2500.0), ("void at::native::FusedAdamMathFunctor", 900.0),
+                ("void at::native::direct_copy_kernel_cuda", 300.0), ("void at::native::reduce_kernel<a|b>", 20.0)]
+    prof = step_profile.summarize(launches, top=3)
+    assert prof["total_ms"] == pytest.approx(8.87)
+    assert prof["by_category_ms"] == pytest.approx({"matmul": 5.0, "attention": 2.5, "optimizer": 0.9,
+                                                    "copy/cast": 0.3, "herd kernels": 0.15, "other": 0.02})
+    assert list(prof["by_category_ms"]) == ["matmul", "attention", "optimizer", "copy/cast", "herd kernels", "other"]
+    assert [(k["category"], k["calls"]) for k in prof["top"]] == [("matmul", 1), ("attention", 1), ("matmul", 1)]
+    text = step_profile.markdown([{"variant": "herd-bf16", "profile": step_profile.summarize(launches)},
+                                  {"variant": "hf-bf16", "profile": {"error": "RuntimeError: no CUPTI"}},
+                                  {"variant": "herd-fp8"}])
+    assert "**herd-bf16**: 8.9 ms" in text and f"| `{norm}` | herd kernels | 0.15 | 2 |" in text
+    assert "reduce_kernel<a/b>" in text  # no stray table separator
+    assert "hf-bf16: profiling failed: RuntimeError: no CUPTI" in text and "herd-fp8" not in text

@@ -68,6 +68,24 @@ def test_rope_opcheck():
         torch.library.opcheck(torch.ops.herd.rope_.default, (q.clone(), k.clone(), cos, sin, inverse))
 
 
+@pytest.mark.parametrize("inverse", [False, True])
+def test_rope_out_of_place_op_equals_in_place_and_leaves_inputs(inverse):
+    """herd::rope (the backward's one pass) gives herd::rope_'s values in new tensors, reads q and k even when they
+    are one tensor or not contiguous, and changes neither."""
+    q, k = _qk(torch.bfloat16)
+    cos, sin = _tables()
+    want_q, want_k = q.clone(), k.clone()
+    torch.ops.herd.rope_(want_q, want_k, cos, sin, inverse)
+    q0, k0 = q.clone(), k.clone()
+    got_q, got_k = torch.ops.herd.rope(q, k, cos, sin, inverse)
+    assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+    assert torch.equal(q, q0) and torch.equal(k, k0) and got_q.data_ptr() != q.data_ptr()
+    shared = q.transpose(1, 2).contiguous().transpose(1, 2)  # not contiguous; passed as both q and k
+    got_a, got_b = torch.ops.herd.rope(shared, shared, cos, sin, inverse)
+    assert got_a.is_contiguous() and torch.equal(got_a, want_q) and torch.equal(got_b, want_q)
+    torch.library.opcheck(torch.ops.herd.rope.default, (q, k, cos, sin, inverse))
+
+
 def test_rope_function_gradcheck_float64():
     q, k = (t.requires_grad_() for t in _qk(torch.float64))
     cos, sin = _tables(torch.float64)
