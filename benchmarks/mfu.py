@@ -77,6 +77,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--log-dir", default=None, help="children's logs and JSON (default: a new temporary folder)")
     p.add_argument("--profile", type=int, default=0,
                    help="1: after the timed steps, profile one more step (CUDA only; benchmarks/step_profile.py)")
+    p.add_argument("--results-suffix", default="",
+                   help="with --save: write benchmarks/results/mfu_<card><suffix>.{md,json} (e.g. _8layers)")
     p.add_argument("--save", action="store_true", help="write benchmarks/results/mfu_<card>.{md,json}")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.n_batches < 1:
@@ -444,13 +446,15 @@ def run_parent(args: argparse.Namespace) -> List[dict]:
                    f"[{args.batch_size}, {args.seq_len}] tokens per step, fp32 master weights, bf16 autocast, "
                    f"fused AdamW, no activation checkpointing; {args.warmup} warm-up + {args.steps} timed steps, "
                    f"each variant in a fresh process.")
-    publish(f"mfu_{card_slug(rows)}", rows, make_table(rows), "Training throughput and MFU, one GPU",
-            description, args.save)
+    publish(f"mfu_{card_slug(rows)}{args.results_suffix}", rows, make_table(rows),
+            "Training throughput and MFU, one GPU", description, args.save)
     return rows
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if not re.fullmatch(r"[A-Za-z0-9_.-]*", args.results_suffix):
+        raise SystemExit(f"--results-suffix: letters, digits, '_', '.', '-' only, got {args.results_suffix!r}")
     if args.variant is None:
         signal.signal(signal.SIGTERM, _raise_on_sigterm)  # so run_variant kills the running child first
         rows = run_parent(args)

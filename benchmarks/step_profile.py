@@ -68,11 +68,12 @@ def profile_step(run_step: Callable[[], None]) -> Dict:
         if micros is None:  # the name before torch 2.4
             micros = getattr(event, "cuda_time_total", 0.0)
         kernels.append((event.name, float(micros)))
-    return summarize(kernels)
+    return summarize(kernels, top=30)
 
 
-def markdown(rows: List[Dict]) -> str:
-    """A section for the results file: per profiled variant, ms by category and the top kernels."""
+def markdown(rows: List[Dict], top: int = 12) -> str:
+    """A section for the results file: per profiled variant, ms by category and its `top` kernels (the JSON keeps
+    summarize()'s longer list)."""
     out = []
     for row in rows:
         prof = row.get("profile")
@@ -84,6 +85,6 @@ def markdown(rows: List[Dict]) -> str:
         out.append(f"**{row['variant']}**: {prof['total_ms']:.1f} ms of GPU kernels in one profiled step: {parts} "
                    f"(ms)\n")
         out.append("| kernel | category | ms | calls |\n|---|---|---:|---:|")
-        out += [f"| `{k['kernel']}` | {k['category']} | {k['ms']:.2f} | {k['calls']} |" for k in prof["top"]]
+        out += [f"| `{k['kernel']}` | {k['category']} | {k['ms']:.2f} | {k['calls']} |" for k in prof["top"][:top]]
         out.append("")
     return "\n".join(out)

@@ -5,14 +5,16 @@
 # (Each op's binding is <op>_binding.cpp: a .cpp and a .cu of one name would build to one object file.)
 # Stages (STAGES, default all, in this order): build (csrc/ -> herd_kernels, in place), tests (pytest tests/gpu),
 # mfu (benchmarks/mfu.py: herd bf16 with and without kernels, native FP8, HF transformers baseline; each variant
-# also profiles one step: where its GPU time goes, benchmarks/step_profile.py), kernels
+# also profiles one step: where its GPU time goes, benchmarks/step_profile.py), mfu8 (herd bf16 and FP8 at 8
+# layers: the difference from 4 layers is the cost of 4 transformer blocks, which the 32-layer model is made of),
+# kernels
 # (benchmarks/kernels/run.py). The whole script keeps to DEADLINE seconds (default 500): each stage's limit is its
 # own cap or what is left, so a hang cannot eat the call and the results are always packed. Full logs go to
 # $OUT/logs.tgz (the device tool returns at most 8 files), the results files beside it; a short table is printed last.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 W=$(mktemp -d)  # every log here, packed into $OUT at the end
-STAGES=${STAGES:-build tests mfu kernels}
+STAGES=${STAGES:-build tests mfu mfu8 kernels}
 MFU_VARIANTS=${MFU_VARIANTS:-herd-bf16,herd-fp8,hf-bf16,herd-bf16-nokernels,herd-fp8-delayed}
 DEADLINE=${DEADLINE:-500}
 mkdir -p "$OUT"
@@ -55,6 +57,14 @@ if has mfu; then
   echo "mfu exit $?"
 fi
 
+if has mfu8; then
+  stage "benchmarks/mfu.py --layers 8"
+  timeout "$(limit 150)" python -m benchmarks.mfu --layers 8 --steps 10 --warmup 3 --timeout 70 \
+    --variants herd-bf16,herd-fp8 --profile 1 --log-dir "$W/mfu8" --results-suffix _8layers --save \
+    >"$W/mfu8.log" 2>&1
+  echo "mfu8 exit $?"
+fi
+
 if has kernels; then
   stage "benchmarks/kernels"
   timeout "$(limit 200)" python -m benchmarks.kernels.run --save >"$W/kernels.log" 2>&1
@@ -68,6 +78,7 @@ stage "summary"
   cat "$W/kernel_status.txt"
   [ -f "$W/kernels.log" ] && grep -E "^\| |FAILED|Error" "$W/kernels.log"
   [ -f "$W/mfu.log" ] && grep -E "^\| (herd|hf)|^\*\*|FAILED|failed" "$W/mfu.log"
+  [ -f "$W/mfu8.log" ] && echo "8 layers:" && grep -E "^\| (herd|hf)|^\*\*|FAILED|failed" "$W/mfu8.log"
 } | tee "$W/summary.txt"
 cp benchmarks/results/mfu_* benchmarks/results/kernels_* "$W/" 2>/dev/null
 tar -czf "$OUT/logs.tgz" -C "$W" . && cp "$W/summary.txt" "$OUT/"

@@ -4,7 +4,8 @@
 //
 // Pair i of a head is (x[i], x[i + d/2]); with c = cos(angle_i), s = sin(angle_i) of the head's token it becomes
 //   (x[i] * c - x[i + d/2] * s,  x[i + d/2] * c + x[i] * s)
-// computed in fp32 and stored in x's dtype (reference: engine/ops/reference.py apply_rope). `inverse` rotates by
+// computed in fp32 and stored in x's dtype, bit for bit what the reference (engine/ops/reference.py apply_rope)
+// computes with eager torch ops. `inverse` rotates by
 // minus the angle (s -> -s): the rotation is orthogonal, so that is its transpose, which maps output gradients to
 // input gradients (the backward) and undoes the forward.
 //
@@ -82,8 +83,10 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int i = 0; i < VEC; ++i) {
         const float x1 = as_float(lo[j].v[i]), x2 = as_float(hi[j].v[i]);
-        out_lo.v[i] = from_float<T>(x1 * c[i] - x2 * s[i]);
-        out_hi.v[i] = from_float<T>(x2 * c[i] + x1 * s[i]);
+        // each product and the sum rounded on its own, as the reference's eager ops round them: no FMA
+        // contraction, so every instantiation (vector or scalar, in place or not) gives the reference's bits
+        out_lo.v[i] = from_float<T>(__fsub_rn(__fmul_rn(x1, c[i]), __fmul_rn(x2, s[i])));
+        out_hi.v[i] = from_float<T>(__fadd_rn(__fmul_rn(x2, c[i]), __fmul_rn(x1, s[i])));
       }
       T* dst = (h0 + j < hq ? q_out : k_out) + offset[j];
       *reinterpret_cast<P*>(dst) = out_lo;

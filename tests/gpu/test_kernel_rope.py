@@ -110,8 +110,9 @@ def test_rope_forward_and_inverse_match_float64(shape, dtype, offset):
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 @pytest.mark.parametrize("inverse", [False, True], ids=["fwd", "inverse"])
 def test_rope_out_of_place_matches_float64_and_in_place(shape, dtype, inverse):
-    """herd::rope (the backward's pass) writes into fresh (poisoned) memory what herd::rope_ writes in place, bit
-    for bit, from misaligned inputs too, and leaves its inputs alone."""
+    """herd::rope (the backward's pass) writes into fresh (poisoned) memory what herd::rope_ writes in place and
+    what the eager reference computes, bit for bit (no FMA contraction in the kernel), from misaligned inputs (the
+    scalar path) too, and leaves its inputs alone."""
     b, s, hq, hk, d = shape
     gen = torch.Generator(device=DEVICE).manual_seed(sum(shape) * 10 + inverse)
     for offset in (8, 11):
@@ -125,9 +126,12 @@ def test_rope_out_of_place_matches_float64_and_in_place(shape, dtype, inverse):
         _assert_close(got_q, _rotate64(q, cos, sin, inverse), dtype, scale)
         _assert_close(got_k, _rotate64(k, cos, sin, inverse), dtype, scale)
         assert torch.equal(q_buf, q_buf0) and torch.equal(k_buf, k_buf0)
-        want_q, want_k = q.clone(), k.clone()
+        want_q, want_k = q.clone(), k.clone()  # aligned copies: the vector path when the shape allows it
         torch.ops.herd.rope_(want_q, want_k, cos, sin, inverse)
         assert torch.equal(got_q, want_q) and torch.equal(got_k, want_k)
+        signed_sin = -sin if inverse else sin
+        assert torch.equal(got_q, reference.apply_rope(q, cos, signed_sin))
+        assert torch.equal(got_k, reference.apply_rope(k, cos, signed_sin))
 
 
 def test_rope_out_of_place_reads_one_tensor_as_q_and_k_and_any_layout():
