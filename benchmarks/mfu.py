@@ -15,7 +15,11 @@ master weights, bf16 autocast, fused AdamW and no activation checkpointing. Vari
 Every variant runs in a fresh subprocess under a timeout, so an OOM, crash or hang in one cannot hide the others:
 the parent collects each child's JSON, prints the error line of a failed one and goes on; the table comes last.
 
-tokens/s counts the input tokens of the timed steps (steps * batch * seq_len / seconds, between two
+--accum N runs N micro-batches (each [batch, seq_len]) forward and backward per optimizer step, as training with
+gradient accumulation or pipeline micro-batches does; the default 1 makes every micro-batch pay a whole AdamW
+step over the fp32 master weights (about 14% of the 4-layer proxy's step on an H100).
+
+tokens/s counts the input tokens of the timed steps (steps * accum * batch * seq_len / seconds, between two
 torch.cuda.synchronize()). TFLOP/s = flops_per_token * tokens/s with engine/flops.py's PaLM convention (Chowdhery
 et al. 2022, appendix B: 6N + 12*L*H*Q*T, the full T x T attention matrix, causal=False); MFU divides it by the
 device's dense bf16 peak (H100 SXM: 989.4 TFLOP/s). fp8 rows are measured against the same bf16 peak, which the
@@ -50,7 +54,7 @@ NO_KERNELS = "herd-bf16-nokernels"
 FORWARDED = (("--steps", "steps"), ("--warmup", "warmup"), ("--seq-len", "seq_len"), ("--batch-size", "batch_size"),
              ("--layers", "layers"), ("--dim", "dim"), ("--ffn-dim", "ffn_dim"), ("--heads", "heads"),
              ("--kv-heads", "kv_heads"), ("--vocab", "vocab"), ("--n-batches", "n_batches"), ("--seed", "seed"),
-             ("--device", "device"), ("--peak-tflops", "peak_tflops"), ("--profile", "profile"))
+             ("--device", "device"), ("--peak-tflops", "peak_tflops"), ("--profile", "profile"), ("--accum", "accum"))
 
 
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
@@ -61,7 +65,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=5, help="untimed optimizer steps before them")
     p.add_argument("--seq-len", type=int, default=8192)
-    p.add_argument("--batch-size", type=int, default=1, help="sequences per step (the microbatch)")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per micro-batch")
+    p.add_argument("--accum", type=int, default=1, help="micro-batches per optimizer step (gradient accumulation)")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--dim", type=int, default=4096)
     p.add_argument("--ffn-dim", type=int, default=14336)
@@ -205,16 +210,21 @@ def build_hf(cfg, device, seed: int, info: dict) -> Tuple[object, Callable]:
     return model, loss_fn
 
 
-def train_steps(loss_fn: Callable, optimizer, batches: List[Tuple], first: int, count: int) -> list:
-    """`count` optimizer steps starting at batch `first` (cycled); returns the detached losses (no host sync)."""
+def train_steps(loss_fn: Callable, optimizer, batches: List[Tuple], first: int, count: int, accum: int = 1) -> list:
+    """`count` optimizer steps of `accum` micro-batches each, starting at step `first` (batches cycled); returns each
+    step's detached mean micro-batch loss (no host sync). Gradients are summed over the micro-batches of 1/accum
+    of each loss: the step's gradient is that of the mean loss, as with gradient accumulation in training."""
     losses = []
     for i in range(first, first + count):
-        inputs, targets, mask = batches[i % len(batches)]
-        loss = loss_fn(inputs, targets, mask)
-        loss.backward()
+        step_loss = 0.0
+        for j in range(accum):
+            inputs, targets, mask = batches[(i * accum + j) % len(batches)]
+            loss = loss_fn(inputs, targets, mask) / accum
+            loss.backward()
+            step_loss = step_loss + loss.detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        losses.append(step_loss)
     return losses
 
 
@@ -244,20 +254,20 @@ def measure(args: argparse.Namespace, info: dict) -> None:
     optimizer = build_optimizer(model, OptimConfig(), device)  # fused AdamW on CUDA, fp32 master weights
     batches = make_batches(args, device)
     info["build_s"] = time.perf_counter() - start
-    losses = train_steps(loss_fn, optimizer, batches, 0, args.warmup)
+    losses = train_steps(loss_fn, optimizer, batches, 0, args.warmup, args.accum)
     if cuda:
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    losses += train_steps(loss_fn, optimizer, batches, args.warmup, args.steps)
+    losses += train_steps(loss_fn, optimizer, batches, args.warmup, args.steps, args.accum)
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
     values = [float(x) for x in torch.stack(losses).float().cpu()]
-    tokens = args.steps * args.batch_size * args.seq_len
+    tokens = args.steps * args.accum * args.batch_size * args.seq_len
     peak = args.peak_tflops or device_peak_tflops(info["device_name"], "bf16")
     fpt = flops_per_token(cfg, args.seq_len, causal=False)
     tps = tokens / seconds
-    info.update(seconds=seconds, tokens_per_step=args.batch_size * args.seq_len, tokens_per_s=tps,
+    info.update(seconds=seconds, tokens_per_step=args.accum * args.batch_size * args.seq_len, tokens_per_s=tps,
                 ms_per_step=1000.0 * seconds / args.steps, flops_per_token=fpt, tflops=fpt * tps / 1e12,
                 peak_tflops=peak, peak_dtype="bf16", mfu=(fpt * tps / 1e12) / peak if peak > 0 else None,
                 peak_mem_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
@@ -266,7 +276,7 @@ def measure(args: argparse.Namespace, info: dict) -> None:
     if args.profile and cuda:  # after the timing: the profiler slows the step it watches
         try:
             info["profile"] = step_profile.profile_step(
-                lambda: train_steps(loss_fn, optimizer, batches, args.warmup + args.steps, 1))
+                lambda: train_steps(loss_fn, optimizer, batches, args.warmup + args.steps, 1, args.accum))
         except Exception as err:  # a profiler problem must not cost the measured row
             info["profile"] = {"error": error_line(f"{type(err).__name__}: {err}")}
 
@@ -274,8 +284,8 @@ def measure(args: argparse.Namespace, info: dict) -> None:
 def run_child(args: argparse.Namespace) -> dict:
     """One variant in this process; the row always comes back, with an `error` line instead of numbers on failure."""
     info = {"variant": args.variant, "steps": args.steps, "warmup": args.warmup, "seq_len": args.seq_len,
-            "batch_size": args.batch_size, "layers": args.layers, "dim": args.dim, "ffn_dim": args.ffn_dim,
-            "heads": args.heads, "kv_heads": args.kv_heads, "vocab": args.vocab,
+            "batch_size": args.batch_size, "accum": args.accum, "layers": args.layers, "dim": args.dim,
+            "ffn_dim": args.ffn_dim, "heads": args.heads, "kv_heads": args.kv_heads, "vocab": args.vocab,
             "herd_kernels_env": os.environ.get("HERD_KERNELS"), "error": None}
     try:
         measure(args, info)
@@ -428,7 +438,8 @@ def run_parent(args: argparse.Namespace) -> List[dict]:
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="herd-mfu-"))
     log_dir.mkdir(parents=True, exist_ok=True)
     print(f"[mfu] {len(variants)} variants, {args.warmup} warm-up + {args.steps} timed steps of "
-          f"[{args.batch_size}, {args.seq_len}] each, timeout {args.timeout:g} s per child, logs in {log_dir}",
+          f"{args.accum} x [{args.batch_size}, {args.seq_len}] each, "
+          f"timeout {args.timeout:g} s per child, logs in {log_dir}",
           flush=True)
     rows = []
     for variant in variants:
@@ -443,7 +454,8 @@ def run_parent(args: argparse.Namespace) -> List[dict]:
     description = (f"`python -m benchmarks.mfu {' '.join(sys.argv[1:])}` on {ok.get('device_name', 'unknown')}, "
                    f"torch {ok.get('torch', '?')}, {time.strftime('%Y-%m-%d')}: {args.layers} layers of dim "
                    f"{args.dim}, FFN {args.ffn_dim}, {args.heads}/{args.kv_heads} heads, vocab {args.vocab}, "
-                   f"[{args.batch_size}, {args.seq_len}] tokens per step, fp32 master weights, bf16 autocast, "
+                   f"[{args.batch_size}, {args.seq_len}] tokens per micro-batch, {args.accum} micro-batch(es) per "
+                   f"optimizer step, fp32 master weights, bf16 autocast, "
                    f"fused AdamW, no activation checkpointing; {args.warmup} warm-up + {args.steps} timed steps, "
                    f"each variant in a fresh process.")
     publish(f"mfu_{card_slug(rows)}{args.results_suffix}", rows, make_table(rows),
@@ -453,6 +465,8 @@ def run_parent(args: argparse.Namespace) -> List[dict]:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parse_args(argv)
+    if args.accum < 1:
+        raise SystemExit(f"--accum: at least 1 micro-batch per step, got {args.accum}")
     if not re.fullmatch(r"[A-Za-z0-9_.-]*", args.results_suffix):
         raise SystemExit(f"--results-suffix: letters, digits, '_', '.', '-' only, got {args.results_suffix!r}")
     if args.variant is None:

@@ -7,14 +7,14 @@
 # mfu (benchmarks/mfu.py: herd bf16 with and without kernels, native FP8, HF transformers baseline; each variant
 # also profiles one step: where its GPU time goes, benchmarks/step_profile.py), mfu8 (herd bf16 and FP8 at 8
 # layers: the difference from 4 layers is the cost of 4 transformer blocks, which the 32-layer model is made of),
-# kernels
+# accum (herd bf16, FP8 and HF with 8 micro-batches per optimizer step: AdamW amortized as in training), kernels
 # (benchmarks/kernels/run.py). The whole script keeps to DEADLINE seconds (default 500): each stage's limit is its
 # own cap or what is left, so a hang cannot eat the call and the results are always packed. Full logs go to
 # $OUT/logs.tgz (the device tool returns at most 8 files), the results files beside it; a short table is printed last.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 W=$(mktemp -d)  # every log here, packed into $OUT at the end
-STAGES=${STAGES:-build tests mfu mfu8 kernels}
+STAGES=${STAGES:-build tests mfu mfu8 accum kernels}
 MFU_VARIANTS=${MFU_VARIANTS:-herd-bf16,herd-fp8,hf-bf16,herd-bf16-nokernels,herd-fp8-delayed}
 DEADLINE=${DEADLINE:-500}
 mkdir -p "$OUT"
@@ -65,6 +65,14 @@ if has mfu8; then
   echo "mfu8 exit $?"
 fi
 
+if has accum; then
+  stage "benchmarks/mfu.py --accum 8"
+  timeout "$(limit 150)" python -m benchmarks.mfu --accum 8 --steps 4 --warmup 2 --timeout 70 \
+    --variants herd-bf16,herd-fp8,hf-bf16 --log-dir "$W/accum" --results-suffix _accum8 --save \
+    >"$W/accum.log" 2>&1
+  echo "accum exit $?"
+fi
+
 if has kernels; then
   stage "benchmarks/kernels"
   timeout "$(limit 200)" python -m benchmarks.kernels.run --save >"$W/kernels.log" 2>&1
@@ -79,6 +87,7 @@ stage "summary"
   [ -f "$W/kernels.log" ] && grep -E "^\| |FAILED|Error" "$W/kernels.log"
   [ -f "$W/mfu.log" ] && grep -E "^\| (herd|hf)|^\*\*|FAILED|failed" "$W/mfu.log"
   [ -f "$W/mfu8.log" ] && echo "8 layers:" && grep -E "^\| (herd|hf)|^\*\*|FAILED|failed" "$W/mfu8.log"
+  [ -f "$W/accum.log" ] && echo "8 micro-batches per step:" && grep -E "^\| (herd|hf)|FAILED|failed" "$W/accum.log"
 } | tee "$W/summary.txt"
 cp benchmarks/results/mfu_* benchmarks/results/kernels_* "$W/" 2>/dev/null
 tar -czf "$OUT/logs.tgz" -C "$W" . && cp "$W/summary.txt" "$OUT/"

@@ -16,7 +16,7 @@ TINY = ["--seq-len", "32", "--layers", "2", "--dim", "64", "--ffn-dim", "128", "
 def check_row(row: dict, args) -> None:
     """Finite positive numbers, and tokens/s, TFLOP/s and MFU recomputed from the row agree with engine/flops.py."""
     assert row["error"] is None, row["error"]
-    tokens = args.steps * args.batch_size * args.seq_len
+    tokens = args.steps * args.accum * args.batch_size * args.seq_len
     assert math.isfinite(row["seconds"]) and row["seconds"] > 0
     assert math.isfinite(row["tokens_per_s"]) and row["tokens_per_s"] > 0
     assert row["tokens_per_s"] == pytest.approx(tokens / row["seconds"])
@@ -44,6 +44,18 @@ def test_child_row_in_process(variant):
         assert row["attn_implementation"] == "sdpa" and "kernel_status" not in row
     else:
         assert isinstance(row["kernel_status"], dict)
+
+
+def test_accumulation_runs_accum_micro_batches_per_optimizer_step(monkeypatch):
+    """--accum 3: each optimizer step runs three micro-batches (tokens counted for all) and steps AdamW once."""
+    import torch
+    steps = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (steps.append(1), real_step(self, *a, **k))[1])
+    args = mfu.parse_args(["--variant", "herd-bf16", "--steps", "2", "--warmup", "1", "--accum", "3", *TINY])
+    row = mfu.run_child(args)
+    check_row(row, args)
+    assert row["accum"] == 3 and row["tokens_per_step"] == 3 * 32 and len(steps) == 3
 
 
 def test_child_main_writes_error_row(tmp_path):
