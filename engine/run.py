@@ -23,7 +23,8 @@ from engine.config import DatasetConfig, JobConfig, grad_accum_steps, to_yaml
 from engine.data.loader import Batch, StepLoader, build_blend
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 from engine.errors import ConfigError
-from engine.fp8 import apply_fp8, check_fp8_config, fp8_forward_context, init_fp8_weights, set_amax_groups
+from engine.fp8 import (apply_fp8, check_fp8_config, fp8_forward_context, fp8_step_context, init_fp8_weights,
+                        set_amax_groups)
 from engine.flops import device_peak_tflops, flops_per_token, parameter_count
 from engine.model import build_meta_model, init_weights
 from engine.optim import build_optimizer, build_scheduler
@@ -157,7 +158,8 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh],
     optimizer = build_optimizer(torch.nn.ModuleList(parallel.parts), cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.steps)
     return module_factory(parallel, optimizer, scheduler, device, cfg.train.dtype, cfg.optim.grad_clip,
-                          forward_context=fp8_forward_context(cfg.fp8))
+                          forward_context=fp8_forward_context(cfg.fp8),
+                          step_context=fp8_step_context(cfg.fp8, parallel.parts))
 
 
 def build_callbacks(cfg: JobConfig, state: TrainState, device: torch.device, eval_batches: List[Batch],

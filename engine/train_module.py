@@ -50,12 +50,14 @@ class LMTrainModule(TrainModule):
 
     def __init__(self, parallel: Parallelized, optimizer: torch.optim.Optimizer,
                  scheduler: torch.optim.lr_scheduler.LRScheduler, device: torch.device, dtype: str,
-                 grad_clip: float, forward_context: Optional[Callable[[], ContextManager]] = None):
+                 grad_clip: float, forward_context: Optional[Callable[[], ContextManager]] = None,
+                 step_context: Optional[Callable[[], ContextManager]] = None):
         self.parallel = parallel
         self.optimizer, self.scheduler = optimizer, scheduler
         self.device, self.grad_clip = device, grad_clip
         self.autocast_dtype = torch.bfloat16 if dtype == "bf16" else None
         self.forward_context = forward_context or contextlib.nullcontext  # e.g. TransformerEngine's fp8_autocast
+        self.step_context = step_context or contextlib.nullcontext  # around a step's micro-batches: FP8 weight cache
         self.step_guard = None  # engine/callbacks/guards.py StepGuard, installed by GuardCallback
         self.loss_copies = 1  # ranks of one data-parallel rank that report the same loss (cp, for align/ losses)
 
@@ -104,7 +106,8 @@ class LMTrainModule(TrainModule):
         self.parallel.train(True)
         total_tokens = max(1, self.count_tokens(micro_batches))
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._forward_backward(micro_batches, total_tokens)
+        with self.step_context():
+            loss = self._forward_backward(micro_batches, total_tokens)
         fault_point("after_backward")
         self.parallel.finish_gradients()
         grad_norm = self.parallel.clip_grad_norm(self.grad_clip)

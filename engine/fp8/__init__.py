@@ -67,6 +67,16 @@ def init_fp8_weights(part: nn.Module, cfg: FP8Config, seed: int) -> None:
         te.init_te_blocks(part, seed)
 
 
+def fp8_step_context(cfg: FP8Config, parts: Sequence[nn.Module]) -> Callable[[], ContextManager]:
+    """What the train module enters around one optimizer step's micro-batches: for backend native with
+    `cache_weights`, the scope in which each FP8 layer quantizes its weight once (native.weight_cache); nothing
+    otherwise."""
+    if cfg.backend != "native" or not cfg.cache_weights:
+        return contextlib.nullcontext
+    from engine.fp8 import native
+    return lambda: native.weight_cache(parts)
+
+
 def fp8_forward_context(cfg: FP8Config) -> Callable[[], ContextManager]:
     """What the train module enters around each forward: TE's fp8_autocast for backend te (TE layers quantize
     only inside it; one amax reduction per step when it exits), nothing for the others."""

@@ -23,7 +23,8 @@ that holds a piece of the same logical tensor then uses the same scale, so a sha
 process would. Data-parallel ranks hold different tensors and keep their own scales.
 """
 
-from typing import List, Optional, Sequence
+import contextlib
+from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -99,13 +100,14 @@ def _gemm_ok(*sizes: int) -> bool:
 
 
 class _FP8Linear(torch.autograd.Function):
-    """y = x @ W^T with all three GEMMs in FP8; saves only the FP8 transposed copies for backward."""
+    """y = x @ W^T with all three GEMMs in FP8; saves only the FP8 transposed copies for backward. The weight comes
+    in quantized (Float8Linear.quantized_weight: w_fp8 [N, K], its transposed copy w_t [K, N], 1/scale) and in
+    high precision (`weight`, for its gradient's dtype and the autograd edge)."""
 
     @staticmethod
-    def forward(ctx, x, weight, layer, out_dtype):
+    def forward(ctx, x, weight, layer, out_dtype, w_fp8, w_t, w_inv):
         # x: [M, K]; weight: [N, K]
         x_fp8, x_t, x_inv = layer.input_scaling.quantize(x, transpose=weight.requires_grad)
-        w_fp8, w_t, w_inv = layer.weight_scaling.quantize(weight, transpose=True)
         y = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)  # [M, N]
         ctx.save_for_backward(x_t, x_inv, w_t, w_inv)
         ctx.layer, ctx.x_dtype, ctx.w_dtype = layer, x.dtype, weight.dtype
@@ -121,13 +123,19 @@ class _FP8Linear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # wgrad: [N, M] @ [M, K], fp32 out so accumulation stays fp32
             dw = torch._scaled_mm(dy_t, x_t.t(), scale_a=dy_inv, scale_b=x_inv,
                                   out_dtype=torch.float32).to(ctx.w_dtype)
-        return dx, dw, None, None
+        return dx, dw, None, None, None, None, None
 
 
 class Float8Linear(nn.Linear):
     """nn.Linear (no bias) whose matmuls run in FP8. The weight stays a plain high-precision Parameter named
     `weight`, so checkpoints, tensor parallel sharding and FSDP work on it unchanged; FSDP all-gathers it in its
-    own dtype and the cast to FP8 happens after the gather, in forward."""
+    own dtype and the cast to FP8 happens after the gather, in forward.
+
+    Inside `weight_cache` (the train module opens it around one optimizer step's micro-batches when
+    `fp8.cache_weights` is on) the weight is quantized by the first micro-batch's forward and that FP8 copy serves
+    every later micro-batch and recomputation of the step: the weights cannot change before the optimizer step,
+    and the scope closes before it (TransformerEngine's is_first_microbatch). Outside it (evaluation, generation)
+    every forward quantizes."""
 
     def __init__(self, in_features: int, out_features: int, cfg: FP8Config, device=None):
         super().__init__(in_features, out_features, bias=False, device=device)
@@ -135,10 +143,22 @@ class Float8Linear(nn.Linear):
         self.input_scaling = ScalingState(E4M3, cfg.recipe, cfg.amax_history_len, device)
         self.weight_scaling = ScalingState(E4M3, cfg.recipe, cfg.amax_history_len, device)
         self.grad_scaling = ScalingState(grad_dtype, cfg.recipe, cfg.amax_history_len, device)
+        self.caching = False  # inside weight_cache
+        self._step_weight: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
     def set_amax_groups(self, groups: Sequence[dist.ProcessGroup]) -> None:
         for state in (self.input_scaling, self.weight_scaling, self.grad_scaling):
             state.groups = list(groups)
+
+    def quantized_weight(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(w_fp8 [N, K], w_t [K, N], 1/scale) of the weight: quantized now, or the step's copy (weight_cache)."""
+        if self.caching and self._step_weight is not None:
+            return self._step_weight
+        with torch.no_grad():  # a cast for the FP8 GEMMs; the weight's gradient comes from _FP8Linear.backward
+            quantized = self.weight_scaling.quantize(self.weight, transpose=True)
+        if self.caching:
+            self._step_weight = quantized
+        return quantized
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         device_type = x.device.type
@@ -148,8 +168,23 @@ class Float8Linear(nn.Linear):
         if x.is_cuda and not _gemm_ok(x2d.shape[0], n, k):  # cuBLASLt FP8 shape rule: fall back to bf16
             return nn.functional.linear(x, self.weight)
         with torch.autocast(device_type, enabled=False):
-            y = _FP8Linear.apply(x2d.contiguous(), self.weight, self, out_dtype)  # [M, N]
+            y = _FP8Linear.apply(x2d.contiguous(), self.weight, self, out_dtype, *self.quantized_weight())  # [M, N]
         return y.view(*x.shape[:-1], n)
+
+
+@contextlib.contextmanager
+def weight_cache(parts: Sequence[nn.Module]) -> Iterator[int]:
+    """Within this scope every Float8Linear of `parts` quantizes its weight once and reuses it (see Float8Linear);
+    the copies are dropped when it closes. Open it around the micro-batches of one optimizer step only. Yields the
+    number of layers it covers."""
+    layers = [m for part in parts for m in part.modules() if isinstance(m, Float8Linear)]
+    for layer in layers:
+        layer.caching, layer._step_weight = True, None
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer.caching, layer._step_weight = False, None
 
 
 def _swap(parent: nn.Module, name: str, cfg: FP8Config) -> None:

@@ -1,4 +1,5 @@
-"""Native FP8 under tensor parallelism and FSDP2 trains like one FP8 process (shared/TESTING.md parity harness).
+"""Native FP8 under tensor parallelism, FSDP2 and pipeline parallelism trains like one FP8 process (shared/TESTING.md
+parity harness).
 
 The parity protocol of test_parity.py (5 steps, accumulation, clipping) with fp8.backend=native in every block.
 Amaxes are max-reduced over the tensor-parallel group, so each tp rank quantizes its shard with the scale one
@@ -9,7 +10,9 @@ one FP8 process within 2% of fp32. Parameters after 5 AdamW steps differ more, b
 flip in a tiny gradient into a full-size update: measured 2.7e-3 to 6.6e-3 relative for tensorwise scaling
 against 2.5e-2 between one FP8 process and fp32, so the bound is 40% of the latter. Delayed scaling keeps one amax
 window per rank, and a data-parallel rank sees half the micro-batches of the single process, so its windows and
-scales differ by design: measured 2.0e-2 against 2.6e-2, bound at 100%.
+scales differ by design: measured 2.0e-2 against 2.6e-2, bound at 100%. Pipeline parallelism (pp 2, 1F1B, with
+FSDP 2) splits no tensor: measured 7.7e-8 loss and 1.4e-7 parameters from one FP8 process. Every run caches each
+FP8 weight's quantization for the micro-batches of a step (fp8.cache_weights, the default), one process included.
 """
 
 from parallel.multiprocess import run_on_ranks
@@ -25,13 +28,14 @@ def rel_errors(result: dict, reference: dict):
     return loss, param
 
 
-def test_fp8_tp2_and_fsdp2_match_one_fp8_process(corpus, tmp_path):  # noqa: F811
+def test_fp8_tp2_fsdp2_and_pp2_match_one_fp8_process(corpus, tmp_path):  # noqa: F811
     tensorwise, delayed = FP8 + ["fp8.recipe=tensorwise"], FP8 + ["fp8.recipe=delayed"]
     reference_fp32 = train_reference(corpus, tmp_path / "ref_fp32")
     references = {"tensorwise": train_reference(corpus, tmp_path / "ref_tw", tensorwise),
                   "delayed": train_reference(corpus, tmp_path / "ref_delayed", delayed)}
     layouts = [("tensorwise", ["parallel.tp=2", "parallel.dp_shard=2"] + tensorwise),
                ("tensorwise", ["parallel.tp=1", "parallel.dp_shard=4"] + tensorwise),
+               ("tensorwise", ["parallel.pp=2", "parallel.pp_schedule=1F1B", "parallel.dp_shard=2"] + tensorwise),
                ("delayed", ["parallel.tp=2", "parallel.dp_shard=2"] + delayed)]
     results = run_on_ranks(ranks.train_layouts, 4, str(corpus), str(tmp_path / "runs"),
                            [lay for _, lay in layouts], timeout=1200)

@@ -1,6 +1,6 @@
 """The native FP8 path (engine/fp8/native.py) on CPU, where torch._scaled_mm runs too: a Float8Linear's output
-and gradients against the high-precision linear, delayed scaling's state step by step, the model conversion and a
-short FP8 training run against the bf16 one."""
+and gradients against the high-precision linear, delayed scaling's state step by step, the model conversion, the
+per-step weight cache, and a short FP8 training run against the bf16 one."""
 
 import io
 
@@ -10,7 +10,7 @@ import torch
 from engine.config import FP8Config, ModelConfig
 from engine.errors import ConfigError
 from engine.fp8 import apply_fp8, check_fp8_config
-from engine.fp8.native import E4M3, E5M2, Float8Linear, ScalingState
+from engine.fp8.native import E4M3, E5M2, Float8Linear, ScalingState, weight_cache
 from engine.model import build_model
 
 # Normwise relative error of an FP8 GEMM against the fp32 one, with unit-scale random operands of K = 256: e4m3
@@ -143,3 +143,61 @@ def test_fp8_training_run_tracks_the_bf16_run(tmp_path):
     assert fp8.last_metrics["val_loss"] < fp8.initial_val_loss - 0.5  # it learns
     # FP8 rounding moves the loss a little, not the trajectory: within 2% of the bf16 run after 30 steps
     assert abs(fp8.last_metrics["val_loss"] - bf16.last_metrics["val_loss"]) < 0.02 * bf16.last_metrics["val_loss"]
+
+
+def test_weight_cache_quantizes_a_weight_once_per_scope_and_drops_it_after():
+    torch.manual_seed(0)
+    layer = Float8Linear(256, 512, FP8Config(backend="native"))
+    torch.nn.init.normal_(layer.weight, std=0.02)
+    calls = []
+    quantize = layer.weight_scaling.quantize
+    layer.weight_scaling.quantize = lambda t, transpose: (calls.append(t.shape), quantize(t, transpose))[1]
+    xs = [torch.randn(16, 256) for _ in range(2)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = [layer(x) for x in xs]
+        assert len(calls) == 2  # outside the scope: every forward quantizes
+        with weight_cache([torch.nn.Sequential(layer)]) as covered:
+            cached = [layer(x) for x in xs]
+        assert covered == 1 and len(calls) == 3  # one quantization serves both micro-batches
+        assert not layer.caching and layer._step_weight is None  # dropped when the scope closes
+        assert all(torch.equal(a, b) for a, b in zip(plain, cached))
+        with torch.no_grad():
+            layer.weight.mul_(2)  # what an optimizer step does between two scopes
+        with weight_cache([layer]):
+            doubled = layer(xs[0])
+        assert len(calls) == 4 and rel(doubled, 2 * plain[0].float()) < 1e-2
+
+
+@pytest.mark.parametrize("checkpointing", ["none", "full"])
+def test_weight_cache_leaves_a_run_bitwise_unchanged_and_casts_weights_once_per_step(tmp_path, monkeypatch,
+                                                                                    checkpointing):
+    """Two micro-batches per step (tiny_config: 8 sequences in micro-batches of 4), tensorwise recipe: the cached
+    run's losses and parameters equal the uncached run's exactly, and it quantizes each FP8 weight once per step
+    instead of once per micro-batch; with full activation checkpointing the backward's recomputation of each
+    micro-batch also takes the step's copy (uncached, it quantizes the weight again: twice per micro-batch)."""
+    from engine.run import train
+    from tests.helpers import make_corpus, tiny_config
+    corpus = make_corpus(tmp_path / "c")
+    weight_casts = []
+    quantize = ScalingState.quantize
+
+    def counting(self, t, transpose):
+        weight_casts[-1] += isinstance(t, torch.nn.Parameter)
+        return quantize(self, t, transpose)
+
+    monkeypatch.setattr(ScalingState, "quantize", counting)
+    runs = {}
+    for cache in ("true", "false"):
+        weight_casts.append(0)
+        runs[cache] = train(tiny_config(corpus, tmp_path / cache, [
+            "train.steps=4", "train.dtype=bf16", "train.eval_every=0", "fp8.backend=native",
+            "fp8.bf16_first_last_layers=false", f"fp8.cache_weights={cache}",
+            f"parallel.activation_checkpointing={checkpointing}"]), stream=io.StringIO())
+    on, off = runs["true"], runs["false"]
+    fp8_layers = sum(isinstance(m, Float8Linear) for m in on.module.model.modules())
+    assert fp8_layers == 14  # 2 blocks x 7 projections
+    forwards = 2 if checkpointing == "none" else 4  # per step: 2 micro-batches, each recomputed under full AC
+    assert weight_casts[1] - weight_casts[0] == 4 * (forwards - 1) * fp8_layers  # 4 steps, once instead of each
+    assert on.last_metrics["loss"] == off.last_metrics["loss"]
+    params_on, params_off = dict(on.module.model.named_parameters()), dict(off.module.model.named_parameters())
+    assert all(torch.equal(params_on[name], params_off[name]) for name in params_off)
