@@ -24,6 +24,7 @@ process would. Data-parallel ranks hold different tensors and keep their own sca
 """
 
 import contextlib
+import weakref
 from typing import Iterator, List, Optional, Sequence, Tuple
 
 import torch
@@ -94,20 +95,49 @@ class ScalingState(nn.Module):
         self.scale.copy_(torch.where(window_max > 0, limit / window_max.clamp(min=_TINY_AMAX), self.scale))
 
 
+Quantized = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (t_fp8, its transposed copy or empty, 1/scale)
+
+
+class InputShare:
+    """One quantization of the input that sibling layers read: wq, wk and wv all read the attention's normed input,
+    w1 and w3 the MLP's, and share one input ScalingState (their amaxes and windows would be identical anyway).
+    The first sibling quantizes x and leaves the result here; the others take it while x is the same tensor,
+    unchanged (same object, same version counter), so the input is read, cast and transposed once, and autograd
+    saves one transposed copy for the three weight gradients. After the last sibling the result is dropped."""
+
+    def __init__(self, siblings: int):
+        self.siblings = siblings
+        self._key, self._value, self._left = None, None, 0
+
+    def lookup(self, x: torch.Tensor, transpose: bool) -> Optional[Quantized]:
+        if self._key is None:
+            return None
+        ref, version, wanted = self._key
+        if ref() is not x or x._version != version or wanted != transpose:
+            return None
+        value = self._value
+        self._left -= 1
+        if self._left <= 0:
+            self._key, self._value = None, None
+        return value
+
+    def store(self, x: torch.Tensor, transpose: bool, value: Quantized) -> None:
+        self._key, self._value, self._left = (weakref.ref(x), x._version, transpose), value, self.siblings - 1
+
+
 def _gemm_ok(*sizes: int) -> bool:
     """torch._scaled_mm on CUDA needs every GEMM dimension to be a multiple of 16."""
     return all(size % 16 == 0 for size in sizes)
 
 
 class _FP8Linear(torch.autograd.Function):
-    """y = x @ W^T with all three GEMMs in FP8; saves only the FP8 transposed copies for backward. The weight comes
-    in quantized (Float8Linear.quantized_weight: w_fp8 [N, K], its transposed copy w_t [K, N], 1/scale) and in
-    high precision (`weight`, for its gradient's dtype and the autograd edge)."""
+    """y = x @ W^T with all three GEMMs in FP8; saves only the FP8 transposed copies for backward. Input and weight
+    come in quantized (Float8Linear.quantized_input / quantized_weight: the FP8 tensor, its transposed copy, 1/scale)
+    and in high precision (x and `weight`: the autograd edges and the gradients' dtypes)."""
 
     @staticmethod
-    def forward(ctx, x, weight, layer, out_dtype, w_fp8, w_t, w_inv):
-        # x: [M, K]; weight: [N, K]
-        x_fp8, x_t, x_inv = layer.input_scaling.quantize(x, transpose=weight.requires_grad)
+    def forward(ctx, x, weight, layer, out_dtype, x_fp8, x_t, x_inv, w_fp8, w_t, w_inv):
+        # x: [M, K]; weight: [N, K]; x_t: [K, M] (empty without a weight gradient); w_t: [K, N]
         y = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)  # [M, N]
         ctx.save_for_backward(x_t, x_inv, w_t, w_inv)
         ctx.layer, ctx.x_dtype, ctx.w_dtype = layer, x.dtype, weight.dtype
@@ -123,7 +153,7 @@ class _FP8Linear(torch.autograd.Function):
         if ctx.needs_input_grad[1]:  # wgrad: [N, M] @ [M, K], fp32 out so accumulation stays fp32
             dw = torch._scaled_mm(dy_t, x_t.t(), scale_a=dy_inv, scale_b=x_inv,
                                   out_dtype=torch.float32).to(ctx.w_dtype)
-        return dx, dw, None, None, None, None, None
+        return dx, dw, None, None, None, None, None, None, None, None
 
 
 class Float8Linear(nn.Linear):
@@ -143,6 +173,7 @@ class Float8Linear(nn.Linear):
         self.input_scaling = ScalingState(E4M3, cfg.recipe, cfg.amax_history_len, device)
         self.weight_scaling = ScalingState(E4M3, cfg.recipe, cfg.amax_history_len, device)
         self.grad_scaling = ScalingState(grad_dtype, cfg.recipe, cfg.amax_history_len, device)
+        self.input_share: Optional[InputShare] = None  # set by convert() for wq/wk/wv and w1/w3
         self.caching = False  # inside weight_cache
         self._step_weight: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
@@ -150,7 +181,19 @@ class Float8Linear(nn.Linear):
         for state in (self.input_scaling, self.weight_scaling, self.grad_scaling):
             state.groups = list(groups)
 
-    def quantized_weight(self) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def quantized_input(self, x: torch.Tensor, x2d: torch.Tensor, transpose: bool) -> Quantized:
+        """(x_fp8 [M, K], x_t [K, M] or empty, 1/scale) of x2d = x as [M, K]: a sibling's (InputShare) or new."""
+        share = self.input_share
+        found = share.lookup(x, transpose) if share is not None else None
+        if found is not None:
+            return found
+        with torch.no_grad():
+            quantized = self.input_scaling.quantize(x2d, transpose=transpose)
+        if share is not None:
+            share.store(x, transpose, quantized)
+        return quantized
+
+    def quantized_weight(self) -> Quantized:
         """(w_fp8 [N, K], w_t [K, N], 1/scale) of the weight: quantized now, or the step's copy (weight_cache)."""
         if self.caching and self._step_weight is not None:
             return self._step_weight
@@ -168,7 +211,9 @@ class Float8Linear(nn.Linear):
         if x.is_cuda and not _gemm_ok(x2d.shape[0], n, k):  # cuBLASLt FP8 shape rule: fall back to bf16
             return nn.functional.linear(x, self.weight)
         with torch.autocast(device_type, enabled=False):
-            y = _FP8Linear.apply(x2d.contiguous(), self.weight, self, out_dtype, *self.quantized_weight())  # [M, N]
+            x2d = x2d.contiguous()
+            x_q = self.quantized_input(x, x2d, transpose=self.weight.requires_grad)
+            y = _FP8Linear.apply(x2d, self.weight, self, out_dtype, *x_q, *self.quantized_weight())  # [M, N]
         return y.view(*x.shape[:-1], n)
 
 
@@ -194,9 +239,18 @@ def _swap(parent: nn.Module, name: str, cfg: FP8Config) -> None:
     setattr(parent, name, new)
 
 
-def convert(model: nn.Module, cfg: FP8Config) -> List[str]:
+def _share_input(layers: Sequence[Float8Linear]) -> None:
+    """Sibling layers that read one tensor: one input ScalingState and one InputShare."""
+    share, state = InputShare(len(layers)), layers[0].input_scaling
+    for layer in layers:
+        layer.input_scaling, layer.input_share = state, share
+
+
+def convert(model: nn.Module, cfg: FP8Config, share_inputs: bool = True) -> List[str]:
     """Swap the projections of the transformer blocks for Float8Linear in place; the output head, the embedding
-    and (by config) the first and last blocks stay in bf16. Returns the names of the converted layers."""
+    and (by config) the first and last blocks stay in bf16. wq/wk/wv and w1/w3 quantize their common input once
+    (InputShare; `share_inputs=False` only for tests comparing against separate quantizations). Returns the names
+    of the converted layers."""
     layer_ids = list(model.layers.keys())
     keep = {layer_ids[0], layer_ids[-1]} if cfg.bf16_first_last_layers and len(layer_ids) > 2 else set()
     converted = []
@@ -207,6 +261,10 @@ def convert(model: nn.Module, cfg: FP8Config) -> List[str]:
             for name in names:
                 _swap(getattr(block, region), name, cfg)
                 converted.append(f"layers.{layer_id}.{region}.{name}")
+        if share_inputs:
+            attention, mlp = block.attention, block.feed_forward
+            _share_input([attention.wq, attention.wk, attention.wv])
+            _share_input([mlp.w1, mlp.w3])
     return converted
 
 
