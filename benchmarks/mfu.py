@@ -30,6 +30,7 @@ table says.
 """
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -210,18 +211,21 @@ def build_hf(cfg, device, seed: int, info: dict) -> Tuple[object, Callable]:
     return model, loss_fn
 
 
-def train_steps(loss_fn: Callable, optimizer, batches: List[Tuple], first: int, count: int, accum: int = 1) -> list:
+def train_steps(loss_fn: Callable, optimizer, batches: List[Tuple], first: int, count: int, accum: int = 1,
+                step_context: Callable = contextlib.nullcontext) -> list:
     """`count` optimizer steps of `accum` micro-batches each, starting at step `first` (batches cycled); returns each
     step's detached mean micro-batch loss (no host sync). Gradients are summed over the micro-batches of 1/accum
-    of each loss: the step's gradient is that of the mean loss, as with gradient accumulation in training."""
+    of each loss: the step's gradient is that of the mean loss, as with gradient accumulation in training. The
+    micro-batches run inside `step_context()`, as engine/train_module.py runs them (the FP8 weight cache)."""
     losses = []
     for i in range(first, first + count):
         step_loss = 0.0
-        for j in range(accum):
-            inputs, targets, mask = batches[(i * accum + j) % len(batches)]
-            loss = loss_fn(inputs, targets, mask) / accum
-            loss.backward()
-            step_loss = step_loss + loss.detach()
+        with step_context():
+            for j in range(accum):
+                inputs, targets, mask = batches[(i * accum + j) % len(batches)]
+                loss = loss_fn(inputs, targets, mask) / accum
+                loss.backward()
+                step_loss = step_loss + loss.detach()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(step_loss)
@@ -254,11 +258,16 @@ def measure(args: argparse.Namespace, info: dict) -> None:
     optimizer = build_optimizer(model, OptimConfig(), device)  # fused AdamW on CUDA, fp32 master weights
     batches = make_batches(args, device)
     info["build_s"] = time.perf_counter() - start
-    losses = train_steps(loss_fn, optimizer, batches, 0, args.warmup, args.accum)
+    step_context = contextlib.nullcontext
+    if "fp8_config" in info:  # the engine's per-step scope for FP8 (engine/fp8 fp8_step_context)
+        from engine.config import FP8Config
+        from engine.fp8 import fp8_step_context
+        step_context = fp8_step_context(FP8Config(**info["fp8_config"]), [model])
+    losses = train_steps(loss_fn, optimizer, batches, 0, args.warmup, args.accum, step_context)
     if cuda:
         torch.cuda.synchronize(device)
     start = time.perf_counter()
-    losses += train_steps(loss_fn, optimizer, batches, args.warmup, args.steps, args.accum)
+    losses += train_steps(loss_fn, optimizer, batches, args.warmup, args.steps, args.accum, step_context)
     if cuda:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - start
@@ -276,7 +285,8 @@ def measure(args: argparse.Namespace, info: dict) -> None:
     if args.profile and cuda:  # after the timing: the profiler slows the step it watches
         try:
             info["profile"] = step_profile.profile_step(
-                lambda: train_steps(loss_fn, optimizer, batches, args.warmup + args.steps, 1, args.accum))
+                lambda: train_steps(loss_fn, optimizer, batches, args.warmup + args.steps, 1, args.accum,
+                                    step_context))
         except Exception as err:  # a profiler problem must not cost the measured row
             info["profile"] = {"error": error_line(f"{type(err).__name__}: {err}")}
 
