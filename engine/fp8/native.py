@@ -183,7 +183,7 @@ class Float8Linear(nn.Linear):
 
     def quantized_input(self, x: torch.Tensor, x2d: torch.Tensor, transpose: bool) -> Quantized:
         """(x_fp8 [M, K], x_t [K, M] or empty, 1/scale) of x2d = x as [M, K]: a sibling's (InputShare) or new."""
-        share = self.input_share
+        share = self.input_share if not x.is_inference() else None  # inference tensors have no version counter
         found = share.lookup(x, transpose) if share is not None else None
         if found is not None:
             return found

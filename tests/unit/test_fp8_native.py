@@ -244,3 +244,13 @@ def test_siblings_quantize_their_common_input_once_with_the_same_results(recipe)
     assert (casts_s, casts_p) == (2 * 2 * 4, 2 * 2 * 7)  # steps x blocks x inputs quantized
     fp8_xt = 2 * 64 * 64  # one [dim, b*s] e4m3 transposed input: saved once instead of 3 times (attention), 2 (MLP)
     assert saved_p - saved_s >= 2 * (2 + 1) * fp8_xt, (saved_p, saved_s)
+    with torch.inference_mode():  # inference tensors have no version counter: no sharing there, the same numbers
+        inferred = native_model_logits(tokens, cfg, share=True)
+    assert torch.equal(inferred, native_model_logits(tokens, cfg, share=True))
+
+
+def native_model_logits(tokens, cfg, share):
+    model = debug_model(n_layers=2)
+    native.convert(model, cfg, share_inputs=share)
+    with torch.no_grad():
+        return model(tokens)
