@@ -148,7 +148,7 @@ class FP8Config:
     amax_history_len: int = 16  # delayed scaling window
     grad_dtype: str = "e5m2"  # e5m2 | e4m3 for gradients
     bf16_first_last_layers: bool = True  # keep the first and last transformer blocks in bf16
-    cache_weights: bool = True  # native: quantize each weight once per optimizer step, reuse it for every micro-batch
+    cache_weights: bool = True  # native, without FSDP: quantize each weight once per step, reuse it per micro-batch
 
 
 @dataclass

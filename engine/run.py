@@ -159,7 +159,7 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh],
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.steps)
     return module_factory(parallel, optimizer, scheduler, device, cfg.train.dtype, cfg.optim.grad_clip,
                           forward_context=fp8_forward_context(cfg.fp8),
-                          step_context=fp8_step_context(cfg.fp8, parallel.parts))
+                          step_context=fp8_step_context(cfg.fp8, parallel.parts, weights_sharded=p.dp_shard > 1))
 
 
 def build_callbacks(cfg: JobConfig, state: TrainState, device: torch.device, eval_batches: List[Batch],

@@ -67,11 +67,13 @@ def init_fp8_weights(part: nn.Module, cfg: FP8Config, seed: int) -> None:
         te.init_te_blocks(part, seed)
 
 
-def fp8_step_context(cfg: FP8Config, parts: Sequence[nn.Module]) -> Callable[[], ContextManager]:
+def fp8_step_context(cfg: FP8Config, parts: Sequence[nn.Module],
+                     weights_sharded: bool = False) -> Callable[[], ContextManager]:
     """What the train module enters around one optimizer step's micro-batches: for backend native with
     `cache_weights`, the scope in which each FP8 layer quantizes its weight once (native.weight_cache); nothing
-    otherwise."""
-    if cfg.backend != "native" or not cfg.cache_weights:
+    otherwise, and nothing when FSDP shards the weights (`weights_sharded`): the cache would keep every layer's
+    whole FP8 weight for the whole step, the memory FSDP exists to save."""
+    if cfg.backend != "native" or not cfg.cache_weights or weights_sharded:
         return contextlib.nullcontext
     from engine.fp8 import native
     return lambda: native.weight_cache(parts)

@@ -146,6 +146,18 @@ def test_fp8_training_run_tracks_the_bf16_run(tmp_path):
     assert abs(fp8.last_metrics["val_loss"] - bf16.last_metrics["val_loss"]) < 0.02 * bf16.last_metrics["val_loss"]
 
 
+def test_step_scope_is_the_weight_cache_only_for_native_unsharded_weights():
+    from engine.fp8 import fp8_step_context
+    parts = [torch.nn.Sequential(Float8Linear(32, 32, FP8Config(backend="native")))]
+    with fp8_step_context(FP8Config(backend="native"), parts)():
+        assert parts[0][0].caching
+    assert not parts[0][0].caching
+    for cfg, sharded in ((FP8Config(backend="native"), True), (FP8Config(backend="native", cache_weights=False), False),
+                         (FP8Config(backend="none"), False)):
+        with fp8_step_context(cfg, parts, weights_sharded=sharded)():
+            assert not parts[0][0].caching  # FSDP (whole FP8 weights kept all step), turned off, or no native FP8
+
+
 def test_weight_cache_quantizes_a_weight_once_per_scope_and_drops_it_after():
     torch.manual_seed(0)
     layer = Float8Linear(256, 512, FP8Config(backend="native"))
@@ -230,6 +242,7 @@ def test_siblings_quantize_their_common_input_once_with_the_same_results(recipe)
         try:
             for _ in range(2):  # the second step runs on the delayed recipe's windows
                 model.zero_grad()
+                saved.clear()  # one step's saved tensors, all alive until its backward: distinct storages
                 with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
                         torch.autocast("cpu", dtype=torch.bfloat16):
                     logits = model(tokens)
