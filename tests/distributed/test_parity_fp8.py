@@ -5,14 +5,16 @@ The parity protocol of test_parity.py (5 steps, accumulation, clipping) with fp8
 Amaxes are max-reduced over the tensor-parallel group, so each tp rank quantizes its shard with the scale one
 process would use for the whole tensor; FSDP casts the gathered weight. What still differs is the order of the
 GEMM sums across shards, which can move a value across an FP8 rounding boundary now and then. Stated tolerance:
-losses within 1e-4 relative of the single-process FP8 run (measured 1.4e-5 tensorwise, 4e-5 delayed), and the
+losses within 1e-4 relative of the single-process FP8 run (measured 1.4e-5 tensorwise, 6.5e-5 delayed), and the
 one FP8 process within 2% of fp32. Parameters after 5 AdamW steps differ more, because Adam turns a one-ulp FP8
 flip in a tiny gradient into a full-size update: measured 2.7e-3 to 6.6e-3 relative for tensorwise scaling
 against 2.5e-2 between one FP8 process and fp32, so the bound is 40% of the latter. Delayed scaling keeps one amax
 window per rank, and a data-parallel rank sees half the micro-batches of the single process, so its windows and
 scales differ by design: measured 2.0e-2 against 2.6e-2, bound at 100%. Pipeline parallelism (pp 2, 1F1B, with
-FSDP 2) splits no tensor: measured 7.7e-8 loss and 1.4e-7 parameters from one FP8 process. Every run caches each
-FP8 weight's quantization for the micro-batches of a step (fp8.cache_weights, the default), one process included.
+FSDP 2) splits no tensor: measured 7.7e-8 loss and 1.4e-7 parameters from one FP8 process. The one process caches
+each FP8 weight's quantization for the micro-batches of a step (fp8.cache_weights); the FSDP layouts do not (the
+cache is off under FSDP), which changes nothing for tensorwise scaling and advances the delayed recipe's weight
+windows per micro-batch instead of per step: its loss difference measured 6.5e-5 (3.5e-5 when both cached).
 """
 
 from parallel.multiprocess import run_on_ranks
