@@ -132,15 +132,17 @@ def fast_model(cfg, device, seed: int):
     return model
 
 
-def build_herd(variant: str, cfg, device, seed: int, info: dict) -> Tuple[object, Callable]:
-    """herd's model (fp8-converted for the fp8 variants) and its loss function (inputs, targets, mask) -> loss."""
+def build_herd(variant: str, cfg, device, seed: int, info: dict) -> Tuple[object, Callable, Callable]:
+    """herd's model (fp8-converted for the fp8 variants), its loss function (inputs, targets, mask) -> loss and the
+    scope each optimizer step's micro-batches run in (engine.fp8.fp8_step_context: the FP8 weight cache)."""
     import torch
     from engine import ops
     model = fast_model(cfg, device, seed)
+    step_context = contextlib.nullcontext
     if variant in FP8_RECIPES:
         import dataclasses
         from engine.config import FP8Config
-        from engine.fp8 import apply_fp8
+        from engine.fp8 import apply_fp8, fp8_step_context
         # every block in FP8: the 4-layer proxy stands for the middle of the 32-layer stack (a full 8B run keeps only
         # its first and last blocks in bf16, 2 of 32); the output head stays bf16 as in training
         fp8_cfg = FP8Config(backend="native", recipe=FP8_RECIPES[variant], bf16_first_last_layers=False)
@@ -150,6 +152,7 @@ def build_herd(variant: str, cfg, device, seed: int, info: dict) -> Tuple[object
             model = converted
         elif isinstance(converted, (list, tuple)):
             info["fp8_layers"] = len(converted)
+        step_context = fp8_step_context(fp8_cfg, [model])
     model.train()
 
     def loss_fn(inputs, targets, mask):
@@ -157,7 +160,7 @@ def build_herd(variant: str, cfg, device, seed: int, info: dict) -> Tuple[object
             logits = model(inputs)  # [b, s, vocab]
         # summed token loss over the step's token count, as engine/train_module.py does (outside autocast)
         return ops.cross_entropy_sum(logits, targets, mask) / targets.numel()
-    return model, loss_fn
+    return model, loss_fn, step_context
 
 
 def _init_parameters(klass) -> set:
@@ -191,7 +194,7 @@ def hf_config(cfg):
     return LlamaConfig(**kwargs)
 
 
-def build_hf(cfg, device, seed: int, info: dict) -> Tuple[object, Callable]:
+def build_hf(cfg, device, seed: int, info: dict) -> Tuple[object, Callable, Callable]:
     import torch
     import transformers
     from transformers import LlamaForCausalLM
@@ -208,7 +211,7 @@ def build_hf(cfg, device, seed: int, info: dict) -> Tuple[object, Callable]:
         with torch.autocast(device.type, dtype=torch.bfloat16):
             # labels = the inputs: transformers shifts them itself (seq_len - 1 loss tokens per sequence)
             return model(input_ids=inputs, labels=inputs).loss
-    return model, loss_fn
+    return model, loss_fn, contextlib.nullcontext
 
 
 def train_steps(loss_fn: Callable, optimizer, batches: List[Tuple], first: int, count: int, accum: int = 1,
@@ -254,15 +257,10 @@ def measure(args: argparse.Namespace, info: dict) -> None:
     cfg = model_config(args)
     start = time.perf_counter()
     build = build_hf if args.variant == "hf-bf16" else lambda *a: build_herd(args.variant, *a)
-    model, loss_fn = build(cfg, device, args.seed, info)
+    model, loss_fn, step_context = build(cfg, device, args.seed, info)
     optimizer = build_optimizer(model, OptimConfig(), device)  # fused AdamW on CUDA, fp32 master weights
     batches = make_batches(args, device)
     info["build_s"] = time.perf_counter() - start
-    step_context = contextlib.nullcontext
-    if "fp8_config" in info:  # the engine's per-step scope for FP8 (engine/fp8 fp8_step_context)
-        from engine.config import FP8Config
-        from engine.fp8 import fp8_step_context
-        step_context = fp8_step_context(FP8Config(**info["fp8_config"]), [model])
     losses = train_steps(loss_fn, optimizer, batches, 0, args.warmup, args.accum, step_context)
     if cuda:
         torch.cuda.synchronize(device)

@@ -96,3 +96,19 @@ def make_preference_jsonl(path: Path, count: int = 48, max_chars: int = 300) -> 
                     rows.append(row)
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def record_quantizations(monkeypatch) -> List[str]:
+    """Patch engine.fp8.native.ScalingState.quantize to append each call's role to the returned list: "weight" (a
+    Parameter), "input" (e4m3, not a Parameter) or "grad" (the default e5m2 output gradients)."""
+    import torch
+    from engine.fp8.native import E4M3, ScalingState
+    roles: List[str] = []
+    quantize = ScalingState.quantize
+
+    def recording(state, t, transpose):
+        roles.append("weight" if isinstance(t, torch.nn.Parameter) else "input" if state.dtype == E4M3 else "grad")
+        return quantize(state, t, transpose)
+
+    monkeypatch.setattr(ScalingState, "quantize", recording)
+    return roles

@@ -76,7 +76,8 @@ def fp8_step_context(cfg: FP8Config, parts: Sequence[nn.Module],
     if cfg.backend != "native" or not cfg.cache_weights or weights_sharded:
         return contextlib.nullcontext
     from engine.fp8 import native
-    return lambda: native.weight_cache(parts)
+    layers = native.float8_layers(parts)  # once, not at every step
+    return lambda: native.weight_cache(layers)
 
 
 def fp8_forward_context(cfg: FP8Config) -> Callable[[], ContextManager]:

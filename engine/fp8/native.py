@@ -217,12 +217,15 @@ class Float8Linear(nn.Linear):
         return y.view(*x.shape[:-1], n)
 
 
+def float8_layers(parts: Sequence[nn.Module]) -> List[Float8Linear]:
+    return [m for part in parts for m in part.modules() if isinstance(m, Float8Linear)]
+
+
 @contextlib.contextmanager
-def weight_cache(parts: Sequence[nn.Module]) -> Iterator[int]:
-    """Within this scope every Float8Linear of `parts` quantizes its weight once and reuses it (see Float8Linear);
-    the copies are dropped when it closes. Open it around the micro-batches of one optimizer step only. Yields the
-    number of layers it covers."""
-    layers = [m for part in parts for m in part.modules() if isinstance(m, Float8Linear)]
+def weight_cache(layers: Sequence[Float8Linear]) -> Iterator[int]:
+    """Within this scope each of `layers` (float8_layers of the model parts) quantizes its weight once and reuses
+    it (see Float8Linear); the copies are dropped when it closes. Open it around the micro-batches of one optimizer
+    step only. Yields the number of layers it covers."""
     for layer in layers:
         layer.caching, layer._step_weight = True, None
     try:
@@ -271,7 +274,7 @@ def convert(model: nn.Module, cfg: FP8Config, share_inputs: bool = True) -> List
 def set_amax_groups(model: nn.Module, groups: Sequence[Optional[dist.ProcessGroup]]) -> int:
     """Give every Float8Linear the groups its amaxes are max-reduced over; returns how many layers got them."""
     real = [g for g in groups if g is not None]
-    layers = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    layers = float8_layers([model])
     for layer in layers:
         layer.set_amax_groups(real)
     return len(layers)

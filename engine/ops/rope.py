@@ -39,8 +39,7 @@ def _rope_cpu(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Te
               inverse: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """CPU kernel of herd::rope: the rotated q and k as new contiguous tensors (the inputs are not changed)."""
     sin = -sin if inverse else sin
-    return (_rotated(q, cos, sin).contiguous(memory_format=torch.contiguous_format),
-            _rotated(k, cos, sin).contiguous(memory_format=torch.contiguous_format))
+    return _rotated(q, cos, sin), _rotated(k, cos, sin)  # torch.cat's results: new, contiguous
 
 
 library.define("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin, bool inverse) -> ()", _rope_cpu_)

@@ -51,7 +51,8 @@ def test_accumulation_runs_accum_micro_batches_per_optimizer_step(monkeypatch):
     import torch
     steps = []
     real_step = torch.optim.AdamW.step
-    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: (steps.append(1), real_step(self, *a, **k))[1])
+    monkeypatch.setattr(torch.optim.AdamW, "step",
+                        lambda self, *a, **k: (steps.append(1), real_step(self, *a, **k))[1])
     args = mfu.parse_args(["--variant", "herd-bf16", "--steps", "2", "--warmup", "1", "--accum", "3", *TINY])
     row = mfu.run_child(args)
     check_row(row, args)
@@ -61,20 +62,12 @@ def test_accumulation_runs_accum_micro_batches_per_optimizer_step(monkeypatch):
 def test_fp8_variant_with_accumulation_runs_the_engines_step_scope(monkeypatch):
     """herd-fp8 with --accum 2 on CPU: a valid row, and each FP8 weight quantized once per optimizer step (the
     engine's weight cache scope around the micro-batches), not once per micro-batch."""
-    import torch
-    from engine.fp8.native import ScalingState
-    weight_casts = []
-    quantize = ScalingState.quantize
-
-    def counting(self, t, transpose):
-        weight_casts.append(isinstance(t, torch.nn.Parameter))
-        return quantize(self, t, transpose)
-
-    monkeypatch.setattr(ScalingState, "quantize", counting)
+    from tests.helpers import record_quantizations
+    roles = record_quantizations(monkeypatch)
     args = mfu.parse_args(["--variant", "herd-fp8", "--steps", "2", "--warmup", "1", "--accum", "2", *TINY])
     row = mfu.run_child(args)
     check_row(row, args)
-    assert row["fp8_layers"] == 14 and sum(weight_casts) == 3 * 14  # 3 optimizer steps, 2 micro-batches each
+    assert row["fp8_layers"] == 14 and roles.count("weight") == 3 * 14  # 3 optimizer steps, 2 micro-batches each
 
 
 def test_child_main_writes_error_row(tmp_path):

@@ -169,7 +169,7 @@ def test_weight_cache_quantizes_a_weight_once_per_scope_and_drops_it_after():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         plain = [layer(x) for x in xs]
         assert len(calls) == 2  # outside the scope: every forward quantizes
-        with weight_cache([torch.nn.Sequential(layer)]) as covered:
+        with weight_cache(native.float8_layers([torch.nn.Sequential(layer)])) as covered:
             cached = [layer(x) for x in xs]
         assert covered == 1 and len(calls) == 3  # one quantization serves both micro-batches
         assert not layer.caching and layer._step_weight is None  # dropped when the scope closes
@@ -189,23 +189,17 @@ def test_weight_cache_leaves_a_run_bitwise_unchanged_and_casts_weights_once_per_
     instead of once per micro-batch; with full activation checkpointing the backward's recomputation of each
     micro-batch also takes the step's copy (uncached, it quantizes the weight again: twice per micro-batch)."""
     from engine.run import train
-    from tests.helpers import make_corpus, tiny_config
+    from tests.helpers import make_corpus, record_quantizations, tiny_config
     corpus = make_corpus(tmp_path / "c")
-    weight_casts = []
-    quantize = ScalingState.quantize
-
-    def counting(self, t, transpose):
-        weight_casts[-1] += isinstance(t, torch.nn.Parameter)
-        return quantize(self, t, transpose)
-
-    monkeypatch.setattr(ScalingState, "quantize", counting)
+    roles, weight_casts = record_quantizations(monkeypatch), []
     runs = {}
     for cache in ("true", "false"):
-        weight_casts.append(0)
+        start = len(roles)
         runs[cache] = train(tiny_config(corpus, tmp_path / cache, [
             "train.steps=4", "train.dtype=bf16", "train.eval_every=0", "fp8.backend=native",
             "fp8.bf16_first_last_layers=false", f"fp8.cache_weights={cache}",
             f"parallel.activation_checkpointing={checkpointing}"]), stream=io.StringIO())
+        weight_casts.append(roles[start:].count("weight"))
     on, off = runs["true"], runs["false"]
     fp8_layers = sum(isinstance(m, Float8Linear) for m in on.module.model.modules())
     assert fp8_layers == 14  # 2 blocks x 7 projections
@@ -217,40 +211,32 @@ def test_weight_cache_leaves_a_run_bitwise_unchanged_and_casts_weights_once_per_
 
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "delayed"])
-def test_siblings_quantize_their_common_input_once_with_the_same_results(recipe):
+def test_siblings_quantize_their_common_input_once_with_the_same_results(recipe, monkeypatch):
     """wq/wk/wv and w1/w3 share one input quantization: over two training steps outputs and gradients are
     bitwise those of separate quantizations, each block quantizes 4 inputs per forward instead of 7, and autograd
     keeps one transposed input copy per group instead of one per layer."""
     cfg = FP8Config(backend="native", recipe=recipe, bf16_first_last_layers=False)
     tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
-    results = {}
+    from tests.helpers import record_quantizations
+    roles, results = record_quantizations(monkeypatch), {}
     for share in (True, False):
         model = debug_model(n_layers=2)
         native.convert(model, cfg, share_inputs=share)
-        inputs_cast, saved = [], {}
-        real = ScalingState.quantize
-
-        def counting(state, t, transpose):
-            inputs_cast.append(state.dtype == E4M3 and not isinstance(t, torch.nn.Parameter))  # not W, not dy (e5m2)
-            return real(state, t, transpose)
+        start, saved = len(roles), {}
 
         def pack(t):
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        ScalingState.quantize = counting
-        try:
-            for _ in range(2):  # the second step runs on the delayed recipe's windows
-                model.zero_grad()
-                saved.clear()  # one step's saved tensors, all alive until its backward: distinct storages
-                with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
-                        torch.autocast("cpu", dtype=torch.bfloat16):
-                    logits = model(tokens)
-                logits.float().logsumexp(-1).mean().backward()
-        finally:
-            ScalingState.quantize = real
+        for _ in range(2):  # the second step runs on the delayed recipe's windows
+            model.zero_grad()
+            saved.clear()  # one step's saved tensors, all alive until its backward: distinct storages
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                    torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = model(tokens)
+            logits.float().logsumexp(-1).mean().backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters()}
-        results[share] = (logits.detach(), grads, sum(inputs_cast), sum(saved.values()))
+        results[share] = (logits.detach(), grads, roles[start:].count("input"), sum(saved.values()))
     (logits_s, grads_s, casts_s, saved_s), (logits_p, grads_p, casts_p, saved_p) = results[True], results[False]
     assert torch.equal(logits_s, logits_p)
     assert all(torch.equal(grads_s[n], grads_p[n]) for n in grads_p)
