@@ -1,6 +1,7 @@
 """Assembling a training run from a validated JobConfig: device, data, model, optimizer, callbacks, run dir."""
 
 import json
+import logging
 import os
 import sys
 import time
@@ -258,13 +259,29 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout, data_builder: Opt
     return trainer
 
 
-def shutdown_distributed() -> None:
-    """After a run that ended normally: wait for every rank, then close the process groups before the
-    interpreter exits. Left to interpreter teardown, a rank that exits first can close its sockets under a peer's
-    gloo threads, which then abort (SIGABRT) instead of exiting 0."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
+def end_rank_process(code: int) -> None:
+    """The last call of a rank of a multi-process run that ended normally (or was preempted and has saved):
+    wait for every rank, close the process groups, flush this process's output and leave with os._exit(code),
+    skipping the interpreter's own teardown. Returns only in a process without a process group (one-process runs,
+    tests calling the CLI in-process), which exits the usual way.
+
+    Why skip the teardown: it frees the last torch objects while the interpreter is finalizing. A C++ thread
+    (gloo's workers) that asks for the GIL then, to free a tensor's Python object, is ended by pthread_exit, and
+    the unwinding through torch's noexcept destructors calls std::terminate: SIGABRT, "terminate called without
+    an active exception" (pytorch/pytorch#190489; #179291 describes the gloo AsyncWork case). CI saw it once on
+    rank 1 of a 2-rank SLURM job that had finished, saved and closed its groups (exit 134 instead of 0); 80
+    local repetitions of that run (2 ranks, resumed from a checkpoint) and more under CPU contention did not
+    reproduce it, so the mechanism is the likely one, not a proven one. Nothing is left to do at that point: the callbacks' on_fit_end closed the
+    metrics and TensorBoard files and the last checkpoint has committed."""
+    if not dist.is_initialized():
+        return
+    # every rank first: a rank that closed its sockets early would fail a peer still in a collective
+    dist.barrier()
+    dist.destroy_process_group()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def train(cfg: JobConfig, stream: Optional[TextIO] = None) -> Trainer:

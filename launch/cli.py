@@ -23,14 +23,15 @@ def _train(args: argparse.Namespace) -> int:
         return 0
     from engine.callbacks import PREEMPTED_EXIT_CODE
     from align.run import train_stage  # align.kind lm (pretraining) is the engine's own run
-    from engine.run import shutdown_distributed
+    from engine.run import end_rank_process
     trainer = train_stage(cfg)
-    shutdown_distributed()
+    code = 0
     if trainer.state.preempted:  # saved at the step boundary; the launch script requeues on this code
         print(f"preempted by signal {trainer.state.preempted} at step {trainer.state.step}: checkpoint saved, "
               f"exiting with {PREEMPTED_EXIT_CODE} (requeue)", flush=True)
-        return PREEMPTED_EXIT_CODE
-    return 0
+        code = PREEMPTED_EXIT_CODE
+    end_rank_process(code)  # a rank of a multi-process run leaves here; one process returns
+    return code
 
 
 def _align(args: argparse.Namespace) -> int:
@@ -47,9 +48,9 @@ def _align(args: argparse.Namespace) -> int:
         print(scrub("herd align: " + " ".join(command[1:])), flush=True)
         return subprocess.call(command, env=env)
     from align.pipeline import run_pipeline
-    from engine.run import shutdown_distributed
+    from engine.run import end_rank_process
     run_pipeline(pipeline)
-    shutdown_distributed()
+    end_rank_process(0)  # a rank of a multi-process pipeline leaves here; one process returns
     return 0
 
 
