@@ -11,7 +11,8 @@ PIP := $(PY) -m pip install --disable-pip-version-check -q
 
 .PHONY: install demo align-demo test test-all clean-demo gpu-wheels
 
-$(STAMP): pyproject.toml setup.py
+# the editable install lists the top-level packages it maps: a new one (a new */__init__.py) reinstalls
+$(STAMP): pyproject.toml setup.py $(wildcard */__init__.py)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV_FLAGS) $(VENV)
 	$(PY) -c "import torch, sys; sys.exit(tuple(map(int, torch.__version__.split('.')[:2])) < (2, 11))" 2>/dev/null \
 		|| $(PIP) "$(TORCH_SPEC)"
