@@ -304,6 +304,39 @@ void launch_cast_fmt(const void* x, const float* scale, int64_t M, int64_t K, bo
   else launch_cast<T, __NV_E5M2>(x, scale, M, K, transpose, out, out_t, amax_bits, stream);
 }
 
+// Delayed scaling's bookkeeping for one tensor (engine/ops/reference.py fp8_delayed_update), one block:
+// inv_used = 1/scale; overflows += (amax finite and amax * scale > limit); the window [H] shifts by one with amax
+// in front unless amax is inf/NaN; scale = limit / max(max(window), 1e-12) when max(window) > 0. The window is
+// staged in shared memory (all reads before any write: the shift is in place). Built with --use_fast_math, so the
+// arithmetic is spelled with round-to-nearest intrinsics and the max / sign tests work on bits (no flush of
+// subnormals): torch computes limit / w as reciprocal(w) * limit, rounded twice, and so does this.
+__global__ void delayed_update_kernel(float* __restrict__ history, float* __restrict__ scale,
+                                      long long* __restrict__ overflows, const float* __restrict__ amax_in,
+                                      float limit, int H, float* __restrict__ inv_used) {
+  extern __shared__ float window[];  // [H]
+  __shared__ unsigned int scratch[32];
+  const float amax = *amax_in, used = *scale;
+  const bool finite = abs_bits(amax) < 0x7f800000u;
+  for (int i = threadIdx.x; i < H; i += blockDim.x) window[i] = history[i];
+  __syncthreads();
+  unsigned int top = 0u;  // largest |bits| of the new window: its max, as the entries are >= 0
+  for (int i = threadIdx.x; i < H; i += blockDim.x) {
+    const float v = finite ? (i == 0 ? amax : window[i - 1]) : window[i];
+    if (finite) history[i] = v;
+    top = max(top, abs_bits(v));
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  top = __reduce_max_sync(0xffffffffu, top);
+  if (lane == 0) scratch[warp] = top;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < warps; ++w) top = max(top, scratch[w]);
+    *inv_used = __frcp_rn(used);
+    if (finite && __fmul_rn(amax, used) > limit) *overflows += 1;
+    if (top > 0u) *scale = __fmul_rn(__frcp_rn(__uint_as_float(max(top, __float_as_uint(1e-12f)))), limit);
+  }
+}
+
 }  // namespace
 }  // namespace herd
 
@@ -338,3 +371,17 @@ const char* herd_fp8_cast(const void* x, const float* scale, int64_t M, int64_t 
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
+
+// history [H] fp32, scale fp32, overflows int64, amax fp32 (one each), inv_used fp32 (one), all on the device;
+// H <= 8192 (the window fills at most 32 KiB of shared memory). One block of up to 1024 threads.
+const char* herd_fp8_delayed_update(void* history, void* scale, void* overflows, const void* amax, double limit,
+                                    int64_t H, void* inv_used, void* stream) {
+  const int threads = static_cast<int>(std::min<int64_t>(1024, (H + 31) / 32 * 32));
+  herd::delayed_update_kernel<<<1, threads, static_cast<size_t>(H) * sizeof(float),
+                                static_cast<cudaStream_t>(stream)>>>(
+      static_cast<float*>(history), static_cast<float*>(scale), static_cast<long long*>(overflows),
+      static_cast<const float*>(amax), static_cast<float>(limit), static_cast<int>(H), static_cast<float*>(inv_used));
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+

@@ -1,5 +1,5 @@
-// Torch binding of csrc/fp8_cast/fp8_cast.cu: herd::fp8_amax and herd::fp8_cast on CUDA tensors (schemas in
-// engine/ops/fp8_cast.py; reference engine/ops/reference.py fp8_amax / fp8_cast).
+// Torch binding of csrc/fp8_cast/fp8_cast.cu: herd::fp8_amax, herd::fp8_cast and herd::fp8_delayed_update on CUDA
+// tensors (schemas in engine/ops/fp8_cast.py; references in engine/ops/reference.py).
 //
 // This file includes no CUDA header (neither ATen/cuda/CUDAContext.h nor c10/cuda/*): those need cuSPARSE/cuBLAS
 // headers and torch's generated c10/cuda/impl/cuda_cmake_macros.h, which a CPU build machine (CPU torch wheel plus
@@ -16,6 +16,8 @@
 const char* herd_fp8_amax(const void* x, int64_t n, int dtype_code, void* amax, int device, void* stream);
 const char* herd_fp8_cast(const void* x, const float* scale, int64_t M, int64_t K, int dtype_code, int fp8_code,
                           bool transpose, void* out, void* out_t, void* amax, void* stream);
+const char* herd_fp8_delayed_update(void* history, void* scale, void* overflows, const void* amax, double limit,
+                                    int64_t H, void* inv_used, void* stream);
 
 namespace {
 
@@ -71,9 +73,38 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> fp8_cast(const at::Tensor& x_in, 
   return {out, out_t, amax};
 }
 
+void check_scalar(const at::Tensor& t, at::ScalarType dtype, const at::Tensor& history, const char* name) {
+  TORCH_CHECK(t.device() == history.device(), "fp8_delayed_update: ", name, " must be on history's device");
+  TORCH_CHECK(t.scalar_type() == dtype && t.numel() == 1, "fp8_delayed_update: ", name, " must be one ", dtype);
+}
+
+// In place: history [H] fp32 contiguous, scale fp32 and overflows int64 (one element each); amax fp32 (one
+// element). Returns 1/scale of the scale before the update (fp32 0-dim).
+at::Tensor fp8_delayed_update(at::Tensor history, at::Tensor scale, at::Tensor overflows, const at::Tensor& amax,
+                              double limit) {
+  TORCH_CHECK(history.is_cuda(), "fp8_delayed_update: history must be a CUDA tensor");
+  TORCH_CHECK(history.scalar_type() == at::kFloat && history.dim() == 1 && history.is_contiguous(),
+              "fp8_delayed_update: history must be a contiguous 1-D float32 tensor");
+  const int64_t H = history.numel();
+  TORCH_CHECK(H >= 1 && H <= 8192, "fp8_delayed_update: window length ", H, " not in [1, 8192]");
+  check_scalar(scale, at::kFloat, history, "scale");
+  check_scalar(overflows, at::kLong, history, "overflows");
+  check_scalar(amax, at::kFloat, history, "amax");
+  TORCH_CHECK(scale.is_contiguous() && overflows.is_contiguous() && amax.is_contiguous(),
+              "fp8_delayed_update: scale, overflows and amax must be contiguous");
+  c10::DeviceGuard guard(history.device());
+  at::Tensor inv_used = at::empty({}, scale.options());
+  const char* err = herd_fp8_delayed_update(history.data_ptr(), scale.data_ptr(), overflows.data_ptr(),
+                                            amax.data_ptr(), limit, H, inv_used.data_ptr(),
+                                            current_stream(history.device()));
+  TORCH_CHECK(err == nullptr, "fp8_delayed_update: kernel launch failed: ", err);
+  return inv_used;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(herd, CUDA, m) {
   m.impl("fp8_amax", &fp8_amax);
   m.impl("fp8_cast", &fp8_cast);
+  m.impl("fp8_delayed_update", &fp8_delayed_update);
 }

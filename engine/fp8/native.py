@@ -32,12 +32,11 @@ import torch.distributed as dist
 from torch import nn
 
 from engine import ops  # noqa: F401  (defines the herd:: ops)
-from engine.ops.fp8_cast import fp8_amax, fp8_cast
+from engine.ops.fp8_cast import fp8_amax, fp8_cast, fp8_delayed_update
 from engine.config import FP8Config
-from engine.ops.reference import FP8_MAX
+from engine.ops.reference import FP8_MAX, FP8_TINY_AMAX
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
-_TINY_AMAX = 1e-12  # an all-zero tensor gets scale fp8_max / 1e-12 -> its (zero) values stay exact
 
 
 class ScalingState(nn.Module):
@@ -71,28 +70,16 @@ class ScalingState(nn.Module):
         limit = FP8_MAX[self.dtype]
         if self.recipe == "tensorwise":
             amax = self.reduce(fp8_amax(t))
-            scale = limit / amax.clamp(min=_TINY_AMAX)
+            scale = limit / amax.clamp(min=FP8_TINY_AMAX)
             out, out_t, _ = fp8_cast(t, scale, self.dtype, transpose)
             return out, out_t, scale.reciprocal()
         if not self.filled:  # never filled: this one step uses current scaling (a host flag: no GPU sync)
-            self.scale.copy_(limit / self.reduce(fp8_amax(t)).clamp(min=_TINY_AMAX))
+            self.scale.copy_(limit / self.reduce(fp8_amax(t)).clamp(min=FP8_TINY_AMAX))
             self.filled = True
-        scale = self.scale.clone()
-        out, out_t, amax = fp8_cast(t, scale, self.dtype, transpose)
-        self.update(self.reduce(amax), scale)
-        return out, out_t, scale.reciprocal()
-
-    @torch.no_grad()
-    def update(self, amax: torch.Tensor, used_scale: torch.Tensor) -> None:
-        """Push this step's amax into the window and derive the next scale (delayed scaling)."""
-        limit = FP8_MAX[self.dtype]
-        finite = torch.isfinite(amax)
-        self.overflows.add_((finite & (amax * used_scale > limit)).long())
-        rolled = torch.roll(self.amax_history, 1)
-        rolled[0] = amax
-        self.amax_history.copy_(torch.where(finite, rolled, self.amax_history))
-        window_max = self.amax_history.max()
-        self.scale.copy_(torch.where(window_max > 0, limit / window_max.clamp(min=_TINY_AMAX), self.scale))
+        out, out_t, amax = fp8_cast(t, self.scale, self.dtype, transpose)
+        # push amax into the window, count an overflow, set the next scale; returns 1/scale of the one just used
+        inv_used = fp8_delayed_update(self.amax_history, self.scale, self.overflows, self.reduce(amax), limit)
+        return out, out_t, inv_used
 
 
 Quantized = Tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # (t_fp8, its transposed copy or empty, 1/scale)

@@ -107,3 +107,28 @@ def fp8_cast(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype, transpose
     out = (x.float() * scale).clamp(-limit, limit).to(dtype)
     out_t = out.t().contiguous() if transpose else out.new_empty(0)
     return out, out_t, fp8_amax(x)
+
+
+FP8_TINY_AMAX = 1e-12  # an all-zero tensor gets scale fp8_max / 1e-12 -> its (zero) values stay exact
+
+
+@torch.no_grad()
+def fp8_delayed_update(history: torch.Tensor, scale: torch.Tensor, overflows: torch.Tensor, amax: torch.Tensor,
+                       limit: float) -> torch.Tensor:
+    """One step of delayed scaling (TransformerEngine's DelayedScaling, "max" over the window), in place.
+
+    history: [H] fp32, newest amax first; scale: fp32 0-dim, the scale the step's cast used; overflows: int64
+    0-dim; amax: fp32 0-dim, this step's amax (already reduced over the ranks sharing the tensor); limit: the fp8
+    format's largest finite value. Returns 1/scale of the scale used (what the GEMM dequantizes with). Then:
+    overflows += 1 when amax * scale > limit (the cast saturated); amax enters the window (the oldest leaves)
+    unless it is inf/NaN; scale = limit / max(window) when the window holds anything above 0, else unchanged."""
+    inv_used = scale.reciprocal()
+    finite = torch.isfinite(amax)
+    overflows.add_((finite & (amax * scale > limit)).long())
+    rolled = torch.roll(history, 1)
+    rolled[0] = amax
+    history.copy_(torch.where(finite, rolled, history))
+    window_max = history.max()
+    scale.copy_(torch.where(window_max > 0, limit / window_max.clamp(min=FP8_TINY_AMAX), scale))
+    return inv_used
+

@@ -1,4 +1,4 @@
-"""csrc/fp8_cast against engine/ops/reference.py fp8_amax / fp8_cast on a CUDA GPU.
+"""csrc/fp8_cast against engine/ops/reference.py fp8_amax / fp8_cast / fp8_delayed_update on a CUDA GPU.
 
 Tolerances: none. amax is exact (a max of |bits|), and out / out_t are compared bit for bit with the reference
 (torch's clamp then `.to(float8)`, round to nearest even), which the hardware conversion (cvt.rn.satfinite) matches;
@@ -34,6 +34,7 @@ def kernels_are_loaded():
     status = engine.ops.kernel_status()
     assert status["fp8_amax"] == "cuda kernel", status["fp8_amax"]  # no silent fallback to the reference
     assert status["fp8_cast"] == "cuda kernel", status["fp8_cast"]
+    assert status["fp8_delayed_update"] == "cuda kernel", status["fp8_delayed_update"]
 
 
 def poison(nbytes: int) -> None:
@@ -176,6 +177,58 @@ def test_public_functions_flatten_and_never_sync_the_host():
     assert torch.equal(amax, ref_amax) and torch.equal(amax_only, ref_amax)
 
 
+
+# this step's amax for the delayed update: ordinary, above the window (an overflow at the used scale), zero,
+# fp32 subnormal (below the 1e-12 clamp; a flush-to-zero build would lose it), inf and NaN (not recorded)
+DELAYED_AMAXES = [3.25, 1e4, 0.0, 1e-40, float("inf"), float("nan")]
+
+
+@pytest.mark.parametrize("window", [1, 5, 16, 1000, 1024, 8192])
+@pytest.mark.parametrize("amax", DELAYED_AMAXES)
+@pytest.mark.parametrize("fp8", FP8_DTYPES)
+def test_delayed_update_matches_reference_bitwise(window, amax, fp8):
+    """Every buffer after one step bit for bit the reference's (run by torch on the same GPU), on random windows,
+    an all-zero window (the scale must stay) and a window of subnormals only (max > 0: the scale moves)."""
+    g = torch.Generator(device="cuda").manual_seed(window)
+    limit = FP8_MAX[fp8]
+    windows = [torch.rand(window, device="cuda", generator=g) * torch.exp(
+                   torch.empty(window, device="cuda").uniform_(-20, 20, generator=g)),
+               torch.zeros(window, device="cuda"), torch.full((window,), 1e-42, device="cuda")]
+    for history in windows:
+        scale = (limit / history.max().clamp(min=1e-3)).reshape(())
+        state = (history, scale, torch.tensor(7, dtype=torch.int64, device="cuda"))
+        ref = [t.clone() for t in state]
+        ref_inv = reference.fp8_delayed_update(*ref, torch.tensor(amax, device="cuda"), limit)
+        poison(1 << 20)
+        inv = torch.ops.herd.fp8_delayed_update(*state, torch.tensor(amax, device="cuda"), limit)
+        for got, want in zip((*state, inv), (*ref, ref_inv)):  # int32 views: bits (NaN never enters a window)
+            assert torch.equal(got.view(torch.int32) if got.dtype == torch.float32 else got,
+                               want.view(torch.int32) if want.dtype == torch.float32 else want), (got, want)
+
+
+def test_scaling_state_delayed_steps_match_the_reference_path(monkeypatch):
+    """ScalingState over 6 steps (window 4) with the kernel and with the reference: same FP8 bytes, inverse scales,
+    window and overflow count at every step, through an overflowing step (30x) and one with an inf (not recorded)."""
+    from engine.fp8.native import ScalingState
+    runs = {}
+    for path in ("kernel", "reference"):
+        if path == "reference":
+            monkeypatch.setattr(public, "MAX_KERNEL_WINDOW", 0)  # every window above the kernel's limit
+        state, seen = ScalingState(torch.float8_e4m3fn, "delayed", 4, device="cuda"), []
+        g = torch.Generator(device="cuda").manual_seed(1)
+        for factor in [1.0, 1.0, 30.0, 1.0, 0.5, 1.0]:
+            x = torch.randn(64, 128, device="cuda", generator=g) * factor
+            if len(seen) == 3:
+                x[0, 0] = float("inf")
+            out, _, inv = state.quantize(x, transpose=True)
+            seen.append((out.view(torch.uint8).clone(), inv.clone(), state.amax_history.clone(),
+                         state.overflows.item()))
+        runs[path] = seen
+    for a, b in zip(runs["kernel"], runs["reference"]):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) and torch.equal(a[2], b[2]) and a[3] == b[3]
+    assert runs["kernel"][-1][3] >= 1  # the 30x step overflowed
+
+
 SANITIZED = """
 import torch
 import engine.ops
@@ -188,6 +241,10 @@ for m, k in [(1, 1), (7, 100), (100, 7), (130, 70), (64, 64), (129, 65)]:
             for fp8 in (torch.float8_e4m3fn, torch.float8_e5m2):
                 for transpose in (False, True):
                     torch.ops.herd.fp8_cast(x, torch.ones(1, device="cuda"), fp8, transpose)
+for h in (1, 31, 33, 1025, 8192):
+    one = torch.ones((), device="cuda")
+    torch.ops.herd.fp8_delayed_update(torch.rand(h, device="cuda"), one.clone(),
+                                      torch.zeros((), dtype=torch.int64, device="cuda"), one * 3, 448.0)
 torch.cuda.synchronize()
 print("sanitized run done")
 """

@@ -1,6 +1,7 @@
-"""herd::fp8_amax / herd::fp8_cast glue on CPU: the custom ops (CPU kernel = reference) give the reference's values,
-their fake impls agree (opcheck), and the public functions on CPU are exactly the reference (leading dims flattened).
-The CUDA kernel itself is checked in tests/gpu/test_kernel_fp8_cast.py."""
+"""herd::fp8_amax / herd::fp8_cast / herd::fp8_delayed_update glue on CPU: the custom ops (CPU kernel = reference)
+give the reference's values, their fake impls agree (opcheck), and the public functions on CPU are exactly the
+reference (leading dims flattened); delayed scaling's update against steps worked out by hand. The CUDA kernels
+themselves are checked in tests/gpu/test_kernel_fp8_cast.py."""
 
 import sys
 
@@ -74,9 +75,10 @@ def test_public_cast_flattens_leading_dims_and_equals_reference(transpose):
     assert out.shape == (2, 3, 16) and out_t.shape == ((16, 6) if transpose else (0,))
 
 
-def test_only_the_two_public_names_are_exported():
-    assert public.__all__ == ["fp8_amax", "fp8_cast"]
+def test_only_the_three_public_names_are_exported():
+    assert public.__all__ == ["fp8_amax", "fp8_cast", "fp8_delayed_update"]
     assert engine.ops.fp8_amax is public.fp8_amax and engine.ops.fp8_cast is public.fp8_cast
+    assert engine.ops.fp8_delayed_update is public.fp8_delayed_update
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -98,3 +100,42 @@ def test_fake_cast_shapes():
         out, out_t, amax = torch.ops.herd.fp8_cast(x, torch.empty(1), torch.float8_e5m2, True)
     assert out.shape == (12, 40) and out_t.shape == (40, 12) and amax.shape == ()
     assert out.dtype == out_t.dtype == torch.float8_e5m2 and amax.dtype == torch.float32
+
+
+def delayed_state(window, scale, overflows=0):
+    return (torch.tensor(window, dtype=torch.float32), torch.tensor(scale, dtype=torch.float32),
+            torch.tensor(overflows, dtype=torch.int64))
+
+
+# (window before, scale used, amax) -> (window after, next scale, overflows added), worked out by hand for e4m3
+DELAYED_CASES = [
+    ([2.0, 0.0, 0.0], 224.0, 8.0, [8.0, 2.0, 0.0], 448 / 8.0, 1),    # 8 * 224 > 448: the cast saturated
+    ([2.0, 1.0, 4.0], 112.0, 1.0, [1.0, 2.0, 1.0], 448 / 2.0, 0),    # 4.0 left the window
+    ([2.0, 1.0, 4.0], 112.0, float("inf"), [2.0, 1.0, 4.0], 112.0, 0),  # not recorded, scale unchanged
+    ([2.0, 1.0, 4.0], 112.0, float("nan"), [2.0, 1.0, 4.0], 112.0, 0),
+    ([0.0, 0.0], 3.0, 0.0, [0.0, 0.0], 3.0, 0),                      # nothing above 0 yet: scale unchanged
+    ([0.0], 3.0, 1e-30, [1e-30], 448 / 1e-12, 0),                     # a tiny amax: clamped at 1e-12
+]
+
+
+@pytest.mark.parametrize("before,used,amax,after,next_scale,added", DELAYED_CASES)
+def test_delayed_update_step_by_hand(before, used, amax, after, next_scale, added):
+    for update in (public.fp8_delayed_update, torch.ops.herd.fp8_delayed_update):  # the function and the op
+        history, scale, overflows = delayed_state(before, used, overflows=5)
+        inv = update(history, scale, overflows, torch.tensor(amax), FP8_MAX[torch.float8_e4m3fn])
+        assert inv.item() == pytest.approx(1 / used, rel=1e-7)
+        assert history.tolist() == pytest.approx(after, rel=1e-7)
+        assert scale.item() == pytest.approx(next_scale, rel=1e-6) and overflows.item() == 5 + added
+
+
+def test_delayed_update_returns_a_new_tensor_not_the_scale():
+    history, scale, overflows = delayed_state([1.0, 0.0], 448.0)
+    inv = public.fp8_delayed_update(history, scale, overflows, torch.tensor(2.0), 448.0)
+    assert inv.item() == pytest.approx(1 / 448) and scale.item() == pytest.approx(224.0)  # scale moved, inv did not
+
+
+def test_opcheck_delayed_update():
+    history, scale, overflows = delayed_state([3.0, 1.0, 0.5, 0.0], 100.0)
+    torch.library.opcheck(torch.ops.herd.fp8_delayed_update.default,
+                          (history, scale, overflows, torch.tensor(7.0), 57344.0))
+
