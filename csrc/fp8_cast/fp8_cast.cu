@@ -341,7 +341,7 @@ __global__ void delayed_update_kernel(float* __restrict__ history, float* __rest
 }  // namespace herd
 
 // The launchers take the stream as void* and return nullptr or the CUDA error text, so that the torch binding
-// (fp8_cast_binding.cpp) needs no CUDA header. Both synchronize nothing.
+// (fp8_cast_binding.cpp) needs no CUDA header. None of them synchronizes.
 
 // x: n elements on `device`, dtype_code 0 = bf16, 1 = fp32. amax: one fp32, gets max|x| (zeroed here first, by an
 // async memset: cheaper on the host than a torch zeros kernel).
