@@ -270,7 +270,7 @@ def end_rank_process(code: int) -> None:
     the unwinding through torch's noexcept destructors calls std::terminate: SIGABRT, "terminate called without
     an active exception" (pytorch/pytorch#190489; #179291 describes the gloo AsyncWork case). CI saw it once on
     rank 1 of a 2-rank SLURM job that had finished, saved and closed its groups (exit 134 instead of 0); 80
-    local repetitions of that run (2 ranks, resumed from a checkpoint) and more under CPU contention did not
+    local 2-rank runs like it (40 of them resumed from a checkpoint), and more under CPU contention, did not
     reproduce it, so the mechanism is the likely one, not a proven one. Nothing is left to do at that point: the
     callbacks' on_fit_end closed the metrics and TensorBoard files and the last checkpoint has committed."""
     if not dist.is_initialized():
