@@ -23,17 +23,21 @@ constexpr int kTileK = 64;         // ... by columns of x (k)
 constexpr int kTileThreads = 128;
 constexpr int kTileWords = kTileK / 4 + 1;  // smem row stride in 32-bit words: 16 + 1 pad word (bank spread)
 
-// Largest |bits| over a block, then one atomicMax into *amax_bits. Every thread of the block must call it.
-__device__ __forceinline__ void block_amax_commit(unsigned int v, unsigned int* amax_bits) {
+// Largest v over the block, returned to every lane of warp 0 (0 elsewhere). Every thread of the block must call
+// it; blockDim.x a multiple of 32.
+__device__ __forceinline__ unsigned int block_max_bits(unsigned int v) {
   __shared__ unsigned int scratch[32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   v = __reduce_max_sync(0xffffffffu, v);
   if (lane == 0) scratch[warp] = v;
   __syncthreads();
-  if (warp == 0) {
-    v = __reduce_max_sync(0xffffffffu, lane < warps ? scratch[lane] : 0u);
-    if (lane == 0 && v != 0u) atomicMax(amax_bits, v);
-  }
+  return warp == 0 ? __reduce_max_sync(0xffffffffu, lane < warps ? scratch[lane] : 0u) : 0u;
+}
+
+// Largest |bits| over a block, then one atomicMax into *amax_bits. Every thread of the block must call it.
+__device__ __forceinline__ void block_amax_commit(unsigned int v, unsigned int* amax_bits) {
+  v = block_max_bits(v);
+  if (threadIdx.x == 0 && v != 0u) atomicMax(amax_bits, v);
 }
 
 __device__ __forceinline__ unsigned int abs_bits(float v) { return __float_as_uint(v) & 0x7fffffffu; }
@@ -314,7 +318,6 @@ __global__ void delayed_update_kernel(float* __restrict__ history, float* __rest
                                       long long* __restrict__ overflows, const float* __restrict__ amax_in,
                                       float limit, int H, float* __restrict__ inv_used) {
   extern __shared__ float window[];  // [H]
-  __shared__ unsigned int scratch[32];
   const float amax = *amax_in, used = *scale;
   const bool finite = abs_bits(amax) < 0x7f800000u;
   for (int i = threadIdx.x; i < H; i += blockDim.x) window[i] = history[i];
@@ -325,12 +328,8 @@ __global__ void delayed_update_kernel(float* __restrict__ history, float* __rest
     if (finite) history[i] = v;
     top = max(top, abs_bits(v));
   }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  top = __reduce_max_sync(0xffffffffu, top);
-  if (lane == 0) scratch[warp] = top;
-  __syncthreads();
+  top = block_max_bits(top);
   if (threadIdx.x == 0) {
-    for (int w = 1; w < warps; ++w) top = max(top, scratch[w]);
     *inv_used = __frcp_rn(used);
     if (finite && __fmul_rn(amax, used) > limit) *overflows += 1;
     if (top > 0u) *scale = __fmul_rn(__frcp_rn(__uint_as_float(max(top, __float_as_uint(1e-12f)))), limit);
@@ -384,4 +383,3 @@ const char* herd_fp8_delayed_update(void* history, void* scale, void* overflows,
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
-

@@ -73,4 +73,3 @@ def fp8_delayed_update(history: torch.Tensor, scale: torch.Tensor, overflows: to
     if library.fused("fp8_delayed_update", history) and history.numel() <= MAX_KERNEL_WINDOW:
         return torch.ops.herd.fp8_delayed_update(history, scale, overflows, amax, limit)
     return reference.fp8_delayed_update(history, scale, overflows, amax, limit)
-

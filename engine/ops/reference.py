@@ -131,4 +131,3 @@ def fp8_delayed_update(history: torch.Tensor, scale: torch.Tensor, overflows: to
     window_max = history.max()
     scale.copy_(torch.where(window_max > 0, limit / window_max.clamp(min=FP8_TINY_AMAX), scale))
     return inv_used
-

@@ -138,4 +138,3 @@ def test_opcheck_delayed_update():
     history, scale, overflows = delayed_state([3.0, 1.0, 0.5, 0.0], 100.0)
     torch.library.opcheck(torch.ops.herd.fp8_delayed_update.default,
                           (history, scale, overflows, torch.tensor(7.0), 57344.0))
-
