@@ -4,7 +4,8 @@ systemd, everything (config, keys, state, logs, sockets) under one directory.
 `slurm_cluster` is a session-scoped pytest fixture: it installs the packages when the daemons are missing, writes a
 slurm.conf for this host, starts munged, slurmctld and slurmd as background processes and waits until the node is
 idle; at the end of the session it stops the daemons it started (by their pid files). A cluster that an earlier
-session of this fixture left running (same directory, live daemons, node answering) is reused and left alone.
+session of this fixture left running (same directory, same slurm.conf, live daemons, node answering) is reused and
+left alone.
 
 The issue requires the real cluster, so anything that prevents it (no root, no package, a daemon that does not
 come up) fails the tests with the reason and the daemon's log tail; it never skips.
@@ -21,7 +22,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 import pytest
 
@@ -31,8 +32,32 @@ DAEMON_PATHS = ("/usr/sbin", "/usr/bin", "/sbin", "/bin")
 CTLD_PORT, SLURMD_PORT = 16817, 16818
 
 
+# Every wait in these tests is for a state (a job state, a node state, a line in a job's output); this is only the
+# hang guard that turns a hung cluster or job into a failure, generous because a loaded 2-core machine is slow.
+HANG_GUARD_S = 900.0
+POLL_S = 0.2
+
+
 class ClusterError(RuntimeError):
     """The cluster could not be installed or started; the message says which step and why."""
+
+
+def wait_until(condition: Callable[[], bool], what: Callable[[], str], timeout: float = HANG_GUARD_S) -> None:
+    """Poll `condition` until it holds. A query that fails meanwhile (slurmctld busy on a loaded machine: a client
+    timeout, a refused connection) is retried; only the hang guard ends the wait, naming what was awaited and the
+    last error."""
+    deadline = time.monotonic() + timeout
+    error = ""
+    while True:
+        try:
+            if condition():
+                return
+            error = ""
+        except (ClusterError, subprocess.SubprocessError) as e:
+            error = f"; last query failed: {e}"
+        if time.monotonic() > deadline:
+            raise ClusterError(f"still waiting after {timeout:.0f} s (hang guard) for {what()}{error}")
+        time.sleep(POLL_S)
 
 
 @dataclass
@@ -43,7 +68,8 @@ class Cluster:
     env: Dict[str, str] = field(default_factory=dict)  # os.environ plus SLURM_CONF and PATH with the daemons
     started: List[str] = field(default_factory=list)  # pid files of the daemons this process started
 
-    def run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
+    def run(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess:
+        """A client command; `timeout` is a hang guard (slurm.conf's MessageTimeout bounds each RPC below it)."""
         result = subprocess.run(list(args), env=self.env, capture_output=True, text=True, timeout=timeout)
         if check and result.returncode != 0:
             raise ClusterError(f"{' '.join(args)} failed ({result.returncode}): {result.stderr.strip()}")
@@ -54,17 +80,23 @@ class Cluster:
         out = self.run("scontrol", "show", "job", "-o", str(job_id)).stdout
         return dict(item.split("=", 1) for item in out.split() if "=" in item)
 
-    def wait_for(self, job_id: int, states: tuple, poll: float = 1.0, timeout: float = 900) -> Dict[str, str]:
-        """Poll until the job is in one of `states`; a timeout here is a hung job, reported with its state."""
-        deadline = time.monotonic() + timeout
-        while True:
-            info = self.job(job_id)
-            if info.get("JobState") in states:
-                return info
-            if time.monotonic() > deadline:
-                raise ClusterError(f"job {job_id} still {info.get('JobState')} ({info.get('Reason')}) "
-                                   f"after {timeout:.0f} s, waiting for {states}")
-            time.sleep(poll)
+    def node_state(self) -> str:
+        """The node's state as sinfo prints it (idle, mixed, allocated, completing, ...), without the flag marks."""
+        return self.run("sinfo", "-h", "-N", "-o", "%T").stdout.strip().rstrip("*~#$@+-^!")
+
+    def wait_for(self, job_id: int, states: tuple, timeout: float = HANG_GUARD_S, done=None) -> Dict[str, str]:
+        """Wait until the job is in one of `states` (and `done(info)` holds, if given); the state reported by
+        `scontrol show job` is what counts. A timeout here is a hung job, reported with its state."""
+        last: Dict[str, str] = {}
+
+        def reached() -> bool:
+            last.clear()
+            last.update(self.job(job_id))
+            return last.get("JobState") in states and (done is None or done(last))
+
+        wait_until(reached, lambda: f"job {job_id} in {states} (it is {last.get('JobState')}, reason "
+                                    f"{last.get('Reason')}, restarts {last.get('Restarts')})", timeout)
+        return dict(last)
 
     def log_tail(self, lines: int = 15) -> str:
         parts = []
@@ -100,10 +132,9 @@ def ensure_installed() -> None:
                            f"{', '.join(still) or 'none'}): {' | '.join(tail)}")
 
 
-def write_config(root: Path, node: str, cpus: int) -> Path:
+def config_text(root: Path, node: str, cpus: int) -> str:
     """slurm.conf for one node with this machine's CPUs; no cgroups, no accounting daemon, root everywhere."""
-    conf = root / "slurm.conf"
-    conf.write_text("\n".join([
+    return "\n".join([
         "ClusterName=herdtest",
         f"SlurmctldHost={node}(127.0.0.1)",
         f"SlurmctldPort={CTLD_PORT}",
@@ -129,13 +160,19 @@ def write_config(root: Path, node: str, cpus: int) -> Path:
         "AccountingStorageType=accounting_storage/none",
         "ReturnToService=2",
         "MinJobAge=3600",  # finished jobs stay visible to `scontrol show job` (there is no slurmdbd for sacct)
-        "KillWait=30",
+        # Generous limits, so that a loaded machine (the full suite on 2 busy cores) slows the jobs down but never
+        # fails them: an RPC's reply (default 10 s), a batch script's launch (default 10 s), the grace between
+        # SIGTERM and SIGKILL (a rank that saved and is shutting down must not be killed: its exit 75 would turn
+        # into 137 and nothing would be requeued), a step that is slow to die (default 60 s: the node drains)
+        "MessageTimeout=60",
+        "BatchStartTimeout=300",
+        "KillWait=120",
+        "UnkillableStepTimeout=300",
         "SlurmdTimeout=300",
         f"NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN",
         f"PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE",
         "",
-    ]))
-    return conf
+    ])
 
 
 def _alive(pid_file: Path) -> bool:
@@ -149,18 +186,17 @@ def _alive(pid_file: Path) -> bool:
 
 
 def _start(cluster: Cluster, args: List[str], pid_file: Path) -> None:
-    result = subprocess.run(args, env=cluster.env, capture_output=True, text=True, timeout=60)
-    deadline = time.monotonic() + 30
-    while not _alive(pid_file) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if not _alive(pid_file):
-        raise ClusterError(f"{' '.join(args)} did not start (exit {result.returncode}: {result.stderr.strip()})"
-                           f"\n{cluster.log_tail()}")
+    result = subprocess.run(args, env=cluster.env, capture_output=True, text=True, timeout=120)
+    try:
+        wait_until(lambda: _alive(pid_file), lambda: f"{pid_file.name} to name a live process", timeout=300)
+    except ClusterError as e:
+        raise ClusterError(f"{' '.join(args)} did not start (exit {result.returncode}: {result.stderr.strip()}): "
+                           f"{e}\n{cluster.log_tail()}") from None
     cluster.started.append(str(pid_file))
 
 
-def _node_idle(cluster: Cluster) -> bool:
-    result = cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False, timeout=20)
+def _node_up(cluster: Cluster) -> bool:
+    result = cluster.run("sinfo", "-h", "-N", "-o", "%T", check=False)
     return result.returncode == 0 and result.stdout.strip().rstrip("*") in ("idle", "mixed", "allocated")
 
 
@@ -174,7 +210,9 @@ def start_cluster(root: Optional[Path] = None) -> Cluster:
                       env={**os.environ, "SLURM_CONF": str(root / "slurm.conf"),
                            "PATH": f"{os.environ.get('PATH', '')}{os.pathsep}{sbin}"})
     pids = [root / n for n in ("munged.pid", "slurmctld.pid", "slurmd.pid")]
-    if all(_alive(p) for p in pids) and _node_idle(cluster):
+    conf = root / "slurm.conf"
+    same_config = conf.is_file() and conf.read_text() == config_text(root, node, cluster.cpus)
+    if same_config and all(_alive(p) for p in pids) and _node_up(cluster):
         print(f"slurm_cluster: reusing the running cluster in {root}")
         return cluster
     stop_cluster(Cluster(root, node, cluster.cpus, cluster.env, [str(p) for p in pids]))  # half-dead leftovers
@@ -186,19 +224,18 @@ def start_cluster(root: Optional[Path] = None) -> Cluster:
     key = root / "munge" / "munge.key"
     key.write_bytes(os.urandom(1024))
     key.chmod(0o400)
-    write_config(root, node, cluster.cpus)
+    conf.write_text(config_text(root, node, cluster.cpus))
     _start(cluster, [_which("munged"), "--force", f"--key-file={key}", f"--socket={root}/munge.socket",
                      f"--pid-file={root}/munged.pid", f"--log-file={root}/munged.log",
                      f"--seed-file={root}/munge/munged.seed"], root / "munged.pid")
     _start(cluster, [_which("slurmctld"), "-i"], root / "slurmctld.pid")
     _start(cluster, [_which("slurmd"), "-N", node], root / "slurmd.pid")
-    deadline = time.monotonic() + 60
-    while not _node_idle(cluster):
-        if time.monotonic() > deadline:
-            state = cluster.run("sinfo", "-h", "-N", "-o", "%T %E", check=False).stdout.strip()
-            stop_cluster(cluster)
-            raise ClusterError(f"node {node} did not become idle (sinfo: {state!r})\n{cluster.log_tail()}")
-        time.sleep(0.5)
+    try:
+        wait_until(lambda: _node_up(cluster), lambda: f"node {node} to come up", timeout=300)
+    except ClusterError as e:
+        state = cluster.run("sinfo", "-h", "-N", "-o", "%T %E", check=False).stdout.strip()
+        stop_cluster(cluster)
+        raise ClusterError(f"node {node} did not become idle (sinfo: {state!r}): {e}\n{cluster.log_tail()}") from None
     print(f"slurm_cluster: started munged, slurmctld and slurmd in {root} (node {node}, {cluster.cpus} CPUs)")
     return cluster
 
@@ -211,9 +248,10 @@ def stop_cluster(cluster: Cluster) -> None:
             os.kill(pid, 15)
         except (OSError, ValueError):
             continue
-        deadline = time.monotonic() + 15
-        while _alive(Path(pid_file)) and time.monotonic() < deadline:
-            time.sleep(0.2)
+        try:  # the guard only bounds teardown: a daemon that ignores SIGTERM is left to the next session's cleanup
+            wait_until(lambda: not _alive(Path(pid_file)), lambda: f"{pid_file} to stop", timeout=60)
+        except ClusterError:
+            pass
     cluster.started.clear()
 
 

@@ -13,9 +13,11 @@ import pytest
 
 from tests.helpers import STDLIB
 from tests.integration.test_cli import ROOT, assert_one_line_error, herd
-from tests.slurm_cluster import slurm_cluster  # noqa: F401 (the session fixture)
+from tests.slurm_cluster import slurm_cluster, wait_until  # noqa: F401 (the session fixture)
 
 STEPS = 12
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE",
+         "PREEMPTED")  # the job states that end a job
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +42,9 @@ def losses(run: Path):
     return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").open()]
 
 
-def submit(cluster, root: Path, args, name: str, shape: str) -> int:
-    """Render with the user's command (2 CPU ranks on one node, the test cluster's env file), then sbatch it."""
+def submit(cluster, root: Path, args, name: str, shape: str, export=()) -> int:
+    """Render with the user's command (2 CPU ranks on one node, the test cluster's env file), then sbatch it,
+    adding `export` (VAR=value strings) to the environment the job inherits."""
     script = root / f"{name}.sbatch"
     rendered = herd("launch", "--slurm", "--cpu", "--nodes", "1", "--gpus-per-node", "2", "--shape", shape,
                     "--out", str(script), *args, f"log.name={name}", "slurm.env_file=launch/clusters/local.env",
@@ -51,7 +54,8 @@ def submit(cluster, root: Path, args, name: str, shape: str) -> int:
     assert "#SBATCH --requeue" in text and "#SBATCH --signal=B:USR1@60" in text and "--kill-on-bad-exit=1" in text
     assert "#SBATCH --output=%x-%j.out" in text and "launch/clusters/local.env" in text
     assert f"#SBATCH --chdir={root}" in text
-    result = cluster.run("sbatch", "--parsable", str(script))
+    exports = [f"--export=ALL,{','.join(export)}"] if export else []
+    result = cluster.run("sbatch", "--parsable", *exports, str(script))
     return int(result.stdout.strip().split(";")[0])
 
 
@@ -67,7 +71,7 @@ def test_sbatch_script_runs_two_ranks_like_herd_launch(slurm_cluster, job_args, 
     root, args, reference = job_args
     name = f"plain-{shape}"
     job = submit(slurm_cluster, root, args, name, shape)
-    info = slurm_cluster.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"))
+    info = slurm_cluster.wait_for(job, ENDED)
     log = job_log(root, name, job)
     assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
     assert "2 ranks" in log and "world size 2 (dp_replicate 1 x dp_shard 1 x pp 1 x cp 1 x tp 2)" in log
@@ -77,47 +81,102 @@ def test_sbatch_script_runs_two_ranks_like_herd_launch(slurm_cluster, job_args, 
     assert got == reference
 
 
+GATE_STEP = 4
+GATE_GUARD_S = 300  # below the watchdog's 600 s, so that a gate that gives up fails the test, not the watchdog
+GATE = f"""# Test scaffolding of tests/integration/test_slurm.py, imported at start-up by every Python process of the
+# preemption job (PYTHONPATH): in the job's first run each rank holds at the end of step {GATE_STEP} until its
+# PreemptionCallback has seen the signal, so the job can neither finish nor get past that step before the test's
+# SIGUSR1 arrives, however fast or loaded the machine. The path under test (the batch shell's trap, srun's
+# forwarding, the ranks' agreement, the save, exit 75, the requeue and the resume) is untouched.
+import os
+
+if os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+    import sys
+    import time
+
+    from engine.callbacks.preemption import PreemptionCallback
+
+    _on_step_end = PreemptionCallback.on_step_end
+
+    def _gated(self, trainer, metrics):
+        if trainer.state.step == {GATE_STEP}:
+            rank = os.environ.get("RANK", "?")
+            print(f"test gate: rank {{rank}} holds at step {GATE_STEP} until a preemption signal arrives",
+                  file=sys.stderr, flush=True)
+            guard = time.monotonic() + {GATE_GUARD_S}  # a hang guard: giving up lets the job finish, and fail the test
+            while not self.received and time.monotonic() < guard:
+                time.sleep(0.05)
+            print(f"test gate: rank {{rank}} goes on with signal {{self.received}}", file=sys.stderr, flush=True)
+        _on_step_end(self, trainer, metrics)
+
+    PreemptionCallback.on_step_end = _gated
+"""
+
+
+def wait_for_log(cluster, root: Path, name: str, job: int, pattern: str, count: int = 1) -> str:
+    """Wait until `pattern` occurs `count` times in the job's output; fail at once if the job leaves RUNNING or
+    PENDING first (it ended without getting there)."""
+    log = ""
+
+    def seen() -> bool:
+        nonlocal log
+        log = job_log(root, name, job)
+        if len(re.findall(pattern, log, re.M)) >= count:
+            return True
+        state = cluster.job(job).get("JobState")
+        assert state in ("PENDING", "CONFIGURING", "RUNNING"), (state, log[-3000:])
+        return False
+
+    wait_until(seen, lambda: f"{count} x {pattern!r} in the output of job {job}; output so far: {log[-3000:]}")
+    return log
+
+
+def release_requeued(cluster, job: int) -> None:
+    """Lift the hold SLURM puts on a requeued job (BeginTime about 2 minutes out) so the test does not wait for it,
+    once that is safe: slurmd refuses a batch launch whose credential is not strictly newer, in whole seconds,
+    than the revocation of the previous run's (stamped when that run was ended, before its node went idle). So:
+    wait for the node to be idle, then for the clock's next whole second, then lift it."""
+    wait_until(lambda: cluster.node_state() == "idle", lambda: "the node to be idle after the first run")
+    idle_second = int(time.time())
+    wait_until(lambda: int(time.time()) > idle_second, lambda: "the next whole second")
+    cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")
+
+
 @pytest.mark.parametrize("shape", ["srun", pytest.param("torchrun", marks=pytest.mark.slow)])
-def test_preempted_job_is_requeued_and_resumes_bitwise(slurm_cluster, job_args, shape):  # noqa: F811
-    """SIGUSR1 to the batch shell (what `--signal=B:USR1@N` does ahead of the time limit) after step 3: every
-    rank saves at one step boundary and exits 75, the script runs `scontrol requeue`, the requeued job resumes
-    from that checkpoint and finishes; its per-step losses equal the uninterrupted run's."""
+def test_preempted_job_is_requeued_and_resumes_bitwise(slurm_cluster, job_args, tmp_path, shape):  # noqa: F811
+    """SIGUSR1 to the batch shell (what `--signal=B:USR1@N` does ahead of the time limit) while the ranks train:
+    every rank saves at one step boundary and exits 75, the script runs `scontrol requeue`, the requeued job
+    resumes from that checkpoint and finishes; its per-step losses equal the uninterrupted run's. Every wait is
+    for a state (a line in the job's output, a job or node state); the GATE holds the ranks at step GATE_STEP until
+    the signal has reached them, so the step they stop at does not depend on timing."""
     root, args, reference = job_args
     name = f"preempt-{shape}"
-    job = submit(slurm_cluster, root, args, name, shape)
-    out = root / f"{name}-{job}.out"
-    while not re.search(r"^step +3/", out.read_text() if out.exists() else "", re.M):
-        info = slurm_cluster.job(job)
-        assert info["JobState"] in ("PENDING", "RUNNING"), job_log(root, name, job)[-3000:]
-        time.sleep(0.5)
+    (tmp_path / "sitecustomize.py").write_text(GATE)
+    job = submit(slurm_cluster, root, args, name, shape, export=[f"PYTHONPATH={tmp_path}"])
+    wait_for_log(slurm_cluster, root, name, job, rf"^test gate: rank \d+ holds at step {GATE_STEP}\b", count=2)
     slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job))
-    # the script requeues the job; SLURM then holds it ~2 minutes (BeginTime) before it may run again, which the
-    # test lifts so that it does not wait
-    info = slurm_cluster.wait_for(job, ("PENDING", "COMPLETED", "FAILED", "CANCELLED"), poll=0.5)
-    while info["JobState"] == "PENDING" and int(info.get("Restarts", "0")) == 0:
-        info = slurm_cluster.wait_for(job, ("PENDING", "COMPLETED", "FAILED", "CANCELLED"), poll=0.5)
+    # the script requeues the job: it is PENDING again (no longer COMPLETING) with one restart; a job that ends
+    # instead fails the test at once
+    info = slurm_cluster.wait_for(job, ("PENDING", *ENDED), done=lambda i: i["JobState"] != "PENDING"
+                                  or i.get("Restarts") == "1")
     log = job_log(root, name, job)
-    assert info["JobState"] == "PENDING" and info["Restarts"] == "1", (info, log[-3000:])
-    assert "exiting with 75 (requeue)" in log and f"requeueing job {job}" in log
-    # Lift the hold only once the first run has left the node, and a second later: slurmd refuses a batch job
-    # whose credential is not newer than the previous run's revocation, and both carry whole-second times.
-    while slurm_cluster.run("sinfo", "-h", "-N", "-o", "%T").stdout.strip().rstrip("*") != "idle":
-        time.sleep(0.5)
-    time.sleep(2)
-    slurm_cluster.run("scontrol", "update", f"jobid={job}", "StartTime=now")
-    info = slurm_cluster.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"))
+    assert (info["JobState"], info.get("Restarts")) == ("PENDING", "1"), (info, log[-3000:])
+    assert "herd: SIGUSR1 received, forwarding it to the ranks" in log, log[-3000:]
+    assert "exiting with 75 (requeue)" in log and f"requeueing job {job}" in log, (info, log[-3000:])
+    release_requeued(slurm_cluster, job)
+    info = slurm_cluster.wait_for(job, ENDED)
     log = job_log(root, name, job)
     assert (info["JobState"], info["ExitCode"], info["Restarts"]) == ("COMPLETED", "0:0", "1"), log[-3000:]
+    assert log.count("test gate: rank") == 4, log[-3000:]  # held and released once per rank, in the first run only
     stopped = re.search(r"preempted by signal 10 at step (\d+)", log)
     resumed = re.search(r"resumed from \S+ at step (\d+)", log)
-    assert stopped and resumed and stopped.group(1) == resumed.group(1), log[-3000:]
+    assert stopped and resumed and stopped.group(1) == resumed.group(1) == str(GATE_STEP), log[-3000:]
     assert "restart 1 on" in log  # SLURM_RESTART_COUNT seen by the second run of the script
     got = losses(root / "runs" / name)
-    print(f"job {job} ({shape} shape): SIGUSR1 after step 3, stopped and saved at step {stopped.group(1)}, "
-          f"requeued, resumed at step {resumed.group(1)}, finished {STEPS} steps; steps logged "
-          f"{len(got)}, largest loss difference from the uninterrupted run "
+    print(f"job {job} ({shape} shape): SIGUSR1 while the ranks were held at step {GATE_STEP}, stopped and saved at "
+          f"step {stopped.group(1)}, requeued, resumed at step {resumed.group(1)}, finished {STEPS} steps; steps "
+          f"logged {len(got)}, largest loss difference from the uninterrupted run "
           f"{max(abs(a - b) for a, b in zip(got, reference)):.1e}")
-    assert 3 <= int(stopped.group(1)) < STEPS
     assert got == reference
 
 
