@@ -18,7 +18,7 @@ User text never becomes a control token: the literal string "<|eot_id|>" in a me
 import re
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from engine.data.tokenizer import SPECIAL_TOKENS
 
@@ -63,23 +63,45 @@ class ChatTokens:
                           self.message[:max_len])
 
 
+def kind_of(value) -> str:
+    """A value's type as a message names it: JSON's null for None, else the Python type (str, int, list, dict)."""
+    return "null" if value is None else type(value).__name__
+
+
 def check_messages(messages, where: str = "messages") -> None:
     """Raise ChatFormatError naming `where[i].key` for the first message that is not {role, content} text."""
     if not isinstance(messages, (list, tuple)):
-        raise ChatFormatError(f"{where}: expected a list of messages, got {type(messages).__name__}")
+        raise ChatFormatError(f"{where}: expected a list of messages, got {kind_of(messages)}")
     for index, message in enumerate(messages):
         if not isinstance(message, Mapping):
             raise ChatFormatError(f"{where}[{index}]: expected an object with 'role' and 'content', "
-                                  f"got {type(message).__name__}")
+                                  f"got {kind_of(message)}")
         for key in ("role", "content"):
             if key not in message:
                 raise ChatFormatError(f"{where}[{index}]: missing '{key}'")
             if not isinstance(message[key], str):
-                raise ChatFormatError(f"{where}[{index}].{key}: expected a string, "
-                                      f"got {type(message[key]).__name__}")
+                raise ChatFormatError(f"{where}[{index}].{key}: expected a string, got {kind_of(message[key])}")
         if message["role"] not in ROLES:
             raise ChatFormatError(f"{where}[{index}].role: unknown role '{message['role']}' "
                                   f"(expected one of {', '.join(ROLES)})")
+
+
+def alternation_problem(messages: Sequence[Message]) -> Optional[Tuple[int, str]]:
+    """(index, what) of the first message that breaks the turn order an SFT dialog must have, or None: an optional
+    leading system message, then user and assistant turns alternating, starting with the user (two answers in a
+    row, or a system message mid-dialog, is not a conversation the chat format can teach)."""
+    expected = "user"
+    for index, message in enumerate(messages):
+        role = message["role"]
+        if index == 0 and role == "system":
+            continue
+        if role != expected:
+            previous = messages[index - 1]["role"] if index else ""
+            after = f"after {'an' if previous == 'assistant' else 'a'} {previous} turn" if index else "first"
+            return index, (f"expected {'an' if expected == 'assistant' else 'a'} '{expected}' turn {after}, got "
+                           f"'{role}' (turns must alternate user/assistant after an optional leading system message)")
+        expected = "assistant" if role == "user" else "user"
+    return None
 
 
 class ChatFormat:

@@ -18,7 +18,7 @@ from engine.secrets import scrub
 from engine.trainer import Trainer
 from parallel.mesh import Mesh
 
-from align.formats import AlignDataError, load_preferences, load_sft
+from align.formats import AlignDataError, load_preferences, load_sft, skip_report
 from align.modules import DPOTrainModule, RewardTrainModule
 from align.preference import REWARD_BLOCKS, PreferenceStepLoader
 from align.reference import reference_table
@@ -68,7 +68,8 @@ def sft_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.stdout) 
     tokenizer = _tokenizer(cfg)
     dp_rank, dp_size, cp_rank, cp_size = _ranks(mesh)
     files = _read_files(cfg, lambda path: load_sft(path, tokenizer, cfg.data.seq_len + 1,
-                                                   on_too_long=cfg.align.on_too_long), "sample")
+                                                   on_too_long=cfg.align.on_too_long,
+                                                   on_bad_data=cfg.data.on_bad_data), "sample")
     loaders = []
     for role, found in zip(("train", "valid"), files):
         if found is None:
@@ -81,6 +82,7 @@ def sft_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.stdout) 
                      f"in {len(rows.tokens)} rows of {cfg.data.seq_len}; skipped: {skipped.summary()}")
         loaders.append(SFTStepLoader(rows, cfg.data, dp_rank, dp_size, cp_rank=cp_rank, cp_size=cp_size))
     train, valid = loaders
+    train.skips = skip_report(found[2] for found in files if found)  # build_trainer reports and writes it
     eval_batches = valid.fixed_micro_batches(cfg.train.eval_batches) if valid is not None else []
     return train, eval_batches
 
@@ -93,7 +95,8 @@ def preference_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.s
     kind = cfg.align.kind
     max_len = cfg.data.seq_len + (1 if kind == "dpo" else 0)  # DPO shifts by one token, the reward model does not
     files = _read_files(cfg, lambda path: load_preferences(path, tokenizer, max_len,
-                                                           on_too_long=cfg.align.on_too_long), "preference row")
+                                                           on_too_long=cfg.align.on_too_long,
+                                                           on_bad_data=cfg.data.on_bad_data), "preference row")
     loaders = []
     for role, found in zip(("train", "valid"), files):
         if found is None:
@@ -109,6 +112,7 @@ def preference_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.s
     if valid is not None and valid.blocks != train.blocks:  # one batch layout for both files: the wider one
         train.blocks = valid.blocks = REWARD_BLOCKS
     train.held_out = valid
+    train.skips = skip_report(found[2] for found in files if found)  # build_trainer reports and writes it
     return train, valid.fixed_micro_batches(cfg.train.eval_batches) if valid is not None else []
 
 

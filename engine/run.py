@@ -1,6 +1,5 @@
 """Assembling a training run from a validated JobConfig: device, data, model, optimizer, callbacks, run dir."""
 
-import json
 import logging
 import os
 import sys
@@ -18,9 +17,11 @@ from engine.callbacks import (Callback, CheckpointCallback, ConsoleCallback, Eva
 from engine.callbacks.guards import GuardCallback, StepGuard, StragglerCallback
 from engine.callbacks.telemetry import Telemetry, TelemetryCallback
 from engine.callbacks.watchdog import WatchdogCallback
+from engine.callbacks.writers import report_data_skips
 from engine.checkpoint.checkpointer import Checkpointer, checkpoint_root
 from engine.checkpoint.store import CheckpointStore
 from engine.config import DatasetConfig, JobConfig, grad_accum_steps, to_yaml
+from engine.data.indexed import read_sidecar
 from engine.data.loader import Batch, StepLoader, build_blend
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 from engine.errors import ConfigError
@@ -62,10 +63,9 @@ def prepare_run_dir(cfg: JobConfig, stream: TextIO, resumed: bool = False) -> Pa
 def check_prepared_with(datasets: List[DatasetConfig], tokenizer: Tokenizer) -> None:
     """Data tokenized by another tokenizer would train on garbage with wrong document boundaries: refuse it."""
     for ds in datasets:
-        meta_path = Path(f"{ds.path}.json")
-        if not meta_path.is_file():  # written by prepare-data; data from elsewhere may not have it
+        meta = read_sidecar(ds.path)  # written by prepare-data (data from elsewhere may have none); checked
+        if meta is None:
             continue
-        meta = json.loads(meta_path.read_text())
         if meta.get("eod_id") != tokenizer.eod_id or meta.get("vocab_size") != tokenizer.vocab_size:
             raise ConfigError("data.tokenizer", f"{ds.path} was prepared with {meta.get('tokenizer')} "
                               f"(vocab {meta.get('vocab_size')}, end-of-document id {meta.get('eod_id')}) but the "
@@ -125,6 +125,7 @@ def build_data(cfg: JobConfig, mesh: Optional[Mesh]) -> Tuple[StepLoader, List[B
         valid = StepLoader(build_blend(cfg.data.valid, cfg.data, cfg.model.vocab_size, seed_offset=1000),
                            cfg.data, tokenizer.eod_id, dp_rank, dp_size, cp_rank=cp_rank, cp_size=cp_size)
         eval_batches = valid.fixed_micro_batches(cfg.train.eval_batches)
+        loader.skips.merge(valid.skips)  # one skip report for the run (build_trainer writes it)
     return loader, eval_batches
 
 
@@ -246,6 +247,8 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout, data_builder: Opt
     callbacks = build_callbacks(cfg, state, device, eval_batches, stream, resumed is not None)
     is_rank0 = int(os.environ.get("RANK", "0")) == 0
     say = (lambda line: print(scrub(line), file=stream, flush=True)) if is_rank0 else None
+    if say:  # what the data readers left out: a console line, <run>/skipped.json, the first metrics record
+        report_data_skips(getattr(loader, "skips", None), run, say, callbacks)
     if resumed is not None and say:
         say(f"resumed from {store.step_dir(resumed)} at step {resumed} "
             f"({loader.consumed_samples:,} samples consumed)")

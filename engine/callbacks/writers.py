@@ -1,25 +1,54 @@
-"""Metrics to disk: TensorBoard event files and metrics.jsonl (one JSON object per step)."""
+"""Metrics to disk: TensorBoard event files and metrics.jsonl (one JSON object per step).
+
+metrics.jsonl is strict JSON (RFC 8259), readable by any parser: a non-finite value (the NaN loss of a step the
+guard skipped, an overflowing val_ppl) is written as null and named with its kind in the record's "nonfinite"
+object, e.g. {"step": 3, "loss": null, ..., "nonfinite": {"loss": "nan"}}.
+"""
 
 import json
+import math
+import numbers
 from pathlib import Path
-from typing import Dict
+from typing import Callable, Dict, List, Optional
 
 from engine.callbacks.base import Callback
+from engine.data.skips import SkipReport
 from engine.secrets import scrub
 
 
+def strict_record(record: Dict) -> Dict:
+    """The record with non-finite numbers as None (listed under "nonfinite") and numpy scalars as plain numbers."""
+    out, nonfinite = {}, {}
+    for key, value in record.items():
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            value = int(value)
+        elif isinstance(value, numbers.Real) and not isinstance(value, bool):
+            value = float(value)
+            if not math.isfinite(value):
+                nonfinite[key] = "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
+                value = None
+        out[key] = value
+    if nonfinite:
+        out["nonfinite"] = nonfinite
+    return out
+
+
 class JsonlCallback(Callback):
-    """Appends {"step": N, "loss": ..., "lr": ..., "grad_norm": ..., "tokens_per_s": ..., ...} per step."""
+    """Appends {"step": N, "loss": ..., "lr": ..., "grad_norm": ..., "tokens_per_s": ..., ...} per step.
+    `once` fields (what the data readers skipped) go into the first record this process writes."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.once: Dict[str, float] = {}
 
     def on_fit_start(self, trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
 
     def on_step_end(self, trainer, metrics: Dict[str, float]) -> None:
-        self._file.write(scrub(json.dumps({"step": trainer.state.step, **metrics})) + "\n")  # R17
+        record = strict_record({"step": trainer.state.step, **metrics, **self.once})
+        self.once = {}
+        self._file.write(scrub(json.dumps(record, allow_nan=False)) + "\n")  # R17
         self._file.flush()
 
     def on_fit_end(self, trainer) -> None:
@@ -47,3 +76,17 @@ class TensorBoardCallback(Callback):
     def on_fit_end(self, trainer) -> None:
         self._writer.flush()
         self._writer.close()
+
+
+def report_data_skips(skips: Optional[SkipReport], run_dir: Path, say: Callable[[str], None],
+                      callbacks: List[Callback]) -> None:
+    """Rank 0, after the run directory is made: when the data readers left anything out, one console line,
+    <run>/skipped.json (counts per reason and file, first places) and data_skipped fields in the first
+    metrics.jsonl record. Nothing when nothing was skipped."""
+    if skips is None or not (skips.total or skips.notes):
+        return
+    path = skips.write(Path(run_dir) / "skipped.json")
+    say(f"data: {skips.summary()}; per file and line in {path}")
+    for callback in callbacks:
+        if isinstance(callback, JsonlCallback):
+            callback.once.update(skips.metrics())

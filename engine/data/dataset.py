@@ -9,7 +9,8 @@ from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
-from engine.data.indexed import IndexedDataset
+from engine.data.indexed import BadShard, IndexedDataset
+from engine.data.skips import SkipReport
 from engine.errors import DataError
 
 
@@ -30,8 +31,9 @@ class PackedDataset:
         self.tokens_per_epoch = int(indexed.sizes[self.documents].sum(dtype=np.int64))
         self.samples_per_epoch = (self.tokens_per_epoch - 1) // seq_len
         if self.samples_per_epoch < 1:
-            raise DataError(f"{indexed.bin_path}: {self.tokens_per_epoch} tokens, fewer than one sample of "
-                            f"data.seq_len + 1 = {seq_len + 1}")
+            raise BadShard(f"{indexed.bin_path}: {self.tokens_per_epoch} tokens"
+                           f"{' left' if len(skip_documents) else ''}, fewer than one sample of "
+                           f"data.seq_len + 1 = {seq_len + 1}", "shard_too_short")
         self._epochs: Dict[int, Tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def _epoch(self, epoch: int) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -90,6 +92,7 @@ class BlendedDataset:
         ranks = np.concatenate([np.arange(c) for c in counts])
         order = np.lexsort((owners, keys))
         self.block_dataset, self.block_rank = owners[order], ranks[order]  # [block] each
+        self.skips = SkipReport()  # what reading the datasets left out (engine/data/loader.py build_blend)
 
     def locate(self, sample_id: int) -> Tuple[int, int]:
         """(dataset index, that dataset's sample id) of a blended sample id."""

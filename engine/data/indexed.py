@@ -10,10 +10,11 @@ way round. The reader checks every field against the file sizes and fails naming
 mismatched pair is never read as garbage.
 """
 
+import json
 import os
 import struct
 from pathlib import Path
-from typing import List
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -24,6 +25,15 @@ _HEADER = struct.Struct("<9sQBQQ")
 _DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
                 8: np.uint16}
 _TOKEN_DTYPES = (np.uint16, np.int32, np.int64, np.uint8, np.int16)
+
+
+class BadShard(DataError):
+    """A token file pair that is there but unusable (truncated, corrupt, empty): data.on_bad_data=skip may leave it
+    out of the blend, counted under `reason`. A missing file is a plain DataError: a path mistake, never skipped."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 def token_dtype(vocab_size: int) -> type:
@@ -88,37 +98,42 @@ class IndexedDataset:
             if not path.is_file():
                 raise DataError(f"{path}: file not found (write it with `herd prepare-data`)")
         self._read_index()
-        self.tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r") if self.total_tokens else \
-            np.zeros(0, dtype=self.dtype)
+        try:
+            self.tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r")
+        except OSError as e:
+            raise DataError(f"{self.bin_path}: cannot read ({e.strerror or e})") from None
 
     def _read_index(self) -> None:
-        raw = self.idx_path.read_bytes()
+        raw = _read_bytes(self.idx_path)
         if len(raw) < _HEADER.size:
-            raise DataError(f"{self.idx_path}: truncated index ({len(raw)} bytes, header needs {_HEADER.size})")
+            raise BadShard(f"{self.idx_path}: truncated index ({len(raw)} bytes, header needs {_HEADER.size})",
+                           "shard_truncated")
         magic, version, code, n_seq, n_doc = _HEADER.unpack_from(raw)
         if magic != _MAGIC or version != 1:
-            raise DataError(f"{self.idx_path}: not an indexed-dataset index (magic {magic!r}, version {version})")
+            raise BadShard(f"{self.idx_path}: not an indexed-dataset index (magic {magic!r}, version {version})",
+                           "shard_corrupt")
         if code not in _DTYPE_CODES or _DTYPE_CODES[code] not in _TOKEN_DTYPES:
-            raise DataError(f"{self.idx_path}: unsupported token dtype code {code}")
+            raise BadShard(f"{self.idx_path}: unsupported token dtype code {code}", "shard_corrupt")
         self.dtype = _DTYPE_CODES[code]
         expected = _HEADER.size + n_seq * (4 + 8) + n_doc * 8
         if len(raw) != expected:
-            raise DataError(f"{self.idx_path}: truncated or padded index ({len(raw)} bytes, expected {expected} "
-                            f"for {n_seq} documents)")
+            raise BadShard(f"{self.idx_path}: truncated or padded index ({len(raw)} bytes, expected {expected} "
+                           f"for {n_seq} documents)", "shard_truncated")
         offset = _HEADER.size
         self.sizes = np.frombuffer(raw, dtype=np.int32, count=n_seq, offset=offset)
         self.pointers = np.frombuffer(raw, dtype=np.int64, count=n_seq, offset=offset + 4 * n_seq)
         itemsize = np.dtype(self.dtype).itemsize
+        if (self.sizes < 0).any():
+            raise BadShard(f"{self.idx_path}: negative document sizes (corrupt index)", "shard_corrupt")
         self.total_tokens = int(self.sizes.sum(dtype=np.int64))
         if n_seq == 0 or self.total_tokens == 0:
-            raise DataError(f"{self.idx_path}: the dataset holds no tokens")
-        if (self.sizes < 0).any() or self.pointers[0] != 0 or \
-                (np.diff(self.pointers) != self.sizes[:-1].astype(np.int64) * itemsize).any():
-            raise DataError(f"{self.idx_path}: document sizes and offsets disagree (corrupt index)")
+            raise BadShard(f"{self.idx_path}: the dataset holds no tokens", "shard_empty")
+        if self.pointers[0] != 0 or (np.diff(self.pointers) != self.sizes[:-1].astype(np.int64) * itemsize).any():
+            raise BadShard(f"{self.idx_path}: document sizes and offsets disagree (corrupt index)", "shard_corrupt")
         bin_bytes = self.bin_path.stat().st_size
         if bin_bytes != self.total_tokens * itemsize:
-            raise DataError(f"{self.bin_path}: {bin_bytes} bytes but the index describes "
-                            f"{self.total_tokens * itemsize} (truncated or mismatched pair)")
+            raise BadShard(f"{self.bin_path}: {bin_bytes} bytes but the index describes "
+                           f"{self.total_tokens * itemsize} (truncated or mismatched pair)", "shard_truncated")
 
     def __len__(self) -> int:
         return len(self.sizes)
@@ -149,3 +164,58 @@ class IndexedDataset:
                             f"model's vocabulary of {vocab_size} ({len(bad)} such documents; "
                             f"data.on_bad_data=skip leaves them out)")
         return bad
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+# PREFIX.json, written by `herd prepare-data`: the fields training relies on and their types
+SIDECAR_FIELDS = {"tokenizer": str, "vocab_size": int, "eod_id": int}
+_OPTIONAL_COUNTS = ("documents", "tokens")
+
+
+def json_type(value: Any) -> str:
+    names = {type(None): "null", bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+             list: "a list", dict: "an object"}
+    return names.get(type(value), type(value).__name__)
+
+
+def read_sidecar(prefix: str) -> Optional[Dict[str, Any]]:
+    """PREFIX.json as a checked dictionary, or None when there is none (token files from elsewhere). Anything
+    malformed is one DataError naming the file and the key."""
+    path = Path(f"{prefix}.json")
+    if not path.is_file():
+        return None
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 ({e.reason} at byte {e.start}); expected the JSON summary that "
+                        f"`herd prepare-data` writes") from None
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not JSON ({e.msg} at line {e.lineno} column {e.colno}); expected the summary "
+                        f"that `herd prepare-data` writes") from None
+    except RecursionError:
+        raise DataError(f"{path}: not JSON (nested too deeply)") from None
+    if not isinstance(meta, dict):
+        raise DataError(f"{path}: expected a JSON object (the summary `herd prepare-data` writes), "
+                        f"got {json_type(meta)}")
+    for key, kind in SIDECAR_FIELDS.items():
+        if key not in meta:
+            raise DataError(f"{path}: {key}: missing (every summary `herd prepare-data` writes has it)")
+        value = meta[key]
+        if type(value) is not kind:  # bool is an int subclass: true is not a vocabulary size
+            raise DataError(f"{path}: {key}: expected {json_type(kind())}, got {json_type(value)} "
+                            f"{json.dumps(value)[:40]}")
+    for key in ("vocab_size", "eod_id") + _OPTIONAL_COUNTS:
+        if key in meta and (type(meta[key]) is not int or meta[key] < 0):
+            raise DataError(f"{path}: {key}: expected a non-negative integer, got {json_type(meta[key])} "
+                            f"{json.dumps(meta[key])[:40]}")
+    if meta["eod_id"] >= meta["vocab_size"]:
+        raise DataError(f"{path}: eod_id: {meta['eod_id']} is outside vocab_size {meta['vocab_size']}")
+    return meta

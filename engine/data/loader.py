@@ -15,7 +15,9 @@ import torch
 
 from engine.config import DataConfig, DatasetConfig
 from engine.data.dataset import BlendedDataset, PackedDataset
-from engine.data.indexed import IndexedDataset
+from engine.data.indexed import BadShard, IndexedDataset
+from engine.data.skips import SkipReport
+from engine.errors import DataError
 from parallel.context_parallel import shard_sequence
 
 
@@ -66,14 +68,31 @@ def collate(samples: np.ndarray, sample_ids: List[int], eod_id: int, document_ma
 
 def build_blend(datasets: List[DatasetConfig], data: DataConfig, vocab_size: int, seed_offset: int = 0
                 ) -> BlendedDataset:
-    """Open each dataset, check its token ids against the model's vocab (by policy), and blend them."""
-    packed = []
+    """Open each dataset, check its token ids against the model's vocab, and blend them. With
+    data.on_bad_data=skip, documents holding ids outside the vocabulary are left out, and so is a whole pair that
+    is truncated, corrupt, empty or shorter than one sample (the others keep their weights); each is counted in
+    the blend's `skips`. A missing file, or nothing left to blend, is always an error."""
+    packed, weights, skips = [], [], SkipReport()
     for i, ds in enumerate(datasets):
-        indexed = IndexedDataset(ds.path)
-        bad = indexed.check_vocab(vocab_size, data.on_bad_data)
-        packed.append(PackedDataset(indexed, data.seq_len, seed=data.seed + 7919 * (i + seed_offset),
-                                    skip_documents=bad))
-    return BlendedDataset(packed, [ds.weight for ds in datasets])
+        try:
+            indexed = IndexedDataset(ds.path)
+            bad = indexed.check_vocab(vocab_size, data.on_bad_data)
+            skips.add("token_id_out_of_vocab", ds.path, len(bad), (f"document {d}" for d in bad))
+            dataset = PackedDataset(indexed, data.seq_len, seed=data.seed + 7919 * (i + seed_offset),
+                                    skip_documents=bad)
+        except BadShard as e:
+            if data.on_bad_data != "skip":
+                raise
+            skips.add(e.reason, ds.path, places=[str(e)])  # the place is the whole pair: say why
+            continue
+        packed.append(dataset)
+        weights.append(ds.weight)
+    if not packed:
+        raise DataError(f"no usable data in {', '.join(ds.path for ds in datasets)}: every dataset was left out "
+                        f"under data.on_bad_data=skip ({skips.summary()})")
+    blend = BlendedDataset(packed, weights)
+    blend.skips = skips
+    return blend
 
 
 class StepLoader:
@@ -86,6 +105,8 @@ class StepLoader:
         self.cp_rank, self.cp_size = cp_rank, cp_size
         self.per_rank = data.global_batch_size // dp_size
         self.consumed_samples = consumed_samples
+        # what reading the data left out; build_data adds the validation data's, build_trainer reports it
+        self.skips = blend.skips if isinstance(blend, BlendedDataset) else SkipReport()
 
     def step_sample_ids(self, step_start: int) -> List[List[int]]:
         """This rank's micro-batches of sample ids for the step starting at global sample `step_start`."""

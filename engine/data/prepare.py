@@ -3,13 +3,15 @@
 A raw text file is one document; each line of a `.jsonl` file is one document (its `text` field by default).
 Every document gets the end-of-document token appended. Problems are named by file and line: with
 on_bad_data=error the first one stops the run, with skip the document is left out and counted. Empty documents
-(an empty `__init__.py`, a blank JSONL text) hold nothing to learn and are always skipped and counted.
+(an empty `__init__.py`, a blank JSONL text) hold nothing to learn and are always skipped and counted. The counts,
+by reason and by file with the first line numbers, are printed and written into PREFIX.json (engine/data/skips.py).
 With valid_fraction > 0 each document goes to PREFIX.train or PREFIX.valid by a hash of its name, so the split
 is stable when files are added.
 """
 
 import fnmatch
 import json
+import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -18,7 +20,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from engine.data.indexed import IndexedWriter, token_dtype
+from engine.data.indexed import IndexedWriter, json_type, token_dtype
+from engine.data.skips import SkipReport
 from engine.data.tokenizer import Tokenizer
 from engine.errors import DataError
 
@@ -35,14 +38,20 @@ class Document:
 class PrepareReport:
     documents: Dict[str, int] = field(default_factory=dict)  # per output split
     tokens: Dict[str, int] = field(default_factory=dict)
-    skipped: Counter = field(default_factory=Counter)  # reason -> count
+    skips: SkipReport = field(default_factory=SkipReport)  # by reason and file, with the first places
     outputs: List[str] = field(default_factory=list)
+
+    @property
+    def skipped(self) -> Counter:
+        """reason -> documents (or files) left out."""
+        return self.skips.reasons
 
     def summary(self) -> str:
         parts = [f"{split}: {self.documents[split]:,} documents, {self.tokens[split]:,} tokens"
                  for split in self.documents]
         skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(self.skipped.items())) or "none"
-        return "; ".join(parts) + f"; skipped: {skipped}"
+        where = f" (per file and line in {self.outputs[0]}.json)" if self.skipped and self.outputs else ""
+        return "; ".join(parts) + f"; skipped: {skipped}{where}"
 
 
 def list_inputs(inputs: List[str], patterns=DEFAULT_PATTERNS, exclude: Tuple[str, ...] = ()) -> List[Path]:
@@ -63,59 +72,93 @@ def list_inputs(inputs: List[str], patterns=DEFAULT_PATTERNS, exclude: Tuple[str
     return files
 
 
-def _bad(message: str, on_bad_data: str, report: PrepareReport, reason: str) -> None:
+def _bad(message: str, on_bad_data: str, report: PrepareReport, reason: str, file: Path, line: int = 0) -> None:
     if on_bad_data == "error":
         raise DataError(message + " (--on-bad-data skip leaves such documents out)")
-    report.skipped[reason] += 1
+    report.skips.add(reason, str(file), places=[f"line {line}"] if line else ["whole file"])
 
 
 def _first_bad_line(raw: bytes, error: UnicodeDecodeError) -> int:
     return raw.count(b"\n", 0, error.start) + 1
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs, so any left is a lone one
+
+
+def lone_surrogate(text: str) -> Optional[int]:
+    """Index of the first lone surrogate (a JSON "\\ud800" escape: valid to json.loads, not encodable as UTF-8,
+    fatal to a tokenizer), or None."""
+    found = _SURROGATE.search(text)
+    return found.start() if found else None
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
 def read_documents(files: List[Path], text_key: str, on_bad_data: str, report: PrepareReport) -> Iterator[Document]:
     for path in files:
-        raw = path.read_bytes()
+        raw = _read(path)
         if path.suffix == ".jsonl":
             yield from _jsonl_documents(path, raw, text_key, on_bad_data, report)
             continue
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as e:
-            _bad(f"{path}:{_first_bad_line(raw, e)}: invalid UTF-8 at byte {e.start}", on_bad_data, report,
-                 "bad utf-8")
+            line = _first_bad_line(raw, e)
+            _bad(f"{path}:{line}: invalid UTF-8 at byte {e.start}", on_bad_data, report, "bad_utf8", path, line)
             continue
         if text.strip():
             yield Document(str(path), text)
         else:
-            report.skipped["empty"] += 1
+            report.skips.add("empty", str(path), places=["whole file"])
+
+
+def _jsonl_record(where: str, line: bytes, text_key: str) -> Tuple[Optional[str], str, str]:
+    """(the document's text, "", "") or (None, reason, message) for a line that holds no usable document."""
+    try:
+        record = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        return None, "bad_utf8", f"{where}: invalid UTF-8 at column {e.start + 1}"
+    except json.JSONDecodeError as e:
+        return None, "bad_json", f"{where}: invalid JSON ({e.msg} at column {e.colno})"
+    except RecursionError:
+        return None, "bad_json", f"{where}: invalid JSON (nested too deeply)"
+    if not isinstance(record, dict):
+        return None, "not_an_object", f"{where}: expected a JSON object with a string field '{text_key}', " \
+                                      f"got {json_type(record)}"
+    if text_key not in record:
+        return None, "missing_field", f"{where}: missing field '{text_key}' (found: " \
+                                      f"{', '.join(json.dumps(k) for k in sorted(record)[:8]) or 'no fields'})"
+    text = record[text_key]
+    if not isinstance(text, str):
+        return None, "bad_field", f"{where}: '{text_key}': expected a string, got {json_type(text)}"
+    at = lone_surrogate(text)
+    if at is not None:
+        return None, "lone_surrogate", (f"{where}: '{text_key}' holds a lone surrogate \\u{ord(text[at]):04x} at "
+                                        f"character {at} (not valid Unicode text)")
+    return text, "", ""
 
 
 def _jsonl_documents(path: Path, raw: bytes, text_key: str, on_bad_data: str,
                      report: PrepareReport) -> Iterator[Document]:
     if not raw.strip():
-        _bad(f"{path}: empty JSONL file", on_bad_data, report, "empty file")
+        _bad(f"{path}: empty JSONL file", on_bad_data, report, "empty_file", path)
         return
     for line_no, line in enumerate(raw.split(b"\n"), start=1):
         if not line.strip():
             continue
         where = f"{path}:{line_no}"
-        try:
-            record = json.loads(line.decode("utf-8"))
-        except UnicodeDecodeError as e:
-            _bad(f"{where}: invalid UTF-8 at column {e.start + 1}", on_bad_data, report, "bad utf-8")
-            continue
-        except json.JSONDecodeError as e:
-            _bad(f"{where}: invalid JSON ({e.msg} at column {e.colno})", on_bad_data, report, "bad json")
-            continue
-        if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-            _bad(f"{where}: expected an object with a string field '{text_key}'", on_bad_data, report,
-                 "missing field")
-            continue
-        if record[text_key].strip():
-            yield Document(where, record[text_key])
+        text, reason, message = _jsonl_record(where, line, text_key)
+        if text is None:
+            _bad(message, on_bad_data, report, reason, path, line_no)
+        elif text.strip():
+            yield Document(where, text)
         else:
-            report.skipped["empty"] += 1
+            report.skips.add("empty", str(path), places=[f"line {line_no}"])
 
 
 def split_of(source: str, valid_fraction: float) -> str:
@@ -169,6 +212,6 @@ def prepare_data(inputs: List[str], out_prefix: str, tokenizer: Tokenizer, *, te
         split = prefix[len(out_prefix) + 1:] or "all"
         meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id,
                 "documents": report.documents[split], "tokens": report.tokens[split],
-                "skipped_while_reading": dict(report.skipped), "inputs": list(inputs)}
-        Path(f"{prefix}.json").write_text(json.dumps(meta, indent=2) + "\n")
+                "skipped": report.skips.as_dict(), "inputs": list(inputs)}
+        Path(f"{prefix}.json").write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
     return report

@@ -87,7 +87,7 @@ def test_bad_jsonl_error_and_skip_policy(tmp_path, tokenizer):
     with pytest.raises(DataError, match=r"d\.jsonl:2: invalid JSON"):
         prepare_data([str(tmp_path / "d.jsonl")], str(tmp_path / "out"), tokenizer)
     report = prepare_data([str(tmp_path / "d.jsonl")], str(tmp_path / "out"), tokenizer, on_bad_data="skip")
-    assert report.skipped == {"bad json": 1, "missing field": 1, "bad utf-8": 1}
+    assert report.skipped == {"bad_json": 1, "missing_field": 1, "bad_utf8": 1}
     assert len(IndexedDataset(str(tmp_path / "out"))) == 2
     (tmp_path / "e.jsonl").write_text("")
     with pytest.raises(DataError, match=r"e\.jsonl: empty JSONL file"):
