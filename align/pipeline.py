@@ -28,6 +28,8 @@ from engine.secrets import scrub
 from engine.train_module import fault_point
 
 from align.generate import SamplingConfig
+from align.inputs import check_job_inputs, check_prompts
+from engine.config_checks import check_existing_directory
 
 DONE = "DONE.json"
 POLICY_KINDS = ("sft", "dpo")
@@ -79,7 +81,29 @@ class PipelineRunner:
             placeholder = (lambda value: f"rows-of-{value[1:]}.jsonl" if value.startswith("@") else value)
             extra = [] if stage.kind == "rejection_sampling" else self._align_overrides(
                 stage.kind, placeholder(stage.data), placeholder(stage.valid))
-            self.job(stage, f"r1-{stage.name}", extra)
+            try:
+                self.job(stage, f"r1-{stage.name}", extra)
+            except ConfigError as e:  # name the stage whose job (its overrides) is wrong
+                raise ConfigError(f"stages.{stage.name}", str(e)) from None
+
+    def check_inputs(self) -> None:
+        """Read every file input of every stage as the stage will (tokenizer, rows, prompts), so a malformed row
+        in the last stage's file is a one-line error before the first stage trains. "@stage" inputs are made
+        by the pipeline itself and checked where they are read. Also the pipeline's first policy, if named."""
+        check_existing_directory(self.pipeline.init, "init")
+        for stage in self.pipeline.stages:
+            if stage.kind == "rejection_sampling":
+                self._check_prompts(stage)
+            elif not stage.data.startswith("@") and not stage.valid.startswith("@"):
+                extra = self._align_overrides(stage.kind, stage.data, stage.valid)
+                check_job_inputs(self.job(stage, f"r1-{stage.name}", extra))
+
+    def _check_prompts(self, stage: StageConfig) -> None:
+        cfg = self.job(stage, f"r1-{stage.name}", [])
+        try:
+            check_prompts(cfg, stage.prompts, stage.max_new_tokens)
+        except ConfigError as e:
+            raise ConfigError(f"stages.{stage.name}.prompts", str(e).split(": ", 1)[-1]) from None
 
     @staticmethod
     def _align_overrides(kind: str, data: str, valid: str) -> List[str]:
@@ -88,6 +112,7 @@ class PipelineRunner:
 
     def run(self) -> Outputs:
         self.check()
+        self.check_inputs()
         for round_index in range(1, self.pipeline.rounds + 1):
             for stage in self.pipeline.stages:
                 stage_id = f"r{round_index}-{stage.name}"

@@ -18,6 +18,8 @@ from typing import Any, List, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from engine.config_checks import (check_blend, check_directory, check_existing_directory, check_file_name,
+                                  check_numbers, check_optimizer, check_seeds)
 from engine.config_schema import (  # noqa: F401  (re-exported: components import them from here)
     RopeScalingConfig, ModelConfig, ParallelConfig, DatasetConfig, TokenizerConfig, DataConfig, OptimConfig,
     ScheduleConfig, TrainConfig, CheckpointConfig, FP8Config, GuardConfig, WatchdogConfig, SlurmConfig, LogConfig,
@@ -76,12 +78,39 @@ def load_pipeline(path: str, overrides: Optional[List[str]] = None) -> PipelineC
         needed = ("prompts",) if stage.kind == "rejection_sampling" else ("data",)
         for field_name in needed:
             _require(bool(getattr(stage, field_name)), f"{key}.{field_name}", f"a {stage.kind} stage needs it")
-        for field_name in ("data", "valid", "init", "reward"):
-            value = getattr(stage, field_name)
-            _require(not value.startswith("@") or value[1:] in names, f"{key}.{field_name}",
-                     f"'{value}' names no stage of this pipeline ({', '.join(names)})")
+        _check_references(pipeline, i)
         _require(stage.samples >= 1, f"{key}.samples", f"must be at least 1, got {stage.samples}")
+        _require(stage.max_new_tokens >= 1, f"{key}.max_new_tokens", f"must be at least 1, got "
+                                                                     f"{stage.max_new_tokens}")
+        _require(stage.temperature >= 0, f"{key}.temperature", f"must be >= 0 (0: greedy), got {stage.temperature}")
+        _require(0 < stage.top_p <= 1, f"{key}.top_p", f"must be in (0, 1], got {stage.top_p}")
+    check_numbers(pipeline)
+    check_directory(pipeline.run_dir, "run_dir")
     return pipeline
+
+
+# what an "@stage" reference needs from the stage it names: rows come from rejection sampling, a policy's
+# weights from sft or dpo, a reward model from rm
+_PRODUCERS = {"data": ("rejection_sampling",), "valid": ("rejection_sampling",), "init": ("sft", "dpo"),
+              "reward": ("rm",)}
+
+
+def _check_references(pipeline: PipelineConfig, i: int) -> None:
+    """Each "@name" of stage i names a stage of the pipeline whose kind produces what the field takes."""
+    stage = pipeline.stages[i]
+    kinds = {s.name: s.kind for s in pipeline.stages}
+    for field_name, producers in _PRODUCERS.items():
+        value = getattr(stage, field_name)
+        if not value.startswith("@"):
+            continue
+        key = f"stages[{i}].{field_name}"
+        _require(value[1:] in kinds, key, f"'{value}' names no stage of this pipeline ({', '.join(kinds)})")
+        _require(kinds[value[1:]] in producers, key,
+                 f"'{value}' is a stage of kind {kinds[value[1:]]}, which produces no {_WHAT[field_name]} "
+                 f"(a stage of kind {' or '.join(producers)} does)")
+
+
+_WHAT = {"data": "rows", "valid": "rows", "init": "policy weights", "reward": "reward model"}
 
 
 def _yaml_layers(path: Path, chain: tuple) -> List[tuple]:
@@ -92,8 +121,8 @@ def _yaml_layers(path: Path, chain: tuple) -> List[tuple]:
         raise ConfigError("include", f"{path}: include cycle")
     try:
         raw = OmegaConf.load(path)
-    except Exception as e:  # yaml.YAMLError and friends: report the first line only
-        raise ConfigError("", f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
+    except Exception as e:  # yaml.YAMLError and friends: one line with the file, line and column
+        raise ConfigError("", _yaml_error(path, e)) from None
     if not isinstance(raw, DictConfig):
         raise ConfigError("", f"{path}: the top level must be a mapping of sections")
     _reject_resolvers(raw, str(path))
@@ -103,6 +132,25 @@ def _yaml_layers(path: Path, chain: tuple) -> List[tuple]:
         layers += _yaml_layers(_include_path(path, str(name)), chain + (path.resolve(),))
     layers.append((str(path), raw))
     return layers
+
+
+def _yaml_error(path: Path, e: Exception) -> str:
+    """'FILE:LINE:COLUMN: not valid YAML: PROBLEM', with "duplicate key 'X' (first at line N)" for that case."""
+    if isinstance(e, UnicodeDecodeError):
+        return f"{path}: not valid YAML: not UTF-8 text (byte {e.start})"
+    if isinstance(e, IsADirectoryError):
+        return f"{path}: is a directory, not a YAML file"
+    mark = getattr(e, "problem_mark", None)
+    problem = str(getattr(e, "problem", None) or str(e).splitlines()[0])
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    duplicate = re.fullmatch(r"found duplicate key (.*)", problem)
+    if duplicate:
+        first = getattr(e, "context_mark", None)
+        since = f" (the mapping starts at line {first.line + 1})" if first is not None else ""
+        return f"{where}: duplicate key '{duplicate.group(1)}'{since}"
+    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
+    since = f" ({context} at line {start.line + 1})" if context and start is not None else ""
+    return f"{where}: not valid YAML: {problem}{since}"
 
 
 def _include_path(parent: Path, name: str) -> Path:
@@ -142,10 +190,43 @@ def _reject_resolvers(node: Any, source: str, prefix: str = "") -> None:
 
 
 def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
+    _check_shape(OmegaConf.to_container(layer, resolve=False), OmegaConf.get_type(base), "", source)
     try:
         return OmegaConf.merge(base, layer)
-    except OmegaConfBaseException as e:
+    except (OmegaConfBaseException, TypeError, ValueError) as e:
         raise _as_config_error(e, source) from None
+
+
+def _check_shape(node: Any, schema: Any, prefix: str, source: str) -> None:
+    """A section must be a mapping and a list field a list (OmegaConf's own merge error names neither the key
+    nor the file)."""
+    if not dataclasses.is_dataclass(schema) or not isinstance(node, dict):
+        return
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in node.items():
+        if key not in fields:
+            continue  # unknown keys get OmegaConf's error, with a suggestion
+        full = f"{prefix}{key}"
+        hint = typing.get_type_hints(schema)[key]
+        if dataclasses.is_dataclass(hint):
+            if value is not None and not isinstance(value, dict):
+                raise ConfigError(full, f"must be a mapping of {hint.__name__} keys, got {value!r} ({source})")
+            _check_shape(value, hint, full + ".", source)
+        elif typing.get_origin(hint) in (list, List):
+            if value is not None and not isinstance(value, list) and not _is_interpolation(value):
+                raise ConfigError(full, f"must be a list, got {value!r} ({source})")
+            element = typing.get_args(hint)[0]
+            for i, item in enumerate(value or []):
+                if dataclasses.is_dataclass(element) and not isinstance(item, dict):
+                    raise ConfigError(f"{full}[{i}]", f"must be a mapping of {element.__name__} keys, got "
+                                                      f"{item!r} ({source})")
+                _check_shape(item, element, f"{full}[{i}].", source)
+        elif isinstance(value, (dict, list)):
+            raise ConfigError(full, f"must be a single value, got {value!r} ({source})")
+
+
+def _is_interpolation(value: Any) -> bool:
+    return isinstance(value, str) and value.startswith("${")
 
 
 def _as_config_error(e: OmegaConfBaseException, source: str) -> ConfigError:
@@ -250,15 +331,17 @@ def _require(ok: bool, key: str, message: str) -> None:
 
 def validate(cfg: JobConfig, world_size: int = 1) -> None:
     """Reject impossible values with the key that holds them; cheap, runs before anything heavy."""
+    check_numbers(cfg)
     for key, choices in _CHOICES.items():
         value = _get(cfg, key)
         _require(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
-    _validate_model(cfg.model)
+    validate_model(cfg.model)
     _validate_data(cfg)
     resolve_parallel(cfg.parallel, world_size)
     grad_accum_steps(cfg)
     _require(cfg.train.steps > 0, "train.steps", f"must be positive, got {cfg.train.steps}")
-    _require(cfg.optim.lr > 0, "optim.lr", f"must be positive, got {cfg.optim.lr}")
+    check_optimizer(cfg.optim, cfg.model.init_std)
+    check_seeds(cfg)
     _require(cfg.optim.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 disables clipping)")
     _require(0 <= cfg.schedule.warmup_steps <= cfg.train.steps, "schedule.warmup_steps",
              f"must be between 0 and train.steps={cfg.train.steps}, got {cfg.schedule.warmup_steps}")
@@ -269,6 +352,22 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     _require(re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.log.name) is not None and cfg.log.name not in (".", ".."),
              "log.name", f"'{cfg.log.name}' must be a plain directory name (letters, digits, '.', '_', '-')")
     _require(cfg.log.every >= 1, "log.every", "must be at least 1")
+    _require(cfg.log.peak_tflops >= 0, "log.peak_tflops", f"must be >= 0 (0: look the device up), got "
+                                                           f"{cfg.log.peak_tflops}")
+    _require(cfg.train.eval_every >= 0, "train.eval_every", f"must be >= 0 (0: only at the end), got "
+                                                             f"{cfg.train.eval_every}")
+    _require(cfg.train.eval_batches >= 1, "train.eval_batches", f"must be at least 1, got {cfg.train.eval_batches}")
+    _require(cfg.checkpoint.every >= 0, "checkpoint.every", f"must be >= 0 (0: never), got {cfg.checkpoint.every}")
+    _require(cfg.checkpoint.verify_sample >= 0, "checkpoint.verify_sample",
+             f"must be >= 0 (0: hash every file), got {cfg.checkpoint.verify_sample}")
+    _require(cfg.fp8.amax_history_len >= 1, "fp8.amax_history_len",
+             f"must be at least 1, got {cfg.fp8.amax_history_len}")
+    check_file_name(cfg.log.name, "log.name")
+    check_file_name(cfg.slurm.job_name, "slurm.job_name")
+    check_directory(cfg.log.run_dir, "log.run_dir")
+    check_directory(cfg.checkpoint.dir, "checkpoint.dir")
+    check_existing_directory(cfg.checkpoint.load_weights, "checkpoint.load_weights")
+    check_existing_directory(cfg.align.reference, "align.reference")
     _validate_watchdog(cfg.watchdog)
     _validate_guards(cfg)
     _validate_slurm(cfg.slurm)
@@ -333,7 +432,7 @@ def _validate_watchdog(w: WatchdogConfig) -> None:
     _require(w.trace_buffer >= 0, "watchdog.trace_buffer", f"must be >= 0 (0: off), got {w.trace_buffer}")
 
 
-def _validate_model(m: ModelConfig) -> None:
+def validate_model(m: ModelConfig) -> None:
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "max_seq_len"):
         value = getattr(m, key)
         _require(value > 0, f"model.{key}", f"must be positive, got {value}")
@@ -362,6 +461,7 @@ def _validate_data(cfg: JobConfig) -> None:
         for i, ds in enumerate(getattr(d, group)):
             _require(bool(ds.path), f"data.{group}[{i}].path", "is empty")
             _require(ds.weight > 0, f"data.{group}[{i}].weight", f"must be positive, got {ds.weight}")
+        check_blend(getattr(d, group), group)
     _require(d.tokenizer.kind != "hf" or bool(d.tokenizer.path) or not d.train, "data.tokenizer.path",
              "kind=hf needs the tokenizer.json that the data was prepared with")
 
@@ -377,6 +477,8 @@ def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:
         p.dp_shard = world_size // others
     _require(p.dp_shard >= 1, "parallel.dp_shard", f"must be at least 1 or -1, got {p.dp_shard}")
     _require(p.ac_every >= 1, "parallel.ac_every", f"must be at least 1, got {p.ac_every}")
+    for i, layers in enumerate(p.pp_layers):
+        _require(layers >= 0, f"parallel.pp_layers[{i}]", f"must be >= 0, got {layers}")
     _require(p.pp_virtual_stages >= 1, "parallel.pp_virtual_stages", f"must be at least 1, got {p.pp_virtual_stages}")
     _require(p.pp_embedding_cost >= 0 and p.pp_head_cost >= 0, "parallel.pp_embedding_cost",
              "stage costs must be >= 0")

@@ -1,11 +1,13 @@
 """The `herd` command: a thin dispatcher. Every user mistake is printed as one line, exit code 2."""
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
 import time
 import traceback
+from pathlib import Path
 from typing import List, Optional
 
 from engine.errors import HerdError
@@ -41,6 +43,11 @@ def _align(args: argparse.Namespace) -> int:
     if args.nproc is not None and "WORLD_SIZE" not in os.environ:
         if args.nproc < 1:
             raise HerdError(f"--nproc must be at least 1, got {args.nproc}")
+        from align.pipeline import PipelineRunner
+        runner = PipelineRunner(pipeline)
+        with _world_size(args.nproc):  # every stage's job as its ranks will load it, and every input file
+            runner.check()
+            runner.check_inputs()
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                    "-m", "launch", "align", args.pipeline, *args.overrides]
         env = dict(os.environ)
@@ -54,25 +61,38 @@ def _align(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _world_size(n: int):
+    """WORLD_SIZE as the ranks will see it, for checks run before they start (layouts depend on it)."""
+    previous = os.environ.get("WORLD_SIZE")
+    os.environ["WORLD_SIZE"] = str(n)
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["WORLD_SIZE"]
+        else:
+            os.environ["WORLD_SIZE"] = previous
+
+
 def _prepare_data(args: argparse.Namespace) -> int:
     from engine.config import TokenizerConfig
     from engine.data.prepare import DEFAULT_PATTERNS, PrepareReport, list_inputs, prepare_data, read_documents
-    from engine.data.tokenizer import load_tokenizer, train_bpe
+    from engine.data.tokenizer import load_tokenizer
+    _check_prepare_args(args)
     patterns = tuple(args.include) if args.include else DEFAULT_PATTERNS
     kwargs = dict(text_key=args.text_key, valid_fraction=args.valid_fraction, on_bad_data=args.on_bad_data,
                   patterns=patterns, exclude=tuple(args.exclude))
     if args.train_tokenizer:
-        if args.tokenizer != "hf" or not args.tokenizer_path:
-            raise HerdError("--train-tokenizer needs --tokenizer hf and --tokenizer-path OUT.json")
         report = PrepareReport()
         files = list_inputs(args.inputs, patterns, tuple(args.exclude))
         documents = list(read_documents(files, args.text_key, args.on_bad_data, report))
         if not documents:
             raise HerdError(f"no documents with text in {', '.join(args.inputs)}")
-        tokenizer = train_bpe((d.text for d in documents), args.vocab_size, args.tokenizer_path)
+        with _tokenizer_written_last(args.tokenizer_path, args.vocab_size, documents) as tokenizer:
+            report = prepare_data(args.inputs, args.out, tokenizer, documents=documents, report=report, **kwargs)
         print(f"trained a byte-level BPE of {tokenizer.vocab_size} tokens on {len(documents)} documents: "
               f"{args.tokenizer_path}", flush=True)
-        report = prepare_data(args.inputs, args.out, tokenizer, documents=documents, report=report, **kwargs)
     else:
         tokenizer = load_tokenizer(TokenizerConfig(kind=args.tokenizer, path=args.tokenizer_path or ""))
         report = prepare_data(args.inputs, args.out, tokenizer, **kwargs)
@@ -80,12 +100,75 @@ def _prepare_data(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _tokenizer_written_last(path: str, vocab_size: int, documents):
+    """Trains the BPE into a temporary file and moves it to `path` only after the data it describes is written
+    (atomically: a reader sees no tokenizer or the whole one); a failure leaves neither."""
+    from engine.data.tokenizer import train_bpe
+    final = Path(path)
+    temporary = final.with_name(f".{final.name}.tmp{os.getpid()}")
+    try:
+        tokenizer = train_bpe((d.text for d in documents), vocab_size, str(temporary))
+        tokenizer.name = f"hf:{path}"  # what the data's sidecar records: the final path
+        yield tokenizer
+        os.replace(temporary, final)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _check_prepare_args(args: argparse.Namespace) -> None:
+    """Every flag and destination, before anything is read or written (R20, R21)."""
+    import math
+    from engine.config_checks import check_directory
+    from engine.errors import ConfigError
+    if not 0 <= args.valid_fraction < 1 or not math.isfinite(args.valid_fraction):
+        raise HerdError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
+    if args.train_tokenizer:
+        if args.tokenizer != "hf" or not args.tokenizer_path:
+            raise HerdError("--train-tokenizer needs --tokenizer hf and --tokenizer-path OUT.json")
+        if not 512 <= args.vocab_size <= (1 << 31) - 1:
+            raise HerdError(f"--vocab-size must be in [512, 2**31), got {args.vocab_size} (byte-level BPE starts "
+                            f"from 256 byte tokens and herd's special tokens)")
+        if Path(args.tokenizer_path).exists():
+            raise HerdError(f"--tokenizer-path {args.tokenizer_path} exists; herd never replaces a tokenizer (data "
+                            f"prepared with it would no longer match it): choose a new path or remove it")
+    elif args.tokenizer == "hf" and not args.tokenizer_path:
+        raise HerdError("--tokenizer hf needs --tokenizer-path TOKENIZER.json (or --train-tokenizer to make one)")
+    try:
+        check_directory(str(Path(args.out).parent), "--out")
+        if args.train_tokenizer:
+            check_directory(str(Path(args.tokenizer_path).parent), "--tokenizer-path")
+    except ConfigError as e:
+        raise HerdError(str(e)) from None
+    for prefix in ([f"{args.out}.train", f"{args.out}.valid"] if args.valid_fraction > 0 else [args.out]):
+        _check_prefix_is_ours(prefix)
+
+
+def _check_prefix_is_ours(prefix: str) -> None:
+    """PREFIX.bin/.idx/.json may be replaced only when they are an earlier `herd prepare-data` output (its
+    sidecar PREFIX.json says so); any other file there is the user's (R21)."""
+    import json
+    paths = [Path(f"{prefix}{ext}") for ext in (".bin", ".idx", ".json")]
+    if not any(p.exists() or p.is_symlink() for p in paths):
+        return
+    try:
+        meta = json.loads(paths[2].read_text())
+        ours = isinstance(meta, dict) and {"tokenizer", "vocab_size", "eod_id"} <= set(meta)
+    except (OSError, ValueError):
+        ours = False
+    if not ours or any(p.is_symlink() or (p.exists() and not p.is_file()) for p in paths):
+        taken = next(p for p in paths if p.exists() or p.is_symlink())
+        raise HerdError(f"--out {prefix}: {taken} exists and is not a herd prepare-data output; choose another "
+                        f"prefix or remove it")
+
+
 def _launch_slurm(args: argparse.Namespace) -> int:
     """Render (and with --submit, sbatch) the SLURM script, after checking the config for nodes x ranks per node
     (one-line errors; nothing written or submitted)."""
     from engine.config import load_config
     from engine.run import check_parallel
-    from launch.slurm import render, write_and_submit
+    from align.inputs import check_job_inputs
+    from launch.slurm import check_script_destination, render, write_and_submit
     flags = [("slurm.nodes", args.nodes), ("slurm.gpus_per_node", args.gpus_per_node), ("slurm.shape", args.shape)]
     overrides = list(args.overrides) + [f"{key}={value}" for key, value in flags if value is not None]
     overrides += ["train.device=cpu"] if args.cpu else []
@@ -97,6 +180,9 @@ def _launch_slurm(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, overrides, world_size=world_size)
     check_parallel(cfg, world_size)
     out = args.out or f"{cfg.slurm.job_name or cfg.log.name}.sbatch"
+    check_script_destination(out, args.config)
+    if not args.no_data_check:
+        check_job_inputs(cfg)
     return write_and_submit(render(cfg, args.config, overrides), out, args.submit)
 
 
@@ -112,6 +198,8 @@ def _launch(args: argparse.Namespace) -> int:
         raise HerdError(f"--nproc must be at least 1, got {args.nproc}")
     cfg = load_config(args.config, args.overrides, world_size=args.nproc)
     check_parallel(cfg, args.nproc)
+    from align.inputs import check_job_inputs
+    check_job_inputs(cfg)  # what every rank reads first: one line here instead of a traceback per rank
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                "-m", "launch", "train", args.config, *args.overrides]
     env = dict(os.environ)
@@ -125,7 +213,6 @@ def _launch(args: argparse.Namespace) -> int:
 def _hang_exit_code(cfg, started: float, code: int) -> int:
     """torchrun exits 1 whatever its ranks' codes; a hang report written by this job keeps the watchdog's code
     (docs/reliability.md) so a script can tell a hang from a crash."""
-    from pathlib import Path
 
     from engine.callbacks.watchdog import HANG_EXIT_CODE
     report = Path(cfg.log.run_dir) / cfg.log.name / "hang" / "report.txt"
@@ -136,7 +223,8 @@ def _hang_exit_code(cfg, started: float, code: int) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from engine.checkpoint.convert import export_hf, import_hf
+    from engine.checkpoint.convert import check_destination, export_hf, import_hf
+    check_destination(Path(args.dest), args.direction)
     if args.direction == "hf-to-herd":
         path = import_hf(args.source, args.dest)
         print(f"wrote herd checkpoint {path}; train from it with checkpoint.load_weights={args.dest}", flush=True)
@@ -146,8 +234,15 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line, like every other herd error (the usage is one --help away)."""
+
+    def error(self, message: str):
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="herd", description="Train Llama 3 models.")
+    parser = _Parser(prog="herd", description="Train Llama 3 models.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     train = sub.add_parser("train", help="train a model from a YAML config and key=value overrides")
@@ -168,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     slurm.add_argument("--cpu", action="store_true", help="CPU ranks on gloo (train.device=cpu; no GPUs asked)")
     slurm.add_argument("--out", help="script path (default: JOB_NAME.sbatch)")
     slurm.add_argument("--submit", action="store_true", help="sbatch the script after writing it")
+    slurm.add_argument("--no-data-check", action="store_true",
+                       help="do not read the job's data here first (data only the compute nodes can see)")
     launch.add_argument("config", help="YAML config")
     launch.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. parallel.tp=2")
     launch.set_defaults(func=_launch)

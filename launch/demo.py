@@ -18,7 +18,8 @@ EXCLUDE = ["test/*", "*/test/*", "*/tests/*", "idlelib/*", "site-packages/*", "d
 
 
 def prepare_corpus() -> int:
-    if (DATA / "stdlib.train.bin").exists() and (DATA / "stdlib.valid.bin").exists():
+    # the tokenizer is written after the data (launch/cli.py): all three exist once the step has finished
+    if all((DATA / name).exists() for name in ("stdlib.train.bin", "stdlib.valid.bin", "stdlib-bpe.json")):
         print(f"corpus already prepared under {DATA}/ (make clean-demo to redo it)", flush=True)
         return 0
     stdlib = sysconfig.get_paths()["stdlib"]

@@ -101,11 +101,35 @@ def render(cfg: JobConfig, config_path: str, overrides: List[str], python: str =
     return _TOKEN.sub(lambda m: values[m.group(1)], text)
 
 
+SCRIPT_MARK = "# herd sbatch script"  # the templates' second line: a file with it is one herd rendered
+
+
+def check_script_destination(out: str, config_path: str) -> Path:
+    """The sbatch script may replace only an earlier herd script: never the config it is rendered from, nor any
+    other file of the user's (R21), nor a path under a file."""
+    path = Path(out)
+    if path.exists() and Path(config_path).exists() and path.resolve() == Path(config_path).resolve():
+        raise HerdError(f"--out {out}: that is the config the script is rendered from; choose another path")
+    if path.is_dir():
+        raise HerdError(f"--out {out}: is a directory; name the script file")
+    if path.exists() and SCRIPT_MARK not in path.read_text(errors="replace").splitlines()[1:2]:
+        raise HerdError(f"--out {out}: exists and is not a herd sbatch script; choose another path or remove it")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise HerdError(f"--out {out}: {parent} is a file, not a directory")
+    return path
+
+
 def write_and_submit(script: str, out: str, submit: bool) -> int:
+    """Writes the script atomically (a reader, or sbatch, never sees half of it) and submits it."""
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(script)
-    path.chmod(0o755)
+    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    temporary.write_text(script)
+    temporary.chmod(0o755)
+    os.replace(temporary, path)
     print(f"herd launch: wrote {path}", flush=True)
     if not submit:
         print(f"submit it with: sbatch {path}", flush=True)

@@ -17,35 +17,73 @@ import torch
 
 from engine.checkpoint.sharded import Box, load_sharded, save_sharded
 from engine.checkpoint.store import CheckpointError, CheckpointStore, describe_files
-from engine.config import ModelConfig, RopeScalingConfig, load_config
+from engine.config import ModelConfig, RopeScalingConfig, load_config, validate_model
+from engine.errors import ConfigError
 from engine.hf_interop import herd_to_hf_name, hf_config_dict, hf_to_herd_name
 from engine.model import build_meta_model
 
 
-def model_config_from_hf(config: dict, source: Path) -> ModelConfig:
-    """herd's ModelConfig for a transformers LlamaConfig dict (one-line error naming the file and key)."""
+_HF_INTS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+def read_json(path: Path, what: str) -> object:
+    """A JSON file's content, or one line naming the file (not JSON, not UTF-8, unreadable)."""
     try:
-        # transformers 5 keeps theta and scaling in rope_parameters; 4.x in rope_theta and rope_scaling
-        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-        theta = config.get("rope_theta", rope.get("rope_theta", 10000.0))
-        scaling = RopeScalingConfig()
-        if rope.get("rope_type", rope.get("type")) == "llama3":
-            scaling = RopeScalingConfig(True, rope["factor"], rope["low_freq_factor"], rope["high_freq_factor"],
-                                        rope["original_max_position_embeddings"])
-        return ModelConfig(name=config.get("_name_or_path") or "hf", dim=config["hidden_size"],
-                           n_layers=config["num_hidden_layers"], n_heads=config["num_attention_heads"],
-                           n_kv_heads=config.get("num_key_value_heads", config["num_attention_heads"]),
-                           ffn_dim=config["intermediate_size"], vocab_size=config["vocab_size"],
-                           norm_eps=config.get("rms_norm_eps", 1e-6), rope_theta=theta,
-                           rope_scaling=scaling, max_seq_len=config.get("max_position_embeddings", 8192))
-    except KeyError as e:
-        raise CheckpointError(f"{source}: missing key {e} in config.json") from None
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a valid {what} ({str(e).splitlines()[0]})") from None
+
+
+def _hf_number(config: dict, key: str, source: Path, kind: type, default=None):
+    """config[key] as a positive int (kind=int) or finite positive float, else one line naming the key."""
+    import math
+    value = config.get(key, default)
+    if value is None and default is None:
+        raise CheckpointError(f"{source}: missing key '{key}'")
+    number_ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
+        number_ok = False
+    if not number_ok or not math.isfinite(value) or value <= 0:
+        raise CheckpointError(f"{source}: '{key}' must be a positive {'integer' if kind is int else 'number'}, "
+                              f"got {value!r}")
+    return value
+
+
+def model_config_from_hf(config: object, source: Path) -> ModelConfig:
+    """herd's ModelConfig for a transformers LlamaConfig dict (one-line error naming the file and key)."""
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: must hold a JSON object (a transformers LlamaConfig)")
+    # transformers 5 keeps theta and scaling in rope_parameters; 4.x in rope_theta and rope_scaling
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise CheckpointError(f"{source}: 'rope_scaling' / 'rope_parameters' must be an object, got {rope!r}")
+    ints = {key: _hf_number(config, key, source, int) for key in _HF_INTS}
+    heads = ints["num_attention_heads"]
+    theta = _hf_number({"rope_theta": config.get("rope_theta", rope.get("rope_theta", 10000.0))}, "rope_theta",
+                       source, float)
+    scaling = RopeScalingConfig()
+    if rope.get("rope_type", rope.get("type")) == "llama3":
+        scaling = RopeScalingConfig(True, *(_hf_number(rope, k, source, float) for k in (
+            "factor", "low_freq_factor", "high_freq_factor")),
+            _hf_number(rope, "original_max_position_embeddings", source, int))
+    name = config.get("_name_or_path")
+    return ModelConfig(name=name if isinstance(name, str) and name else "hf", dim=ints["hidden_size"],
+                       n_layers=ints["num_hidden_layers"], n_heads=heads,
+                       n_kv_heads=_hf_number(config, "num_key_value_heads", source, int, heads),
+                       ffn_dim=ints["intermediate_size"], vocab_size=ints["vocab_size"],
+                       norm_eps=_hf_number(config, "rms_norm_eps", source, float, 1e-6), rope_theta=theta,
+                       rope_scaling=scaling,
+                       max_seq_len=_hf_number(config, "max_position_embeddings", source, int, 8192))
 
 
 def _weight_files(hf_dir: Path) -> list:
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index, "safetensors index")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must be an object of tensor name -> file name")
+        names = sorted(set(weight_map.values()))
     elif (hf_dir / "model.safetensors").is_file():
         names = ["model.safetensors"]
     elif list(hf_dir.glob("*.bin")):
@@ -62,17 +100,32 @@ def _weight_files(hf_dir: Path) -> list:
     return files
 
 
+def _load_safetensors(file: Path) -> Dict[str, torch.Tensor]:
+    """Every tensor of one file; a truncated or garbage file is one line naming it (safetensors parses only its
+    own header: no code runs)."""
+    from safetensors.torch import load_file
+    try:
+        return load_file(str(file))
+    except Exception as e:  # SafetensorError, and OSError for a file cut inside a tensor
+        raise CheckpointError(f"{file}: not a readable safetensors file ({str(e).splitlines()[0]})") from None
+
+
 def read_hf(hf_dir: Path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
     """The model config and every weight under its herd name, as fp32 full tensors."""
-    from safetensors.torch import load_file
     hf_dir = Path(hf_dir)
+    if not hf_dir.is_dir():
+        raise CheckpointError(f"{hf_dir}: not a directory (a Hugging Face model directory)")
     if not (hf_dir / "config.json").is_file():
         raise CheckpointError(f"{hf_dir}: no config.json")
-    raw = json.loads((hf_dir / "config.json").read_text())
+    raw = read_json(hf_dir / "config.json", "config.json")
     model_cfg = model_config_from_hf(raw, hf_dir / "config.json")
+    try:
+        validate_model(model_cfg)
+    except ConfigError as e:
+        raise CheckpointError(f"{hf_dir / 'config.json'}: describes no valid Llama model ({e})") from None
     state = {}
     for file in _weight_files(hf_dir):
-        for name, tensor in load_file(str(file)).items():
+        for name, tensor in _load_safetensors(file).items():
             if name.endswith("rotary_emb.inv_freq"):
                 continue
             try:
@@ -115,6 +168,32 @@ def _model_config_of(manifest: dict) -> ModelConfig:
         return load_config(str(Path(tmp) / "config.yaml"), ["data.train=[]", "data.valid=[]"]).model
 
 
+EXPORT_MARK = "herd_export"  # a config.json key: this directory is an earlier export, which may be replaced
+
+
+def check_destination(dest: Path, direction: str) -> None:
+    """Conversions write only into a new or empty directory, or over their own earlier export (R21): never
+    into a directory of the user's, nor over a file."""
+    dest = Path(dest)
+    if not dest.exists() and not dest.is_symlink():
+        parent = dest.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise CheckpointError(f"{dest}: cannot be a directory: {parent} is a file")
+        return
+    if dest.is_symlink() or not dest.is_dir():
+        raise CheckpointError(f"{dest}: exists and is not a directory; choose a new destination")
+    if not any(dest.iterdir()):
+        return
+    if direction == "herd-to-hf" and (dest / "config.json").is_file():
+        config = read_json(dest / "config.json", "config.json")
+        if isinstance(config, dict) and EXPORT_MARK in config:
+            return
+    raise CheckpointError(f"{dest}: exists, is not empty and was not written by this command; choose a new "
+                          f"or empty directory")
+
+
 def export_hf(ckpt_root: Path, out_dir: Path, max_shard_bytes: int = 5 * 2**30) -> Path:
     """Write the newest complete checkpoint under `ckpt_root` as a HF Llama directory."""
     from safetensors.torch import save_file
@@ -146,6 +225,6 @@ def export_hf(ckpt_root: Path, out_dir: Path, max_shard_bytes: int = 5 * 2**30) 
                  "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
     config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
-              **hf_config_dict(model_cfg)}
+              **hf_config_dict(model_cfg), EXPORT_MARK: {"step": step}}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2))
     return out_dir

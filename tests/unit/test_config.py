@@ -54,7 +54,7 @@ def test_yaml_errors_name_the_file(tmp_path):
     bad.write_text("optim:\n  lr: 1e-3\n  betas: [0.9]\n")
     assert f"optim.betas: unknown key ({bad})" in error_of([], str(bad))
     bad.write_text("optim: [unclosed\n")
-    assert f"{bad}: not valid YAML" in error_of([], str(bad))
+    assert f"{bad}:2:1: not valid YAML" in error_of([], str(bad))
     bad.write_text("include: [../secrets.yaml]\n")
     assert "must be a relative path without '..'" in error_of([], str(bad))
     bad.write_text("data:\n  seed: ${oc.decode:'1'}\n")
