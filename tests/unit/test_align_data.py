@@ -10,15 +10,11 @@ from align.formats import AlignDataError, SkipCounts, load_preferences, load_sft
 from engine.config import TokenizerConfig
 from engine.data.tokenizer import load_tokenizer
 
-ROOT = Path(__file__).resolve().parents[2]
-HF_TOKENIZER = ROOT / "data" / "stdlib-bpe.json"
-
 
 @pytest.fixture(scope="module")
-def tok():
-    if not HF_TOKENIZER.is_file():
-        pytest.skip(f"{HF_TOKENIZER} is missing")
-    return load_tokenizer(TokenizerConfig(kind="hf", path=str(HF_TOKENIZER)))
+def tok(stdlib_bpe):
+    """A BPE trained by the session fixture in tests/conftest.py (not the demo's data/stdlib-bpe.json)."""
+    return load_tokenizer(TokenizerConfig(kind="hf", path=str(stdlib_bpe)))
 
 
 def msg(role, content):
@@ -108,8 +104,7 @@ def test_bad_messages_raise_clear_errors(tok):
 
 
 def test_llama3_tokenizer_places_the_real_control_ids():
-    pytest.importorskip("llama_models")
-    pytest.importorskip("tiktoken")
+    # llama-models ships the tokenizer file and tiktoken reads it; `make` installs both, so no skip here
     tok = load_tokenizer(TokenizerConfig(kind="llama3"))
     messages = [msg("system", "Be brief."), msg("user", "Hi there <|eot_id|>"), msg("assistant", "Hello!")]
     got = encode_dialog(tok, messages)
