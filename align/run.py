@@ -13,7 +13,7 @@ from engine.config import JobConfig
 from engine.data.loader import Batch
 from engine.data.tokenizer import load_tokenizer
 from engine.errors import ConfigError
-from engine.run import build_module, build_trainer
+from engine.run import build_module, build_trainer, eval_share
 from engine.secrets import scrub
 from engine.trainer import Trainer
 from parallel.mesh import Mesh
@@ -83,7 +83,7 @@ def sft_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.stdout) 
         loaders.append(SFTStepLoader(rows, cfg.data, dp_rank, dp_size, cp_rank=cp_rank, cp_size=cp_size))
     train, valid = loaders
     train.skips = skip_report(found[2] for found in files if found)  # build_trainer reports and writes it
-    eval_batches = valid.fixed_micro_batches(cfg.train.eval_batches) if valid is not None else []
+    eval_batches = valid.fixed_micro_batches(eval_share(cfg, dp_size)) if valid is not None else []
     return train, eval_batches
 
 
@@ -113,7 +113,7 @@ def preference_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.s
         train.blocks = valid.blocks = REWARD_BLOCKS
     train.held_out = valid
     train.skips = skip_report(found[2] for found in files if found)  # build_trainer reports and writes it
-    return train, valid.fixed_micro_batches(cfg.train.eval_batches) if valid is not None else []
+    return train, valid.fixed_micro_batches(eval_share(cfg, dp_size)) if valid is not None else []
 
 
 def scalar_head(model: nn.Module) -> None:

@@ -122,7 +122,7 @@ class TrainConfig:
     dtype: str = "bf16"  # autocast compute dtype: bf16 or fp32 (weights and grads stay fp32)
     device: str = "auto"  # auto (cuda if present), cpu or cuda
     eval_every: int = 0  # validation loss every N steps (0: only at the end, if data.valid is set)
-    eval_batches: int = 8  # micro-batches of validation data per evaluation
+    eval_batches: int = 8  # validation micro-batches per evaluation in all, whatever the layout (a multiple of dp)
 
 
 @dataclass

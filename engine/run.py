@@ -84,7 +84,20 @@ def check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
                            p.pp_layers)
     except LayoutError as e:
         raise ConfigError(e.key, e.message) from None
+    has_validation = cfg.data.valid if cfg.align.kind == "lm" else cfg.align.valid_file
+    if has_validation:
+        eval_share(cfg, dims.dp)
     return dims
+
+
+def eval_share(cfg: JobConfig, dp: int) -> int:
+    """Validation micro-batches per data-parallel rank. train.eval_batches counts the whole validation set (as one
+    process evaluates it); the loaders interleave the ranks' shares, so their union is that set under any dp."""
+    count = cfg.train.eval_batches
+    if count % dp:
+        raise ConfigError("train.eval_batches", f"{count} validation micro-batches cannot be shared equally over "
+                          f"dp={dp} data-parallel ranks (dp_replicate x dp_shard): use a multiple of {dp}")
+    return count // dp
 
 
 def setup_distributed(cfg: JobConfig) -> Tuple[torch.device, Optional[Mesh]]:
@@ -108,7 +121,7 @@ def setup_distributed(cfg: JobConfig) -> Tuple[torch.device, Optional[Mesh]]:
 
 
 def build_data(cfg: JobConfig, mesh: Optional[Mesh]) -> Tuple[StepLoader, List[Batch]]:
-    """This rank's training loader and its share of the fixed validation micro-batches."""
+    """This rank's training loader and its share of the fixed validation micro-batches (eval_share)."""
     if not cfg.data.train:
         raise ConfigError("data.train", "no training data: list at least one dataset prefix")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -124,7 +137,7 @@ def build_data(cfg: JobConfig, mesh: Optional[Mesh]) -> Tuple[StepLoader, List[B
     if cfg.data.valid:
         valid = StepLoader(build_blend(cfg.data.valid, cfg.data, cfg.model.vocab_size, seed_offset=1000),
                            cfg.data, tokenizer.eod_id, dp_rank, dp_size, cp_rank=cp_rank, cp_size=cp_size)
-        eval_batches = valid.fixed_micro_batches(cfg.train.eval_batches)
+        eval_batches = valid.fixed_micro_batches(eval_share(cfg, dp_size))
         loader.skips.merge(valid.skips)  # one skip report for the run (build_trainer writes it)
     return loader, eval_batches
 

@@ -133,8 +133,22 @@ class LMTrainModule(TrainModule):
         """This rank's summed micro_loss over the micro-batches, forward only (float64 scalar)."""
         if self.parallel.pipeline is not None:
             with self.autocast():
-                return self.parallel.pipeline.forward_only(micro_batches, self.micro_loss).double()
-        total = torch.zeros((), device=self.device, dtype=torch.float64)
-        for batch in micro_batches:
-            total += self._loss_sum(batch).double()
+                total = self.parallel.pipeline.forward_only(micro_batches, self.micro_loss).double()
+        else:
+            total = torch.zeros((), device=self.device, dtype=torch.float64)
+            for batch in micro_batches:
+                total += self._loss_sum(batch).double()
+        self._reshard()
         return total
+
+    def _reshard(self) -> None:
+        """FSDP keeps the root's gathered parameters (every layer's with reshard_after_forward=false) after a
+        forward, for the backward; an evaluation has none, so free them: after an evaluation each rank holds only
+        its shards again, as after a training step."""
+        if not self.parallel.fsdp:
+            return
+        from torch.distributed.fsdp import FSDPModule
+        for part in self.parallel.parts:
+            for module in part.modules():
+                if isinstance(module, FSDPModule):
+                    module.reshard()

@@ -47,6 +47,13 @@ def parity_config(corpus: Path, run_dir: Path, overrides: List[str] = (), world_
         "log.tensorboard=false", *overrides], world_size=world_size)
 
 
+def parity_eval(corpus: Path) -> List[str]:
+    """Validation for the parity runs: the EvalCallback evaluates 8 global micro-batches of 2 sequences from the
+    valid split before the first step and after the last, whatever the data-parallel degree (train.eval_batches
+    counts the whole set; each dp rank evaluates its share)."""
+    return [f"data.valid=[{{path: {corpus}/corpus.valid}}]", "train.eval_batches=8", "train.eval_every=0"]
+
+
 def make_sft_jsonl(path: Path, count: int = 60, max_chars: int = 400) -> Path:
     """Chat rows from real code: the user names a standard-library function (json, email, http), the assistant
     answers with its source. Conversational rows ({"messages"}) alternate with prompt/completion rows, and every

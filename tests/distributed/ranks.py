@@ -44,16 +44,42 @@ class Recorder(Callback):
         self.steps.append(dict(metrics))
 
 
-def train_layouts(rank: int, world_size: int, corpus: str, run_dir: str, layouts: list) -> list:
-    """Train each layout (a list of overrides) in turn; rank 0 returns per-step losses and full parameters."""
+def eval_sample_ids(trainer) -> list:
+    """The sample ids the run's EvalCallback evaluates, over all data-parallel ranks (sorted, with repeats: a
+    sample evaluated by two dp ranks appears twice). Every rank of one dp rank (tp, cp, pp) must hold the same."""
+    from engine.callbacks import EvalCallback
+    callback = next(c for c in trainer.callbacks if isinstance(c, EvalCallback))
+    ids = [int(i) for batch in callback.batches for i in batch.sample_ids]
+    mesh = trainer.module.parallel.mesh
+    if mesh is None:
+        return sorted(ids)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (mesh.dp_rank, ids))
+    by_dp = {}
+    for dp_rank, rank_ids in gathered:
+        assert by_dp.setdefault(dp_rank, rank_ids) == rank_ids, "ranks of one dp rank evaluate different samples"
+    return sorted(i for rank_ids in by_dp.values() for i in rank_ids)
+
+
+def logged_eval(trainer, recorder) -> tuple:
+    """(val_loss of the last step, val_loss before the first): what the EvalCallback logged."""
+    return recorder.steps[-1]["val_loss"], trainer.initial_val_loss
+
+
+def train_layouts(rank: int, world_size: int, corpus: str, run_dir: str, layouts: list,
+                  evaluate: bool = False) -> list:
+    """Train each layout (a list of overrides) in turn; rank 0 returns per-step losses and full parameters. With
+    `evaluate`, the runs have validation data and every rank also returns the EvalCallback's logged val_loss
+    (before the first step and after the last) and the sample ids it evaluated over all dp ranks."""
     import io
     from pathlib import Path
 
     from engine.run import build_trainer
-    from tests.helpers import parity_config
+    from tests.helpers import parity_config, parity_eval
     results = []
     for index, overrides in enumerate(layouts):
         started = time.perf_counter()
+        overrides = overrides + (parity_eval(Path(corpus)) if evaluate else [])
         cfg = parity_config(Path(corpus), Path(run_dir) / f"layout{index}", overrides, world_size)
         trainer = build_trainer(cfg, stream=io.StringIO())
         recorder = Recorder()
@@ -64,12 +90,12 @@ def train_layouts(rank: int, world_size: int, corpus: str, run_dir: str, layouts
         local_numel = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
                           for p in trainer.module.parallel.parameters())
         grad_norms = [m["grad_norm"] for m in recorder.steps]
-        # the same 16 validation sequences in every layout: 8 micro-batches of 2 over the dp ranks
-        dp = cfg.parallel.dp_replicate * cfg.parallel.dp_shard
-        evaluation = trainer.module.eval_loss(trainer.loader.fixed_micro_batches(8 // dp))  # (loss sum, tokens)
-        results.append({"losses": losses, "grad_norms": grad_norms, "params": params, "local_numel": local_numel,
-                        "eval": evaluation, "seconds": time.perf_counter() - started}
-                       if rank == 0 else {"losses": losses, "local_numel": local_numel, "eval": evaluation})
+        out = {"losses": losses, "local_numel": local_numel}
+        if evaluate:
+            out.update(eval=logged_eval(trainer, recorder), eval_ids=eval_sample_ids(trainer))
+        if rank == 0:
+            out.update(grad_norms=grad_norms, params=params, seconds=time.perf_counter() - started)
+        results.append(out)
     return results
 
 

@@ -3,8 +3,10 @@
 The reference trains the parity model (tests/helpers.py) for 5 steps on one process; each layout trains the same
 global batches from the same seed on gloo ranks, with gradient accumulation of 2 or more micro-batches, and
 clipping active (max norm 0.5). In fp32 the per-step losses and every final parameter must match within 1e-5
-relative (parameters: per-tensor L2 norm of the difference over the norm of the reference). The sums are taken
-in another order (over ranks, over vocabulary shards), so equality is not bitwise; the figures are printed.
+relative (parameters: per-tensor L2 norm of the difference over the norm of the reference). So must the validation
+loss the run's EvalCallback logs before the first step and after the last (shared/TESTING.md R22), and the dp
+ranks' shares of the validation set must add up to exactly the one-process set. The sums are taken in another
+order (over ranks, over vocabulary shards), so equality is not bitwise; the figures are printed.
 """
 
 import io
@@ -14,7 +16,7 @@ import pytest
 from engine.run import build_trainer
 from parallel.multiprocess import run_on_ranks
 from tests.distributed import ranks
-from tests.helpers import make_corpus, parity_config
+from tests.helpers import make_corpus, parity_config, parity_eval
 
 LAYOUTS_2 = [
     ["parallel.tp=2"],
@@ -62,28 +64,34 @@ def corpus(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def train_reference(corpus, run_dir, overrides=()) -> dict:
-    """The single-process run every layout is compared with: per-step losses and final parameters."""
-    trainer = build_trainer(parity_config(corpus, run_dir, list(overrides)), stream=io.StringIO())
+def train_reference(corpus, run_dir, overrides=(), evaluate=False) -> dict:
+    """The single-process run every layout is compared with: per-step losses and final parameters; with
+    `evaluate`, also the validation loss its EvalCallback logged and the samples it evaluated (ranks.train_layouts)."""
+    overrides = list(overrides) + (parity_eval(corpus) if evaluate else [])
+    trainer = build_trainer(parity_config(corpus, run_dir, overrides), stream=io.StringIO())
     recorder = ranks.Recorder()
     trainer.callbacks.append(recorder)
     trainer.fit()
-    return {"losses": [m["loss"] for m in recorder.steps], "params": trainer.module.parallel.full_parameters(),
-            "eval": trainer.module.eval_loss(trainer.loader.fixed_micro_batches(8))}
+    out = {"losses": [m["loss"] for m in recorder.steps], "params": trainer.module.parallel.full_parameters()}
+    if evaluate:
+        out.update(eval=ranks.logged_eval(trainer, recorder), eval_ids=ranks.eval_sample_ids(trainer))
+    return out
 
 
 @pytest.fixture(scope="module")
 def reference(corpus, tmp_path_factory):
-    return train_reference(corpus, tmp_path_factory.mktemp("ref"))
+    return train_reference(corpus, tmp_path_factory.mktemp("ref"), evaluate=True)
 
 
 def check_against_reference(name: str, result: dict, reference: dict) -> None:
     loss_err = max(abs(a - b) / abs(b) for a, b in zip(result["losses"], reference["losses"]))
     param_err = max(((result["params"][k] - v).norm() / v.norm()).item() for k, v in reference["params"].items())
-    eval_err = abs(result["eval"][0] - reference["eval"][0]) / reference["eval"][0]
+    # the validation loss as logged (EvalCallback), before the first step and after the last
+    eval_err = max(abs(a - b) / b for a, b in zip(result["eval"], reference["eval"]))
     print(f"{name}: max relative loss error {loss_err:.2e}, max relative parameter error {param_err:.2e}, "
           f"validation loss error {eval_err:.2e} ({result.get('seconds', 0):.1f} s)")
-    assert result["eval"][1] == reference["eval"][1]  # the same tokens were evaluated
+    # the dp ranks' shares of the validation set add up to the one-process set: each sample exactly once
+    assert result["eval_ids"] == reference["eval_ids"] == sorted(set(reference["eval_ids"]))
     assert eval_err < 1e-5
     assert len(result["losses"]) == len(reference["losses"]) == 5
     assert set(result["params"]) == set(reference["params"])
@@ -93,7 +101,8 @@ def check_against_reference(name: str, result: dict, reference: dict) -> None:
 
 
 def run_world(world_size, layouts, corpus, tmp_path, reference, held_share=None):
-    results = run_on_ranks(ranks.train_layouts, world_size, str(corpus), str(tmp_path), layouts, timeout=1800)
+    results = run_on_ranks(ranks.train_layouts, world_size, str(corpus), str(tmp_path), layouts, True,
+                           timeout=1800)
     total = sum(v.numel() for v in reference["params"].values())
     for index, layout in enumerate(layouts):
         check_against_reference(" ".join(layout), results[0][index], reference)
@@ -156,7 +165,7 @@ KV2 = ["model.n_kv_heads=2"]  # tp=4 > 2 KV heads: each KV head is held by 2 tp 
 
 
 def kv2_reference(corpus, tmp_path_factory):
-    return train_reference(corpus, tmp_path_factory.mktemp("refkv2"), KV2)
+    return train_reference(corpus, tmp_path_factory.mktemp("refkv2"), KV2, evaluate=True)
 
 
 def test_kv_heads_shared_by_tp_ranks(corpus, tmp_path, tmp_path_factory):

@@ -2,7 +2,7 @@
 parallelism, train like one process.
 
 Same protocol as test_parity.py (5 fp32 steps, accumulation, clipping at 0.5, per-step losses, final parameters
-and a validation pass within 1e-5 relative) on the parity model with 4 layers, so pp=2 can hold 2 virtual stages
+and the validation loss the EvalCallback logs within 1e-5 relative) on the parity model with 4 layers, so pp=2 can hold 2 virtual stages
 per rank (8 layers for pp=4 with virtual stages). The corpus is packed with end-of-document tokens and
 data.document_mask is on, so every run attends under document masks; under cp those masks cross rank boundaries.
 
@@ -81,7 +81,7 @@ def held_share(degrees: dict) -> float:
 
 @pytest.fixture(scope="module")
 def reference4(corpus, tmp_path_factory):  # noqa: F811
-    return train_reference(corpus, tmp_path_factory.mktemp("ref4"), ["model.n_layers=4"])
+    return train_reference(corpus, tmp_path_factory.mktemp("ref4"), ["model.n_layers=4"], evaluate=True)
 
 
 def with_layers(layouts: list, n_layers: int) -> list:
@@ -109,7 +109,7 @@ def test_full_4d_matrix(corpus, tmp_path, reference4, world_size):  # noqa: F811
 
 @pytest.mark.slow
 def test_four_stage_pipelines_with_virtual_stages(corpus, tmp_path, tmp_path_factory):  # noqa: F811
-    reference8 = train_reference(corpus, tmp_path_factory.mktemp("ref8"), ["model.n_layers=8"])
+    reference8 = train_reference(corpus, tmp_path_factory.mktemp("ref8"), ["model.n_layers=8"], evaluate=True)
     layouts = [layout(pp=4, dp_shard=2, schedule=s) for s in SCHEDULES] + [
         layout(pp=4, cp=2, schedule="Interleaved1F1B", cp_attention="ring"),
         layout(pp=4, tp=2, schedule="ZBVZeroBubble")]

@@ -56,7 +56,7 @@ def test_planted_secrets_appear_nowhere(tmp_path, corpus):
               f"data.valid=[{{path: {corpus}/corpus.valid}}]", f"data.tokenizer.path={corpus}/tok.json",
               "model.vocab_size=512", "model.n_layers=2", "model.dim=64", "model.ffn_dim=128", "data.seq_len=32",
               "data.micro_batch_size=2", "data.global_batch_size=8", "schedule.warmup_steps=1",
-              "train.eval_every=2", "train.eval_batches=1", "log.every=1", "log.tensorboard=true",
+              "train.eval_every=2", "train.eval_batches=2", "log.every=1", "log.tensorboard=true",
               f"log.run_dir={runs}"]
     single = [*common, f"checkpoint.dir={store}", f"log.name=run-{auth}", "checkpoint.every=2"]
     outputs = []
