@@ -203,8 +203,11 @@ def build_callbacks(cfg: JobConfig, state: TrainState, device: torch.device, eva
               f"{state.tokens_per_step:,} tokens per step = {state.tokens_per_step // cfg.data.seq_len} sequences x "
               f"{cfg.data.seq_len} ({grad_accum_steps(cfg)} micro-batch(es) of {cfg.data.micro_batch_size} per "
               f"rank) | {cfg.train.steps} steps | {fpt / 1e6:.1f} MFLOP per token | run dir {run}"]
-    footer = [f"metrics: {run / 'metrics.jsonl'}",
-              f"TensorBoard: {run / 'tb'} (view with: tensorboard --logdir {run / 'tb'})"]
+    footer = []  # where the logs are: only those this run writes
+    if cfg.log.jsonl:
+        footer.append(f"metrics: {run / 'metrics.jsonl'}")
+    if cfg.log.tensorboard:
+        footer.append(f"TensorBoard: {run / 'tb'} (view with: tensorboard --logdir {run / 'tb'})")
     callbacks.insert(0, ThroughputCallback(fpt, world_size, peak))
     callbacks.append(ConsoleCallback(cfg.log.every, header, footer, stream))
     if cfg.log.jsonl:
