@@ -126,9 +126,11 @@ def _check_prepare_args(args: argparse.Namespace) -> None:
     if args.train_tokenizer:
         if args.tokenizer != "hf" or not args.tokenizer_path:
             raise HerdError("--train-tokenizer needs --tokenizer hf and --tokenizer-path OUT.json")
-        if not 512 <= args.vocab_size <= (1 << 31) - 1:
-            raise HerdError(f"--vocab-size must be in [512, 2**31), got {args.vocab_size} (byte-level BPE starts "
-                            f"from 256 byte tokens and herd's special tokens)")
+        from engine.data.tokenizer import SPECIAL_TOKENS
+        smallest = 256 + len(SPECIAL_TOKENS)  # a byte-level BPE holds every byte and herd's special tokens
+        if not smallest <= args.vocab_size <= (1 << 31) - 1:
+            raise HerdError(f"--vocab-size must be in [{smallest}, 2**31), got {args.vocab_size} (a byte-level BPE "
+                            f"holds 256 byte tokens and {len(SPECIAL_TOKENS)} special tokens)")
         if Path(args.tokenizer_path).exists():
             raise HerdError(f"--tokenizer-path {args.tokenizer_path} exists; herd never replaces a tokenizer (data "
                             f"prepared with it would no longer match it): choose a new path or remove it")

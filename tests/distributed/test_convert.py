@@ -78,7 +78,7 @@ def test_export_of_a_training_checkpoint_loads_in_transformers(corpus, tmp_path)
 def test_pickle_weights_are_refused(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "pytorch_model.bin").write_bytes(b"not read")
-    with pytest.raises(CheckpointError, match="missing key 'hidden_size' in config.json"):
+    with pytest.raises(CheckpointError, match="config.json: missing key 'hidden_size'"):
         import_hf(tmp_path, tmp_path / "out")
     (tmp_path / "config.json").write_text('{"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 8, '
                                           '"intermediate_size": 128, "vocab_size": 510}')

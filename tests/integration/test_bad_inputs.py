@@ -454,3 +454,29 @@ def test_bad_input_is_refused_cleanly(case, template, tmp_path, monkeypatch, cap
     assert case.expected in lines[0], lines[0]
     assert _snapshot(ws) == before, "the workspace changed"
     print(lines[0])
+
+
+@pytest.mark.parametrize("argv,expected,setup", [
+    (launch("--nproc", "2", "job.yaml", "data.train=[{path: data/nope}]"), "data/nope.idx", None),
+    (align("pipeline.yaml", "--nproc", "2"), "rows/pref.jsonl:1",
+     _write("rows/pref.jsonl", '{"prompt": "a", "chosen": null, "rejected": "c"}\n')),
+    (launch("--slurm", "--cpu", "--gpus-per-node", "2", "--out", "job.yaml", "job.yaml"), "job.yaml", None),
+], ids=["launch_nproc", "align_nproc", "slurm_out"])
+def test_the_real_command_refuses_before_any_rank(argv, expected, setup, template, tmp_path):
+    """The same promise through the installed entry point in its own process: torchrun is never started (its
+    command line would be printed first), and the one line is all there is."""
+    import sys
+    ws = copy_workspace(template, tmp_path / "ws")
+    if setup is not None:
+        setup(ws)
+    before = _snapshot(ws)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        env.pop(key, None)
+    # the timeout only turns a hang into a failure
+    result = subprocess.run([sys.executable, "-m", "launch", *argv], cwd=ws, env=env, capture_output=True,
+                            text=True, timeout=600)
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1, result.stdout + result.stderr
+    assert lines[0].startswith("herd: error: ") and expected in lines[0], lines[0]
+    assert _snapshot(ws) == before
