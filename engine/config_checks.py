@@ -88,7 +88,8 @@ def check_file_name(value: str, key: str) -> None:
              f"is {len(value.encode())} bytes long; a file name holds at most {NAME_BYTES} here")
 
 
-def _first_existing(path: Path) -> Path:
+def first_existing(path: Path) -> Path:
+    """path itself, or its nearest ancestor that exists (what a mkdir -p of path would build on)."""
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
@@ -99,7 +100,7 @@ def check_directory(value: str, key: str) -> None:
     if not value:
         return
     path = Path(value)
-    existing = _first_existing(path if path.is_absolute() else Path.cwd() / path)
+    existing = first_existing(path if path.is_absolute() else Path.cwd() / path)
     _require(existing.is_dir(), key, f"'{value}' cannot be a directory: {existing} is a file")
     _require(os.access(existing, os.W_OK | os.X_OK), key, f"'{value}': {existing} is not writable")
 

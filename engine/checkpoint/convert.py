@@ -18,6 +18,7 @@ import torch
 from engine.checkpoint.sharded import Box, load_sharded, save_sharded
 from engine.checkpoint.store import CheckpointError, CheckpointStore, describe_files
 from engine.config import ModelConfig, RopeScalingConfig, load_config, validate_model
+from engine.config_checks import first_existing
 from engine.errors import ConfigError
 from engine.hf_interop import herd_to_hf_name, hf_config_dict, hf_to_herd_name
 from engine.model import build_meta_model
@@ -176,9 +177,7 @@ def check_destination(dest: Path, direction: str) -> None:
     into a directory of the user's, nor over a file."""
     dest = Path(dest)
     if not dest.exists() and not dest.is_symlink():
-        parent = dest.parent
-        while not parent.exists() and parent != parent.parent:
-            parent = parent.parent
+        parent = first_existing(dest.parent)
         if not parent.is_dir():
             raise CheckpointError(f"{dest}: cannot be a directory: {parent} is a file")
         return
