@@ -26,10 +26,10 @@ def job_args(tmp_path_factory):
     root = tmp_path_factory.mktemp("slurm")
     src = [str(p) for p in sorted((STDLIB / "email").glob("*.py"))]
     prep = herd("prepare-data", *src, "--out", str(root / "e"), "--train-tokenizer", "--tokenizer-path",
-                str(root / "tok.json"), "--vocab-size", "300")
+                str(root / "tok.json"), "--vocab-size", "512")
     assert prep.returncode == 0, prep.stderr
     args = [str(ROOT / "configs/demo.yaml"), f"data.train=[{{path: {root}/e}}]", "data.valid=[]",
-            f"data.tokenizer.path={root}/tok.json", "model.vocab_size=300", "model.n_layers=2", "model.dim=64",
+            f"data.tokenizer.path={root}/tok.json", "model.vocab_size=512", "model.n_layers=2", "model.dim=64",
             "model.ffn_dim=128", "data.seq_len=32", "data.micro_batch_size=2", "data.global_batch_size=8",
             f"train.steps={STEPS}", "schedule.warmup_steps=1", "parallel.tp=2", "checkpoint.every=100",
             "log.every=1", "log.tensorboard=false", f"log.run_dir={root}/runs"]
