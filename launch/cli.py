@@ -183,9 +183,10 @@ def _launch_slurm(args: argparse.Namespace) -> int:
     check_parallel(cfg, world_size)
     out = args.out or f"{cfg.slurm.job_name or cfg.log.name}.sbatch"
     check_script_destination(out, args.config)
+    script = render(cfg, args.config, overrides)  # checks the env file and the template
     if not args.no_data_check:
         check_job_inputs(cfg)
-    return write_and_submit(render(cfg, args.config, overrides), out, args.submit)
+    return write_and_submit(script, out, args.submit)
 
 
 def _launch(args: argparse.Namespace) -> int:

@@ -203,8 +203,9 @@ def test_rendered_shapes_for_a_gpu_cluster(tmp_path):
     scripts = {}
     for shape in ("torchrun", "srun"):
         out = tmp_path / f"{shape}.sbatch"
-        result = herd("launch", "--slurm", "--nodes", "2", "--gpus-per-node", "8", "--shape", shape, "--out",
-                      str(out), "configs/demo.yaml", "parallel.tp=8", "slurm.time=04:00:00",
+        # the data of a GPU cluster is on the cluster: not read here
+        result = herd("launch", "--slurm", "--no-data-check", "--nodes", "2", "--gpus-per-node", "8", "--shape",
+                      shape, "--out", str(out), "configs/demo.yaml", "parallel.tp=8", "slurm.time=04:00:00",
                       "slurm.env_file=launch/clusters/example_h100.env", "slurm.partition=h100")
         assert result.returncode == 0, result.stderr
         scripts[shape] = out.read_text()
