@@ -89,9 +89,12 @@ def pytest_sessionfinish(session, exitstatus):
 def pytest_unconfigure(config):
     """End the test process with pytest's own exit status once everything is reported, skipping interpreter
     teardown. After the full suite (never after any one test file or directory alone) the teardown of the main
-    process has aborted with "terminate called without an active exception" (a C++ thread object destroyed while
-    joinable; not yet traced), turning a green run into exit 134. HERD_TEST_HARD_EXIT=0 restores the normal
-    teardown to investigate it."""
+    process once aborted with "terminate called without an active exception" (exit 134 on a green run). Not traced
+    to a cause yet, so the hard exit stays: with HERD_TEST_HARD_EXIT=0 (the normal teardown) tests/unit,
+    tests/integration + tests/distributed and the whole suite each ended with pytest's own status, no abort, and the
+    checks above found no test leaving a process group or a non-daemon / herd-* thread (issue 15, item 6). The one
+    leftover seen was a library daemon thread (TensorBoard's writer of a fit ended by a guard), pure Python and
+    harmless at exit. Those checks keep the known mechanisms out; HERD_TEST_HARD_EXIT=0 to investigate further."""
     if os.environ.get("HERD_TEST_HARD_EXIT", "1") == "1" and "code" in _EXIT_STATUS:
         sys.stdout.flush()
         sys.stderr.flush()

@@ -21,15 +21,23 @@ ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
 
 
 @pytest.fixture(scope="module")
-def job_args(tmp_path_factory):
-    """A tiny 2-rank (tp=2) CPU run on a real corpus, and its per-step losses from `herd launch --nproc 2`."""
+def corpus(tmp_path_factory):
+    """A real corpus and its BPE in a temporary directory, and the overrides that point configs/demo.yaml at them
+    (the demo's own data/ files are not there on a fresh clone, and herd launch reads the data before rendering)."""
     root = tmp_path_factory.mktemp("slurm")
     src = [str(p) for p in sorted((STDLIB / "email").glob("*.py"))]
     prep = herd("prepare-data", *src, "--out", str(root / "e"), "--train-tokenizer", "--tokenizer-path",
                 str(root / "tok.json"), "--vocab-size", "512")
     assert prep.returncode == 0, prep.stderr
-    args = [str(ROOT / "configs/demo.yaml"), f"data.train=[{{path: {root}/e}}]", "data.valid=[]",
-            f"data.tokenizer.path={root}/tok.json", "model.vocab_size=512", "model.n_layers=2", "model.dim=64",
+    return root, [f"data.train=[{{path: {root}/e}}]", "data.valid=[]", f"data.tokenizer.path={root}/tok.json",
+                  "model.vocab_size=512"]
+
+
+@pytest.fixture(scope="module")
+def job_args(corpus):
+    """A tiny 2-rank (tp=2) CPU run on that corpus, and its per-step losses from `herd launch --nproc 2`."""
+    root, data = corpus
+    args = [str(ROOT / "configs/demo.yaml"), *data, "model.n_layers=2", "model.dim=64",
             "model.ffn_dim=128", "data.seq_len=32", "data.micro_batch_size=2", "data.global_batch_size=8",
             f"train.steps={STEPS}", "schedule.warmup_steps=1", "parallel.tp=2", "checkpoint.every=100",
             "log.every=1", "log.tensorboard=false", f"log.run_dir={root}/runs"]
@@ -190,9 +198,11 @@ def test_preempted_job_is_requeued_and_resumes_bitwise(slurm_cluster, job_args, 
      "slurm.env_file: launch/clusters/nope.env: file not found"),
     ([], ["slurm.sbatch_args=['--wrap=rm -rf x']"], "slurm.sbatch_args[0]: '--wrap=rm -rf x' must be one"),
 ])
-def test_bad_slurm_launch_is_one_line_and_writes_nothing(tmp_path, flags, overrides, expected):
+def test_bad_slurm_launch_is_one_line_and_writes_nothing(corpus, tmp_path, flags, overrides, expected):
+    """On real data in a temporary directory (corpus), so that what is refused is the SLURM setting, whether or not
+    the demo's data/ files exist."""
     result = herd("launch", "--slurm", *flags, "--out", str(tmp_path / "job.sbatch"), "--submit",
-                  "configs/demo.yaml", *overrides)
+                  "configs/demo.yaml", *corpus[1], *overrides)
     assert_one_line_error(result, expected)
     assert not (tmp_path / "job.sbatch").exists()
 
