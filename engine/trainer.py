@@ -33,13 +33,25 @@ class Trainer:
             getattr(callback, hook)(self, *args)
 
     def fit(self) -> Dict[str, float]:
-        self._emit("on_fit_start")
-        while self.state.step < self.state.total_steps and not self.state.stop_requested:
-            micro_batches = [batch.to(self.device) for batch in self.loader.next_step()]
-            self._emit("on_step_start")
-            metrics = self.module.train_step(micro_batches)
-            self.state.step += 1
-            self._emit("on_step_end", metrics)
-            self.last_metrics = metrics
+        try:
+            self._emit("on_fit_start")
+            while self.state.step < self.state.total_steps and not self.state.stop_requested:
+                micro_batches = [batch.to(self.device) for batch in self.loader.next_step()]
+                self._emit("on_step_start")
+                metrics = self.module.train_step(micro_batches)
+                self.state.step += 1
+                self._emit("on_step_end", metrics)
+                self.last_metrics = metrics
+        except BaseException:
+            self._abort()
+            raise
         self._emit("on_fit_end")
         return self.last_metrics
+
+    def _abort(self) -> None:
+        """Every callback releases what it holds; a failure there must not hide the exception that ended fit."""
+        for callback in self.callbacks:
+            try:
+                callback.on_fit_abort(self)
+            except Exception:  # noqa: BLE001 - the original exception is the one to report
+                pass

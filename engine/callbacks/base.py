@@ -16,3 +16,6 @@ class Callback:
 
     def on_fit_end(self, trainer) -> None:
         pass
+
+    def on_fit_abort(self, trainer) -> None:
+        """fit() is leaving by an exception: release files and threads (what was written stays written)."""

@@ -54,6 +54,10 @@ class JsonlCallback(Callback):
     def on_fit_end(self, trainer) -> None:
         self._file.close()
 
+    def on_fit_abort(self, trainer) -> None:
+        if getattr(self, "_file", None) is not None:
+            self._file.close()
+
 
 class TensorBoardCallback(Callback):
     """Scalars under train/ and val/ in <run>/tb, x axis = optimizer step."""
@@ -76,6 +80,12 @@ class TensorBoardCallback(Callback):
     def on_fit_end(self, trainer) -> None:
         self._writer.flush()
         self._writer.close()
+
+    def on_fit_abort(self, trainer) -> None:
+        """The event writer's thread is stopped and its file flushed (a left-over writer thread outlives the fit
+        that failed)."""
+        if getattr(self, "_writer", None) is not None:
+            self._writer.close()
 
 
 def report_data_skips(skips: Optional[SkipReport], run_dir: Path, say: Callable[[str], None],
