@@ -3,7 +3,6 @@ with the collective its peer waited in, and every rank exits with HANG_EXIT_CODE
 heartbeats. The end-to-end `herd launch` version is tests/integration/test_hang.py."""
 
 import json
-import time
 from pathlib import Path
 
 import pytest
@@ -118,7 +117,9 @@ def test_watchdog_stands_down_when_fit_raises():
 
     with pytest.raises(RuntimeError, match="a failing step"):
         Trainer().fit()
-    time.sleep(2.0)  # past the 0.6 s timeout: a watchdog still armed would have ended this process
+    # the state, not a time: the thread ends by itself once it sees fit() gone (a watchdog still armed would
+    # instead declare a hang after 0.6 s and end this process); the join's limit only turns a hang into a failure
+    watchdog._thread.join(timeout=300)
     assert not watchdog._thread.is_alive()
     assert dist.all_reduce is original
 
