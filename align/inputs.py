@@ -11,36 +11,18 @@ only visible from the compute nodes.
 """
 
 import io
-import os
 
 from engine.config import JobConfig
-from engine.errors import ConfigError
 
 
 def check_job_inputs(cfg: JobConfig) -> None:
     """The job's tokenizer, token files (indexes, sidecars, blend) or alignment rows, read as a rank reads them."""
-    sink = io.StringIO()
-    kind = cfg.align.kind
-    if kind == "lm":
-        from engine.run import build_data
-        build_data(cfg, None)
-    elif kind == "sft":
-        from align.run import sft_data
-        sft_data(cfg, None, sink)
-    else:
-        from align.run import preference_data
-        preference_data(cfg, None, sink)
+    from align.run import stage_data
+    stage_data(cfg, None, io.StringIO())
 
 
-def check_prompts(cfg: JobConfig, prompts_file: str, max_new_tokens: int) -> None:
+def check_prompts(cfg: JobConfig, prompts_file: str, max_new_tokens: int, key: str = "prompts") -> None:
     """Rejection sampling's prompt rows, read as run_rejection_sampling reads them."""
-    from align.formats import AlignDataError
-    from align.rejection import read_prompts
+    from align.rejection import load_stage_prompts
     from engine.data.tokenizer import load_tokenizer
-    if not os.path.isfile(prompts_file):
-        raise ConfigError("prompts", f"{prompts_file} does not exist")
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    prompts, skipped = read_prompts(prompts_file, tokenizer,
-                                    min(cfg.data.seq_len, cfg.model.max_seq_len) - max_new_tokens)
-    if not prompts:
-        raise AlignDataError(f"{prompts_file}: no usable prompt ({skipped.summary()})")
+    load_stage_prompts(cfg, prompts_file, load_tokenizer(cfg.data.tokenizer), max_new_tokens, key)

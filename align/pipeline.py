@@ -65,8 +65,11 @@ class Outputs:
 
 
 class PipelineRunner:
-    def __init__(self, pipeline: PipelineConfig, stream: TextIO = sys.stdout):
+    def __init__(self, pipeline: PipelineConfig, stream: TextIO = sys.stdout, world_size: Optional[int] = None):
+        """world_size: what the stages' jobs are validated for; by default this process's (WORLD_SIZE). `herd
+        align --nproc N` checks the pipeline for N ranks before it starts them."""
         self.pipeline, self.stream = pipeline, stream
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
         self.run_dir = Path(pipeline.run_dir)
         self.outputs = Outputs(latest_policy=pipeline.init)
 
@@ -93,17 +96,14 @@ class PipelineRunner:
         check_existing_directory(self.pipeline.init, "init")
         for stage in self.pipeline.stages:
             if stage.kind == "rejection_sampling":
-                self._check_prompts(stage)
+                self._check_prompts(stage)  # "@stage" prompts do not exist: load_pipeline refuses them
             elif not stage.data.startswith("@") and not stage.valid.startswith("@"):
                 extra = self._align_overrides(stage.kind, stage.data, stage.valid)
                 check_job_inputs(self.job(stage, f"r1-{stage.name}", extra))
 
     def _check_prompts(self, stage: StageConfig) -> None:
-        cfg = self.job(stage, f"r1-{stage.name}", [])
-        try:
-            check_prompts(cfg, stage.prompts, stage.max_new_tokens)
-        except ConfigError as e:
-            raise ConfigError(f"stages.{stage.name}.prompts", str(e).split(": ", 1)[-1]) from None
+        check_prompts(self.job(stage, f"r1-{stage.name}", []), stage.prompts, stage.max_new_tokens,
+                      key=f"stages.{stage.name}.prompts")
 
     @staticmethod
     def _align_overrides(kind: str, data: str, valid: str) -> List[str]:
@@ -148,7 +148,7 @@ class PipelineRunner:
         p = self.pipeline
         return load_config(p.config, [*p.overrides, *extra, *stage.overrides, f"log.run_dir={self.run_dir}",
                                       f"log.name={stage_id}"],
-                           world_size=int(os.environ.get("WORLD_SIZE", "1")))
+                           world_size=self.world_size)
 
     def _run_stage(self, stage: StageConfig, stage_id: str) -> dict:
         if stage.kind == "rejection_sampling":

@@ -140,6 +140,19 @@ def read_prompts(path, tokenizer, max_prompt_tokens: int) -> Tuple[List[Prompt],
     return prompts, counts
 
 
+def load_stage_prompts(cfg: JobConfig, prompts_file: str, tokenizer, max_new_tokens: int,
+                       key: str = "prompts") -> Tuple[List[Prompt], SkipCounts]:
+    """The prompts a stage answers: each must leave max_new_tokens of room within the reward model's training
+    length (data.seq_len, within the RoPE limit). A missing file, or one without a usable prompt, is one line."""
+    if not os.path.isfile(prompts_file):
+        raise ConfigError(key, f"{prompts_file} does not exist")
+    prompts, skipped = read_prompts(prompts_file, tokenizer,
+                                    min(cfg.data.seq_len, cfg.model.max_seq_len) - max_new_tokens)
+    if not prompts:
+        raise AlignDataError(f"{prompts_file}: no usable prompt ({skipped.summary()})")
+    return prompts, skipped
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Models
 
@@ -358,10 +371,7 @@ def run_rejection_sampling(cfg: JobConfig, policy_root: str, reward_root: str, p
     width = cfg.data.seq_len  # the reward model's training length: dialogs are scored padded to it
     sampling = replace(sampling, stop_ids=tuple(dict.fromkeys([*sampling.stop_ids,
                                                                tokenizer.token_id("<|eot_id|>")])))
-    prompts, skipped = read_prompts(prompts_file, tokenizer,
-                                    min(width, cfg.model.max_seq_len) - sampling.max_new_tokens)
-    if not prompts:
-        raise AlignDataError(f"{prompts_file}: no usable prompt ({skipped.summary()})")
+    prompts, skipped = load_stage_prompts(cfg, prompts_file, tokenizer, sampling.max_new_tokens)
 
     dp_rank, dp_size = (mesh.dp_rank, mesh.dims.dp) if mesh is not None else (0, 1)
     mine = prompts[dp_rank::dp_size]

@@ -13,7 +13,7 @@ from engine.config import JobConfig
 from engine.data.loader import Batch
 from engine.data.tokenizer import load_tokenizer
 from engine.errors import ConfigError
-from engine.run import build_module, build_trainer, eval_share
+from engine.run import build_data, build_module, build_trainer, eval_share
 from engine.secrets import scrub
 from engine.trainer import Trainer
 from parallel.mesh import Mesh
@@ -122,14 +122,22 @@ def scalar_head(model: nn.Module) -> None:
     model.output = nn.Linear(model.cfg.dim, 1, bias=False, device="meta")
 
 
+def stage_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.stdout) -> Tuple[object, List]:
+    """This rank's loader and validation micro-batches for the job's align.kind: token files (lm), chat rows (sft)
+    or preference rows (rm, dpo). Also what align/inputs.py reads before a launch."""
+    if cfg.align.kind == "lm":
+        return build_data(cfg, mesh)
+    if cfg.align.kind == "sft":
+        return sft_data(cfg, mesh, stream)
+    return preference_data(cfg, mesh, stream)
+
+
 def build_stage_trainer(cfg: JobConfig, stream: TextIO = sys.stdout) -> Trainer:
     """The engine's trainer for the job's align.kind (lm: plain pretraining)."""
     kind = cfg.align.kind
-    if kind == "lm":
-        return build_trainer(cfg, stream)
-    if kind == "sft":
-        return build_trainer(cfg, stream, data_builder=lambda c, mesh: sft_data(c, mesh, stream))
-    data = (lambda c, mesh: preference_data(c, mesh, stream))
+    data = (lambda c, mesh: stage_data(c, mesh, stream))
+    if kind in ("lm", "sft"):
+        return build_trainer(cfg, stream, data_builder=data)
     if kind == "rm":
         trainer = build_trainer(cfg, stream, data_builder=data, module_builder=partial(
             build_module, adapt_model=scalar_head, module_factory=RewardTrainModule))

@@ -460,7 +460,6 @@ def _validate_data(cfg: JobConfig) -> None:
     for group in ("train", "valid"):
         for i, ds in enumerate(getattr(d, group)):
             _require(bool(ds.path), f"data.{group}[{i}].path", "is empty")
-            _require(ds.weight > 0, f"data.{group}[{i}].weight", f"must be positive, got {ds.weight}")
         check_blend(getattr(d, group), group)
     _require(d.tokenizer.kind != "hf" or bool(d.tokenizer.path) or not d.train, "data.tokenizer.path",
              "kind=hf needs the tokenizer.json that the data was prepared with")

@@ -77,7 +77,7 @@ def check_blend(datasets: List[Any], group: str) -> None:
     finite so that every share is a real fraction."""
     for i, ds in enumerate(datasets):
         _require(ds.weight >= 2.2250738585072014e-308, f"data.{group}[{i}].weight",
-                 f"must be a positive share of the blend, got {ds.weight}")
+                 f"must be positive (a share of the blend), got {ds.weight}")
     total = sum(ds.weight for ds in datasets)  # overflows to inf (math.fsum would raise)
     _require(math.isfinite(total), f"data.{group}",
              "the weights sum to more than a float holds; scale them down (only their ratios matter)")

@@ -44,10 +44,9 @@ def _align(args: argparse.Namespace) -> int:
         if args.nproc < 1:
             raise HerdError(f"--nproc must be at least 1, got {args.nproc}")
         from align.pipeline import PipelineRunner
-        runner = PipelineRunner(pipeline)
-        with _world_size(args.nproc):  # every stage's job as its ranks will load it, and every input file
-            runner.check()
-            runner.check_inputs()
+        runner = PipelineRunner(pipeline, world_size=args.nproc)  # every stage's job as its ranks will load it
+        runner.check()
+        runner.check_inputs()  # and every input file
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
                    "-m", "launch", "align", args.pipeline, *args.overrides]
         env = dict(os.environ)
@@ -59,20 +58,6 @@ def _align(args: argparse.Namespace) -> int:
     run_pipeline(pipeline)
     end_rank_process(0)  # a rank of a multi-process pipeline leaves here; one process returns
     return 0
-
-
-@contextlib.contextmanager
-def _world_size(n: int):
-    """WORLD_SIZE as the ranks will see it, for checks run before they start (layouts depend on it)."""
-    previous = os.environ.get("WORLD_SIZE")
-    os.environ["WORLD_SIZE"] = str(n)
-    try:
-        yield
-    finally:
-        if previous is None:
-            del os.environ["WORLD_SIZE"]
-        else:
-            os.environ["WORLD_SIZE"] = previous
 
 
 def _prepare_data(args: argparse.Namespace) -> int:
@@ -120,7 +105,6 @@ def _check_prepare_args(args: argparse.Namespace) -> None:
     """Every flag and destination, before anything is read or written (R20, R21)."""
     import math
     from engine.config_checks import check_directory
-    from engine.errors import ConfigError
     if not 0 <= args.valid_fraction < 1 or not math.isfinite(args.valid_fraction):
         raise HerdError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
     if args.train_tokenizer:
@@ -136,12 +120,9 @@ def _check_prepare_args(args: argparse.Namespace) -> None:
                             f"prepared with it would no longer match it): choose a new path or remove it")
     elif args.tokenizer == "hf" and not args.tokenizer_path:
         raise HerdError("--tokenizer hf needs --tokenizer-path TOKENIZER.json (or --train-tokenizer to make one)")
-    try:
-        check_directory(str(Path(args.out).parent), "--out")
-        if args.train_tokenizer:
-            check_directory(str(Path(args.tokenizer_path).parent), "--tokenizer-path")
-    except ConfigError as e:
-        raise HerdError(str(e)) from None
+    check_directory(str(Path(args.out).parent), "--out")
+    if args.train_tokenizer:
+        check_directory(str(Path(args.tokenizer_path).parent), "--tokenizer-path")
     for prefix in ([f"{args.out}.train", f"{args.out}.valid"] if args.valid_fraction > 0 else [args.out]):
         _check_prefix_is_ours(prefix)
 

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional
 
 from engine.callbacks.preemption import PREEMPTED_EXIT_CODE  # what herd train exits with after saving
 from engine.config import JobConfig
-from engine.config_checks import first_existing
+from engine.config_checks import check_directory
 from engine.errors import ConfigError, HerdError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,9 +115,7 @@ def check_script_destination(out: str, config_path: str) -> Path:
         raise HerdError(f"--out {out}: is a directory; name the script file")
     if path.exists() and SCRIPT_MARK not in path.read_text(errors="replace").splitlines()[1:2]:
         raise HerdError(f"--out {out}: exists and is not a herd sbatch script; choose another path or remove it")
-    parent = first_existing(path.parent)
-    if not parent.is_dir():
-        raise HerdError(f"--out {out}: {parent} is a file, not a directory")
+    check_directory(str(path.parent), "--out")
     return path
 
 

@@ -18,7 +18,7 @@ import torch
 from engine.checkpoint.sharded import Box, load_sharded, save_sharded
 from engine.checkpoint.store import CheckpointError, CheckpointStore, describe_files
 from engine.config import ModelConfig, RopeScalingConfig, load_config, validate_model
-from engine.config_checks import first_existing
+from engine.config_checks import check_directory
 from engine.errors import ConfigError
 from engine.hf_interop import herd_to_hf_name, hf_config_dict, hf_to_herd_name
 from engine.model import build_meta_model
@@ -176,14 +176,10 @@ def check_destination(dest: Path, direction: str) -> None:
     """Conversions write only into a new or empty directory, or over their own earlier export (R21): never
     into a directory of the user's, nor over a file."""
     dest = Path(dest)
-    if not dest.exists() and not dest.is_symlink():
-        parent = first_existing(dest.parent)
-        if not parent.is_dir():
-            raise CheckpointError(f"{dest}: cannot be a directory: {parent} is a file")
-        return
-    if dest.is_symlink() or not dest.is_dir():
-        raise CheckpointError(f"{dest}: exists and is not a directory; choose a new destination")
-    if not any(dest.iterdir()):
+    if dest.is_symlink():
+        raise CheckpointError(f"{dest}: is a symbolic link; choose a new destination")
+    check_directory(str(dest), "dest")  # neither a file nor under one
+    if not dest.exists() or not any(dest.iterdir()):
         return
     if direction == "herd-to-hf" and (dest / "config.json").is_file():
         config = read_json(dest / "config.json", "config.json")
