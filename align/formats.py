@@ -28,6 +28,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Seque
 
 from align.chat import (ChatFormatError, ChatTokens, alternation_problem, chat_format, check_messages,
                         first_learned_message, kind_of)
+from engine.data.prepare import lone_surrogate
 from engine.data.skips import EXAMPLES_PER_REASON, SkipReport
 from engine.errors import DataError
 
@@ -113,18 +114,17 @@ def _check_bad_data(on_bad_data: str) -> None:
         raise ValueError(f"on_bad_data: expected one of {', '.join(BAD_DATA_POLICIES)}, got {on_bad_data!r}")
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")  # json.loads joins valid pairs: any surrogate left is a lone one
 _ESCAPED_SURROGATE = re.compile(r"\\u[dD][89a-fA-F]")  # the only way one gets into a decoded line
 
 
 def _lone_surrogate(value, where: str = "") -> Optional[str]:
     """The field path ("messages[1].content") of the first string holding a lone surrogate, or None."""
     if isinstance(value, str):
-        return (where or "row") if _SURROGATE.search(value) else None
+        return (where or "row") if lone_surrogate(value) is not None else None
     if isinstance(value, dict):
         for key, item in value.items():
             field_path = f"{where}.{key}" if where else str(key)
-            if _SURROGATE.search(str(key)):
+            if lone_surrogate(str(key)) is not None:
                 return f"{where or 'row'} (a key)"
             found = _lone_surrogate(item, field_path)
             if found:
