@@ -290,7 +290,7 @@ def _fit(tokens: ChatTokens, max_len: int, on_too_long: str, counts: SkipCounts,
     return cut
 
 
-def _rows(path, on_bad_data: str, counts: SkipCounts, parse) -> Iterator[Tuple[int, Any]]:
+def rows_of(path, on_bad_data: str, counts: SkipCounts, parse) -> Iterator[Tuple[int, Any]]:
     """(line, parse(line, row)) for every usable row of the file, counting each row read; a malformed one (from
     read_jsonl or `parse`) raises with a hint under on_bad_data="error", or is counted and left out."""
     rows = read_jsonl(path, on_bad_data, counts)
@@ -326,7 +326,7 @@ def load_sft(path, tokenizer, max_len: int, on_too_long: str = "truncate", train
         examples.extend(kept for kept in fitted if kept)
         pending.clear()
 
-    for line, (messages, first) in _rows(path, on_bad_data, counts,
+    for line, (messages, first) in rows_of(path, on_bad_data, counts,
                                          lambda line, row: _sft_dialog(path, line, row, train_on)):
         reason = _nothing_to_learn(messages, first)
         if reason:
@@ -463,7 +463,7 @@ def load_preferences(path, tokenizer, max_len: int, on_too_long: str = "truncate
                                                   fitted.get("edited"), line))
         pending.clear()
 
-    for line, (prompt, responses) in _rows(path, on_bad_data, counts,
+    for line, (prompt, responses) in rows_of(path, on_bad_data, counts,
                                            lambda line, row: _preference_parts(path, line, row)):
         if _usable_responses(responses, counts, line):
             pending.append((line, prompt, responses))

@@ -50,7 +50,7 @@ from engine.train_module import LMTrainModule
 from parallel.mesh import Mesh
 
 from align.chat import ChatFormatError, ChatTokens, chat_format, check_messages
-from align.formats import AlignDataError, SkipCounts, read_jsonl, write_jsonl
+from align.formats import AlignDataError, SkipCounts, read_jsonl, rows_of, skip_report, write_jsonl
 from align.generate import SamplingConfig, sample_k
 from align.modules import RewardTrainModule
 from align.preference import reward_sequence
@@ -94,8 +94,9 @@ def _say(stream: TextIO, line: str) -> None:
         print(scrub(line), file=stream, flush=True)
 
 
-def _fail(path, line: int, what: str) -> AlignDataError:
-    return AlignDataError(f"{path}:{line}: {' '.join(str(what).split())}")
+def _fail(path, line: int, what: str, reason: str) -> AlignDataError:
+    """A malformed prompt row; `reason` is what data.on_bad_data=skip counts it under."""
+    return AlignDataError(f"{path}:{line}: {' '.join(str(what).split())}", reason)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,45 +110,60 @@ def prompt_messages(path, line: int, row: Dict[str, Any]) -> List[Dict[str, str]
     elif "prompt" in row:
         key, value = "prompt", row["prompt"]
     else:
-        raise _fail(path, line, f"expected 'prompt' or 'messages' (found keys: {', '.join(sorted(row)) or 'none'})")
+        raise _fail(path, line, f"expected 'prompt' or 'messages' (found keys: {', '.join(sorted(row)) or 'none'})",
+                    "no_prompt")
     if isinstance(value, str):
         if key == "messages":
-            raise _fail(path, line, "messages: expected a list of messages, got a string")
+            raise _fail(path, line, "messages: expected a list of messages, got a string", "bad_messages")
         value = [{"role": "user", "content": value}]
     try:
         check_messages(value, key)
     except ChatFormatError as e:
-        raise _fail(path, line, str(e)) from None
+        raise _fail(path, line, str(e), "bad_messages") from None
     if not value or value[-1]["role"] != "user":
         last = value[-1]["role"] if value else "nothing"
-        raise _fail(path, line, f"{key}: the dialog must end with a user turn to answer, it ends with {last}")
+        raise _fail(path, line, f"{key}: the dialog must end with a user turn to answer, it ends with {last}",
+                    "prompt_not_ending_with_user")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def read_prompts(path, tokenizer, max_prompt_tokens: int) -> Tuple[List[Prompt], SkipCounts]:
-    """Every row of the prompt file; a prompt longer than max_prompt_tokens (no room left to answer and still be
-    scored within data.seq_len) is skipped and counted."""
-    fmt, counts, prompts = chat_format(tokenizer), SkipCounts(), []
-    for index, (line, row) in enumerate(read_jsonl(path)):
-        counts.rows += 1
+def read_prompts(path, tokenizer, max_prompt_tokens: int, on_bad_data: str = "error"
+                 ) -> Tuple[List[Prompt], SkipCounts]:
+    """Every row of the prompt file. A prompt longer than max_prompt_tokens (no room left to answer and still be
+    scored within data.seq_len) is always skipped and counted; a malformed row raises with its file and line, or
+    is counted and left out under on_bad_data="skip"."""
+    fmt, counts = chat_format(tokenizer), SkipCounts(path=str(path))
+
+    def parse(line: int, row: Dict[str, Any]) -> Optional[Prompt]:
         messages = prompt_messages(path, line, row)
         tokens = fmt.generation_prompt(messages).tokens
         if len(tokens) > max_prompt_tokens:
-            counts.skip("prompt_too_long")
-            continue
-        extra = {k: v for k, v in row.items() if k not in OUTPUT_KEYS}
-        prompts.append(Prompt(index, line, messages, extra, tokens))
+            counts.skip("prompt_too_long", line)
+            return None
+        return Prompt(counts.rows - 1, line, messages, {k: v for k, v in row.items() if k not in OUTPUT_KEYS},
+                      tokens)
+
+    prompts = [prompt for _, prompt in rows_of(path, on_bad_data, counts, parse) if prompt is not None]
     return prompts, counts
+
+
+def skipped_file(output_file) -> Path:
+    """Where rejection sampling says which prompt rows it left out and why (skipped.json's format, engine/data/
+    skips.py): beside the rows it wrote, e.g. <stage>/rows.skipped.json."""
+    output = Path(output_file)
+    return output.with_name(output.stem + ".skipped.json")
 
 
 def load_stage_prompts(cfg: JobConfig, prompts_file: str, tokenizer, max_new_tokens: int,
                        key: str = "prompts") -> Tuple[List[Prompt], SkipCounts]:
     """The prompts a stage answers: each must leave max_new_tokens of room within the reward model's training
-    length (data.seq_len, within the RoPE limit). A missing file, or one without a usable prompt, is one line."""
+    length (data.seq_len, within the RoPE limit); malformed rows follow data.on_bad_data. A missing file, or one
+    without a usable prompt, is one line."""
     if not os.path.isfile(prompts_file):
         raise ConfigError(key, f"{prompts_file} does not exist")
     prompts, skipped = read_prompts(prompts_file, tokenizer,
-                                    min(cfg.data.seq_len, cfg.model.max_seq_len) - max_new_tokens)
+                                    min(cfg.data.seq_len, cfg.model.max_seq_len) - max_new_tokens,
+                                    cfg.data.on_bad_data)
     if not prompts:
         raise AlignDataError(f"{prompts_file}: no usable prompt ({skipped.summary()})")
     return prompts, skipped
@@ -388,12 +404,14 @@ def run_rejection_sampling(cfg: JobConfig, policy_root: str, reward_root: str, p
     rows = [c.row for c in choices if c.row is not None]
     if not rows:
         raise AlignDataError(f"{prompts_file}: no prompt got a usable sample (all empty or too long to score)")
-    if is_rank0:
+    if is_rank0:  # what was left out first: the rows file is what marks the stage finished
+        skip_report([skipped]).write(skipped_file(output_file))
         write_jsonl(output_file, rows)
     if dist.is_initialized():
         dist.barrier()  # the file exists when any rank returns
     stats = {**stats_of_rows(rows), "output": str(output_file), "resumed": False, "prompts_read": skipped.rows,
-             "skipped": skipped.summary(), "no_usable_sample": len(choices) - len(rows),
+             "skipped": skipped.summary(), "skipped_file": str(skipped_file(output_file)),
+             "no_usable_sample": len(choices) - len(rows),
              "best_unstopped": sum(not c.row_stopped for c in choices if c.row is not None),
              "unscorable": sum(c.unscorable for c in choices), "seconds": time.perf_counter() - started}
     if keep_candidates:

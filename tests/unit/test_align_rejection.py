@@ -145,6 +145,28 @@ def test_malformed_prompt_row_names_file_and_line(world, tmp_path, line3, messag
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_skipped_prompt_rows_are_counted_and_written_beside_the_rows(world, tmp_path):
+    """data.on_bad_data=skip: malformed prompt rows are left out by reason and line, in stats and in
+    rows.skipped.json (written before the rows file, which marks the stage finished); the good rows are answered."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"prompt": "a"}\n{"id": 3}\n{"prompt": "b"\n'
+                       '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}\n'
+                       '{"prompt": "c"}\n')
+    cfg = rejection_ranks.job(world, "skip")
+    cfg.data.on_bad_data = "skip"
+    output = tmp_path / "rows.jsonl"
+    stats = run_rejection_sampling(cfg, world["sft"], world["rm"], str(prompts), str(output), K, SAMPLED,
+                                   io.StringIO())
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["messages"][0]["content"] for r in rows] == ["a", "c"] and stats["prompts_read"] == 5
+    report = json.loads((tmp_path / "rows.skipped.json").read_text())
+    assert stats["skipped_file"] == str(tmp_path / "rows.skipped.json")
+    assert report["total"] == 3 and report["reasons"] == {"bad_json": 1, "no_prompt": 1,
+                                                          "prompt_not_ending_with_user": 1}
+    assert report["files"][str(prompts)]["examples"] == {"bad_json": ["line 3"], "no_prompt": ["line 2"],
+                                                        "prompt_not_ending_with_user": ["line 4"]}
+
+
 def test_pipeline_parallel_is_refused(world, tmp_path):
     cfg = rejection_ranks.job(world, "pp")
     cfg.parallel.pp = 2
