@@ -303,6 +303,7 @@ _CHOICES = {
     "train.dtype": ("bf16", "fp32"),
     "train.device": ("auto", "cpu", "cuda"),
     "checkpoint.resume": ("auto", "never"),
+    "checkpoint.on_foreign": ("refuse", "new_lineage"),
     "fp8.backend": ("none", "native", "te"),
     "fp8.recipe": ("tensorwise", "delayed"),
     "fp8.grad_dtype": ("e5m2", "e4m3"),

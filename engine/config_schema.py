@@ -137,6 +137,8 @@ class CheckpointConfig:
     verify_sample: int = 0  # on load, hash every file (0) or all small files plus this many large ones
     load_weights: str = ""  # a checkpoint root (e.g. from `herd convert hf-to-herd`) whose newest model weights
     #                         initialize a run that has no checkpoint of its own; optimizer and data start fresh
+    on_foreign: str = "refuse"  # dir holds another run's (log.name's) checkpoints: refuse | new_lineage (save
+    #                             beside them in <dir>/lineages/<log.name>; theirs are never resumed or deleted)
 
 
 @dataclass

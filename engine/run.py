@@ -52,12 +52,16 @@ def prepare_run_dir(cfg: JobConfig, stream: TextIO, resumed: bool = False) -> Pa
     unless this run resumes from its checkpoint (then its logs are appended to)."""
     run = Path(cfg.log.run_dir) / cfg.log.name
     if run.exists() and any(run.iterdir()) and not resumed:
-        archive = run.with_name(f"{cfg.log.name}.{time.strftime('%Y%m%d-%H%M%S')}")
-        run.rename(archive)
-        print(scrub(f"an earlier run of the same name was moved to {archive}"), file=stream, flush=True)
+        move_aside(run, stream)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(to_yaml(cfg))
     return run
+
+
+def move_aside(run: Path, stream: TextIO) -> None:
+    archive = run.with_name(f"{run.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+    run.rename(archive)
+    print(scrub(f"an earlier run of the same name was moved to {archive}"), file=stream, flush=True)
 
 
 def check_prepared_with(datasets: List[DatasetConfig], tokenizer: Tokenizer) -> None:
@@ -252,17 +256,24 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout, data_builder: Opt
     state = TrainState(total_steps=cfg.train.steps, tokens_per_step=sequences * cfg.data.seq_len)
     run = Path(cfg.log.run_dir) / cfg.log.name
     store = CheckpointStore(checkpoint_root(cfg.checkpoint.dir, run), cfg.checkpoint.keep_last,
-                            cfg.checkpoint.verify_sample, cfg.train.seed)
+                            cfg.checkpoint.verify_sample, cfg.train.seed, lineage=cfg.log.name)
     layout = {k: getattr(cfg.parallel, k) for k in ("dp_replicate", "dp_shard", "pp", "cp", "tp")}
     checkpointer = Checkpointer(store, module, loader, state, to_yaml(cfg), layout, cfg.checkpoint.async_save)
-    resumed = checkpointer.resume() if cfg.checkpoint.resume == "auto" else None
-    initialized = None
-    if resumed is None and cfg.checkpoint.load_weights:
-        initialized = checkpointer.load_weights(Path(cfg.checkpoint.load_weights), cfg.model,
-                                                skip=getattr(module, "fresh_parameters", ()))
-    callbacks = build_callbacks(cfg, state, device, eval_batches, stream, resumed is not None)
     is_rank0 = int(os.environ.get("RANK", "0")) == 0
     say = (lambda line: print(scrub(line), file=stream, flush=True)) if is_rank0 else None
+    # the directory is this run's (or refused, one line) before anything reads or writes it
+    prepared = checkpointer.claim(cfg.checkpoint.on_foreign, cfg.checkpoint.resume, cfg.checkpoint.every > 0,
+                                  None if cfg.checkpoint.dir else run, lambda path: move_aside(path, stream), say)
+    try:
+        resumed = checkpointer.resume() if cfg.checkpoint.resume == "auto" else None
+        initialized = None
+        if resumed is None and cfg.checkpoint.load_weights:
+            initialized = checkpointer.load_weights(Path(cfg.checkpoint.load_weights), cfg.model,
+                                                    skip=getattr(module, "fresh_parameters", ()))
+        callbacks = build_callbacks(cfg, state, device, eval_batches, stream, resumed is not None or prepared)
+    except BaseException:
+        checkpointer.release()
+        raise
     if say:  # what the data readers left out: a console line, <run>/skipped.json, the first metrics record
         report_data_skips(getattr(loader, "skips", None), run, say, callbacks)
     if resumed is not None and say:

@@ -28,3 +28,7 @@ class CheckpointCallback(Callback):
         if self.every > 0 and trainer.state.step != self.last_saved and trainer.state.step > 0:
             self._save(trainer)
         self.checkpointer.wait()  # the run ends (or is preempted) only with its last checkpoint committed
+        self.checkpointer.release()  # the directory's lock: another run (or this process's next) may take it
+
+    def on_fit_abort(self, trainer) -> None:
+        self.checkpointer.release()  # kept while a background save still writes (the process's end drops it)

@@ -18,8 +18,10 @@ import torch
 import torch.distributed as dist
 
 from engine.callbacks.guards import assert_finite_state
+from engine.checkpoint.manifest import check_train_meta, saved_model_config
+from engine.checkpoint.ownership import Claim, claim_directory, probe_writable
 from engine.checkpoint.sharded import Box, load_sharded, param_key, save_sharded, sharded_state
-from engine.checkpoint.store import CheckpointError, CheckpointStore, describe_files
+from engine.checkpoint.store import MANIFEST, CheckpointError, CheckpointStore, describe_files
 
 
 def _rank_world() -> tuple:
@@ -70,6 +72,46 @@ class Checkpointer:
         self.last_blocking_s = 0.0
         # a background write runs its collectives on a group of its own, never interleaved with training's
         self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
+        self.claimed: Optional[Claim] = None
+
+    def claim(self, on_foreign: str, resume: str, writes: bool, run_dir: Optional[Path] = None,
+              move_aside=None, say=None) -> bool:
+        """Before the resume: rank 0 claims the checkpoint directory for this run (engine/checkpoint/ownership.py)
+        and every rank takes its verdict, so all stop with the same line or all use the same root; then every rank
+        that writes probes the root (a node whose filesystem is read-only fails here, not at the first save).
+        Returns whether an earlier run directory was moved aside (the run directory is then prepared)."""
+        rank, world = _rank_world()
+        verdict = None
+        if rank == 0:
+            try:
+                self.claimed = claim_directory(self.store, on_foreign, resume, writes, run_dir, move_aside)
+                verdict = (str(self.claimed.root), self.claimed.run_dir_prepared)
+                for note in self.claimed.notes:
+                    if say is not None:
+                        say(note)
+            except CheckpointError as e:
+                verdict = ("error", str(e))
+        root, prepared = _agree(verdict)
+        if root == "error":
+            raise CheckpointError(prepared)
+        self.store.root = Path(root)
+        if writes and world > 1:
+            problem = None
+            try:
+                probe_writable(self.store.root, f"rank{rank}-")
+            except CheckpointError as e:
+                problem = str(e)
+            failures = [p for p in _gather(problem) if p]
+            if failures:
+                self.release()
+                raise CheckpointError(failures[0])
+        return prepared
+
+    def release(self) -> None:
+        """Give up the directory's lock (the end of the run; the process's death does it as well)."""
+        if self.claimed is not None and self.claimed.lock is not None and (self._writer is None
+                                                                            or not self._writer.is_alive()):
+            self.claimed.lock.release()
 
     def save(self, step: int) -> Path:
         """Save step `step`. Training is blocked while the previous save finishes and the state is copied to host
@@ -149,7 +191,9 @@ class Checkpointer:
             raise CheckpointError(manifest)
         if step is None:
             return None
-        self._load(self.store.step_dir(step), manifest, rank, world)
+        path = self.store.step_dir(step)
+        check_train_meta(manifest, path / MANIFEST, self.loader.state_dict(), self.module.scheduler.state_dict())
+        self._load(path, manifest, rank, world)
         return step
 
     def load_weights(self, root: Path, model_cfg=None, skip=()) -> int:
@@ -170,7 +214,7 @@ class Checkpointer:
         step, manifest = _agree(choice)
         if step == "error":
             raise CheckpointError(manifest)
-        saved = manifest["meta"].get("model")
+        saved = saved_model_config(manifest, CheckpointStore(root).step_dir(step) / MANIFEST)
         if saved is not None and model_cfg is not None:  # an imported model: its config must be this run's
             ours = dataclasses.asdict(model_cfg)
             for key in sorted(set(saved) - {"name"}):
@@ -183,7 +227,7 @@ class Checkpointer:
             for name, p in self.module.parallel.named_parameters():
                 if f"model.{param_key(name)}" not in skipped:
                     (p.to_local() if hasattr(p, "to_local") else p).zero_()
-            load_sharded(CheckpointStore(root).step_dir(step), state)
+            load_sharded(CheckpointStore(root).step_dir(step), state, manifest["files"])
         return step
 
     @torch.no_grad()
@@ -193,7 +237,7 @@ class Checkpointer:
         state = sharded_state(self.module.parallel, self.module.optimizer)
         for p in self.module.parallel.parameters():  # padding rows (vocab) are not in the checkpoint: zero
             (p.to_local() if hasattr(p, "to_local") else p).zero_()
-        load_sharded(path, state)
+        load_sharded(path, state, manifest["files"])
         scheduler = self.module.scheduler
         scheduler.load_state_dict(meta["scheduler"])
         # the learning rate of the next step comes from this run's schedule at the saved step (the same value
@@ -204,15 +248,22 @@ class Checkpointer:
         scheduler._last_lr = lrs
         self.loader.load_state_dict(meta["loader"])
         self.train_state.step = int(meta["step"])
-        rng_file = path / "rng" / f"rank{rank}.pt"
-        if meta["world_size"] == world and rng_file.is_file():  # the same ranks: each gets its own RNG back
-            try:
-                rng = torch.load(rng_file, weights_only=True)
-            except Exception as e:  # noqa: BLE001 - weights-only unpickling refuses anything but tensors
-                raise CheckpointError(f"{rng_file}: not an RNG state file ({type(e).__name__})") from None
-            torch.set_rng_state(rng["torch"])
-            if "cuda" in rng and torch.cuda.is_available():
-                torch.cuda.set_rng_state(rng["cuda"])
+        rng_name = f"rng/rank{rank}.pt"
+        if meta["world_size"] == world and rng_name in manifest["files"]:  # the same ranks: each its own RNG back
+            _restore_rng(path / rng_name)
+
+
+def _restore_rng(rng_file: Path) -> None:
+    """A verified RNG file (listed in the manifest, hashed): tensors only, and of the shape torch expects."""
+    try:
+        rng = torch.load(rng_file, weights_only=True)
+        if not isinstance(rng, dict) or not isinstance(rng.get("torch"), torch.Tensor):
+            raise TypeError("no 'torch' state tensor")
+        torch.set_rng_state(rng["torch"])
+        if isinstance(rng.get("cuda"), torch.Tensor) and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    except Exception as e:  # noqa: BLE001 - weights-only unpickling refuses anything but tensors
+        raise CheckpointError(f"{rng_file}: not an RNG state file ({type(e).__name__})") from None
 
 
 def checkpoint_root(checkpoint_dir: str, run_dir: Path) -> Path:

@@ -18,11 +18,13 @@ from typing import Any, Dict, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
+from torch.distributed.checkpoint.filesystem import _StorageInfo
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, Metadata, MetadataIndex, TensorProperties,
+                                                   TensorStorageMetadata)
 from torch.distributed.checkpoint.planner import LoadPlan, TensorWriteData, WriteItem, WriteItemType
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 
-from engine.checkpoint.store import CheckpointError
+from engine.checkpoint.store import CheckpointError, CheckpointStore
 from engine.secrets import scrub
 from parallel.parallelize import Parallelized
 
@@ -45,17 +47,61 @@ class _AllowlistUnpickler(pickle.Unpickler):
 
 
 class SafeReader(dcp.FileSystemReader):
-    """FileSystemReader whose metadata pickle may only build DCP metadata (never arbitrary callables)."""
+    """FileSystemReader whose metadata pickle may only build DCP metadata (never arbitrary callables), and whose
+    reads stay within the files the manifest lists: `files` is the verified manifest's {relative path: {bytes,
+    sha256}}. DCP opens whatever `relative_path` each storage item names, so every one is checked before DCP
+    plans a read: a listed plain file inside the step directory (no absolute path, `..` or symlink), the item's
+    byte range inside its recorded size, no storage transforms (herd writes none)."""
+
+    def __init__(self, path: str, files: Dict[str, dict]):
+        super().__init__(path)
+        self.files = files
 
     def read_metadata(self, *args: Any, **kwargs: Any):
         path = Path(self.path) / ".metadata"
+        if ".metadata" not in self.files:
+            raise CheckpointError(f"{path}: not listed in the manifest; refusing to read an unverified file")
         try:
             metadata = _AllowlistUnpickler(io.BytesIO(path.read_bytes())).load()
-        except (pickle.UnpicklingError, AttributeError, EOFError, TypeError) as e:
-            raise CheckpointError(f"{path}: not a DCP metadata file ({e})") from None
+        except (pickle.UnpicklingError, AttributeError, EOFError, TypeError, ValueError, IndexError) as e:
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise CheckpointError(f"{path}: not a DCP metadata file ({reason})") from None
+        if not isinstance(metadata, Metadata):
+            raise CheckpointError(f"{path}: not a DCP metadata file (holds a {type(metadata).__name__})")
+        self.check_storage(metadata)
         if getattr(metadata, "storage_meta", None) is not None:
             metadata.storage_meta.load_id = self.load_id
         return metadata
+
+    def set_up_storage_reader(self, metadata: Metadata, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
+        self.check_storage(metadata)  # every rank, whichever rank read the metadata
+        super().set_up_storage_reader(metadata, is_coordinator, *args, **kwargs)
+
+    def check_storage(self, metadata: Metadata) -> None:
+        where = Path(self.path) / ".metadata"
+        state = getattr(metadata, "state_dict_metadata", None)
+        storage = getattr(metadata, "storage_data", None)
+        if not isinstance(state, dict) or not isinstance(storage, dict):
+            raise CheckpointError(f"{where}: field 'state_dict_metadata' / 'storage_data' must be a mapping")
+        for index, info in storage.items():
+            name = getattr(info, "relative_path", None)
+            what = f"{where}: field 'storage_data[{getattr(index, 'fqn', '?')}]"
+            if not isinstance(info, _StorageInfo) or not isinstance(name, str):
+                raise CheckpointError(f"{what}' is not a storage entry with a relative path")
+            if name not in self.files:
+                raise CheckpointError(f"{what}.relative_path' names '{scrub(name)[:80]}', which the manifest does "
+                                      f"not list; refusing to read an unverified file")
+            CheckpointStore._inside(Path(self.path), name)  # no absolute path, `..` or symlink
+            offset, length = info.offset, info.length
+            if not (_is_count(offset) and _is_count(length)) or offset + length > self.files[name]["bytes"]:
+                raise CheckpointError(f"{what}' reads bytes {offset!r}+{length!r} of '{name}', which has "
+                                      f"{self.files[name]['bytes']}")
+            if getattr(info, "transform_descriptors", None):
+                raise CheckpointError(f"{what}.transform_descriptors' is set; herd writes no storage transforms")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 class Box:
@@ -100,6 +146,8 @@ class _BoxLoadPlanner(dcp.DefaultLoadPlanner):
         for fqn, box in self.state_dict.items():
             if fqn not in saved:
                 raise CheckpointError(f"the checkpoint has no '{fqn}' (saved from another model?)")
+            if not isinstance(saved[fqn], TensorStorageMetadata):
+                raise CheckpointError(f"'{fqn}' is not a tensor in the checkpoint's metadata")
             if saved[fqn].size != box.full_shape:
                 raise CheckpointError(f"'{fqn}' has shape {tuple(saved[fqn].size)} in the checkpoint, "
                                       f"{tuple(box.full_shape)} in this model")
@@ -158,15 +206,29 @@ def save_sharded(path: Path, state: Dict[str, Box], process_group: Optional[Any]
 
 
 @torch.no_grad()
-def load_sharded(path: Path, state: Dict[str, Box], process_group: Optional[Any] = None) -> None:
-    """Fill this rank's boxes from the checkpoint at `path` (already verified against its manifest)."""
-    SafeReader(str(path)).read_metadata()  # a bad metadata file fails here, with its name, on every rank
+def load_sharded(path: Path, state: Dict[str, Box], files: Dict[str, dict], process_group: Optional[Any] = None
+                 ) -> None:
+    """Fill this rank's boxes from the checkpoint at `path`, already verified against its manifest, whose
+    `files` bound what may be read (SafeReader)."""
+    SafeReader(str(path), files).read_metadata()  # a bad metadata file fails here, with its name, on every rank
     try:
-        dcp.load(state, storage_reader=SafeReader(str(path)),
+        dcp.load(state, storage_reader=SafeReader(str(path), files),
                  planner=_BoxLoadPlanner(flatten_state_dict=False, flatten_sharded_tensors=False),
                  process_group=process_group)
     except CheckpointError:
         raise
     except (Exception, CheckpointException) as e:  # DCP wraps rank failures in its own exception types
+        inner = _inner_checkpoint_error(e)
+        if inner is not None:  # a check in the reader or planner, raised on some rank: its own line
+            raise inner from None
         message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: cannot load into this model: {message}") from None
+
+
+def _inner_checkpoint_error(error: BaseException) -> Optional[CheckpointError]:
+    """The CheckpointError that DCP wrapped in its CheckpointException (failures by rank), if any."""
+    for failure in getattr(error, "failures", {}).values():  # rank -> (exception, traceback)
+        exception = failure[0] if isinstance(failure, tuple) and failure else failure
+        if isinstance(exception, CheckpointError):
+            return exception
+    return error.__cause__ if isinstance(error.__cause__, CheckpointError) else None

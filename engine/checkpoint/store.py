@@ -91,11 +91,16 @@ def describe_files(step_dir: Path, paths: List[Path]) -> Dict[str, dict]:
 class CheckpointStore:
     """One run's checkpoint root. Savers write into `begin(step)`; one process then calls `commit`."""
 
-    def __init__(self, root: Path, keep_last: int = 2, verify_sample: int = 0, seed: int = 0):
+    def __init__(self, root: Path, keep_last: int = 2, verify_sample: int = 0, seed: int = 0,
+                 lineage: Optional[str] = None):
         if keep_last < 2:
             raise CheckpointError(f"checkpoint.keep_last must be at least 2, got {keep_last}")
         self.root, self.keep_last = Path(root), keep_last
         self.verify_sample, self.seed = verify_sample, seed  # 0: hash every file on load
+        # the run whose checkpoints this store writes, resumes and purges (recorded in each manifest); other
+        # lineages' checkpoints in the same directory are never resumed or deleted. None: a reader of any lineage
+        # (load_weights, export) and a writer that records none (an import)
+        self.lineage = lineage
 
     def step_dir(self, step: int) -> Path:
         return self.root / step_name(step)
@@ -118,8 +123,10 @@ class CheckpointStore:
         path = self.step_dir(step)
         for name in files:
             self._inside(path, name)
-        manifest = json.dumps({"format": FORMAT, "step": step, "files": files, "meta": scrub_tree(meta or {})},
-                              indent=1, sort_keys=True).encode()
+        fields = {"format": FORMAT, "step": step, "files": files, "meta": scrub_tree(meta or {})}
+        if self.lineage is not None:
+            fields["lineage"] = self.lineage
+        manifest = json.dumps(fields, indent=1, sort_keys=True).encode()
         write_atomic(path / MANIFEST, manifest)
         _maybe_die("after_manifest", step)
         write_atomic(path / MARKER, hashlib.sha256(manifest).hexdigest().encode())
@@ -132,12 +139,15 @@ class CheckpointStore:
         """Remove complete checkpoints beyond the newest `keep_last`, and incomplete ones older than the newest
         complete one. A checkpoint's marker goes first, so a kill mid-purge leaves it incomplete, never loadable
         half-deleted; the newest `keep_last` complete ones are never touched."""
-        complete = self.complete_steps()
+        lineages = self.lineages()
+        complete = [step for step, lineage in lineages.items() if self._mine(lineage)]
         keep = set(complete[-self.keep_last:])
         newest = complete[-1] if complete else None
         for step in self._step_dirs():
             if step in keep or newest is None or step > newest:
                 continue  # a newer incomplete directory may be a save in progress
+            if step in lineages and not self._mine(lineages[step]):
+                continue  # another run's complete checkpoint: never ours to delete
             path = self.step_dir(step)
             marker = path / MARKER
             if marker.exists():
@@ -152,19 +162,35 @@ class CheckpointStore:
         return sorted(int(m.group(1)) for p in self.root.iterdir()
                       if (m := _STEP_DIR.fullmatch(p.name)) and p.is_dir() and not p.is_symlink())
 
-    def complete_steps(self) -> List[int]:
-        """Steps whose marker holds the hash of their manifest (cheap: files are checked by `verify`)."""
-        steps = []
+    def lineages(self) -> Dict[int, Optional[str]]:
+        """Every complete step (its marker holds the hash of its manifest; files are checked by `verify`), with
+        the lineage its manifest records: "" for a manifest without one (written before lineages were recorded,
+        or by an import), None for one that cannot be read as a JSON object with a string lineage."""
+        found: Dict[int, Optional[str]] = {}
         for step in self._step_dirs():
             path = self.step_dir(step)
             try:
                 manifest = (path / MANIFEST).read_bytes()
-                marker = (path / MARKER).read_text().strip()
+                marker = (path / MARKER).read_bytes().decode("ascii", "replace").strip()
             except OSError:
                 continue
-            if hashlib.sha256(manifest).hexdigest() == marker:
-                steps.append(step)
-        return steps
+            if hashlib.sha256(manifest).hexdigest() != marker:
+                continue
+            try:
+                lineage = json.loads(manifest).get("lineage", "")
+            except (ValueError, AttributeError):
+                lineage = None
+            found[step] = lineage if isinstance(lineage, str) else None
+        return found
+
+    def _mine(self, lineage: Optional[str]) -> bool:
+        """A reader (lineage None) takes every checkpoint; a run takes its own and those recording no lineage
+        (older herd wrote none). One whose manifest cannot be read is nobody's: verify names what is wrong."""
+        return self.lineage is None or lineage == "" or lineage == self.lineage
+
+    def complete_steps(self) -> List[int]:
+        """This lineage's complete steps, oldest first."""
+        return [step for step, lineage in self.lineages().items() if self._mine(lineage)]
 
     def latest_step(self) -> Optional[int]:
         """The step to resume from: the newest complete checkpoint. Its marker is the commit point, so a save
@@ -181,15 +207,20 @@ class CheckpointStore:
             raise CheckpointError(f"{path}: not a checkpoint directory")
         try:
             raw = (path / MANIFEST).read_bytes()
-            marker = (path / MARKER).read_text().strip()
+            marker = (path / MARKER).read_bytes().decode("ascii", "replace").strip()
         except OSError as e:
             raise CheckpointError(f"{path}: incomplete checkpoint ({e.strerror}: {Path(e.filename).name})") from None
         if hashlib.sha256(raw).hexdigest() != marker:
             raise CheckpointError(f"{path / MANIFEST}: does not match its commit marker (altered or incomplete)")
-        manifest = json.loads(raw)
-        if manifest.get("format") != FORMAT or manifest.get("step") != step:
-            raise CheckpointError(f"{path / MANIFEST}: format {manifest.get('format')} step "
-                                  f"{manifest.get('step')}, expected format {FORMAT} step {step}")
+        try:
+            manifest = json.loads(raw.decode("utf-8"))
+        except ValueError as e:  # UnicodeDecodeError is a ValueError
+            raise CheckpointError(f"{path / MANIFEST}: not valid JSON ({str(e).splitlines()[0]})") from None
+        from engine.checkpoint.manifest import check_manifest  # (it imports this module)
+        check_manifest(manifest, path / MANIFEST, step)
+        if self.lineage is not None and not self._mine(manifest.get("lineage", "")):
+            raise CheckpointError(f"{path / MANIFEST}: written by run '{manifest['lineage']}', not by this run "
+                                  f"'{self.lineage}'")
         files = manifest["files"]
         for name, info in files.items():
             file = self._inside(path, name)

@@ -95,7 +95,7 @@ def test_paths_escaping_the_checkpoint_are_rejected(tmp_path):
             store.commit(5, {bad: {"bytes": 1, "sha256": "0"}})
     (tmp_path / "secret").write_bytes(b"s")
     os.symlink(tmp_path / "secret", path / "link.bin")
-    manifest = {"format": 1, "step": 5, "files": {"link.bin": {"bytes": 1, "sha256": "x"}}, "meta": {}}
+    manifest = {"format": 1, "step": 5, "files": {"link.bin": {"bytes": 1, "sha256": "0" * 64}}, "meta": {}}
     raw = json.dumps(manifest).encode()
     (path / MANIFEST).write_bytes(raw)
     (path / MARKER).write_text(hashlib.sha256(raw).hexdigest())

@@ -1,0 +1,161 @@
+"""A checkpoint directory belongs to one run, one process tree at a time (docs/checkpointing.md, "Ownership").
+
+Lineage: every manifest records the run that wrote it, its `log.name` (the store's `lineage`). A requeued or
+restarted run runs the same config, so it finds its own checkpoints again wherever its run directory is (a
+resume under another layout or from another run directory keeps working); a checkpoint directory holding
+complete checkpoints of another name is foreign. A run refuses a foreign directory, with one line naming the
+other run, unless `checkpoint.on_foreign=new_lineage`: its checkpoints then go to `<dir>/lineages/<name>/`,
+beside the other run's, and nothing of the other run is ever resumed or deleted (the store's purge deletes only
+its own lineage). A run that would start over (`checkpoint.resume=never`) among its own earlier checkpoints in
+an explicit `checkpoint.dir` is refused too: its purge would delete its fresh saves (older steps) first.
+
+Lock: a run that saves holds an exclusive `flock` on `<dir>/.herd-lock` (rank 0, for the run's lifetime), so a
+second run on the directory is refused with one line naming the holder's pid and host; the kernel drops the lock
+when the holding process dies, so a SIGKILLed run never leaves it stuck. Writability: the directory is created
+and a probe file written and removed on every rank before the first step, so an unwritable directory is one line
+at start-up instead of a failure at the first save.
+"""
+
+import errno
+import fcntl
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+from engine.checkpoint.store import CheckpointError, CheckpointStore, step_name
+
+LOCK = ".herd-lock"
+LINEAGES = "lineages"
+ON_FOREIGN = ("refuse", "new_lineage")
+
+
+def probe_writable(root: Path, tag: str = "") -> None:
+    """Create `root` if needed, then write, fsync and remove a probe file in it; one line naming it if not."""
+    probe = root / f".herd-probe-{tag}{os.getpid()}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            os.write(fd, b"herd")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise CheckpointError(f"{root}: the checkpoint directory cannot be written ({e.strerror or e}); choose "
+                              f"another checkpoint.dir or fix its permissions") from None
+
+
+class DirectoryLock:
+    """An exclusive advisory lock on `<root>/.herd-lock`, held while the file stays open."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self._file = None
+
+    @property
+    def held(self) -> bool:
+        return self._file is not None
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock, or raise one line naming its holder. Returns a warning when the filesystem cannot lock
+        (then concurrent runs go undetected, as before locks existed)."""
+        path = self.root / LOCK
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise CheckpointError(f"{path}: is a symlink; refusing to lock through it") from None
+            raise CheckpointError(f"{self.root}: the checkpoint directory cannot be written ({e.strerror})") from None
+        handle = os.fdopen(fd, "r+b")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            holder = handle.read(200).decode("utf-8", "replace").strip() or "a process that recorded nothing"
+            handle.close()
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise CheckpointError(f"{self.root}: another run is using this checkpoint directory ({holder}); "
+                                      f"wait for it to end, or choose another checkpoint.dir") from None
+            return f"warning: cannot lock {path} ({e.strerror}): a second run on it would not be detected"
+        handle.truncate(0)  # who holds it, for the refusal of a second run (read there, never trusted)
+        handle.write(f"held by pid {os.getpid()} on {socket.gethostname()}".encode())
+        handle.flush()
+        self._file = handle
+        return None
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing the last descriptor drops the flock
+            self._file = None
+
+
+@dataclass
+class Claim:
+    """What claiming a checkpoint directory decided (rank 0)."""
+
+    root: Path  # where this run's checkpoints live: the directory, or lineages/<name> beside another run's
+    lock: Optional[DirectoryLock] = None
+    run_dir_prepared: bool = False  # the earlier run directory (holding the default root) was moved aside here
+    notes: List[str] = field(default_factory=list)
+
+
+def _foreign(store: CheckpointStore) -> Dict[int, Optional[str]]:
+    return {step: lineage for step, lineage in store.lineages().items() if not store._mine(lineage)}
+
+
+def _refuse_foreign(root: Path, foreign: Dict[int, Optional[str]], lineage: str) -> None:
+    first, names = min(foreign), sorted({str(v) for v in foreign.values() if v is not None})
+    who = f"run '{names[0]}'" if names else "an unknown run"
+    if foreign[first] is None:
+        who = f"an unknown run ({root / step_name(first)}/manifest.json cannot be read)"
+    raise CheckpointError(f"{root}: holds {len(foreign)} checkpoint(s) of {who} (from step {first}), not of this "
+                          f"run '{lineage}' (log.name); continue that run under its own log.name, choose another "
+                          f"checkpoint.dir, or set checkpoint.on_foreign=new_lineage to save beside them in "
+                          f"{root / LINEAGES / lineage}")
+
+
+def claim_directory(store: CheckpointStore, on_foreign: str, resume: str, writes: bool,
+                    run_dir: Optional[Path] = None, move_aside: Optional[Callable[[Path], None]] = None) -> Claim:
+    """Rank 0, before anything reads or writes the directory: lock it (if the run saves), refuse foreign
+    checkpoints or place this run's beside them, move an earlier run directory aside when the checkpoint root
+    lies in it (`run_dir`, the default root) and the run does not resume, and refuse a fresh start among the
+    run's own checkpoints. Changes `store.root` to the claimed root; raises CheckpointError (one line)."""
+    root = store.root
+    if root.is_symlink():
+        raise CheckpointError(f"{root}: is a symlink; a checkpoint directory must be a plain directory")
+    claim = Claim(root)
+    lock = DirectoryLock(root)
+    try:
+        if writes and root.is_dir():  # before reading: a live run's directory is not ours to judge or move
+            probe_writable(root)
+            claim.notes += [w for w in [lock.acquire()] if w]
+        foreign = _foreign(store)
+        if foreign and on_foreign != "new_lineage":
+            _refuse_foreign(root, foreign, store.lineage)
+        beside = CheckpointStore(root / LINEAGES / store.lineage, store.keep_last, lineage=store.lineage)
+        own = beside.complete_steps() if foreign else store.complete_steps()
+        if writes and run_dir is not None and not (resume == "auto" and own):
+            if run_dir.exists() and any(run_dir.iterdir()) and move_aside is not None:
+                move_aside(run_dir)  # the lock file goes with it: the fresh root is locked below
+                lock.release()
+                claim.run_dir_prepared = True
+                foreign, own = {}, []
+        if foreign:
+            store.root = claim.root = beside.root
+        if writes and resume == "never" and own:
+            raise CheckpointError(f"{store.root}: holds checkpoints of this run '{store.lineage}' (steps "
+                                  f"{own[0]}-{own[-1]}) and checkpoint.resume=never would train over them from "
+                                  f"step 0; resume them (checkpoint.resume=auto) or choose another checkpoint.dir")
+        if writes:
+            probe_writable(root)
+            probe_writable(store.root)
+            if not lock.held:
+                lock = DirectoryLock(root)
+                claim.notes += [w for w in [lock.acquire()] if w]
+            claim.lock = lock
+    except BaseException:
+        lock.release()
+        raise
+    return claim
