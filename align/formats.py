@@ -27,7 +27,8 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 from align.chat import (ChatFormatError, ChatTokens, alternation_problem, chat_format, check_messages,
-                        first_learned_message, kind_of)
+                        first_learned_message)
+from engine.data.jsonl import BadLine, json_object
 from engine.data.prepare import lone_surrogate
 from engine.data.skips import EXAMPLES_PER_REASON, SkipReport
 from engine.errors import DataError
@@ -140,20 +141,10 @@ def _lone_surrogate(value, where: str = "") -> Optional[str]:
 def _parse_line(path, number: int, raw: bytes) -> Optional[Dict[str, Any]]:
     """A non-blank line's object, None for a blank line; an AlignDataError (with its reason) for a bad one."""
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise _error(path, number, f"not UTF-8 ({e.reason} at byte {e.start})", "bad_utf8") from None
-    if not text.strip():
-        return None
-    try:
-        row = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise _error(path, number, f"malformed JSON: {e.msg} at column {e.colno}", "bad_json") from None
-    except RecursionError:
-        raise _error(path, number, "malformed JSON: nested too deeply", "bad_json") from None
-    if not isinstance(row, dict):
-        raise _error(path, number, f"expected a JSON object, got {kind_of(row)}", "not_an_object")
-    if _ESCAPED_SURROGATE.search(text):
+        row = json_object(raw)
+    except BadLine as e:
+        raise _error(path, number, str(e), e.reason) from None
+    if row is not None and _ESCAPED_SURROGATE.search(raw.decode("utf-8")):
         where = _lone_surrogate(row)
         if where:
             raise _error(path, number, f"{where}: holds a lone surrogate escape (\\ud800-\\udfff without its "

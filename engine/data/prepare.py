@@ -21,6 +21,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import numpy as np
 
 from engine.data.indexed import IndexedWriter, json_type, token_dtype
+from engine.data.jsonl import BadLine, json_object
 from engine.data.skips import SkipReport
 from engine.data.tokenizer import Tokenizer
 from engine.errors import DataError
@@ -120,16 +121,9 @@ def read_documents(files: List[Path], text_key: str, on_bad_data: str, report: P
 def _jsonl_record(where: str, line: bytes, text_key: str) -> Tuple[Optional[str], str, str]:
     """(the document's text, "", "") or (None, reason, message) for a line that holds no usable document."""
     try:
-        record = json.loads(line.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        return None, "bad_utf8", f"{where}: invalid UTF-8 at column {e.start + 1}"
-    except json.JSONDecodeError as e:
-        return None, "bad_json", f"{where}: invalid JSON ({e.msg} at column {e.colno})"
-    except RecursionError:
-        return None, "bad_json", f"{where}: invalid JSON (nested too deeply)"
-    if not isinstance(record, dict):
-        return None, "not_an_object", f"{where}: expected a JSON object with a string field '{text_key}', " \
-                                      f"got {json_type(record)}"
+        record = json_object(line, f"a JSON object with a string field '{text_key}'")
+    except BadLine as e:
+        return None, e.reason, f"{where}: {e}"
     if text_key not in record:
         return None, "missing_field", f"{where}: missing field '{text_key}' (found: " \
                                       f"{', '.join(json.dumps(k) for k in sorted(record)[:8]) or 'no fields'})"

@@ -138,10 +138,10 @@ def test_llama3_tokenizer_places_the_real_control_ids():
 
 def test_read_jsonl_errors_name_file_and_line(tmp_path):
     bad = write_rows(tmp_path / "file.jsonl", [{"a": 1}, "", "{not json"])
-    with pytest.raises(AlignDataError, match=r"file\.jsonl:3: malformed JSON"):
+    with pytest.raises(AlignDataError, match=r"file\.jsonl:3: invalid JSON"):
         list(read_jsonl(bad))
     scalar = write_rows(tmp_path / "scalar.jsonl", [{"a": 1}, "[1, 2]"])
-    with pytest.raises(AlignDataError, match=r"scalar\.jsonl:2: expected a JSON object, got list"):
+    with pytest.raises(AlignDataError, match=r"scalar\.jsonl:2: expected a JSON object, got a list"):
         list(read_jsonl(scalar))
     empty = write_rows(tmp_path / "empty.jsonl", ["", "  "])
     with pytest.raises(AlignDataError, match=r"empty\.jsonl:1: empty file"):

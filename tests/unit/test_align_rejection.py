@@ -134,7 +134,7 @@ def test_stop_ids_end_samples_and_stopped_answers_are_preferred(world, tmp_path)
      "must end with a user turn"),
     ('{"messages": [{"role": "robot", "content": "hi"}]}', "unknown role"),
     ('{"prompt": 5}', "expected a list of messages"),
-    ('{"prompt": "hi"', "malformed JSON"),
+    ('{"prompt": "hi"', "invalid JSON"),
 ])
 def test_malformed_prompt_row_names_file_and_line(world, tmp_path, line3, message):
     bad = tmp_path / "bad.jsonl"

@@ -43,12 +43,12 @@ GOOD_PREF = {"prompt": "What is two plus two?", "chosen": "Four.", "rejected": "
                                                   r"'content', got str"),
     ({"prompt": None, "completion": "c"}, r"s\.jsonl:2: prompt: expected a list of messages, got null"),
     ({"prompt": "p", "completion": None}, r"s\.jsonl:2: completion: expected a list of messages, got null"),
-    ([GOOD_SFT], r"s\.jsonl:2: expected a JSON object, got list"),
+    ([GOOD_SFT], r"s\.jsonl:2: expected a JSON object, got a list"),
     ('{"messages": [{"role": "user", "content": "q\\ud800"}, {"role": "assistant", "content": "a"}]}',
      r"s\.jsonl:2: messages\[0\]\.content: holds a lone surrogate escape"),
     ('{"messages": [{"role": "user", "content": "q"}], "id": ["x", "\\udc80"]}',
      r"s\.jsonl:2: id\[1\]: holds a lone surrogate escape"),
-    ("[" * 100_000, r"s\.jsonl:2: malformed JSON: nested too deeply"),
+    ("[" * 100_000, r"s\.jsonl:2: invalid JSON: nested too deeply"),
 ])
 def test_sft_malformed_row_is_one_line_naming_file_line_and_field(tok, tmp_path, row, where):
     path = write_lines(tmp_path / "s.jsonl", [GOOD_SFT, row])
@@ -68,7 +68,7 @@ def test_sft_malformed_row_is_one_line_naming_file_line_and_field(tok, tmp_path,
      r"p\.jsonl:2: chosen\[0\]\.content: expected a string, got null"),
     ({"prompt": "q", "chosen": [42], "rejected": "b"},
      r"p\.jsonl:2: chosen\[0\]: expected an object with 'role' and 'content', got int"),
-    ('"just a string"', r"p\.jsonl:2: expected a JSON object, got str"),
+    ('"just a string"', r"p\.jsonl:2: expected a JSON object, got a string"),
     ('{"prompt": "q", "chosen": "\\ud83d", "rejected": "b"}', r"p\.jsonl:2: chosen: holds a lone surrogate"),
 ])
 def test_preference_malformed_row_is_one_line_naming_file_line_and_field(tok, tmp_path, row, where):
@@ -130,7 +130,7 @@ def sft_mixture(path: Path) -> Path:
 
 def test_sft_skip_policy_counts_every_reason_with_line_numbers(tok, tmp_path):
     path = sft_mixture(tmp_path / "s.jsonl")
-    with pytest.raises(AlignDataError, match=r"s\.jsonl:2: malformed JSON"):
+    with pytest.raises(AlignDataError, match=r"s\.jsonl:2: invalid JSON"):
         load_sft(path, tok, max_len=256)
     examples, counts = load_sft(path, tok, max_len=256, on_bad_data="skip")
     assert len(examples) == 2 and counts.rows == 11

@@ -100,7 +100,7 @@ def test_prepare_skip_counts_every_reason_per_file_and_line(tmp_path, tokenizer)
     ('{"text": null}', r"d\.jsonl:2: 'text': expected a string, got null"),
     ('["text"]', r"d\.jsonl:2: expected a JSON object with a string field 'text', got a list"),
     ('{"body": "x"}', r"d\.jsonl:2: missing field 'text' \(found: \"body\"\)"),
-    ("[" * 100_000, r"d\.jsonl:2: invalid JSON \(nested too deeply\)"),
+    ("[" * 100_000, r"d\.jsonl:2: invalid JSON: nested too deeply"),
 ])
 def test_prepare_error_names_file_and_line(tmp_path, tokenizer, line, message):
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + line + "\n")

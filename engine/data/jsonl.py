@@ -1,0 +1,37 @@
+"""One JSONL line to one JSON object, with the reason a line is unusable: the one line parser behind the corpus
+reader of `herd prepare-data` (engine/data/prepare.py) and the post-training row reader (align/formats.py), so a
+bad line reads and counts alike in both (docs/data.md, docs/alignment.md list the reasons)."""
+
+import json
+from typing import Any, Dict, Optional
+
+from engine.data.indexed import json_type
+
+
+class BadLine(ValueError):
+    """A line that holds no usable JSON object: `reason` is the skip reason it counts under (bad_utf8, bad_json,
+    not_an_object), the message says what is wrong without the file and line, which the caller adds."""
+
+    def __init__(self, reason: str, what: str):
+        super().__init__(what)
+        self.reason = reason
+
+
+def json_object(raw: bytes, expected: str = "a JSON object") -> Optional[Dict[str, Any]]:
+    """The object on a line of raw bytes, None for a blank line; BadLine when it is not UTF-8, not JSON (or nested
+    deeper than the parser's recursion limit) or not an object (`expected` names what the caller wants)."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadLine("bad_utf8", f"invalid UTF-8 at byte {e.start}") from None
+    if not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise BadLine("bad_json", f"invalid JSON: {e.msg} at column {e.colno}") from None
+    except RecursionError:
+        raise BadLine("bad_json", "invalid JSON: nested too deeply") from None
+    if not isinstance(value, dict):
+        raise BadLine("not_an_object", f"expected {expected}, got {json_type(value)}")
+    return value
