@@ -207,14 +207,20 @@ def _hang_exit_code(cfg, started: float, code: int) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from engine.checkpoint.convert import check_destination, export_hf, import_hf
-    check_destination(Path(args.dest), args.direction)
+    from engine.checkpoint.convert import check_destination, import_hf
+    from engine.checkpoint.hf_export import export_hf
     if args.direction == "hf-to-herd":
+        if args.overwrite:
+            raise HerdError("--overwrite applies to herd-to-hf only; an import writes a new or empty directory")
+        check_destination(Path(args.dest), args.direction)
         path = import_hf(args.source, args.dest)
         print(f"wrote herd checkpoint {path}; train from it with checkpoint.load_weights={args.dest}", flush=True)
     else:
-        path = export_hf(args.source, args.dest)
-        print(f"wrote HF Llama directory {path} (transformers: LlamaForCausalLM.from_pretrained)", flush=True)
+        done = export_hf(args.source, args.dest, overwrite=args.overwrite)
+        print(f"wrote HF Llama directory {done.path} from step {done.step} (transformers: "
+              f"AutoModelForCausalLM.from_pretrained); tokenizer: {done.tokenizer or 'none'}", flush=True)
+        for note in done.notes:
+            print(f"herd convert: {note}", flush=True)
     return 0
 
 
@@ -264,6 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("direction", choices=("hf-to-herd", "herd-to-hf"))
     convert.add_argument("source", help="HF directory (hf-to-herd) or herd checkpoint root (herd-to-hf)")
     convert.add_argument("dest", help="herd checkpoint root (hf-to-herd) or HF directory (herd-to-hf)")
+    convert.add_argument("--overwrite", action="store_true", help="herd-to-hf: replace the content of an existing "
+                                                                  "directory that herd did not export")
     convert.set_defaults(func=_convert)
 
     prep = sub.add_parser("prepare-data", help="tokenize text files or JSONL into .bin/.idx token files")

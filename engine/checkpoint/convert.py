@@ -2,25 +2,25 @@
 
 Import reads a HF directory (config.json and model.safetensors, or shards listed by model.safetensors.index.json;
 pickle-based .bin weights are refused) and writes a committed, weights-only herd checkpoint at step 0 whose
-boxes are the full tensors, so any layout loads it (`checkpoint.load_weights=<dir>`). Export loads the newest
-complete herd checkpoint (any layout wrote it) into one process and writes safetensors shards, their index and a
-config.json that `transformers` loads. herd's RoPE uses HF's half-split layout, so q/k need no permutation.
+boxes are the full tensors, so any layout loads it (`checkpoint.load_weights=<dir>`). A config that herd cannot
+compute exactly (another activation, biases, another RoPE scaling...) is refused, naming the key, rather than
+converted into another model. Export is engine/checkpoint/hf_export.py. herd's RoPE uses HF's half-split layout,
+so q/k need no permutation.
 """
 
 import dataclasses
 import json
-import tempfile
 from pathlib import Path
 from typing import Dict, Tuple
 
 import torch
 
-from engine.checkpoint.sharded import Box, load_sharded, save_sharded
+from engine.checkpoint.sharded import Box, save_sharded
 from engine.checkpoint.store import CheckpointError, CheckpointStore, describe_files
-from engine.config import ModelConfig, RopeScalingConfig, load_config, validate_model
+from engine.config import ModelConfig, RopeScalingConfig, validate_model
 from engine.config_checks import check_directory
 from engine.errors import ConfigError
-from engine.hf_interop import herd_to_hf_name, hf_config_dict, hf_to_herd_name
+from engine.hf_interop import herd_to_hf_name, hf_to_herd_name
 from engine.model import build_meta_model
 
 
@@ -50,6 +50,44 @@ def _hf_number(config: dict, key: str, source: Path, kind: type, default=None):
     return value
 
 
+# config.json keys whose other values give another function than herd's Llama: (key, value herd computes, what
+# herd computes). A missing key means transformers' LlamaConfig default, which is herd's.
+_EXACT_KEYS = (
+    ("model_type", "llama", "a Llama ('model_type': 'llama')"),
+    ("hidden_act", "silu", "SwiGLU with silu"),
+    ("attention_bias", False, "attention projections without biases"),
+    ("mlp_bias", False, "MLP projections without biases"),
+    ("quantization_config", None, "unquantized weights"),
+    ("partial_rotary_factor", 1.0, "RoPE over the whole head"),
+)
+_ROPE_TYPES = (None, "default", "llama3")  # plain RoPE and Llama 3.1's scaling; linear, dynamic, yarn... are not
+
+
+def refuse_inexact(config: dict, rope: dict, source: Path) -> None:
+    """One line naming the first key whose value makes a model herd cannot compute exactly. Keys that only act in
+    training (attention_dropout), storage (torch_dtype) or the order of sums (pretraining_tp) are accepted."""
+    def refuse(key, value, herd):
+        raise CheckpointError(f"{source}: '{key}' is {value!r}; herd computes {herd} only, so this model cannot be "
+                              f"converted exactly")
+    for key, herd_value, herd in _EXACT_KEYS:
+        value = rope.get(key, config.get(key, herd_value)) if key == "partial_rotary_factor" else \
+            config.get(key, herd_value)
+        if value != herd_value and not (herd_value is None and value in ({}, None)):
+            refuse(key, value, herd)
+    architectures = config.get("architectures")
+    if architectures not in (None, ["LlamaForCausalLM"]):
+        refuse("architectures", architectures, "LlamaForCausalLM")
+    rope_type = rope.get("rope_type", rope.get("type"))
+    if rope_type not in _ROPE_TYPES:
+        refuse("rope_scaling" if "rope_scaling" in config and "rope_parameters" not in config else
+               "rope_parameters", {"rope_type": rope_type}, "plain RoPE or Llama 3.1 scaling ('llama3')")
+    heads, hidden = config.get("num_attention_heads"), config.get("hidden_size")
+    head_dim = config.get("head_dim")
+    if head_dim is not None and isinstance(heads, int) and isinstance(hidden, int) and heads > 0 \
+            and head_dim != hidden // heads:
+        refuse("head_dim", head_dim, f"heads of hidden_size / num_attention_heads = {hidden // heads}")
+
+
 def model_config_from_hf(config: object, source: Path) -> ModelConfig:
     """herd's ModelConfig for a transformers LlamaConfig dict (one-line error naming the file and key)."""
     if not isinstance(config, dict):
@@ -58,6 +96,7 @@ def model_config_from_hf(config: object, source: Path) -> ModelConfig:
     rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
     if not isinstance(rope, dict):
         raise CheckpointError(f"{source}: 'rope_scaling' / 'rope_parameters' must be an object, got {rope!r}")
+    refuse_inexact(config, rope, source)
     ints = {key: _hf_number(config, key, source, int) for key in _HF_INTS}
     heads = ints["num_attention_heads"]
     theta = _hf_number({"rope_theta": config.get("rope_theta", rope.get("rope_theta", 10000.0))}, "rope_theta",
@@ -133,8 +172,10 @@ def read_hf(hf_dir: Path) -> Tuple[ModelConfig, Dict[str, torch.Tensor]]:
                 state[hf_to_herd_name(name)] = tensor.float()
             except KeyError:
                 raise CheckpointError(f"{file}: unexpected tensor '{name}' for a Llama model") from None
-    if "output.weight" not in state and raw.get("tie_word_embeddings"):
-        state["output.weight"] = state["tok_embeddings.weight"].clone()  # herd's head is untied: copy it
+    if raw.get("tie_word_embeddings") and "tok_embeddings.weight" in state:
+        # transformers computes a tied head with the embedding (a saved lm_head is ignored); herd's head is untied,
+        # so it starts as a copy: the same function at step 0
+        state["output.weight"] = state["tok_embeddings.weight"].clone()
     expected = {n: tuple(p.shape) for n, p in build_meta_model(model_cfg).named_parameters()}
     missing = sorted(set(expected) - set(state))
     if missing:
@@ -154,72 +195,44 @@ def import_hf(hf_dir: Path, out_root: Path) -> Path:
     save_sharded(path, {f"model.{k}": Box(v, (0,) * v.ndim, tuple(v.shape)) for k, v in state.items()})
     files = describe_files(path, [f for f in path.rglob("*") if f.is_file()])
     store.commit(0, files, {"step": 0, "weights_only": True, "model": dataclasses.asdict(model_cfg),
-                            "source": str(hf_dir)})
+                            "source": str(hf_dir), TOKEN_IDS: hf_token_ids(Path(hf_dir) / "config.json")})
     return path
 
 
-def _model_config_of(manifest: dict) -> ModelConfig:
-    meta = manifest["meta"]
-    if "model" in meta:
-        m = dict(meta["model"])
-        m["rope_scaling"] = RopeScalingConfig(**m["rope_scaling"])
-        return ModelConfig(**m)
-    with tempfile.TemporaryDirectory() as tmp:  # a training checkpoint: the run's resolved config
-        (Path(tmp) / "config.yaml").write_text(meta["config"])
-        return load_config(str(Path(tmp) / "config.yaml"), ["data.train=[]", "data.valid=[]"]).model
+TOKEN_IDS = "hf_token_ids"  # an imported checkpoint's meta: the source's bos/eos ids, which export writes back
+
+
+def hf_token_ids(config_file: Path) -> dict:
+    """bos_token_id / eos_token_id of a HF config.json (an id or a list of ids each; absent keys left out)."""
+    raw = read_json(config_file, "config.json")
+    out = {}
+    for key in ("bos_token_id", "eos_token_id"):
+        value = raw.get(key)
+        ids = value if isinstance(value, list) else [value]
+        if ids and all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids):
+            out[key] = value
+    return out
 
 
 EXPORT_MARK = "herd_export"  # a config.json key: this directory is an earlier export, which may be replaced
 
 
-def check_destination(dest: Path, direction: str) -> None:
+def check_destination(dest: Path, direction: str, overwrite: bool = False) -> None:
     """Conversions write only into a new or empty directory, or over their own earlier export (R21): never
-    into a directory of the user's, nor over a file."""
+    into a directory of the user's, nor over a file, unless an export is asked to overwrite that directory."""
     dest = Path(dest)
     if dest.is_symlink():
         raise CheckpointError(f"{dest}: is a symbolic link; choose a new destination")
     check_directory(str(dest), "dest")  # neither a file nor under one
     if not dest.exists() or not any(dest.iterdir()):
         return
-    if direction == "herd-to-hf" and (dest / "config.json").is_file():
-        config = read_json(dest / "config.json", "config.json")
-        if isinstance(config, dict) and EXPORT_MARK in config:
+    if direction == "herd-to-hf":
+        if overwrite:
             return
+        if (dest / "config.json").is_file():
+            config = read_json(dest / "config.json", "config.json")
+            if isinstance(config, dict) and EXPORT_MARK in config:
+                return
+    hint = " (or pass --overwrite to replace it)" if direction == "herd-to-hf" else ""
     raise CheckpointError(f"{dest}: exists, is not empty and was not written by this command; choose a new "
-                          f"or empty directory")
-
-
-def export_hf(ckpt_root: Path, out_dir: Path, max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write the newest complete checkpoint under `ckpt_root` as a HF Llama directory."""
-    from safetensors.torch import save_file
-    store = CheckpointStore(Path(ckpt_root), keep_last=2)
-    step = store.latest_step()
-    if step is None:
-        raise CheckpointError(f"{ckpt_root}: no complete checkpoint")
-    model_cfg = _model_config_of(store.verify(step))
-    model = build_meta_model(model_cfg).to_empty(device="cpu")
-    boxes = {f"model.{n}": Box(p.data, (0,) * p.ndim, tuple(p.shape)) for n, p in model.named_parameters()}
-    load_sharded(store.step_dir(step), boxes)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    shards, current, size = [], {}, 0
-    for name, param in model.named_parameters():
-        tensor = param.detach().contiguous()
-        if current and size + tensor.numel() * tensor.element_size() > max_shard_bytes:
-            shards.append(current)
-            current, size = {}, 0
-        current[herd_to_hf_name(name)] = tensor
-        size += tensor.numel() * tensor.element_size()
-    shards.append(current)
-    names = ["model.safetensors"] if len(shards) == 1 else \
-        [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    for name, shard in zip(names, shards):
-        save_file(shard, str(out_dir / name), metadata={"format": "pt"})
-    if len(shards) > 1:
-        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for s in shards for t in s.values())},
-                 "weight_map": {k: n for n, s in zip(names, shards) for k in s}}
-        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float32",
-              **hf_config_dict(model_cfg), EXPORT_MARK: {"step": step}}
-    (out_dir / "config.json").write_text(json.dumps(config, indent=2))
-    return out_dir
+                          f"or empty directory{hint}")

@@ -7,7 +7,8 @@ import io
 import pytest
 import torch
 
-from engine.checkpoint.convert import export_hf, import_hf
+from engine.checkpoint.convert import import_hf
+from engine.checkpoint.hf_export import export_hf
 from engine.checkpoint.store import CheckpointError
 from engine.hf_interop import hf_to_herd_name
 from engine.run import build_trainer
