@@ -53,7 +53,7 @@ class DirectoryLock:
 
     def __init__(self, root: Path):
         self.root = Path(root)
-        self._file = None
+        self._file, self._path = None, self.root / LOCK
 
     @property
     def held(self) -> bool:
@@ -63,30 +63,48 @@ class DirectoryLock:
         """Take the lock, or raise one line naming its holder. Returns a warning when the filesystem cannot lock
         (then concurrent runs go undetected, as before locks existed)."""
         path = self.root / LOCK
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise CheckpointError(f"{path}: is a symlink; refusing to lock through it") from None
-            raise CheckpointError(f"{self.root}: the checkpoint directory cannot be written ({e.strerror})") from None
-        handle = os.fdopen(fd, "r+b")
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            holder = handle.read(200).decode("utf-8", "replace").strip() or "a process that recorded nothing"
+        for _ in range(8):  # a holder that released may unlink the file under us: lock the file at the path
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    raise CheckpointError(f"{path}: is a symlink; refusing to lock through it") from None
+                raise CheckpointError(f"{self.root}: the checkpoint directory cannot be written "
+                                      f"({e.strerror})") from None
+            handle = os.fdopen(fd, "r+b")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                holder = handle.read(200).decode("utf-8", "replace").strip() or "a process that recorded nothing"
+                handle.close()
+                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise CheckpointError(f"{self.root}: another run is using this checkpoint directory "
+                                          f"({holder}); wait for it to end, or choose another checkpoint.dir") from None
+                return f"warning: cannot lock {path} ({e.strerror}): a second run on it would not be detected"
+            try:
+                same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
             handle.close()
-            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise CheckpointError(f"{self.root}: another run is using this checkpoint directory ({holder}); "
-                                      f"wait for it to end, or choose another checkpoint.dir") from None
-            return f"warning: cannot lock {path} ({e.strerror}): a second run on it would not be detected"
+        else:
+            raise CheckpointError(f"{path}: keeps being replaced; is another run starting on it?")
         handle.truncate(0)  # who holds it, for the refusal of a second run (read there, never trusted)
         handle.write(f"held by pid {os.getpid()} on {socket.gethostname()}".encode())
         handle.flush()
-        self._file = handle
+        self._file, self._path = handle, path
         return None
 
     def release(self) -> None:
+        """Remove the lock file (a clean end leaves nothing behind) while still holding it, then close: a run
+        waiting on the old file sees it replaced and retries (acquire's loop)."""
         if self._file is not None:
+            try:
+                if os.stat(self._path, follow_symlinks=False).st_ino == os.fstat(self._file.fileno()).st_ino:
+                    os.unlink(self._path)
+            except OSError:
+                pass  # moved aside with its run directory, or gone: nothing of ours to remove
             self._file.close()  # closing the last descriptor drops the flock
             self._file = None
 

@@ -89,7 +89,7 @@ class SafeReader(dcp.FileSystemReader):
             if not isinstance(info, _StorageInfo) or not isinstance(name, str):
                 raise CheckpointError(f"{what}' is not a storage entry with a relative path")
             if name not in self.files:
-                raise CheckpointError(f"{what}.relative_path' names '{scrub(name)[:80]}', which the manifest does "
+                raise CheckpointError(f"{what}.relative_path' names '{scrub(name)[:200]}', which the manifest does "
                                       f"not list; refusing to read an unverified file")
             CheckpointStore._inside(Path(self.path), name)  # no absolute path, `..` or symlink
             offset, length = info.offset, info.length
