@@ -154,11 +154,11 @@ def claim_directory(store: CheckpointStore, on_foreign: str, resume: str, writes
             _refuse_foreign(root, foreign, store.lineage)
         beside = CheckpointStore(root / LINEAGES / store.lineage, store.keep_last, lineage=store.lineage)
         own = beside.complete_steps() if foreign else store.complete_steps()
-        if writes and run_dir is not None and not (resume == "auto" and own):
-            if run_dir.exists() and any(run_dir.iterdir()) and move_aside is not None:
+        if writes and run_dir is not None:  # the run directory is prepared here, before the root is made in it
+            claim.run_dir_prepared = True
+            if not (resume == "auto" and own) and run_dir.exists() and any(run_dir.iterdir()) and move_aside:
                 move_aside(run_dir)  # the lock file goes with it: the fresh root is locked below
                 lock.release()
-                claim.run_dir_prepared = True
                 foreign, own = {}, []
         if foreign:
             store.root = claim.root = beside.root
