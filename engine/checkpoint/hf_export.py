@@ -17,15 +17,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
+import torch
+
 from engine.checkpoint.convert import EXPORT_MARK, TOKEN_IDS, check_destination
 from engine.checkpoint.manifest import check_export_meta
 from engine.checkpoint.sharded import Box, load_sharded
 from engine.checkpoint.store import CheckpointError, CheckpointStore
 from engine.config import ModelConfig, RopeScalingConfig, TokenizerConfig, load_config
-from engine.errors import HerdError
+from engine.errors import ConfigError, HerdError
 from engine.hf_interop import herd_to_hf_name, hf_config_dict
 
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
+LLAMA3_BOS = 128000  # after Llama 3's 128,000 regular tokens: begin_of_text +0, end_of_text +1, eot_id +9
 
 # herd's chat format (align/chat.py) as a transformers chat template: begin_of_text, then per message a header,
 # the stripped content and eot; a generation prompt opens an assistant header.
@@ -96,7 +99,11 @@ def export_tokenizer(tok_cfg: Optional[TokenizerConfig], meta: dict, model_cfg: 
             "no tokenizer files: an imported checkpoint does not hold its tokenizer; copy tokenizer.json and "
             "tokenizer_config.json from the model it was imported from"])
     if tok_cfg.kind == "llama3":
-        tok, data = _llama3_tokenizer()
+        try:
+            tok, data = _llama3_tokenizer()
+        except ConfigError as e:  # llama-models is not installed here; Llama 3's special ids are fixed
+            return TokenizerExport({}, LLAMA3_BOS, LLAMA3_BOS + 1, [LLAMA3_BOS + 1, LLAMA3_BOS + 9], notes=[
+                f"no tokenizer files: {e}"])
         source = "llama3 (the llama-models tokenizer file, converted to tokenizer.json)"
     else:
         path = Path(tok_cfg.path)
@@ -128,15 +135,18 @@ def _json(obj) -> bytes:
     return (json.dumps(obj, indent=2) + "\n").encode("utf-8")
 
 
-def write_weights(store: CheckpointStore, step: int, manifest: dict, model_cfg: ModelConfig, out: Path,
-                  max_shard_bytes: int) -> None:
-    """The checkpoint's model as safetensors shards in `out` (with their index when there are several)."""
-    from safetensors.torch import save_file
-
+def load_weights(store: CheckpointStore, step: int, manifest: dict, model_cfg: ModelConfig) -> torch.nn.Module:
+    """The checkpoint's model on one process (parameters only: buffers are not exported)."""
     from engine.model import build_meta_model
     model = build_meta_model(model_cfg).to_empty(device="cpu")
     boxes = {f"model.{n}": Box(p.data, (0,) * p.ndim, tuple(p.shape)) for n, p in model.named_parameters()}
     load_sharded(store.step_dir(step), boxes, manifest["files"])  # reads only what the manifest lists
+    return model
+
+
+def write_weights(model: torch.nn.Module, out: Path, max_shard_bytes: int) -> None:
+    """The model as safetensors shards in `out` (with their index when there are several)."""
+    from safetensors.torch import save_file
     shards, current, size = [], {}, 0
     for name, param in model.named_parameters():
         tensor = param.detach().contiguous()
@@ -210,6 +220,7 @@ def export_hf(ckpt_root: Path, out_dir: Path, max_shard_bytes: int = 5 * 2**30, 
     except HerdError as e:
         raise CheckpointError(f"{store.step_dir(step)}: the checkpoint's config does not load ({e})") from None
     tok = export_tokenizer(tok_cfg, manifest["meta"], model_cfg)
+    model = load_weights(store, step, manifest, model_cfg)  # before anything is written: a bad file refuses
     files = dict(tok.files)
     files["config.json"] = _json({"architectures": ["LlamaForCausalLM"], "model_type": "llama",
                                   "torch_dtype": "float32", **hf_config_dict(model_cfg),
@@ -218,5 +229,5 @@ def export_hf(ckpt_root: Path, out_dir: Path, max_shard_bytes: int = 5 * 2**30, 
     # generation stops at end of text (a base model's documents) or at end of turn (a chat model's answers)
     files["generation_config.json"] = _json({"bos_token_id": tok.bos, "eos_token_id": tok.stop,
                                              "pad_token_id": tok.eos[0] if isinstance(tok.eos, list) else tok.eos})
-    _install(files, lambda staging: write_weights(store, step, manifest, model_cfg, staging, max_shard_bytes), out_dir)
+    _install(files, lambda staging: write_weights(model, staging, max_shard_bytes), out_dir)
     return Export(out_dir, step, tok.source, tok.notes)

@@ -185,3 +185,19 @@ def test_llama3_tokenizer_exports_as_herd_encodes(tmp_path):
     dialog = [{"role": "user", "content": "Name a json function."}, {"role": "assistant", "content": "loads"}]
     chat = tok.apply_chat_template(dialog, tokenize=True, return_dict=True)["input_ids"]
     assert chat == ChatFormat(ours).encode_dialogs([dialog])[0].tokens
+
+
+def test_a_missing_or_foreign_tokenizer(tmp_path):
+    import dataclasses
+
+    from engine.checkpoint.hf_export import export_tokenizer
+    from engine.checkpoint.store import CheckpointError
+    from engine.config_schema import ModelConfig, TokenizerConfig
+    from engine.data.tokenizer import train_bpe
+    small = dataclasses.replace(ModelConfig(), vocab_size=100)
+    done = export_tokenizer(TokenizerConfig(kind="hf", path=str(tmp_path / "gone.json")), {}, small)
+    assert (done.files, done.bos, done.eos, done.stop) == ({}, None, None, None)  # null, never 1 and 2
+    assert "gone.json is not there" in done.notes[0]
+    train_bpe(["def f(x):\n    return x\n" * 50], 400, str(tmp_path / "big.json"))  # 256 bytes at least
+    with pytest.raises(CheckpointError, match="more than the model's vocab_size 100: not this model's tokenizer"):
+        export_tokenizer(TokenizerConfig(kind="hf", path=str(tmp_path / "big.json")), {}, small)
