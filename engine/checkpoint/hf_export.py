@@ -207,7 +207,7 @@ def export_hf(ckpt_root: Path, out_dir: Path, max_shard_bytes: int = 5 * 2**30, 
     a new or empty directory, an earlier export, or (overwrite=True) any directory, whose content is replaced."""
     out_dir = Path(out_dir)
     check_destination(out_dir, "herd-to-hf", overwrite)
-    if out_dir.exists() and any(out_dir.iterdir()):
+    if out_dir.exists():
         _refuse_replacing_a_parent(out_dir, Path(ckpt_root))
     store = CheckpointStore(Path(ckpt_root), keep_last=2)
     step = store.latest_step()

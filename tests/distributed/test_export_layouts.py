@@ -1,5 +1,5 @@
-"""`herd convert herd-to-hf` (issue 16): checkpoints written under the parity harness's CI-tier layouts with
-tensor and pipeline parallelism (tp2, pp2 with virtual stages, tp2 x pp2) export through the command into
+"""`herd convert herd-to-hf` (issue 16): checkpoints written under the parity harness's CI-tier layouts (tp2, pp2
+with virtual stages, FSDP dp_shard2, cp2, tp2 x pp2) export through the command into
 complete Hugging Face directories whose logits in transformers equal the one-process herd model's, and whose
 tokenizer, bos/eos ids, generation config and chat template are herd's own."""
 
@@ -19,7 +19,8 @@ from tests.helpers import parity_config
 transformers = pytest.importorskip("transformers")
 
 # 4 layers, so pp=2 can run two virtual stages per rank (a layer split unlike the one-process model's)
-LAYOUTS = {2: [layout(tp=2), layout(pp=2, schedule="Interleaved1F1B")], 4: [layout(tp=2, pp=2)]}
+LAYOUTS = {2: [layout(tp=2), layout(pp=2, schedule="Interleaved1F1B"), layout(dp_shard=2), layout(cp=2)],
+           4: [layout(tp=2, pp=2)]}
 SAVE = ["model.n_layers=4", "train.steps=2", "checkpoint.every=2"]
 
 
