@@ -224,6 +224,12 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    """Search herd's 4D layouts for a model and a cluster (plan/, docs/scale.md)."""
+    from plan.command import run
+    return run(args)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes as one line, like every other herd error (the usage is one --help away)."""
 
@@ -287,6 +293,12 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--include", action="append", help="file name pattern under directories (repeatable)")
     prep.add_argument("--exclude", action="append", default=[], help="relative path pattern to leave out")
     prep.set_defaults(func=_prepare_data)
+
+    plan = sub.add_parser("plan", help="predict memory and step time of every 4D layout and print the best "
+                                       "(docs/scale.md)")
+    from plan.command import add_arguments as plan_arguments
+    plan_arguments(plan)
+    plan.set_defaults(func=_plan)
     return parser
 
 

@@ -1,0 +1,87 @@
+"""What `herd plan` prints and writes: the table of the best layouts and a config herd train / launch accept."""
+
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import yaml
+
+from engine.config import CONFIGS_DIR, load_config
+from engine.errors import HerdError
+from plan.layout import overrides
+from plan.search import Candidate, Request, Result
+
+GIB = 2 ** 30
+COLUMNS = ("compute", "tp", "cp", "pp", "dp", "bubble", "optimizer")
+
+
+def header(req: Request, name: str, result: Result) -> List[str]:
+    sequences = req.global_tokens // req.seq_len
+    limit = req.limit_bytes / GIB
+    return [f"herd plan: {name} on {req.gpus:,} x {req.hardware.name} ({req.gpus_per_node} per node), seq "
+            f"{req.seq_len:,}, {req.global_tokens:,} tokens per step ({sequences:,} sequences), {req.precision}, "
+            f"memory limit {limit:.1f} GiB per GPU",
+            f"{result.evaluated:,} layouts valid for herd, {result.fitting:,} fit; best {len(result.best)} by "
+            f"predicted step time (seconds; exposed communication by axis):"]
+
+
+def table(result: Result) -> List[str]:
+    rows = [f"{'#':>2} {'layout':<44} {'m':>4} {'GiB':>5} {'step':>7} "
+            + " ".join(f"{c:>7}" for c in COLUMNS) + f" {'tok/s/GPU':>9} {'TFLOP/s':>7} {'MFU':>6}"]
+    for i, c in enumerate(result.best, 1):
+        t = c.time
+        rows.append(f"{i:>2} {c.layout.describe():<44} {c.microbatches:>4} {c.memory.total / GIB:>5.1f} "
+                    f"{t.total:>7.3f} " + " ".join(f"{t.parts[k]:>7.3f}" for k in COLUMNS)
+                    + f" {t.tokens_per_s_gpu:>9,.0f} {t.tflops_gpu:>7.0f} {t.mfu:>6.1%}")
+    return rows
+
+
+def dotlist(req: Request, c: Candidate) -> List[str]:
+    return [f"{k}={str(v).lower() if isinstance(v, bool) else v}"
+            for k, v in overrides(c.layout, req.seq_len, req.global_tokens // req.seq_len, req.gpus_per_node).items()]
+
+
+def _nested(flat: Dict[str, object]) -> Dict[str, Dict[str, object]]:
+    out: Dict[str, Dict[str, object]] = {}
+    for key, value in flat.items():
+        section, name = key.split(".", 1)
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def include_for(out: Path, preset: Optional[str], config: Optional[str]) -> Optional[str]:
+    """What the written config includes so that it loads unchanged: the model preset (found in configs/), or the
+    user's config when herd's include rules can reach it (next to the output, or under configs/)."""
+    if preset is not None:
+        return f"models/{preset}.yaml"
+    path = Path(config).resolve()
+    for base in (out.resolve().parent, CONFIGS_DIR.resolve()):
+        try:
+            return str(path.relative_to(base))
+        except ValueError:
+            continue
+    return None
+
+
+def write_config(req: Request, c: Candidate, out: Path, preset: Optional[str], config: Optional[str],
+                 extra: List[str]) -> Path:
+    """A YAML layer holding the chosen layout; never replaces a file that is not an earlier plan."""
+    if out.exists() and not out.read_text(errors="replace").startswith("# herd plan"):
+        raise HerdError(f"--out {out} exists and was not written by herd plan; choose another path")
+    include = include_for(out, preset, config)
+    if include is None:
+        raise HerdError(f"--out {out}: herd's include rules cannot reach {config} from there (write it next to "
+                        f"the config, or pass the printed overrides to herd train)")
+    flat = overrides(c.layout, req.seq_len, req.global_tokens // req.seq_len, req.gpus_per_node)
+    body = {"include": [include], **_nested(flat)}
+    note = (f"# herd plan: {c.layout.describe()} on {c.layout.world} GPUs; predicted {c.time.total:.3f} s/step, "
+            f"{c.time.tflops_gpu:.0f} TFLOP/s/GPU, {c.memory.total / GIB:.1f} GiB/GPU\n")
+    out.write_text(note + yaml.safe_dump(body, sort_keys=False))
+    check_config(out, extra, c.layout.world)
+    return out
+
+
+def check_config(path: Path, extra: List[str], world: int) -> None:
+    """The written layout through herd's own loader and layout checks (what herd launch runs first)."""
+    from engine.run import check_parallel
+    cfg = load_config(str(path), list(extra), world_size=world)
+    check_parallel(cfg, world)
