@@ -89,7 +89,8 @@ def calibrate(hw: Hardware) -> Calibration:
                    f"GB/s ({hw.copy_source})")
     return Calibration(gemm_eff={"bf16": gemm_bf16, "fp8": gemm_fp8}, attn_eff=attn_eff,
                        ew_passes={"bf16": ew_bf16, "fp8": ew_fp8}, head_passes=head_passes,
-                       optim_bytes=optim_bytes, gap_block_ms=gap_block, gap_fixed_ms=gaps[0] - small["layers"] * gap_block,
+                       optim_bytes=optim_bytes, gap_block_ms=gap_block,
+                       gap_fixed_ms=gaps[0] - small["layers"] * gap_block,
                        sources=sources)
 
 
