@@ -91,6 +91,8 @@ class Checkpointer:
                         say(note)
             except CheckpointError as e:
                 verdict = ("error", str(e))
+            except OSError as e:  # an unreadable directory, a failed move: every rank stops, none waits
+                verdict = ("error", f"{self.store.root}: cannot claim the checkpoint directory ({e})")
         root, prepared = _agree(verdict)
         if root == "error":
             raise CheckpointError(prepared)
