@@ -117,9 +117,14 @@ def shard_numel(shape: Tuple[int, ...], shards: int, index: int) -> int:
 
 
 def split_layers(n_layers: int, n_stages: int) -> List[List[int]]:
-    """herd's default split (embedding and head weigh one layer each), from parallel/pipeline_parallel.py."""
-    from parallel.pipeline_parallel import split_layers as herd_split
-    return herd_split(n_layers, n_stages, 1.0, 1.0)
+    """herd's default split (parallel/pipeline_parallel.py split_layers with the embedding and the head weighing
+    one layer each), restated without torch so planning never imports it; tests compare the two."""
+    total, bounds = n_layers + 2.0, [0]
+    for stage in range(1, n_stages):
+        ideal = int(stage * total / n_stages - 1.0 + 0.5)
+        bounds.append(min(max(ideal, bounds[-1] + 1), n_layers - (n_stages - stage)))
+    bounds.append(n_layers)
+    return [list(range(a, b)) for a, b in zip(bounds, bounds[1:])]
 
 
 def stage_ranks(n_stages: int, pp: int, schedule: str) -> List[int]:

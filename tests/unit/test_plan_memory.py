@@ -66,6 +66,14 @@ def test_fsdp_shards_match_fully_shard(world, rank):
     assert state.grads == state.params and state.optimizer == 2 * state.params + 4 * state.tensors
 
 
+def test_split_is_herds():
+    from parallel.pipeline_parallel import split_layers as herd_split
+    from plan.layout import split_layers
+    for n_layers in (4, 8, 32, 80, 126):
+        for n_stages in range(1, n_layers + 1):
+            assert split_layers(n_layers, n_stages) == herd_split(n_layers, n_stages, 1.0, 1.0)
+
+
 def test_shard_numel_is_torch_chunk():
     for rows in (1, 5, 10, 4096, 4097):
         for shards in (1, 2, 3, 4, 6, 8, 64):
