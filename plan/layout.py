@@ -17,7 +17,7 @@ engine/optim.py):
   copy of the model, so each holds its own RoPE cos/sin buffers (max_seq_len x head_dim/2 fp32, twice).
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Dict, List, Tuple
 
@@ -208,7 +208,3 @@ def overrides(layout: Layout, seq_len: int, global_batch: int, gpus_per_node: in
             "data.global_batch_size": global_batch,
             "train.dtype": layout.dtype, "fp8.backend": "native" if layout.fp8 else "none",
             "slurm.nodes": nodes, "slurm.gpus_per_node": min(gpus_per_node, layout.world)}
-
-
-def with_(layout: Layout, **changes) -> Layout:
-    return replace(layout, **changes)

@@ -8,7 +8,6 @@ plan/calibrate.py (our own H100 files) and the hardware profile (datasheets).
 import argparse
 import json
 import time
-from dataclasses import replace
 from typing import Dict, List
 
 from engine.config import CONFIGS_DIR, ModelConfig, load_config
@@ -94,8 +93,8 @@ def meta_rows() -> List[Dict]:
             row.update(choice=c.layout.describe(), predicted_tflops=c.time.tflops_gpu,
                        predicted_tflops_causal=c.time.tflops_gpu * causal, gib=c.memory.total / GIB,
                        parts={k: round(v, 3) for k, v in c.time.parts.items()}, step_s=c.time.total)
-        plain = replace(Layout(tp=tp, cp=cp, pp=pp, vpp=7 if pp * 8 > cfg.n_layers else 8,
-                               schedule="Interleaved1F1B", dp_shard=dp))
+        plain = Layout(tp=tp, cp=cp, pp=pp, vpp=7 if pp * 8 > cfg.n_layers else 8, schedule="Interleaved1F1B",
+                       dp_shard=dp)
         m = batch // seq // dp
         row["no_ac_gib"] = worst_peak(cfg, plain, seq, m).total / GIB
         row["no_ac_tflops"] = step_time(cfg, plain, seq, batch, hw, calibrate(hw), bubble_units()).tflops_gpu
