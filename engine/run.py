@@ -1,12 +1,13 @@
 """Assembling a training run from a validated JobConfig: device, data, model, optimizer, callbacks, run dir."""
 
+import contextlib
 import logging
 import os
 import sys
 import time
 from datetime import timedelta
 from pathlib import Path
-from typing import Callable, List, Optional, TextIO, Tuple
+from typing import Callable, ContextManager, List, Optional, TextIO, Tuple
 
 import torch
 import torch.distributed as dist
@@ -148,11 +149,14 @@ def build_data(cfg: JobConfig, mesh: Optional[Mesh]) -> Tuple[StepLoader, List[B
 
 def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh],
                  adapt_model: Optional[Callable[[torch.nn.Module], None]] = None,
-                 module_factory: Callable[..., LMTrainModule] = LMTrainModule) -> LMTrainModule:
+                 module_factory: Callable[..., LMTrainModule] = LMTrainModule,
+                 materialize: Callable[[], ContextManager] = contextlib.nullcontext) -> LMTrainModule:
     """The model is built on the meta device and parallelized there; then each rank allocates only its shards
     and fills them from the full initial values (same seed everywhere, so the shards agree and equal the
     single-process model). Then optimizer and schedule. Post-training may change the meta model first
-    (`adapt_model`: the reward model's scalar head) and bring its own TrainModule class."""
+    (`adapt_model`: the reward model's scalar head) and bring its own TrainModule class. `materialize` is entered
+    from the allocation on (a dry run's FakeTensorMode, engine/dry_run.py: torch cannot move a module built under
+    that mode off the meta device, so the meta model and its parallelization are built outside it)."""
     check_fp8_config(cfg.fp8, device, cfg.parallel)
     model = build_meta_model(cfg.model)
     if adapt_model is not None:
@@ -170,11 +174,12 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh],
     if mesh is not None and cfg.fp8.backend == "native":  # ranks holding pieces of one tensor share its scale
         set_amax_groups(parallel.parts, [mesh.tp_group if p.tp > 1 else None,
                                          mesh.group("cp") if p.cp > 1 else None])
-    for part in parallel.parts:
-        part.to_empty(device=device)
-        init_weights(part, cfg.train.seed, parallel.full_shape, parallel.init_parameter)
-        init_fp8_weights(part, cfg.fp8, cfg.train.seed)
-    optimizer = build_optimizer(torch.nn.ModuleList(parallel.parts), cfg.optim, device)
+    with materialize():
+        for part in parallel.parts:
+            part.to_empty(device=device)
+            init_weights(part, cfg.train.seed, parallel.full_shape, parallel.init_parameter)
+            init_fp8_weights(part, cfg.fp8, cfg.train.seed)
+        optimizer = build_optimizer(torch.nn.ModuleList(parallel.parts), cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.steps)
     return module_factory(parallel, optimizer, scheduler, device, cfg.train.dtype, cfg.optim.grad_clip,
                           forward_context=fp8_forward_context(cfg.fp8),

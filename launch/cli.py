@@ -18,6 +18,10 @@ EXIT_USAGE = 2
 
 def _train(args: argparse.Namespace) -> int:
     from engine.config import load_config
+    if args.dry_run:
+        return _dry_run(args)
+    if args.world_size is not None or args.rank is not None or args.device is not None:
+        raise HerdError("--world-size, --rank and --device go with --dry-run")
     cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
     if args.print_config:
         from engine.config import to_yaml
@@ -34,6 +38,19 @@ def _train(args: argparse.Namespace) -> int:
         code = PREEMPTED_EXIT_CODE
     end_rank_process(code)  # a rank of a multi-process run leaves here; one process returns
     return code
+
+
+def _dry_run(args: argparse.Namespace) -> int:
+    """Rank --rank of the --world-size job, built and stepped here on torch's fake process group (engine/dry_run.py)."""
+    from engine.config import load_config
+    from engine.dry_run import check_request, dry_run
+    if args.world_size is None:
+        raise HerdError("--dry-run needs the job's number of ranks: --world-size N")
+    check_request(args.world_size, args.rank or 0)
+    cfg = load_config(args.config, args.overrides, world_size=args.world_size)
+    report = dry_run(cfg, args.world_size, args.rank or 0, args.device or "cpu")
+    print("\n".join(report.lines()), flush=True)
+    return 0
 
 
 def _align(args: argparse.Namespace) -> int:
@@ -245,6 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML config (presets in configs/)")
     train.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. optim.lr=1e-4 train.steps=50")
     train.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    train.add_argument("--dry-run", action="store_true", help="build rank --rank of a --world-size job here on "
+                       "torch's fake process group and run one step: print its state bytes and memory peak")
+    train.add_argument("--world-size", type=int, help="with --dry-run: the job's number of ranks")
+    train.add_argument("--rank", type=int, help="with --dry-run: which rank to build (default 0)")
+    train.add_argument("--device", choices=("cpu", "cuda"), help="with --dry-run: fake tensors on cpu (default), "
+                       "real tensors on cuda (measured peak memory and step time)")
     train.set_defaults(func=_train)
 
     launch = sub.add_parser("launch", help="start a local multi-process run (torchrun underneath), or render a "
@@ -310,7 +333,14 @@ def _scrubbed_excepthook(kind, value, tb) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     sys.excepthook = _scrubbed_excepthook
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # overrides may follow options (herd train CONFIG --dry-run --world-size 8 parallel.tp=2): argparse stops
+    # filling a positional list at the first option, so the words after it come back here
+    if extra and isinstance(getattr(args, "overrides", None), list) and not any(e.startswith("-") for e in extra):
+        args.overrides += extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except HerdError as e:
