@@ -85,14 +85,26 @@ def test_paper_presets(tmp_path, preset, dim, layers, heads, ffn, billions):
 
 
 def test_every_shipped_config_loads():
-    """Job configs as jobs; alignment pipelines (a top-level `stages:`) as pipelines, with every stage's job."""
+    """Job configs as jobs (for the world size their parallel section names: the 405B config is an 8,192-GPU
+    layout); alignment pipelines (a top-level `stages:`) as pipelines, with every stage's job; hardware profiles
+    (configs/hardware, for `herd plan`) as profiles."""
+    import math
+
+    import yaml
+
     from align.pipeline import PipelineRunner
     from engine.config import load_pipeline
-    pipelines = 0
+    from plan.hardware import load_hardware
+    pipelines = profiles = 0
     for path in sorted(Path(CONFIGS_DIR).rglob("*.yaml")):
-        if "\nstages:" in "\n" + path.read_text():
+        if path.parent.name == "hardware":
+            load_hardware(path.stem)
+            profiles += 1
+        elif "\nstages:" in "\n" + path.read_text():
             PipelineRunner(load_pipeline(str(path))).check()  # loads each stage's job from the repo root
             pipelines += 1
         else:
-            load_config(str(path))
-    assert pipelines >= 1
+            parallel = (yaml.safe_load(path.read_text()) or {}).get("parallel") or {}
+            world = math.prod(parallel.get(k, 1) for k in ("dp_replicate", "dp_shard", "pp", "cp", "tp"))
+            load_config(str(path), world_size=world)
+    assert pipelines >= 1 and profiles >= 1
