@@ -12,6 +12,7 @@ import pytest
 from engine.config import load_config
 from engine.dry_run import dry_run, pipeline_actions
 from launch.cli import main
+from plan.layout import Layout, rank_state
 
 CONFIG = "configs/pretrain_llama3_405b.yaml"
 DIM, LAYERS, HEADS, KV_HEADS, FFN, VOCAB = 16384, 126, 128, 8, 53248, 128256
@@ -66,6 +67,12 @@ def test_table4_rank_holds_the_hand_derived_state(world, overrides, where, capsy
     assert report.bytes["parameters"] == report.bytes["gradients"] == 4 * elements
     assert report.bytes["optimizer"] == 2 * 4 * elements + 4 * tensors
     assert report.bytes["step_peak"] > 0
+    # herd plan's memory model (plan/layout.py) predicts the same state bytes for this rank (issue 17, item 4)
+    predicted = rank_state(cfg.model, Layout(tp=p.tp, cp=p.cp, pp=p.pp, schedule=p.pp_schedule,
+                                             dp_shard=p.dp_shard), pp_rank=stage,
+                           shard_index=dp_index * p.cp + cp_index)
+    assert (predicted.params, predicted.grads, predicted.optimizer) == \
+        (report.bytes["parameters"], report.bytes["gradients"], report.bytes["optimizer"])
 
 
 def test_fake_tensors_count_what_real_tensors_hold():
