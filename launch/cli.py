@@ -3,7 +3,6 @@
 import argparse
 import contextlib
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -64,12 +63,11 @@ def _align(args: argparse.Namespace) -> int:
         runner = PipelineRunner(pipeline, world_size=args.nproc)  # every stage's job as its ranks will load it
         runner.check()
         runner.check_inputs()  # and every input file
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-                   "-m", "launch", "align", args.pipeline, *args.overrides]
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-        print(scrub("herd align: " + " ".join(command[1:])), flush=True)
-        return subprocess.call(command, env=env)
+        from launch.local import run_local
+        herd_args = ["align", args.pipeline, *args.overrides]
+        print(scrub(f"herd align: {args.nproc} ranks of herd " + " ".join(herd_args)), flush=True)
+        # every training stage saves (align/pipeline.py), so every stage is preemptible
+        return run_local(args.nproc, herd_args, "herd align", preemptible=True)  # owns its ranks: launch/local.py
     from align.pipeline import run_pipeline
     from engine.run import end_rank_process
     run_pipeline(pipeline)
@@ -201,18 +199,17 @@ def _launch(args: argparse.Namespace) -> int:
     check_parallel(cfg, args.nproc)
     from align.inputs import check_job_inputs
     check_job_inputs(cfg)  # what every rank reads first: one line here instead of a traceback per rank
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-               "-m", "launch", "train", args.config, *args.overrides]
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    print(scrub("herd launch: " + " ".join(command[1:])), flush=True)
+    from launch.local import run_local
+    herd_args = ["train", args.config, *args.overrides]
+    print(scrub(f"herd launch: {args.nproc} ranks of herd " + " ".join(herd_args)), flush=True)
     started = time.time()
-    code = subprocess.call(command, env=env)
+    code = run_local(args.nproc, herd_args, "herd launch", preemptible=cfg.checkpoint.every > 0)  # launch/local.py
     return _hang_exit_code(cfg, started, code) if code else 0
 
 
 def _hang_exit_code(cfg, started: float, code: int) -> int:
-    """torchrun exits 1 whatever its ranks' codes; a hang report written by this job keeps the watchdog's code
+    """The first rank to fail decides the launcher's code, and it may be a peer that failed of the hang (or was
+    stopped for it) rather than the watchdog; a hang report written by this job keeps the watchdog's code
     (docs/reliability.md) so a script can tell a hang from a crash."""
 
     from engine.callbacks.watchdog import HANG_EXIT_CODE

@@ -159,19 +159,21 @@ def agent(argv: List[str]) -> int:
       ranks act on it (PreemptionCallback), and torchrun must not die of it (its default action) and orphan them.
       The ranks inherit the ignore until the callback installs its handler, so a signal during start-up is lost
       rather than fatal.
-    - torchrun exits 1 whatever its ranks' codes were; this exits 75 when the first rank to end did (preempted,
-      saved), so that the batch script requeues.
+    - torchrun exits 1 whatever its ranks' codes were; this exits with the code of the first rank to end
+      (launch/local.py's launcher_exit_code, as `herd launch --nproc` does): 75 when it was preempted and saved,
+      so that the batch script requeues.
     """
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
+    from launch.local import launcher_exit_code
     args = get_args_parser().parse_args(argv)
     try:
         run(args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         print(f"herd agent: rank {rank} exited with {failure.exitcode}", file=sys.stderr, flush=True)
-        return PREEMPTED_EXIT_CODE if failure.exitcode == PREEMPTED_EXIT_CODE else 1
+        return launcher_exit_code(failure.exitcode)  # 75 (saved: requeue) passes through, as under herd launch
     return 0
 
 

@@ -21,6 +21,7 @@ class PreemptionCallback(Callback):
         self.signals, self.device = signals, device
         self.received = 0
         self._previous = {}
+        self._unblocked = set()
 
     def _handle(self, signum, frame) -> None:
         self.received = int(signum)
@@ -28,6 +29,10 @@ class PreemptionCallback(Callback):
     def on_fit_start(self, trainer) -> None:
         for sig in self.signals:
             self._previous[sig] = signal.signal(sig, self._handle)
+        # `herd launch --nproc` starts its ranks with these signals blocked (launch/local.py): one sent during
+        # start-up is pending and reaches the handler now; after fit they are blocked again, so a rank that has
+        # saved or finished is not killed on its way out
+        self._unblocked = set(self.signals) & signal.pthread_sigmask(signal.SIG_UNBLOCK, self.signals)
 
     def on_step_end(self, trainer, metrics) -> None:
         flag = torch.tensor([self.received], device=self.device)
@@ -38,5 +43,7 @@ class PreemptionCallback(Callback):
             trainer.state.preempted = int(flag.item())
 
     def on_fit_end(self, trainer) -> None:
+        if self._unblocked:
+            signal.pthread_sigmask(signal.SIG_BLOCK, self._unblocked)
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)

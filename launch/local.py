@@ -1,0 +1,184 @@
+"""`herd launch --nproc N` and `herd align --nproc N`: N ranks on this machine, owned by the launching process.
+
+These commands used to run torchrun. torchrun starts every worker in a session of its own, and the default
+action of SIGTERM and SIGUSR1 kills a Python process that has not installed a handler. Killing `herd launch` with
+any signal, or killing its whole process group, therefore left the ranks training on their own until the
+run's end. Here the launcher starts the ranks itself, with torchrun's environment for them (RANK, LOCAL_RANK,
+WORLD_SIZE, LOCAL_WORLD_SIZE, MASTER_ADDR/MASTER_PORT of a TCPStore this process serves, as torchrun's agent
+does, TORCHELASTIC_USE_AGENT_STORE=True, ...), and owns them:
+
+- A rank stays in the launcher's process group, so a signal to the group reaches it. Between fork and exec it
+  asks for SIGKILL when its parent dies (PR_SET_PDEATHSIG) and then checks that the parent is still the
+  launcher (the launcher may have died before the request). Set there, the request is already in force when the
+  rank's first instruction runs. The launcher forks from its main thread, which lives as long as it does
+  (PDEATHSIG fires when the forking *thread* ends).
+- A rank ignores SIGINT and SIGHUP (a Ctrl-C in a terminal, sent to the foreground group, is the launcher's to
+  handle) and starts with SIGTERM and SIGUSR1 blocked (also set before exec). PreemptionCallback unblocks them
+  while the rank trains: a signal sent during start-up waits, pending, and reaches its handler when training
+  starts; the rank saves at the next step end and exits 75. After training they are blocked again, so a rank
+  that has saved, or finished, is not killed on its way out. A job that never saves (checkpoint.every=0) has no
+  such handler: its ranks keep the default actions and a stop signal ends them.
+- The launcher turns SIGTERM, SIGUSR1, SIGINT and SIGHUP into a preemption of its ranks: it sends them SIGTERM
+  (SIGUSR1 for SIGUSR1), waits for them and exits with their code: 75 once they have saved, 0 if the run had
+  finished anyway. It prints one line and no traceback. A second SIGINT kills the ranks at once (exit 130).
+- A rank that fails (any code but 0 and 75) fails the job. The other ranks get SIGTERM and, after FAILURE_GRACE_S,
+  SIGKILL, as torchrun does. The launcher exits with the failed rank's code (128 + N for a signal N).
+"""
+
+import ctypes
+import os
+import signal
+import sys
+import time
+import uuid
+from typing import Dict, List, Optional
+
+from engine.callbacks.preemption import PREEMPTED_EXIT_CODE
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
+STOP_SIGNALS = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1, signal.SIGINT: signal.SIGTERM,
+                signal.SIGHUP: signal.SIGTERM}  # what the launcher gets -> what its ranks get
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # PreemptionCallback's
+POLL_S = 0.1  # how often the ranks' state is looked at (torchrun's monitor interval)
+FAILURE_GRACE_S = 30.0  # a failed rank's peers: SIGTERM, then SIGKILL after this long (torchrun's default)
+
+
+def launcher_exit_code(first: int) -> int:
+    """The code a launcher exits with, from the exit status of its first rank to end (negative: killed by that
+    signal, as Popen and torchrun report it). 0, and 75 (preempted, saved: requeue), pass through; a rank killed
+    by signal N gives 128 + N, as a shell reports it; any other failure its own code. Shared with the SLURM agent."""
+    return 128 - first if first < 0 else first
+
+
+def _describe(code: int) -> str:
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+
+
+def _rank_preexec(launcher_pid: int, prctl, preemptible: bool):
+    """Runs in each rank between fork and exec (little work: the launcher has other threads). The death signal,
+    the ignored signals and the blocked ones all survive exec."""
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != launcher_pid:  # the launcher died before the request: it would never fire
+            os.kill(os.getpid(), signal.SIGKILL)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        if preemptible:
+            signal.pthread_sigmask(signal.SIG_BLOCK, PREEMPTION_SIGNALS)
+
+    return preexec
+
+
+def rank_env(base: Dict[str, str], rank: int, nproc: int, port: int, run_id: str) -> Dict[str, str]:
+    """torchrun's variables for a rank of a one-machine run (torch/distributed/elastic/agent/server/
+    local_elastic_agent.py), so that herd's ranks cannot tell this launcher from torchrun."""
+    return {**base, "RANK": str(rank), "LOCAL_RANK": str(rank), "GROUP_RANK": "0", "ROLE_RANK": str(rank),
+            "ROLE_NAME": "default", "LOCAL_WORLD_SIZE": str(nproc), "WORLD_SIZE": str(nproc),
+            "GROUP_WORLD_SIZE": "1", "ROLE_WORLD_SIZE": str(nproc), "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port), "TORCHELASTIC_RESTART_COUNT": "0", "TORCHELASTIC_MAX_RESTARTS": "0",
+            "TORCHELASTIC_RUN_ID": run_id, "TORCHELASTIC_USE_AGENT_STORE": "True",
+            "TORCH_NCCL_ASYNC_ERROR_HANDLING": base.get("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")}
+
+
+class LocalRanks:
+    """The ranks of one local run, their signals and their end (see the module docstring)."""
+
+    def __init__(self, nproc: int, herd_args: List[str], env: Dict[str, str], name: str, preemptible: bool):
+        self.nproc, self.herd_args, self.env, self.name = nproc, herd_args, env, name
+        self.preemptible = preemptible
+        self.procs: List = []
+        self.pending: List[int] = []  # signals received, handled by the wait loop (a handler only appends)
+        self.stop_signal: Optional[int] = None  # what the ranks are sent after a stop request
+        self.killed = False
+
+    def run(self) -> int:
+        import subprocess
+        import torch.distributed as dist
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in STOP_SIGNALS}
+        try:
+            # the store outlives the ranks: they reach it through MASTER_PORT (agent store, as under torchrun)
+            store = dist.TCPStore("127.0.0.1", 0, is_master=True, multi_tenant=True)
+            preexec = _rank_preexec(os.getpid(), ctypes.CDLL(None, use_errno=True).prctl, self.preemptible)
+            run_id = uuid.uuid4().hex
+            for rank in range(self.nproc):
+                self.procs.append(subprocess.Popen([sys.executable, "-m", "launch", *self.herd_args],
+                                                   env=rank_env(self.env, rank, self.nproc, store.port, run_id),
+                                                   preexec_fn=preexec))
+            code = self._wait()
+            del store
+            return code
+        finally:
+            self._kill_all()  # only ranks still alive: an exception here (or in Popen) leaves none behind
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.pending.append(signum)
+
+    def _handle_pending(self) -> None:
+        while self.pending:
+            signum = self.pending.pop(0)
+            name = signal.Signals(signum).name
+            if signum == signal.SIGINT and self.stop_signal is not None:
+                print(f"{self.name}: {name} again: killing the ranks", file=sys.stderr, flush=True)
+                self.killed = True
+                self._kill_all()
+            elif self.stop_signal is None:
+                self.stop_signal = STOP_SIGNALS[signum]
+                then = (f"the ranks save at their next step end and exit {PREEMPTED_EXIT_CODE}" if self.preemptible
+                        else f"checkpoint.every=0, nothing to save: the ranks end by {self.stop_signal.name}")
+                again = " (SIGINT again kills them)" if signum == signal.SIGINT else ""
+                print(f"{self.name}: {name} received: {then}{again}", file=sys.stderr, flush=True)
+                self._send(self.stop_signal)
+
+    def _send(self, sig: int) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(sig)
+
+    def _kill_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.kill()
+        for proc in self.procs:
+            proc.wait()
+
+    def _wait(self) -> int:
+        """Until every rank has ended; the launcher's code, from the first rank to end (lowest rank on a tie)."""
+        first: Optional[int] = None
+        failed_at: Optional[float] = None
+        while True:
+            self._handle_pending()
+            codes = [proc.poll() for proc in self.procs]
+            ended = [(rank, code) for rank, code in enumerate(codes) if code is not None]
+            if first is None and ended:
+                first = ended[0][1]
+            failure = next(((r, c) for r, c in ended if c not in (0, PREEMPTED_EXIT_CODE)), None)
+            if failure is not None and failed_at is None and not self.killed:
+                failed_at = time.monotonic()
+                print(f"{self.name}: rank {failure[0]} {_describe(failure[1])}: stopping the other ranks",
+                      file=sys.stderr, flush=True)
+                self._send(signal.SIGTERM)
+            if len(ended) == self.nproc:
+                break
+            if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
+                self._kill_all()
+            time.sleep(POLL_S)
+        return self._report(first)
+
+    def _report(self, first: int) -> int:
+        if self.killed:
+            return 130
+        if first == PREEMPTED_EXIT_CODE:
+            print(f"{self.name}: the ranks saved and exited with {first} (preempted): run the same command again "
+                  f"to resume", file=sys.stderr, flush=True)
+        return launcher_exit_code(first)
+
+
+def run_local(nproc: int, herd_args: List[str], name: str, preemptible: bool) -> int:
+    """`herd HERD_ARGS` on `nproc` local ranks (see the module docstring); returns the launcher's exit code.
+    `preemptible`: the ranks save and exit 75 on SIGTERM/SIGUSR1 (PreemptionCallback: checkpoint.every > 0)."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    return LocalRanks(nproc, herd_args, env, name, preemptible).run()
