@@ -110,8 +110,10 @@ class LocalRanks:
             return code
         finally:
             self._kill_all()  # only ranks still alive: an exception here (or in Popen) leaves none behind
+            # after a stop request only this process's exit is left: a repeated Ctrl-C must not turn the ranks'
+            # 75 into a death by SIGINT during the interpreter's teardown
             for sig, handler in previous.items():
-                signal.signal(sig, handler)
+                signal.signal(sig, handler if self.stop_signal is None else signal.SIG_IGN)
 
     def _on_signal(self, signum: int, frame) -> None:
         self.pending.append(signum)
@@ -154,7 +156,7 @@ class LocalRanks:
             ended = [(rank, code) for rank, code in enumerate(codes) if code is not None]
             if first is None and ended:
                 first = ended[0][1]
-            failure = next(((r, c) for r, c in ended if c not in (0, PREEMPTED_EXIT_CODE)), None)
+            failure = next(((r, c) for r, c in ended if c not in self._expected()), None)
             if failure is not None and failed_at is None and not self.killed:
                 failed_at = time.monotonic()
                 print(f"{self.name}: rank {failure[0]} {_describe(failure[1])}: stopping the other ranks",
@@ -167,12 +169,21 @@ class LocalRanks:
             time.sleep(POLL_S)
         return self._report(first)
 
+    def _expected(self) -> tuple:
+        """How a rank may end without failing the job: finished, preempted and saved, or (a job that does not
+        save) ended by the stop signal it was sent."""
+        stopped = (-self.stop_signal,) if self.stop_signal is not None and not self.preemptible else ()
+        return (0, PREEMPTED_EXIT_CODE, *stopped)
+
     def _report(self, first: int) -> int:
         if self.killed:
             return 130
         if first == PREEMPTED_EXIT_CODE:
             print(f"{self.name}: the ranks saved and exited with {first} (preempted): run the same command again "
                   f"to resume", file=sys.stderr, flush=True)
+        elif first < 0 and first in self._expected():
+            print(f"{self.name}: the ranks ended by {signal.Signals(-first).name} (nothing saved)", file=sys.stderr,
+                  flush=True)
         return launcher_exit_code(first)
 
 

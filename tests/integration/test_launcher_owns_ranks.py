@@ -1,8 +1,9 @@
 """The launcher owns its ranks (launch/local.py): `herd launch --nproc 2` is interrupted at random moments by
-SIGKILL of its process group, SIGKILL of the launcher alone, SIGTERM and SIGUSR1. After each, no rank process
-may survive; after SIGTERM/SIGUSR1 the launcher must have exited 75 without a traceback, the ranks having saved a
-checkpoint. The same command is then run again, and every loss any attempt logged must equal bitwise the loss of
-that step in an uninterrupted run.
+SIGKILL of its process group, SIGKILL of the launcher alone, SIGTERM, SIGUSR1 and SIGINT to its group (a Ctrl-C).
+After each, no rank process may survive; after SIGTERM/SIGUSR1/SIGINT the launcher must have exited 75 without a
+traceback, the ranks having saved a checkpoint. The same command is then run again, and every loss any attempt
+logged must equal bitwise the loss of that step in an uninterrupted run. Two more cases: a second Ctrl-C kills
+ranks that cannot save (one hangs) and exits 130; a job that does not save (checkpoint.every=0) ends by SIGTERM.
 
 Each interruption waits for a state of the run chosen at random (seeded, printed): the launcher's first line (the
 ranks are starting), metrics.jsonl reaching step k, or checkpoint step k committed. The rank processes are found
@@ -25,10 +26,10 @@ import pytest
 from tests.helpers import make_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
-STEPS, EVERY = 40, 4
-WINDOW = 7  # an attempt is interrupted within this many steps of where it resumes: four attempts fit in STEPS
+STEPS, EVERY = 48, 4
+WINDOW = 7  # an attempt is interrupted within this many steps of where it resumes: five attempts fit in STEPS
 HANG_GUARD_S = 300.0  # only against a hang: a launch takes seconds
-INTERRUPTIONS = ("group_SIGKILL", "launcher_SIGKILL", "SIGTERM", "SIGUSR1")
+INTERRUPTIONS = ("group_SIGKILL", "launcher_SIGKILL", "SIGTERM", "SIGUSR1", "group_SIGINT")
 
 
 @pytest.fixture(scope="module")
@@ -116,23 +117,36 @@ def _choose_state(rng: random.Random, run: Path) -> Tuple[str, int]:
     return "started", 0
 
 
-def _interrupt(args: List[str], run: Path, how: str, state: Tuple[str, int], attempt: int) -> None:
-    token = uuid.uuid4().hex
-    out = run.parent / f"attempt{attempt}.out"
+def _start(args: List[str], out: Path, env: Dict[str, str]) -> subprocess.Popen:
+    """The launcher in a session (and process group) of its own, as a shell would start a job."""
     with out.open("w") as sink:
-        proc = subprocess.Popen([sys.executable, "-m", "launch", *args], cwd=ROOT, env=_env(token),
-                                stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen([sys.executable, "-m", "launch", *args], cwd=ROOT, env=env, stdout=sink,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _ended(proc: subprocess.Popen, token: str) -> int:
+    """The launcher's exit code, once no process of the job is left (it is SIGKILLed on a failed assertion)."""
     try:
-        _until(_reached(state, run, out), f"state {state}", proc)
-        alive = len(_marked(token))
-        {"group_SIGKILL": lambda: os.killpg(proc.pid, signal.SIGKILL), "launcher_SIGKILL": proc.kill,
-         "SIGTERM": lambda: proc.send_signal(signal.SIGTERM),
-         "SIGUSR1": lambda: proc.send_signal(signal.SIGUSR1)}[how]()
         code = proc.wait(timeout=HANG_GUARD_S)
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     _until(lambda: not _marked(token), "every rank process ended")
+    return code
+
+
+def _interrupt(args: List[str], run: Path, how: str, state: Tuple[str, int], attempt: int) -> None:
+    token = uuid.uuid4().hex
+    out = run.parent / f"{run.name}.attempt{attempt}.out"
+    proc = _start(args, out, _env(token))
+    try:
+        _until(_reached(state, run, out), f"state {state}", proc)
+        alive = len(_marked(token))
+        {"group_SIGKILL": lambda: os.killpg(proc.pid, signal.SIGKILL), "launcher_SIGKILL": proc.kill,
+         "SIGTERM": lambda: proc.send_signal(signal.SIGTERM), "SIGUSR1": lambda: proc.send_signal(signal.SIGUSR1),
+         "group_SIGINT": lambda: os.killpg(proc.pid, signal.SIGINT)}[how]()
+    finally:
+        code = _ended(proc, token)
     text = out.read_text()
     print(f"attempt {attempt}: {how} at {state} ({alive} processes of the job alive then): exit {code}, "
           f"checkpoint step {_committed(run)}, last logged step {max(_logged(run), default=0)}")
@@ -141,8 +155,10 @@ def _interrupt(args: List[str], run: Path, how: str, state: Tuple[str, int], att
         return
     assert code == 75, text[-3000:]
     assert "Traceback" not in text, text[-3000:]
-    assert f"herd launch: {how} received" in text and "exited with 75 (preempted)" in text
-    assert f"preempted by signal {int(getattr(signal, how))} at step {_committed(run)}: checkpoint saved" in text
+    received = how.split("_")[-1]
+    assert f"herd launch: {received} received" in text and "exited with 75 (preempted)" in text
+    sent = {"SIGUSR1": signal.SIGUSR1}.get(received, signal.SIGTERM)  # what the launcher sends its ranks
+    assert f"preempted by signal {int(sent)} at step {_committed(run)}: checkpoint saved" in text
 
 
 def _interrupted_and_resumed(job, seed: int) -> None:
@@ -175,3 +191,43 @@ def test_launcher_interrupted_four_ways_leaves_no_rank_and_resumes_bitwise(job):
 @pytest.mark.parametrize("seed", range(1, 6))
 def test_launcher_interrupted_at_more_random_moments(job, seed):
     _interrupted_and_resumed(job, seed)
+
+
+def test_second_ctrl_c_kills_ranks_that_cannot_save(job, tmp_path):
+    """Rank 1 hangs before step 3's collectives, so no rank reaches a step end: the first SIGINT to the group
+    (a Ctrl-C) cannot be acted on, the second kills the ranks, and the launcher exits 130 with no rank left."""
+    args, _, _ = job
+    token = uuid.uuid4().hex
+    out = tmp_path / "launch.out"
+    proc = _start([*args, f"log.run_dir={tmp_path}", "log.name=hung"], out,
+                  {**_env(token), "HERD_FAULT": "hang:1:3", "HERD_FAULT_HANG_S": "900"})
+    try:
+        _until(lambda: "HERD_FAULT: rank 1 hangs" in out.read_text(), "rank 1 hanging", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+        _until(lambda: "herd launch: SIGINT received" in out.read_text(), "the first SIGINT handled", proc)
+        os.killpg(proc.pid, signal.SIGINT)
+    finally:
+        code = _ended(proc, token)
+    text = out.read_text()
+    print(f"second SIGINT: exit {code}")
+    assert code == 130, text[-3000:]
+    assert "herd launch: SIGINT again: killing the ranks" in text and "Traceback" not in text, text[-3000:]
+
+
+def test_sigterm_ends_a_job_that_does_not_save(job, tmp_path):
+    """checkpoint.every=0: the ranks have no preemption handler and keep SIGTERM's default action; the launcher
+    forwards it, they end, and it exits 128 + 15 saying nothing was saved."""
+    args, _, _ = job
+    token = uuid.uuid4().hex
+    out = tmp_path / "launch.out"
+    proc = _start([*args, f"log.run_dir={tmp_path}", "log.name=nosave", "checkpoint.every=0"], out, _env(token))
+    try:
+        _until(lambda: max(_logged(tmp_path / "nosave"), default=0) >= 2, "step 2", proc)
+        proc.send_signal(signal.SIGTERM)
+    finally:
+        code = _ended(proc, token)
+    text = out.read_text()
+    print(f"SIGTERM without checkpoints: exit {code}")
+    assert code == 128 + signal.SIGTERM, text[-3000:]
+    assert "herd launch: the ranks ended by SIGTERM (nothing saved)" in text and "Traceback" not in text
+    assert not (tmp_path / "nosave" / "checkpoints").exists()
