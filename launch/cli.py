@@ -267,7 +267,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "real tensors on cuda (measured peak memory and step time)")
     train.set_defaults(func=_train)
 
-    launch = sub.add_parser("launch", help="start a local multi-process run (torchrun underneath), or render a "
+    launch = sub.add_parser("launch", help="start a local multi-process run (ranks owned by the launcher), or render a "
                                            "SLURM sbatch script with --slurm")
     launch.add_argument("--nproc", type=int, help="processes (ranks) on this machine")
     slurm = launch.add_argument_group("SLURM (--slurm; each flag overrides its slurm.* key, docs/launch.md)")
@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
                                          "DPO; docs/alignment.md); finished stages are skipped on a rerun")
     align.add_argument("pipeline", help="pipeline YAML (configs/align_demo.yaml)")
     align.add_argument("overrides", nargs="*", help="pipeline overrides, e.g. rounds=2 run_dir=runs/a")
-    align.add_argument("--nproc", type=int, help="run every stage on this many local ranks (torchrun)")
+    align.add_argument("--nproc", type=int, help="run every stage on this many local ranks (docs/launch.md)")
     align.set_defaults(func=_align)
 
     convert = sub.add_parser("convert", help="HF Llama directory <-> herd checkpoint")
