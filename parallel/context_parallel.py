@@ -36,6 +36,17 @@ def zigzag_indices(seq_len: int, cp: int, rank: int) -> torch.Tensor:
     return torch.cat([first, second])
 
 
+class MaskCache:
+    """The masks one forward built, shared by every copy of its CPMask. A plain object on purpose: FSDP2 casts a
+    block's inputs with torch.distributed.utils._apply_to_tensors, which rebuilds dataclasses and dicts field by
+    field but passes other objects through, so a dict field would be copied empty into every block and each layer
+    would build (and, saved for backward, keep) its own [L, S] mask: 1 GiB per layer and micro-batch in flight at
+    128K context with cp=16 (found by `herd train --dry-run`, docs/scale.md)."""
+
+    def __init__(self):
+        self.masks: Dict[tuple, torch.Tensor] = {}
+
+
 @dataclass
 class CPMask:
     """What the attention core needs to mask a rank's queries against keys of other ranks."""
@@ -44,7 +55,7 @@ class CPMask:
     cp: int
     chunk: int  # tokens per zigzag chunk
     doc_ids: Optional[List[torch.Tensor]]  # per cp rank: [b, 2*chunk] document ids (None: no document mask)
-    _cache: Dict[tuple, torch.Tensor] = field(default_factory=dict)
+    _cache: MaskCache = field(default_factory=MaskCache)
 
     def indices(self, rank: int, device: torch.device) -> torch.Tensor:
         return zigzag_indices(2 * self.chunk * self.cp, self.cp, rank).to(device)
@@ -53,9 +64,10 @@ class CPMask:
         """bool [b or 1, 1, len(q_rows), len(k_cols)]: key at or before the query, and in its document. Built
         once per forward: every layer (and the recomputation under activation checkpointing) reuses it."""
         key = (q_rank, q_rows.start, q_rows.stop, k_rank, k_cols.start, k_cols.stop)
-        if key not in self._cache:
-            self._cache[key] = self._allowed(q_rank, q_rows, k_rank, k_cols, device)
-        return self._cache[key]
+        masks = self._cache.masks
+        if key not in masks:
+            masks[key] = self._allowed(q_rank, q_rows, k_rank, k_cols, device)
+        return masks[key]
 
     def _allowed(self, q_rank: int, q_rows: slice, k_rank: int, k_cols: slice, device) -> torch.Tensor:
         if k_rank == -1:  # keys of every rank, in rank order (the all-gathered K/V)
