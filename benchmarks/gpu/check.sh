@@ -8,13 +8,16 @@
 # also profiles one step: where its GPU time goes, benchmarks/step_profile.py), mfu8 (herd bf16 and FP8 at 8
 # layers: the difference from 4 layers is the cost of 4 transformer blocks, which the 32-layer model is made of),
 # accum (herd bf16, FP8 and HF with 8 micro-batches per optimizer step: AdamW amortized as in training), kernels
-# (benchmarks/kernels/run.py). The whole script keeps to DEADLINE seconds (default 500): each stage's limit is its
+# (benchmarks/kernels/run.py), dryrun (`herd train --dry-run --device cuda`: rank 0 of the 8,192-GPU 405B job of
+# Llama 3's Table 4, one pipeline stage under tp=8 and FSDP at seq 8192 with full activation checkpointing, real
+# tensors, fake process group: measured peak memory and step time against the CPU dry run's estimate, which
+# docs/scale.md compares). The whole script keeps to DEADLINE seconds (default 500): each stage's limit is its
 # own cap or what is left, so a hang cannot eat the call and the results are always packed. Full logs go to
 # $OUT/logs.tgz (the device tool returns at most 8 files), the results files beside it; a short table is printed last.
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 W=$(mktemp -d)  # every log here, packed into $OUT at the end
-STAGES=${STAGES:-build tests mfu mfu8 accum kernels}
+STAGES=${STAGES:-build tests mfu mfu8 accum kernels dryrun}
 MFU_VARIANTS=${MFU_VARIANTS:-herd-bf16,herd-fp8,hf-bf16,herd-bf16-nokernels,herd-fp8-delayed}
 DEADLINE=${DEADLINE:-500}
 mkdir -p "$OUT"
@@ -79,6 +82,15 @@ if has kernels; then
   echo "kernels exit $?"
 fi
 
+if has dryrun; then
+  stage "herd train --dry-run --device cuda (405B, rank 0 of 8192)"
+  for device in cuda cpu; do
+    timeout "$(limit 120)" python -m launch train configs/pretrain_llama3_405b.yaml --dry-run --world-size 8192 \
+      --rank 0 --device $device parallel.activation_checkpointing=full >>"$W/dryrun.log" 2>&1
+    echo "dryrun $device exit $?"
+  done
+fi
+
 stage "summary"
 {
   echo "gpu: $(head -1 "$W/gpu.txt")"
@@ -88,6 +100,7 @@ stage "summary"
   [ -f "$W/mfu.log" ] && grep -E "^\| (herd|hf)|^\*\*|FAILED|failed" "$W/mfu.log"
   [ -f "$W/mfu8.log" ] && echo "8 layers:" && grep -E "^\| (herd|hf)|^\*\*|FAILED|failed" "$W/mfu8.log"
   [ -f "$W/accum.log" ] && echo "8 micro-batches per step:" && grep -E "^\| (herd|hf)|FAILED|failed" "$W/accum.log"
+  [ -f "$W/dryrun.log" ] && grep -E "^dry run|^  |Error" "$W/dryrun.log"
 } | tee "$W/summary.txt"
 cp benchmarks/results/mfu_* benchmarks/results/kernels_* "$W/" 2>/dev/null
 tar -czf "$OUT/logs.tgz" -C "$W" . && cp "$W/summary.txt" "$OUT/"
