@@ -69,6 +69,20 @@ class CPMask:
             masks[key] = self._allowed(q_rank, q_rows, k_rank, k_cols, device)
         return masks[key]
 
+    def additive(self, q_rank: int, q_rows: slice, k_rank: int, k_cols: slice, device,
+                 dtype: torch.dtype) -> torch.Tensor:
+        """`allowed` as SDPA's additive form in the queries' dtype: 0 where allowed, -inf elsewhere, built once
+        per forward. SDPA turns a boolean mask into exactly this on every call and saves it for backward, so
+        passing the boolean one costs a [L, S] copy per layer and micro-batch in flight (2 GiB each at 128K with
+        cp=16 in bf16: the dry run of 405B's 128K layout held 112 of them at its peak). Same arithmetic: outputs
+        and gradients are bitwise those of the boolean mask."""
+        key = ("additive", dtype, q_rank, q_rows.start, q_rows.stop, k_rank, k_cols.start, k_cols.stop)
+        masks = self._cache.masks
+        if key not in masks:
+            allowed = self._allowed(q_rank, q_rows, k_rank, k_cols, device)
+            masks[key] = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, -math.inf)
+        return masks[key]
+
     def _allowed(self, q_rank: int, q_rows: slice, k_rank: int, k_cols: slice, device) -> torch.Tensor:
         if k_rank == -1:  # keys of every rank, in rank order (the all-gathered K/V)
             return torch.cat([self._allowed(q_rank, q_rows, r, k_cols, device) for r in range(self.cp)], dim=-1)
@@ -107,9 +121,9 @@ class AllGatherAttention:
         kv = comm.gather_from_sp(torch.cat([k, v], dim=2), self.group)  # one collective: [b, S, 2*kv, d]
         k_all, v_all = kv.chunk(2, dim=2)  # [b, S, kv, d] each, rank r's tokens at [r*L, (r+1)*L)
         everything = slice(None)
-        allowed = mask.allowed(mask.rank, everything, -1, everything, q.device)  # [b or 1, 1, L, S]
+        bias = mask.additive(mask.rank, everything, -1, everything, q.device, q.dtype)  # [b or 1, 1, L, S]
         out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=allowed, enable_gqa=True)
+            q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=bias, enable_gqa=True)
         return out.transpose(1, 2)
 
 
