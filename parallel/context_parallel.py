@@ -19,7 +19,7 @@ RoPE needs nothing: the loader shards position ids with the tokens. The loss sum
 
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -111,17 +111,24 @@ class ContextParallelMask:
 
 
 class AllGatherAttention:
-    """Attention core: K/V all-gathered over cp (autograd: reduce-scatter backward), local queries attend all."""
+    """Attention core: K/V all-gathered over cp (autograd: reduce-scatter backward), local queries attend all.
 
-    def __init__(self, group: dist.ProcessGroup):
-        self.group = group
+    The mask: a stored block (`additive`) gets the forward's one additive mask, which every stored block's SDPA
+    keeps for backward instead of its own converted copy. A recomputed block (activation checkpointing) gets the
+    boolean one, half the size, which is what the forward's cache then holds while its micro-batch is in flight;
+    SDPA's converted copy lives only while that block is recomputed (dry run of 405B at 128K, cp=16: 53 GiB with
+    the additive mask under full checkpointing, 40 GiB with the boolean one; docs/scale.md)."""
+
+    def __init__(self, group: dist.ProcessGroup, additive: bool = True):
+        self.group, self.additive = group, additive
 
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: CPMask) -> torch.Tensor:
         # q: [b, L, h, d]; k, v: [b, L, kv, d] with L = S / cp -> out [b, L, h, d]
         kv = comm.gather_from_sp(torch.cat([k, v], dim=2), self.group)  # one collective: [b, S, 2*kv, d]
         k_all, v_all = kv.chunk(2, dim=2)  # [b, S, kv, d] each, rank r's tokens at [r*L, (r+1)*L)
         everything = slice(None)
-        bias = mask.additive(mask.rank, everything, -1, everything, q.device, q.dtype)  # [b or 1, 1, L, S]
+        bias = mask.additive(mask.rank, everything, -1, everything, q.device, q.dtype) if self.additive else \
+            mask.allowed(mask.rank, everything, -1, everything, q.device)  # [b or 1, 1, L, S]
         out = torch.nn.functional.scaled_dot_product_attention(
             q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=bias, enable_gqa=True)
         return out.transpose(1, 2)
@@ -242,12 +249,14 @@ def _ring_shift(x: torch.Tensor, group: dist.ProcessGroup) -> _Shift:
     return _Shift(dist.batch_isend_irecv(ops), buffer)
 
 
-def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup, variant: str) -> None:
-    """Swap the model's mask builder and every attention core for the cp ones (names and parameters unchanged)."""
+def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup, variant: str,
+                           recomputed: Callable[[int], bool] = lambda index: False) -> None:
+    """Swap the model's mask builder and every attention core for the cp ones (names and parameters unchanged).
+    `recomputed(layer index)`: whether activation checkpointing recomputes that block (AllGatherAttention's mask)."""
     model.attention_mask = ContextParallelMask(group)
-    core = AllGatherAttention(group) if variant == "all_gather" else RingAttention(group)
-    for block in model.layers.values():
-        block.attention.core = core
+    for index, block in model.layers.items():
+        block.attention.core = AllGatherAttention(group, additive=not recomputed(int(index))) \
+            if variant == "all_gather" else RingAttention(group)
 
 
 def shard_sequence(tensor: torch.Tensor, cp: int, rank: int) -> torch.Tensor:

@@ -48,11 +48,16 @@ class ParallelizeOptions:
     cp_attention: str = "all_gather"
 
 
+def recomputed(index: int, mode: str, every: int) -> bool:
+    """Whether activation checkpointing recomputes block `index` (global layer index)."""
+    return mode == "full" or (mode == "selective" and index % every == 0)
+
+
 def apply_activation_checkpointing(model: nn.Module, mode: str, every: int) -> None:
     """Recompute a block's activations in backward instead of storing them (keeps parameter names). Selective
     picks blocks by global layer index, so the same blocks recompute under any pipeline split."""
     for index, block in model.layers.items():
-        if mode == "full" or (mode == "selective" and int(index) % every == 0):
+        if recomputed(int(index), mode, every):
             block.forward = partial(checkpoint, block.forward, use_reentrant=False)
 
 
@@ -242,7 +247,8 @@ def parallelize(model: nn.Module, mesh: Optional[Mesh], options: ParallelizeOpti
     fsdp = mesh is not None and mesh.data_ranks > 1
     for part in parts:
         if mesh is not None and mesh.dims.cp > 1:
-            apply_context_parallel(part, mesh.group("cp"), options.cp_attention)
+            apply_context_parallel(part, mesh.group("cp"), options.cp_attention,
+                                   partial(recomputed, mode=options.activation_checkpointing, every=options.ac_every))
         if mesh is not None and mesh.dims.tp > 1:
             plan = apply_tensor_parallel(part, mesh.tp_group, options.sequence_parallel)
             tp_plan = plan if tp_plan is None else tp_plan.merge(plan)
