@@ -8,6 +8,7 @@ staging directory next to the destination that replaces it only once complete: a
 the destination as it was.
 """
 
+import contextlib
 import json
 import os
 import shutil
@@ -179,6 +180,7 @@ def _refuse_replacing_a_parent(out_dir: Path, ckpt_root: Path) -> None:
 def _install(files: Dict[str, bytes], write_more: Callable[[Path], None], out_dir: Path) -> None:
     """Write the files (and whatever write_more writes) into a staging directory beside out_dir, then put it in
     out_dir's place."""
+    created = [d for d in out_dir.parents if not d.exists()]  # innermost first: removed again on failure
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:12]
     staging = out_dir.parent / f".{out_dir.name}.herd-export-{token}"
@@ -198,6 +200,9 @@ def _install(files: Dict[str, bytes], write_more: Callable[[Path], None], out_di
         shutil.rmtree(staging, ignore_errors=True)
         if old.exists() and not out_dir.exists():
             old.rename(out_dir)  # put back what was there
+        for directory in created:  # a failed export leaves no directory it made
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         raise
     shutil.rmtree(old, ignore_errors=True)
 

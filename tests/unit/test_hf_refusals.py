@@ -201,3 +201,15 @@ def test_a_missing_or_foreign_tokenizer(tmp_path):
     train_bpe(["def f(x):\n    return x\n" * 50], 400, str(tmp_path / "big.json"))  # 256 bytes at least
     with pytest.raises(CheckpointError, match="more than the model's vocab_size 100: not this model's tokenizer"):
         export_tokenizer(TokenizerConfig(kind="hf", path=str(tmp_path / "big.json")), {}, small)
+
+
+def test_a_failed_export_write_leaves_no_directory_it_made(tmp_path):
+    """A write that fails (here: the weights) removes the staging directory and every parent the export made."""
+    from engine.checkpoint.hf_export import _install
+
+    def fail(staging):
+        assert staging.is_dir()
+        raise OSError("no space left on device")
+    with pytest.raises(OSError, match="no space"):
+        _install({"config.json": b"{}"}, fail, tmp_path / "new" / "deeper" / "out")
+    assert list(tmp_path.iterdir()) == []
