@@ -18,8 +18,9 @@ class BadLine(ValueError):
 
 
 def json_object(raw: bytes, expected: str = "a JSON object") -> Optional[Dict[str, Any]]:
-    """The object on a line of raw bytes, None for a blank line; BadLine when it is not UTF-8, not JSON (or nested
-    deeper than the parser's recursion limit) or not an object (`expected` names what the caller wants)."""
+    """The object on a line of raw bytes, None for a blank line (only whitespace, Unicode's included); BadLine when
+    it is not UTF-8, not JSON (or beyond the parser's limits: nesting, integer digits) or not an object
+    (`expected` names what the caller wants)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -32,6 +33,8 @@ def json_object(raw: bytes, expected: str = "a JSON object") -> Optional[Dict[st
         raise BadLine("bad_json", f"invalid JSON: {e.msg} at column {e.colno}") from None
     except RecursionError:
         raise BadLine("bad_json", "invalid JSON: nested too deeply") from None
+    except ValueError as e:  # the parser's own limits, e.g. an integer of more than 4300 digits
+        raise BadLine("bad_json", f"invalid JSON: {str(e).splitlines()[0]}") from None
     if not isinstance(value, dict):
         raise BadLine("not_an_object", f"expected {expected}, got {json_type(value)}")
     return value

@@ -124,6 +124,8 @@ def _jsonl_record(where: str, line: bytes, text_key: str) -> Tuple[Optional[str]
         record = json_object(line, f"a JSON object with a string field '{text_key}'")
     except BadLine as e:
         return None, e.reason, f"{where}: {e}"
+    if record is None:  # only whitespace bytes.strip() keeps (a no-break space, U+2028, ...): an empty document
+        return "", "", ""
     if text_key not in record:
         return None, "missing_field", f"{where}: missing field '{text_key}' (found: " \
                                       f"{', '.join(json.dumps(k) for k in sorted(record)[:8]) or 'no fields'})"

@@ -101,6 +101,7 @@ def test_prepare_skip_counts_every_reason_per_file_and_line(tmp_path, tokenizer)
     ('["text"]', r"d\.jsonl:2: expected a JSON object with a string field 'text', got a list"),
     ('{"body": "x"}', r"d\.jsonl:2: missing field 'text' \(found: \"body\"\)"),
     ("[" * 100_000, r"d\.jsonl:2: invalid JSON: nested too deeply"),
+    ('{"text": "x", "n": ' + "1" * 5000 + "}", r"d\.jsonl:2: invalid JSON: Exceeds the limit \(4300 digits\)"),
 ])
 def test_prepare_error_names_file_and_line(tmp_path, tokenizer, line, message):
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + line + "\n")
@@ -108,6 +109,15 @@ def test_prepare_error_names_file_and_line(tmp_path, tokenizer, line, message):
         prepare_data([str(tmp_path / "d.jsonl")], str(tmp_path / "out"), tokenizer)
     assert "\n" not in str(info.value) and "--on-bad-data skip" in str(info.value)
     assert not (tmp_path / "out.bin").exists()
+
+
+def test_prepare_counts_a_line_of_unicode_whitespace_as_an_empty_document(tmp_path, tokenizer):
+    """A line that bytes.strip() keeps but str.strip() empties (no-break space, information separator, U+2028) is
+    an empty document: counted, never an error (it had been a TypeError traceback)."""
+    (tmp_path / "d.jsonl").write_bytes(b'{"text": "fine"}\n' + "\u00a0".encode() + b"\n\x1c\n"
+                                       + "\u2028".encode() + b'\n{"text": "also fine"}\n')
+    report = prepare_data([str(tmp_path / "d.jsonl")], str(tmp_path / "out"), tokenizer)
+    assert report.documents == {"all": 2} and dict(report.skipped) == {"empty": 3}
 
 
 def test_prepare_cli_prints_one_error_line_or_the_skip_counts(tmp_path, tokenizer_path, capsys):
