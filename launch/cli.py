@@ -47,7 +47,12 @@ def _dry_run(args: argparse.Namespace) -> int:
         raise HerdError("--dry-run needs the job's number of ranks: --world-size N")
     check_request(args.world_size, args.rank or 0)
     cfg = load_config(args.config, args.overrides, world_size=args.world_size)
-    report = dry_run(cfg, args.world_size, args.rank or 0, args.device or "cpu")
+    import torch
+    try:
+        report = dry_run(cfg, args.world_size, args.rank or 0, args.device or "cpu")
+    except torch.OutOfMemoryError as e:  # the answer to "does this rank fit", not a crash
+        raise HerdError(f"rank {args.rank or 0} of {args.world_size} does not fit on this GPU: "
+                        f"{str(e).splitlines()[0]}") from None
     print("\n".join(report.lines()), flush=True)
     return 0
 

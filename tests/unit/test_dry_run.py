@@ -127,3 +127,18 @@ def test_cli_prints_the_rank_report(capsys):
     out = capsys.readouterr().out
     assert "dry run: rank 1 of 4 (dp_replicate 0 dp_shard 0 pp 0 cp 0 tp 1" in out
     assert "optimizer state" in out and "estimated peak" in out
+
+
+def test_a_rank_that_does_not_fit_the_gpu_is_one_line(monkeypatch, capsys):
+    """--device cuda answers "does this rank fit": the allocator's out-of-memory error is that answer, one line."""
+    import torch
+
+    import engine.dry_run
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+    monkeypatch.setattr(engine.dry_run, "dry_run", out_of_memory)
+    assert main(["train", "configs/demo.yaml", "--dry-run", "--world-size", "2", "--rank", "1", "--device", "cuda",
+                 "parallel.dp_shard=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "herd: error: rank 1 of 2 does not fit on this GPU: CUDA out of memory. Tried to allocate 2.00 GiB"
