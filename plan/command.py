@@ -31,8 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def tokens_arg(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+)\s*([kKmM]?)\s*", text)
-    if not match:
-        raise HerdError(f"--global-batch-tokens {text!r} is not a count like 16777216, 4096K or 16M")
+    if not match or int(match.group(1)) < 1:
+        raise HerdError(f"--global-batch-tokens {text!r} is not a positive count like 16777216, 4096K or 16M")
     return int(match.group(1)) * {"": 1, "k": 2 ** 10, "m": 2 ** 20}[match.group(2).lower()]
 
 
@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     if args.memory_limit is not None and not args.memory_limit > 0:
         raise HerdError(f"--memory-limit must be a positive number of GiB, got {args.memory_limit}")
     preset, cfg, config_seq = _model(args)
-    seq_len = args.seq_len or config_seq or 8192
+    seq_len = args.seq_len if args.seq_len is not None else config_seq or 8192  # 0 is refused, not a default
     if seq_len < 1:
         raise HerdError(f"--seq-len must be positive, got {seq_len}")
     req = Request(model=cfg.model, gpus=args.gpus, hardware=load_hardware(args.hardware), seq_len=seq_len,

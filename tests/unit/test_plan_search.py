@@ -110,7 +110,9 @@ def test_plan_16384_gpus_405b():
     (["--model", "8b", "--gpus", "1016"], "no layout of 1016 GPUs"),  # 8 x 127: 127 divides nothing
     (["--model", "7b", "--gpus", "8"], "not a preset"),
     (["--model", "8b", "--gpus", "8", "--hardware", "tpu"], "no such profile"),
-    (["--model", "8b", "--gpus", "8", "--global-batch-tokens", "lots"], "is not a count"),
+    (["--model", "8b", "--gpus", "8", "--global-batch-tokens", "lots"], "is not a positive count"),
+    (["--model", "8b", "--gpus", "8", "--global-batch-tokens", "0"], "is not a positive count"),
+    (["--model", "8b", "--gpus", "8", "--seq-len", "0"], "--seq-len must be positive, got 0"),
     (["--model", "8b", "--gpus", "8", "--schedules", "Fast"], "unknown Fast"),
 ])
 def test_bad_requests_are_one_line(capsys, argv, words):
