@@ -43,7 +43,18 @@ class PreemptionCallback(Callback):
             trainer.state.preempted = int(flag.item())
 
     def on_fit_end(self, trainer) -> None:
+        self._restore()
+
+    def on_fit_abort(self, trainer) -> None:
+        # as after a fit that ended: a rank that hangs while it aborts then blocks the launcher's SIGTERM, so the
+        # launcher kills it at once (launch/local.py) instead of the handler swallowing it for FAILURE_GRACE_S;
+        # in one process (tests), no handler of this callback outlives its fit
+        self._restore()
+
+    def _restore(self) -> None:
+        """The signal mask and the handlers as they were before on_fit_start (once: nothing is left to restore)."""
         if self._unblocked:
             signal.pthread_sigmask(signal.SIG_BLOCK, self._unblocked)
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
+        self._unblocked, self._previous = set(), {}
