@@ -49,6 +49,8 @@ LAYOUTS_4 = [
     layout(cp=2, tp=2, cp_attention="ring") + ["parallel.sequence_parallel=false"],
     layout(cp=2, dp_replicate=2),
     layout(cp=2, dp_shard=2, cp_attention="ring") + ["parallel.activation_checkpointing=full"],
+    # selective checkpointing: stored blocks take the shared additive mask, recomputed ones the boolean one
+    layout(cp=2, dp_shard=2, cp_attention="all_gather") + ["parallel.activation_checkpointing=selective"],
     layout(cp=4, cp_attention="ring"),
 ]
 LAYOUTS_8 = [
