@@ -22,7 +22,10 @@ does, TORCHELASTIC_USE_AGENT_STORE=True, ...), and owns them:
   (SIGUSR1 for SIGUSR1), waits for them and exits with their code: 75 once they have saved, 0 if the run had
   finished anyway. It prints one line and no traceback. A second SIGINT kills the ranks at once (exit 130).
 - A rank that fails (any code but 0 and 75) fails the job. The other ranks get SIGTERM and, after FAILURE_GRACE_S,
-  SIGKILL, as torchrun does. The launcher exits with the failed rank's code (128 + N for a signal N).
+  SIGKILL, as torchrun does. A rank that blocks SIGTERM meanwhile (still starting, or done training) cannot act
+  on it and is killed at once, as SIGTERM's default action would end it under torchrun (not after a stop
+  request: those ranks may be saving). The launcher exits with the first failed rank's code (128 + N for a
+  signal N), also when another rank had ended before it with 0 or 75.
 """
 
 import ctypes
@@ -31,7 +34,7 @@ import signal
 import sys
 import time
 import uuid
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Set
 
 from engine.callbacks.preemption import PREEMPTED_EXIT_CODE
 
@@ -52,6 +55,17 @@ def launcher_exit_code(first: int) -> int:
 
 def _describe(code: int) -> str:
     return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exited with {code}"
+
+
+def _blocks(pid: int, sig: int) -> bool:
+    """Whether the process's main thread blocks `sig` (SigBlk of /proc/PID/status: the thread that runs Python's
+    handlers, and the one PreemptionCallback unblocks); False if that cannot be read (the process is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            mask = next(int(line.split()[1], 16) for line in status if line.startswith("SigBlk:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return False
+    return bool(mask >> (int(sig) - 1) & 1)
 
 
 def _rank_preexec(launcher_pid: int, prctl, preemptible: bool):
@@ -91,6 +105,7 @@ class LocalRanks:
         self.pending: List[int] = []  # signals received, handled by the wait loop (a handler only appends)
         self.stop_signal: Optional[int] = None  # what the ranks are sent after a stop request
         self.killed = False
+        self.unable: Set[int] = set()  # ranks killed after a failure because they blocked SIGTERM
 
     def run(self) -> int:
         import subprocess
@@ -147,8 +162,10 @@ class LocalRanks:
             proc.wait()
 
     def _wait(self) -> int:
-        """Until every rank has ended; the launcher's code, from the first rank to end (lowest rank on a tie)."""
+        """Until every rank has ended. The launcher's code is the first failure's (the lowest rank on a tie) if a
+        rank failed, else the first rank to end's: 0, or 75 when the ranks saved after a stop."""
         first: Optional[int] = None
+        failure: Optional[int] = None
         failed_at: Optional[float] = None
         while True:
             self._handle_pending()
@@ -156,18 +173,31 @@ class LocalRanks:
             ended = [(rank, code) for rank, code in enumerate(codes) if code is not None]
             if first is None and ended:
                 first = ended[0][1]
-            failure = next(((r, c) for r, c in ended if c not in self._expected()), None)
-            if failure is not None and failed_at is None and not self.killed:
-                failed_at = time.monotonic()
-                print(f"{self.name}: rank {failure[0]} {_describe(failure[1])}: stopping the other ranks",
+            failed = next(((r, c) for r, c in ended if c not in self._expected()), None)
+            if failed is not None and failure is None and not self.killed:
+                failure, failed_at = failed[1], time.monotonic()
+                print(f"{self.name}: rank {failed[0]} {_describe(failure)}: stopping the other ranks",
                       file=sys.stderr, flush=True)
                 self._send(signal.SIGTERM)
+            if failure is not None and self.stop_signal is None:
+                self._kill_unable_to_stop()
             if len(ended) == self.nproc:
                 break
             if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
                 self._kill_all()
             time.sleep(POLL_S)
-        return self._report(first)
+        return self._report(first if failure is None else failure)
+
+    def _kill_unable_to_stop(self) -> None:
+        """After a rank failed (not a stop request): a rank that blocks SIGTERM (still starting, or done training: the
+        module docstring) cannot act on the SIGTERM it was sent, and would hold the job for
+        FAILURE_GRACE_S; SIGTERM's default action would end it at once (as under torchrun), so SIGKILL it now."""
+        for rank, proc in enumerate(self.procs):
+            if rank not in self.unable and proc.poll() is None and _blocks(proc.pid, signal.SIGTERM):
+                self.unable.add(rank)
+                print(f"{self.name}: rank {rank} is not training (SIGTERM blocked): killing it", file=sys.stderr,
+                      flush=True)
+                proc.kill()
 
     def _expected(self) -> tuple:
         """How a rank may end without failing the job: finished, preempted and saved, or (a job that does not
