@@ -235,7 +235,10 @@ def _convert(args: argparse.Namespace) -> int:
         path = import_hf(args.source, args.dest)
         print(f"wrote herd checkpoint {path}; train from it with checkpoint.load_weights={args.dest}", flush=True)
     else:
-        done = export_hf(args.source, args.dest, overwrite=args.overwrite)
+        try:
+            done = export_hf(args.source, args.dest, overwrite=args.overwrite)
+        except OSError as e:  # reading the checkpoint (writing is one line already): one line too, no traceback
+            raise HerdError(f"{e.filename or args.source}: {e.strerror or e}") from None
         print(f"wrote HF Llama directory {done.path} from step {done.step} (transformers: "
               f"AutoModelForCausalLM.from_pretrained); tokenizer: {done.tokenizer or 'none'}", flush=True)
         for note in done.notes:

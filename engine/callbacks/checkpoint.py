@@ -25,10 +25,12 @@ class CheckpointCallback(Callback):
             self._save(trainer)
 
     def on_fit_end(self, trainer) -> None:
-        if self.every > 0 and trainer.state.step != self.last_saved and trainer.state.step > 0:
-            self._save(trainer)
-        self.checkpointer.wait()  # the run ends (or is preempted) only with its last checkpoint committed
-        self.checkpointer.release()  # the directory's lock: another run (or this process's next) may take it
+        try:
+            if self.every > 0 and trainer.state.step != self.last_saved and trainer.state.step > 0:
+                self._save(trainer)
+            self.checkpointer.wait()  # the run ends (or is preempted) only with its last checkpoint committed
+        finally:  # a failed save too: the directory's lock goes, another run (or this process's next) may take it
+            self.checkpointer.release()
 
     def on_fit_abort(self, trainer) -> None:
         self.checkpointer.release()  # kept while a background save still writes (the process's end drops it)

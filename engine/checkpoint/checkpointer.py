@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from engine.callbacks.guards import assert_finite_state
-from engine.checkpoint.manifest import check_train_meta, saved_model_config
+from engine.checkpoint.manifest import check_train_meta, model_config_of, saved_model_config
 from engine.checkpoint.ownership import Claim, claim_directory, probe_writable
 from engine.checkpoint.sharded import Box, load_sharded, param_key, save_sharded, sharded_state
 from engine.checkpoint.store import MANIFEST, CheckpointError, CheckpointStore, describe_files
@@ -45,6 +45,22 @@ def _gather(value, group=None) -> List:
     out: List = [None] * dist.get_world_size(group)
     dist.all_gather_object(out, value, group=group)
     return out
+
+
+def _failure(where, e: BaseException) -> str:
+    """The one line every rank raises when rank 0 alone failed (they wait for its verdict, never hang)."""
+    if isinstance(e, CheckpointError):
+        return str(e)
+    lines = str(e).strip().splitlines()
+    return f"{where}: {type(e).__name__}" + (f": {lines[0]}" if lines else "")
+
+
+def _raise_agreed(verdict) -> tuple:
+    """Rank 0's verdict on every rank: ("error", line) raises that line everywhere; anything else is returned."""
+    first, second = _agree(verdict)
+    if first == "error":
+        raise CheckpointError(second)
+    return first, second
 
 
 def init_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
@@ -89,13 +105,9 @@ class Checkpointer:
                 for note in self.claimed.notes:
                     if say is not None:
                         say(note)
-            except CheckpointError as e:
-                verdict = ("error", str(e))
-            except OSError as e:  # an unreadable directory, a failed move: every rank stops, none waits
-                verdict = ("error", f"{self.store.root}: cannot claim the checkpoint directory ({e})")
-        root, prepared = _agree(verdict)
-        if root == "error":
-            raise CheckpointError(prepared)
+            except Exception as e:  # noqa: BLE001 - unreadable directory, failed move: all ranks stop, none waits
+                verdict = ("error", _failure(f"{self.store.root}: cannot claim the checkpoint directory", e))
+        root, prepared = _raise_agreed(verdict)
         self.store.root = Path(root)
         if writes and world > 1:
             problem = None
@@ -124,9 +136,13 @@ class Checkpointer:
         assert_finite_state(self.module.parallel.named_parameters(), self.module.optimizer, step, device)
         rank, world = _rank_world()
         path = self.store.step_dir(step)
+        problem = None
         if rank == 0:
-            self.store.begin(step)
-        _agree(None)  # the directory exists before anyone writes into it
+            try:
+                self.store.begin(step)
+            except Exception as e:  # noqa: BLE001 - every rank stops with rank 0's line, none waits
+                problem = _failure(f"{path}: cannot begin the checkpoint", e)
+        _raise_agreed(("error", problem) if problem else (None, None))  # the directory exists before any write
         init_optimizer_state(self.module.optimizer)
         state = sharded_state(self.module.parallel, self.module.optimizer)
         if self.async_save:  # a snapshot: training goes on changing the live tensors
@@ -183,14 +199,12 @@ class Checkpointer:
         rank, world = _rank_world()
         choice = None
         if rank == 0:
-            step = self.store.latest_step()
             try:
+                step = self.store.latest_step()
                 choice = (step, self.store.verify(step)) if step is not None else (None, None)
-            except CheckpointError as e:
-                choice = ("error", str(e))
-        step, manifest = _agree(choice)
-        if step == "error":
-            raise CheckpointError(manifest)
+            except Exception as e:  # noqa: BLE001 - the other ranks wait for this verdict: they raise it too
+                choice = ("error", _failure(f"{self.store.root}: cannot resume", e))
+        step, manifest = _raise_agreed(choice)
         if step is None:
             return None
         path = self.store.step_dir(step)
@@ -205,19 +219,19 @@ class Checkpointer:
         rank, _ = _rank_world()
         choice = None
         if rank == 0:
-            source = CheckpointStore(root)
-            step = source.latest_step()
             try:
+                source = CheckpointStore(root)
+                step = source.latest_step()
                 if step is None:
                     raise CheckpointError(f"{root}: no complete checkpoint to load weights from")
                 choice = (step, source.verify(step))
-            except CheckpointError as e:
-                choice = ("error", str(e))
-        step, manifest = _agree(choice)
-        if step == "error":
-            raise CheckpointError(manifest)
+            except Exception as e:  # noqa: BLE001 - the other ranks wait for this verdict: they raise it too
+                choice = ("error", _failure(f"{root}: cannot load weights", e))
+        step, manifest = _raise_agreed(choice)
         saved = saved_model_config(manifest, CheckpointStore(root).step_dir(step) / MANIFEST)
-        if saved is not None and model_cfg is not None:  # an imported model: its config must be this run's
+        if saved is not None:  # an imported model: a valid one (one line if not), and this run's
+            model_config_of(manifest, CheckpointStore(root).step_dir(step) / MANIFEST)
+        if saved is not None and model_cfg is not None:
             ours = dataclasses.asdict(model_cfg)
             for key in sorted(set(saved) - {"name"}):
                 if saved[key] != ours.get(key):

@@ -31,7 +31,7 @@ def read_json(path: Path, what: str) -> object:
     """A JSON file's content, or one line naming the file (not JSON, not UTF-8, unreadable)."""
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise CheckpointError(f"{path}: not a valid {what} ({str(e).splitlines()[0]})") from None
 
 

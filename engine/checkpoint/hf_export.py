@@ -12,20 +12,20 @@ import contextlib
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 
 from engine.checkpoint.convert import EXPORT_MARK, TOKEN_IDS, check_destination
-from engine.checkpoint.manifest import check_export_meta
+from engine.checkpoint.manifest import configs_of
 from engine.checkpoint.sharded import Box, load_sharded
-from engine.checkpoint.store import CheckpointError, CheckpointStore
-from engine.config import ModelConfig, RopeScalingConfig, TokenizerConfig, load_config
-from engine.errors import ConfigError, HerdError
+from engine.checkpoint.ownership import LOCK
+from engine.checkpoint.store import _STEP_DIR, MANIFEST, MARKER, CheckpointError, CheckpointStore
+from engine.config import ModelConfig, TokenizerConfig
+from engine.errors import ConfigError
 from engine.hf_interop import herd_to_hf_name, hf_config_dict
 
 BOS, EOS, EOT = "<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"
@@ -46,21 +46,6 @@ class Export:
     step: int
     tokenizer: Optional[str] = None  # where the tokenizer files came from, None if none were written
     notes: List[str] = field(default_factory=list)
-
-
-def checkpoint_configs(manifest: dict) -> Tuple[ModelConfig, Optional[TokenizerConfig]]:
-    """The model config of a checkpoint, and its run's tokenizer (None for an imported HF model)."""
-    meta = manifest["meta"]
-    if "model" in meta:
-        m = dict(meta["model"])
-        m["rope_scaling"] = RopeScalingConfig(**m["rope_scaling"])
-        return ModelConfig(**m), None
-    with tempfile.TemporaryDirectory() as tmp:  # a training checkpoint: the run's resolved config
-        (Path(tmp) / "config.yaml").write_text(meta["config"])
-        # validated for the world the run had (its layout's degrees multiply to that, not to this one process)
-        cfg = load_config(str(Path(tmp) / "config.yaml"), ["data.train=[]", "data.valid=[]"],
-                          world_size=int(meta.get("world_size", 1)))
-        return cfg.model, cfg.data.tokenizer
 
 
 def _hf_tokenizer_file(path: Path):
@@ -167,26 +152,49 @@ def write_weights(model: torch.nn.Module, out: Path, max_shard_bytes: int) -> No
             "weight_map": {k: n for n, s in zip(names, shards) for k in s}}))
 
 
+def _checkpoint_state(directory: Path, depth: int = 4) -> Optional[Path]:
+    """The first herd checkpoint state found in `directory` or up to `depth` levels below it (symlinks not
+    followed): a checkpoint directory's lock file, or a step directory holding a manifest or commit marker."""
+    top = len(directory.parts)
+    for here, dirs, names in os.walk(directory):
+        if LOCK in names:
+            return Path(here) / LOCK
+        for name in dirs:
+            step = Path(here) / name
+            if _STEP_DIR.fullmatch(name) and ((step / MARKER).exists() or (step / MANIFEST).exists()):
+                return step
+        if len(Path(here).parts) - top >= depth:
+            dirs[:] = []
+    return None
+
+
 def _refuse_replacing_a_parent(out_dir: Path, ckpt_root: Path) -> None:
     """Replacing the destination deletes what it held: never the checkpoint being exported, nor the directory
-    herd runs in (or one above either)."""
+    herd runs in (or one above either), nor any run's checkpoints (a live run's locked directory, a run
+    directory, or one above them), --overwrite or not."""
     dest = out_dir.resolve()
     for inside, what in ((Path(ckpt_root).resolve(), "the checkpoint being exported"),
                          (Path.cwd().resolve(), "the current directory")):
         if dest == inside or dest in inside.parents:
             raise CheckpointError(f"{out_dir}: holds {what}; an export replaces its destination, choose another")
+    found = _checkpoint_state(dest)
+    if found is not None:
+        raise CheckpointError(f"{out_dir}: holds herd checkpoint state ({found}); an export replaces its "
+                              f"destination, choose another")
 
 
 def _install(files: Dict[str, bytes], write_more: Callable[[Path], None], out_dir: Path) -> None:
     """Write the files (and whatever write_more writes) into a staging directory beside out_dir, then put it in
-    out_dir's place."""
+    out_dir's place. A failure to write (no space, no permission...) is one line naming out_dir, and leaves
+    out_dir as it was and no directory the export made."""
+    from safetensors import SafetensorError
     created = [d for d in out_dir.parents if not d.exists()]  # innermost first: removed again on failure
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     token = uuid.uuid4().hex[:12]
     staging = out_dir.parent / f".{out_dir.name}.herd-export-{token}"
     old = out_dir.parent / f".{out_dir.name}.herd-replaced-{token}"
-    staging.mkdir()
     try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
         for name, data in files.items():
             with open(staging / name, "wb") as f:
                 f.write(data)
@@ -196,13 +204,18 @@ def _install(files: Dict[str, bytes], write_more: Callable[[Path], None], out_di
         if out_dir.exists():
             out_dir.rename(old)
         staging.rename(out_dir)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(staging, ignore_errors=True)
         if old.exists() and not out_dir.exists():
             old.rename(out_dir)  # put back what was there
         for directory in created:  # a failed export leaves no directory it made
             with contextlib.suppress(OSError):
                 directory.rmdir()
+        if isinstance(e, (OSError, SafetensorError)):
+            reason = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
+            raise CheckpointError(f"{out_dir}: the export could not be written "
+                                  f"({reason.strip().splitlines()[0] if reason.strip() else type(e).__name__})"
+                                  ) from None
         raise
     shutil.rmtree(old, ignore_errors=True)
 
@@ -219,11 +232,7 @@ def export_hf(ckpt_root: Path, out_dir: Path, max_shard_bytes: int = 5 * 2**30, 
     if step is None:
         raise CheckpointError(f"{ckpt_root}: no complete checkpoint")
     manifest = store.verify(step)
-    try:
-        check_export_meta(manifest, store.step_dir(step) / "manifest.json")  # types and shapes first (one line)
-        model_cfg, tok_cfg = checkpoint_configs(manifest)
-    except HerdError as e:
-        raise CheckpointError(f"{store.step_dir(step)}: the checkpoint's config does not load ({e})") from None
+    model_cfg, tok_cfg = configs_of(manifest, store.step_dir(step) / "manifest.json")  # checked: one line
     tok = export_tokenizer(tok_cfg, manifest["meta"], model_cfg)
     model = load_weights(store, step, manifest, model_cfg)  # before anything is written: a bad file refuses
     files = dict(tok.files)

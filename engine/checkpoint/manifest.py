@@ -130,9 +130,9 @@ def check_train_meta(manifest: dict, file: Path, loader_state: dict, scheduler_s
 def saved_model_config(manifest: dict, file: Path) -> Optional[dict]:
     """`meta.model` (an import's model config, as ModelConfig's fields), checked: None when absent."""
     from engine.config import ModelConfig
-    model = manifest["meta"].get("model")
-    if model is None:
+    if "model" not in manifest["meta"]:
         return None
+    model = manifest["meta"]["model"]  # null is no model config: refused below, not taken for an absent one
     reference = dataclasses.asdict(ModelConfig())
     reference["name"] = ""
     _same_shape(model, reference, file, "meta.model")  # a missing key takes ModelConfig's default
@@ -153,27 +153,34 @@ def check_export_meta(manifest: dict, file: Path) -> None:
 def model_config_of(manifest: dict, file: Path):
     """The ModelConfig a checkpoint was saved with: an import's `meta.model`, else the training run's resolved
     config (`meta.config`, YAML); one line naming the file and field when neither describes a valid model."""
+    return configs_of(manifest, file)[0]
+
+
+def configs_of(manifest: dict, file: Path) -> tuple:
+    """(ModelConfig, TokenizerConfig or None): a checkpoint's model, and its training run's tokenizer (None for an
+    import, which holds no tokenizer), each checked; one line naming the file and field when they do not load."""
     from engine.config import ModelConfig, RopeScalingConfig, load_config, validate_model
     from engine.errors import HerdError
+    check_export_meta(manifest, file)
     model = saved_model_config(manifest, file)
     try:
         if model is not None:
             config = ModelConfig(**{**model, "rope_scaling": RopeScalingConfig(**model.get("rope_scaling", {}))})
             validate_model(config)
-            return config
-        text = manifest["meta"].get("config")
-        if not isinstance(text, str):
-            _refuse(file, "meta.config", "the run's resolved config (YAML text)", text)
-        return _config_from_yaml(text, load_config).model
-    except CheckpointError:
-        raise
+            return config, None
+        # validated for the world the run had (its layout's degrees multiply to that, not to this one process)
+        job = _config_from_yaml(manifest["meta"]["config"], load_config, manifest["meta"].get("world_size", 1))
+        return job.model, job.data.tokenizer
     except HerdError as e:
+        if isinstance(e, CheckpointError):
+            raise
         field = "meta.model" if model is not None else "meta.config"
         raise CheckpointError(f"{file}: field '{field}' describes no valid model ({e})") from None
 
 
-def _config_from_yaml(text: str, load_config):
+def _config_from_yaml(text: str, load_config, world_size: int):
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "config.yaml").write_text(text)
-        return load_config(str(Path(tmp) / "config.yaml"), ["data.train=[]", "data.valid=[]"])
+        return load_config(str(Path(tmp) / "config.yaml"), ["data.train=[]", "data.valid=[]"],
+                           world_size=world_size)

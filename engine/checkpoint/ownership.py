@@ -5,17 +5,19 @@ restarted run runs the same config, so it finds its own checkpoints again wherev
 resume under another layout or from another run directory keeps working); a checkpoint directory holding
 complete checkpoints of another name is foreign. A run refuses a foreign directory, with one line naming the
 other run, unless `checkpoint.on_foreign=new_lineage`: its checkpoints then go to `<dir>/lineages/<name>/`,
-beside the other run's, and nothing of the other run is ever resumed or deleted (the store's purge deletes only
-its own lineage). A run that would start over (`checkpoint.resume=never`) among its own earlier checkpoints in
+beside the other run's (and stay there once the other run's are gone), and nothing of the other run is ever
+resumed or deleted (the store's purge deletes only its own lineage). A run that would start over (`checkpoint.resume=never`) among its own earlier checkpoints in
 an explicit `checkpoint.dir` is refused too: its purge would delete its fresh saves (older steps) first.
 
 Lock: a run that saves holds an exclusive `flock` on `<dir>/.herd-lock` (rank 0, for the run's lifetime), so a
-second run on the directory is refused with one line naming the holder's pid and host; the kernel drops the lock
-when the holding process dies, so a SIGKILLed run never leaves it stuck. Writability: the directory is created
+second run on the directory is refused with one line naming the holder's pid and host (a run that does not save
+tests the lock without writing anything, before it resumes from the directory or moves its run directory aside);
+the kernel drops the lock when the holding process dies, so a SIGKILLed run never leaves it stuck. Writability: the directory is created
 and a probe file written and removed on every rank before the first step, so an unwritable directory is one line
 at start-up instead of a failure at the first save.
 """
 
+import contextlib
 import errno
 import fcntl
 import os
@@ -54,6 +56,7 @@ class DirectoryLock:
     def __init__(self, root: Path):
         self.root = Path(root)
         self._file, self._path = None, self.root / LOCK
+        self.unsupported = False  # the filesystem cannot lock (flock fails): warned once, not tried again
 
     @property
     def held(self) -> bool:
@@ -61,9 +64,10 @@ class DirectoryLock:
 
     def acquire(self) -> Optional[str]:
         """Take the lock, or raise one line naming its holder. Returns a warning when the filesystem cannot lock
-        (then concurrent runs go undetected, as before locks existed)."""
+        (then concurrent runs go undetected, as before locks existed; `unsupported` is set and no file is left)."""
         path = self.root / LOCK
         for _ in range(8):  # a holder that released may unlink the file under us: lock the file at the path
+            existed = os.path.lexists(path)
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
             except OSError as e:
@@ -72,15 +76,12 @@ class DirectoryLock:
                 raise CheckpointError(f"{self.root}: the checkpoint directory cannot be written "
                                       f"({e.strerror})") from None
             handle = os.fdopen(fd, "r+b")
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                holder = handle.read(200).decode("utf-8", "replace").strip() or "a process that recorded nothing"
-                handle.close()
-                if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise CheckpointError(f"{self.root}: another run is using this checkpoint directory "
-                                          f"({holder}); wait for it to end, or choose another checkpoint.dir") from None
-                return f"warning: cannot lock {path} ({e.strerror}): a second run on it would not be detected"
+            warning = self._try_lock(handle)
+            if warning is not None:
+                if not existed:  # ours, and useless: a clean end leaves nothing behind
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+                return warning
             try:
                 same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
             except FileNotFoundError:
@@ -95,6 +96,38 @@ class DirectoryLock:
         handle.flush()
         self._file, self._path = handle, path
         return None
+
+    def test(self) -> Optional[str]:
+        """For a run that does not save: refuse, as acquire does, while another run holds the lock; otherwise
+        take it for an instant and let it go. Creates, writes and removes nothing (a read-only directory is
+        fine); a warning when the lock cannot be tested."""
+        path = self.root / LOCK
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return None  # a holder keeps its file: nobody holds the directory
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise CheckpointError(f"{path}: is a symlink; refusing to lock through it") from None
+            self.unsupported = True
+            return f"warning: cannot test the lock {path} ({e.strerror}): a run using it would not be detected"
+        with os.fdopen(fd, "rb") as handle:
+            return self._try_lock(handle)  # closing drops the lock taken
+
+    def _try_lock(self, handle) -> Optional[str]:
+        """flock `handle` exclusively without waiting: None when taken; one line naming the holder when another
+        process holds it; a warning (handle closed, `unsupported` set) when the filesystem cannot lock."""
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return None
+        except OSError as e:
+            holder = handle.read(200).decode("utf-8", "replace").strip() or "a process that recorded nothing"
+            handle.close()
+            if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise CheckpointError(f"{self.root}: another run is using this checkpoint directory "
+                                      f"({holder}); wait for it to end, or choose another checkpoint.dir") from None
+            self.unsupported = True
+            return f"warning: cannot lock {self.root / LOCK} ({e.strerror}): a second run on it would not be detected"
 
     def release(self) -> None:
         """Remove the lock file (a clean end leaves nothing behind) while still holding it, then close: a run
@@ -136,31 +169,37 @@ def _refuse_foreign(root: Path, foreign: Dict[int, Optional[str]], lineage: str)
 
 def claim_directory(store: CheckpointStore, on_foreign: str, resume: str, writes: bool,
                     run_dir: Optional[Path] = None, move_aside: Optional[Callable[[Path], None]] = None) -> Claim:
-    """Rank 0, before anything reads or writes the directory: lock it (if the run saves), refuse foreign
-    checkpoints or place this run's beside them, move an earlier run directory aside when the checkpoint root
-    lies in it (`run_dir`, the default root) and the run does not resume, and refuse a fresh start among the
-    run's own checkpoints. Changes `store.root` to the claimed root; raises CheckpointError (one line)."""
+    """Rank 0, before anything reads or moves the directory: lock it (a run that saves) or test its lock (one
+    that does not), refuse foreign checkpoints or place this run's beside them, move an earlier run directory
+    aside when the checkpoint root lies in it (`run_dir`, the default root) and the run does not resume, and
+    refuse a fresh start among the run's own checkpoints. Changes `store.root` to the claimed root; raises
+    CheckpointError (one line)."""
     root = store.root
     if root.is_symlink():
         raise CheckpointError(f"{root}: is a symlink; a checkpoint directory must be a plain directory")
     claim = Claim(root)
     lock = DirectoryLock(root)
     try:
-        if writes and root.is_dir():  # before reading: a live run's directory is not ours to judge or move
-            probe_writable(root)
-            claim.notes += [w for w in [lock.acquire()] if w]
+        if root.is_dir():  # before reading: a live run's directory is not ours to judge, resume or move
+            if writes:
+                probe_writable(root)
+            claim.notes += [w for w in [lock.acquire() if writes else lock.test()] if w]
         foreign = _foreign(store)
         if foreign and on_foreign != "new_lineage":
             _refuse_foreign(root, foreign, store.lineage)
         beside = CheckpointStore(root / LINEAGES / store.lineage, store.keep_last, lineage=store.lineage)
-        own = beside.complete_steps() if foreign else store.complete_steps()
+        # beside the other run's checkpoints, or (new_lineage) where this run saved them before, once the other
+        # run's are gone: the same command keeps resuming its own
+        use_beside = bool(foreign) or (on_foreign == "new_lineage" and bool(beside.complete_steps())
+                                       and not store.complete_steps())
+        own = beside.complete_steps() if use_beside else store.complete_steps()
         if writes and run_dir is not None:  # the run directory is prepared here, before the root is made in it
             claim.run_dir_prepared = True
             if not (resume == "auto" and own) and run_dir.exists() and any(run_dir.iterdir()) and move_aside:
                 move_aside(run_dir)  # the lock file goes with it: the fresh root is locked below
                 lock.release()
-                foreign, own = {}, []
-        if foreign:
+                use_beside, own = False, []
+        if use_beside:
             store.root = claim.root = beside.root
         if writes and resume == "never" and own:
             raise CheckpointError(f"{store.root}: holds checkpoints of this run '{store.lineage}' (steps "
@@ -169,8 +208,7 @@ def claim_directory(store: CheckpointStore, on_foreign: str, resume: str, writes
         if writes:
             probe_writable(root)
             probe_writable(store.root)
-            if not lock.held:
-                lock = DirectoryLock(root)
+            if not lock.held and not lock.unsupported:  # once only where the filesystem cannot lock
                 claim.notes += [w for w in [lock.acquire()] if w]
             claim.lock = lock
     except BaseException:

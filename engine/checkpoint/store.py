@@ -178,7 +178,7 @@ class CheckpointStore:
                 continue
             try:
                 lineage = json.loads(manifest).get("lineage", "")
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # RecursionError: nested too deep to parse
                 lineage = None
             found[step] = lineage if isinstance(lineage, str) else None
         return found
@@ -214,7 +214,7 @@ class CheckpointStore:
             raise CheckpointError(f"{path / MANIFEST}: does not match its commit marker (altered or incomplete)")
         try:
             manifest = json.loads(raw.decode("utf-8"))
-        except ValueError as e:  # UnicodeDecodeError is a ValueError
+        except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError; RecursionError: too deep
             raise CheckpointError(f"{path / MANIFEST}: not valid JSON ({str(e).splitlines()[0]})") from None
         from engine.checkpoint.manifest import check_manifest  # (it imports this module)
         check_manifest(manifest, path / MANIFEST, step)

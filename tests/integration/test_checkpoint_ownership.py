@@ -5,17 +5,19 @@ found before the first step. Each refusal is one line; the directory is left exa
 | case | what must hold |
 |---|---|
 | another run's checkpoints in checkpoint.dir | refused naming that run and the option, through `herd train` too (exit 2) |
-| checkpoint.on_foreign=new_lineage | saves beside them in lineages/<name>, purges only its own, a requeue resumes its own; the other run resumes its own and never sees these |
+| checkpoint.on_foreign=new_lineage | saves beside them in lineages/<name>, purges only its own, a requeue resumes its own (also once the other run's are deleted); the other run resumes its own and never sees these |
 | checkpoint.resume=never among the run's own checkpoints | refused (its purge would delete its fresh saves) |
-| a second run while one holds the directory | refused naming the holder's pid, its run directory not moved aside; after SIGKILL of the holder the next run proceeds |
+| a second run while one holds the directory | refused naming the holder's pid, saving or not (checkpoint.every=0), its run directory not moved aside; after SIGKILL of the holder the next run proceeds |
+| a filesystem without flock | one warning, no lock file left |
 | an unwritable directory | one line naming it before any step, through `herd train` (exit 2) |
 | an HF import into a directory holding a run's checkpoints | refused, directory unchanged |
-| 2 ranks | every rank refuses a foreign directory with the same line; new_lineage works across ranks |
+| 2 ranks | every rank refuses a foreign directory with the same line; new_lineage works across ranks; a Python error on rank 0 alone (claim, resume, load_weights of a manifest nested too deep) is the same line on every rank, no hang |
 """
 
 import hashlib
 import io
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.checkpoint.ownership import LOCK, DirectoryLock
+from engine.checkpoint.ownership import LOCK, DirectoryLock, claim_directory
 from engine.checkpoint.store import CheckpointError, CheckpointStore
 from engine.config import to_yaml
 from engine.errors import HerdError
@@ -108,6 +110,12 @@ def test_a_new_lineage_beside_another_run_never_touches_it(corpus, tmp_path):
     continued = train(corpus, tmp_path / "runs", "a", 6, f"checkpoint.dir={ckpt}")
     assert CheckpointStore(ckpt, lineage="a").complete_steps() == [4, 6] and continued.state.step == 6
     assert {k: v for k, v in snapshot(ckpt).items() if k.startswith("lineages")} == before_b
+    # run a's checkpoints deleted: the same command of b keeps resuming its own, beside (not from 0 at the root)
+    for step in ckpt.glob("step_*"):
+        shutil.rmtree(step)
+    again = train(corpus, tmp_path / "runs", "b", 10, *beside)
+    assert again.state.step == 10 and mine.complete_steps() == [8, 10]
+    assert not list(ckpt.glob("step_*"))
 
 
 def test_starting_over_among_its_own_checkpoints_is_refused(corpus, tmp_path):
@@ -151,7 +159,10 @@ def test_a_second_run_is_refused_while_one_holds_the_directory(corpus, tmp_path)
     try:
         ckpt = run_dir / "a" / "checkpoints"
         before = snapshot(run_dir)
-        for name, extra in (("a", ["checkpoint.resume=never"]), ("a", []), ("b", [f"checkpoint.dir={ckpt}"])):
+        # a run that does not save (checkpoint.every=0) would still resume from it, or move its run directory
+        # aside: it tests the lock too
+        for name, extra in (("a", ["checkpoint.resume=never"]), ("a", []), ("b", [f"checkpoint.dir={ckpt}"]),
+                            ("a", ["checkpoint.every=0"]), ("b", [f"checkpoint.dir={ckpt}", "checkpoint.every=0"])):
             line = refused(corpus, run_dir, name, *extra)
             print(f"concurrent ({name} {extra}): {line}")
             assert f"another run is using this checkpoint directory (held by pid {holder.pid}" in line
@@ -174,6 +185,17 @@ def test_the_lock_is_exclusive_and_released(tmp_path):
     assert not (tmp_path / LOCK).exists()
     assert second.acquire() is None
     second.release()
+    # a run that does not save tests the lock: refused while held, and it creates, writes and removes nothing
+    assert first.acquire() is None
+    held = (tmp_path / LOCK).read_bytes()
+    with pytest.raises(CheckpointError, match=f"held by pid {os.getpid()}"):
+        DirectoryLock(tmp_path).test()
+    assert (tmp_path / LOCK).read_bytes() == held
+    first.release()
+    assert DirectoryLock(tmp_path).test() is None and not (tmp_path / LOCK).exists()
+    (tmp_path / LOCK).write_bytes(b"held by pid 1 on a host that died")  # a killed holder's file: free
+    assert DirectoryLock(tmp_path).test() is None and (tmp_path / LOCK).exists()
+    (tmp_path / LOCK).unlink()
     os.symlink(tmp_path / "elsewhere", tmp_path / LOCK)
     with pytest.raises(CheckpointError, match="is a symlink"):
         DirectoryLock(tmp_path).acquire()
@@ -249,3 +271,65 @@ def test_every_rank_takes_rank_zeros_verdict(corpus, tmp_path):
     assert a == ("ok", 2) and b[0] == "refused" and "of run 'a'" in b[1] and beside == ("ok", 2)
     assert CheckpointStore(ckpt, lineage="a").complete_steps() == [2]
     assert CheckpointStore(ckpt / "lineages" / "b", lineage="b").complete_steps() == [2]
+
+
+def _deep_checkpoint(root: Path) -> None:
+    """A committed checkpoint whose manifest nests too deep for Python's JSON parser (RecursionError)."""
+    step = root / "step_00000002"
+    step.mkdir(parents=True)
+    raw = b"[" * 100000
+    (step / "manifest.json").write_bytes(raw)
+    (step / "COMMITTED").write_text(hashlib.sha256(raw).hexdigest())
+
+
+def ranks_rank_zero_fails_alone(rank: int, world: int, root: str) -> list:
+    """Rank 0 alone meets a Python error (not a CheckpointError) while the others wait for its verdict: each
+    section must end with the same one line on every rank, never a hang."""
+    from engine.checkpoint.checkpointer import Checkpointer
+
+    def boom(*args):
+        raise RuntimeError("rank 0 alone\nsecond line")
+
+    out = []
+    ck = Checkpointer(CheckpointStore(Path(root) / "own", lineage="t"), None, None, None, "", {})
+    sections = [lambda: ck.load_weights(Path(root) / "deep"),
+                lambda: ck.claim("refuse", "auto", writes=False),
+                lambda: ck.resume()]
+    for i, section in enumerate(sections):
+        if rank == 0 and i == 1:
+            ck.store.lineages = boom  # claim (and then resume) read the directory on rank 0 only
+        try:
+            section()
+            out.append("ok")
+        except CheckpointError as e:
+            out.append(str(e))
+    return out
+
+
+def test_rank_zero_failing_alone_stops_every_rank_with_one_line(tmp_path):
+    from parallel.multiprocess import run_on_ranks
+    _deep_checkpoint(tmp_path / "deep")
+    (tmp_path / "own").mkdir()
+    results = run_on_ranks(ranks_rank_zero_fails_alone, 2, str(tmp_path), timeout=300, collective_timeout_s=60)
+    print(results[0])
+    assert results[0] == results[1]
+    deep, claim, resume = results[0]
+    assert "manifest.json: not valid JSON" in deep and "\n" not in deep
+    assert claim == f"{tmp_path / 'own'}: cannot claim the checkpoint directory: RuntimeError: rank 0 alone"
+    assert resume == f"{tmp_path / 'own'}: cannot resume: RuntimeError: rank 0 alone"
+
+
+def test_a_filesystem_without_locks_warns_once_and_leaves_no_lock_file(tmp_path, monkeypatch):
+    import errno
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    for root in (tmp_path / "existing", tmp_path / "new"):
+        if root.name == "existing":
+            root.mkdir()
+        claim = claim_directory(CheckpointStore(root, lineage="t"), "refuse", "auto", writes=True)
+        assert len(claim.notes) == 1 and "cannot lock" in claim.notes[0], claim.notes
+        claim.lock.release()
+        assert not (root / LOCK).exists()

@@ -172,3 +172,37 @@ def test_a_leftover_of_an_interrupted_save_is_replaced(tmp_path):
     assert not (tmp_path / "step_00000050" / "junk").exists()
     with pytest.raises(CheckpointError, match="committed checkpoint of step 50 exists"):
         store.begin(50)
+
+
+def test_the_lock_is_released_when_the_last_save_fails():
+    """A background save that failed raises at the end of the run; the directory's lock goes all the same."""
+    from types import SimpleNamespace
+
+    from engine.callbacks.checkpoint import CheckpointCallback
+
+    class Failed:
+        async_save, released = True, False
+
+        def wait(self):
+            raise CheckpointError("the background save failed")
+
+        def release(self):
+            self.released = True
+
+    checkpointer = Failed()
+    with pytest.raises(CheckpointError, match="background save failed"):
+        CheckpointCallback(checkpointer, every=0).on_fit_end(SimpleNamespace(state=SimpleNamespace(step=3)))
+    assert checkpointer.released
+
+
+def test_a_manifest_nested_too_deep_is_one_line(tmp_path):
+    """Python's JSON parser raises RecursionError (not a ValueError) on deep nesting: both readers turn it into
+    what they do with any unreadable manifest."""
+    store = CheckpointStore(tmp_path)
+    path = save(store, 2)
+    raw = b"[" * 100000
+    (path / MANIFEST).write_bytes(raw)
+    (path / MARKER).write_text(hashlib.sha256(raw).hexdigest())
+    assert store.lineages() == {2: None}  # complete, of an unknown run
+    with pytest.raises(CheckpointError, match=f"^{path / MANIFEST}: not valid JSON \\(maximum recursion"):
+        store.verify(2)

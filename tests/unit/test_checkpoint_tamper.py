@@ -175,6 +175,11 @@ CASES = [
     Case("manifest_not_json", lambda d: sign(d, raw=b"{not json"), "manifest.json", (W, E)),
     Case("manifest_not_an_object", lambda d: sign(d, raw=b"[1, 2]"), "field '(top level)'", (W, E)),
     Case("manifest_unreadable_is_nobodys", lambda d: sign(d, raw=b"[1, 2]"), "manifest.json cannot be read", (R,)),
+    # nested too deep for Python's JSON parser (RecursionError): refused in one line, never a traceback (or, on
+    # several ranks, rank 0 failing alone while the others wait for its verdict)
+    Case("manifest_nested_too_deep", lambda d: sign(d, raw=b"[" * 100000), "manifest.json: not valid JSON", (W, E)),
+    Case("manifest_nested_too_deep_is_nobodys", lambda d: sign(d, raw=b"[" * 100000), "manifest.json cannot be read",
+         (R,)),
     Case("format_a_string", _field("format", "1"), "field 'format'"),
     Case("step_not_its_directory", _field("step", 3), "field 'step'"),
     Case("files_missing", _field("files", DELETE), "field 'files' is missing"),
@@ -208,6 +213,10 @@ CASES = [
          (W, E)),
     Case("meta_model_a_list", _field("meta.model", [64]), "field 'meta.model' must be an object", (W, E)),
     Case("meta_config_a_number", _field("meta.config", 5), "field 'meta.config'", (E,)),
+    Case("meta_model_dim_only", _field("meta.model", {"dim": 64}), "has shape (128, 64) in the checkpoint", (E,)),
+    Case("meta_model_null", _field("meta.model", None), "field 'meta.model' must be an object", (W, E)),
+    Case("meta_model_dim_zero", _field("meta.model", {"dim": 0}), "field 'meta.model' describes no valid model",
+         (W, E)),
 ]
 
 

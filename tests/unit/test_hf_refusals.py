@@ -3,6 +3,7 @@ cannot compute exactly, creating nothing; each supported variant round-trips HF 
 an export replaces only its own earlier export unless asked to overwrite, and a refused export changes nothing;
 the Llama 3 tokenizer exports as a tokenizer.json that encodes as herd does."""
 
+import errno
 import json
 from pathlib import Path
 
@@ -89,11 +90,12 @@ def test_inexact_configs_are_refused_in_one_line(case, plain_hf, tmp_path, capfd
 
 def herd_logits(ckpt_root: Path, tokens: torch.Tensor) -> torch.Tensor:
     """The one-process herd model of an imported checkpoint (read here with load_sharded, not by the export)."""
-    from engine.checkpoint.hf_export import checkpoint_configs
+    from engine.checkpoint.manifest import model_config_of
     from engine.model import build_model
     store = CheckpointStore(ckpt_root)
     manifest = store.verify(store.latest_step())
-    model = build_model(checkpoint_configs(manifest)[0], torch.device("cpu"), seed=0)
+    model = build_model(model_config_of(manifest, store.step_dir(store.latest_step()) / "manifest.json"),
+                        torch.device("cpu"), seed=0)
     boxes = {f"model.{n}": Box(p.data, (0,) * p.ndim, tuple(p.shape)) for n, p in model.named_parameters()}
     load_sharded(store.step_dir(store.latest_step()), boxes, manifest["files"])
     with torch.no_grad():
@@ -207,9 +209,56 @@ def test_a_failed_export_write_leaves_no_directory_it_made(tmp_path):
     """A write that fails (here: the weights) removes the staging directory and every parent the export made."""
     from engine.checkpoint.hf_export import _install
 
+    from engine.checkpoint.store import CheckpointError
+
     def fail(staging):
         assert staging.is_dir()
-        raise OSError("no space left on device")
-    with pytest.raises(OSError, match="no space"):
-        _install({"config.json": b"{}"}, fail, tmp_path / "new" / "deeper" / "out")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    out = tmp_path / "new" / "deeper" / "out"
+    with pytest.raises(CheckpointError) as info:
+        _install({"config.json": b"{}"}, fail, out)
+    assert str(info.value) == f"{out}: the export could not be written (No space left on device)"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_failed_export_write_is_one_line(imported, tmp_path, capfd, monkeypatch):
+    """Through the command: no space (the weights), no permission (a directory to make): exit 2, one line naming
+    the destination, no traceback; nothing made."""
+    import engine.checkpoint.hf_export as hf_export
+
+    def no_space(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def no_permission(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+    before = snapshot(tmp_path)
+    for target, fake, reason in ((hf_export, ("write_weights", no_space), "No space left on device"),
+                                 (Path, ("mkdir", no_permission), "Permission denied")):
+        with monkeypatch.context() as patch:
+            patch.setattr(target, *fake)
+            code, lines = run(["convert", "herd-to-hf", str(imported), str(tmp_path / "a" / "out")], capfd)
+        assert code == 2 and lines == [f"herd: error: {tmp_path / 'a' / 'out'}: the export could not be written "
+                                       f"({reason})"], lines
+        assert snapshot(tmp_path) == before
+
+
+def test_overwrite_never_replaces_a_runs_checkpoints(imported, tmp_path, capfd):
+    """--overwrite replaces a user's directory, but never one holding herd checkpoint state: a live run's
+    locked directory, a checkpoint directory, a run directory or one above it."""
+    from engine.checkpoint.ownership import DirectoryLock
+    live = tmp_path / "runs" / "a" / "checkpoints"
+    live.mkdir(parents=True)
+    lock = DirectoryLock(live)
+    assert lock.acquire() is None
+    try:
+        before = snapshot(tmp_path)
+        for dest in (live, live.parent, live.parent.parent, imported.parent / "copy"):
+            if dest.name == "copy":  # a complete checkpoint (no lock): a run's that is not running
+                import shutil
+                shutil.copytree(imported, dest)
+                before = snapshot(tmp_path)
+            code, lines = run(["convert", "herd-to-hf", str(imported), str(dest), "--overwrite"], capfd)
+            assert code == 2 and len(lines) == 1 and f"{dest}: holds herd checkpoint state" in lines[0], lines
+            assert snapshot(tmp_path) == before, dest
+    finally:
+        lock.release()
