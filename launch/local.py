@@ -47,8 +47,8 @@ FAILURE_GRACE_S = 30.0  # a failed rank's peers: SIGTERM, then SIGKILL after thi
 
 
 def launcher_exit_code(first: int) -> int:
-    """The code a launcher exits with, from the exit status of its first rank to end (negative: killed by that
-    signal, as Popen and torchrun report it). 0, and 75 (preempted, saved: requeue), pass through; a rank killed
+    """The code a launcher exits with, from the exit status of the rank that decides it (the first to fail, else
+    the first to end; negative: killed by that signal, as Popen and torchrun report it). 0, and 75 (preempted, saved: requeue), pass through; a rank killed
     by signal N gives 128 + N, as a shell reports it; any other failure its own code. Shared with the SLURM agent."""
     return 128 - first if first < 0 else first
 
