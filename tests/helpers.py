@@ -119,3 +119,30 @@ def record_quantizations(monkeypatch) -> List[str]:
 
     monkeypatch.setattr(ScalingState, "quantize", recording)
     return roles
+
+
+class StubBatch:
+    """A micro-batch the Trainer only moves to its device."""
+
+    def to(self, device):
+        return self
+
+
+class StubLoader:
+    """A loader of one stub micro-batch per step (for Trainer tests whose TrainModule ignores the data)."""
+
+    def next_step(self):
+        return [StubBatch()]
+
+
+class StepsFailingAt:
+    """A TrainModule whose train_step raises at call `fail_at` (loss 1 / call before it)."""
+
+    def __init__(self, fail_at: int):
+        self.fail_at, self.calls = fail_at, 0
+
+    def train_step(self, micro_batches):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("the step failed")
+        return {"loss": 1.0 / self.calls}

@@ -11,27 +11,7 @@ import torch
 from engine.callbacks.base import Callback
 from engine.callbacks.writers import JsonlCallback, TensorBoardCallback
 from engine.trainer import Trainer, TrainState
-
-
-class _Batch:
-    def to(self, device):
-        return self
-
-
-class _Loader:
-    def next_step(self):
-        return [_Batch()]
-
-
-class _FailsAtStep:
-    def __init__(self, step: int):
-        self.step, self.calls = step, 0
-
-    def train_step(self, micro_batches):
-        self.calls += 1
-        if self.calls == self.step:
-            raise RuntimeError("the step failed")
-        return {"loss": 1.0 / self.calls}
+from tests.helpers import StepsFailingAt, StubLoader
 
 
 class _BrokenRelease(Callback):
@@ -42,7 +22,7 @@ class _BrokenRelease(Callback):
 def test_a_failed_fit_closes_its_writers_and_keeps_its_exception(tmp_path):
     before = set(threading.enumerate())
     jsonl, tb = JsonlCallback(tmp_path / "metrics.jsonl"), TensorBoardCallback(tmp_path / "tb")
-    trainer = Trainer(_FailsAtStep(3), _Loader(), TrainState(total_steps=10), torch.device("cpu"),
+    trainer = Trainer(StepsFailingAt(3), StubLoader(), TrainState(total_steps=10), torch.device("cpu"),
                       [_BrokenRelease(), jsonl, tb])
     with pytest.raises(RuntimeError, match="the step failed"):
         trainer.fit()
@@ -61,6 +41,6 @@ def test_a_fit_that_ends_normally_does_not_abort(tmp_path):
         def on_fit_abort(self, trainer) -> None:
             aborted.append(trainer.state.step)
 
-    trainer = Trainer(_FailsAtStep(99), _Loader(), TrainState(total_steps=2), torch.device("cpu"), [Records()])
+    trainer = Trainer(StepsFailingAt(99), StubLoader(), TrainState(total_steps=2), torch.device("cpu"), [Records()])
     trainer.fit()
     assert aborted == [] and trainer.state.step == 2

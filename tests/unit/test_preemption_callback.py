@@ -11,29 +11,9 @@ import torch
 from engine.callbacks.base import Callback
 from engine.callbacks.preemption import PreemptionCallback
 from engine.trainer import Trainer, TrainState
+from tests.helpers import StepsFailingAt, StubLoader
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-
-class _Batch:
-    def to(self, device):
-        return self
-
-
-class _Loader:
-    def next_step(self):
-        return [_Batch()]
-
-
-class _Steps:
-    def __init__(self, fail_at: int):
-        self.fail_at, self.calls = fail_at, 0
-
-    def train_step(self, micro_batches):
-        self.calls += 1
-        if self.calls == self.fail_at:
-            raise RuntimeError("the step failed")
-        return {"loss": 1.0}
 
 
 class _Seen(Callback):
@@ -58,7 +38,7 @@ def test_fit_restores_handlers_and_mask(start_blocked, fail_at):
             signal.signal(sig, _previous)
         signal.pthread_sigmask(signal.SIG_BLOCK if start_blocked else signal.SIG_UNBLOCK, SIGNALS)
         seen = _Seen()
-        trainer = Trainer(_Steps(fail_at), _Loader(), TrainState(total_steps=3), torch.device("cpu"),
+        trainer = Trainer(StepsFailingAt(fail_at), StubLoader(), TrainState(total_steps=3), torch.device("cpu"),
                           [PreemptionCallback(), seen])
         if fail_at == 2:
             with pytest.raises(RuntimeError, match="the step failed"):
