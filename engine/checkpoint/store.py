@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from engine.errors import HerdError
-from engine.secrets import scrub_tree
+from engine.secrets import scrub, scrub_tree
 
 FORMAT = 1
 MANIFEST, MARKER, LATEST = "manifest.json", "COMMITTED", "latest"
@@ -99,8 +99,9 @@ class CheckpointStore:
         self.verify_sample, self.seed = verify_sample, seed  # 0: hash every file on load
         # the run whose checkpoints this store writes, resumes and purges (recorded in each manifest); other
         # lineages' checkpoints in the same directory are never resumed or deleted. None: a reader of any lineage
-        # (load_weights, export) and a writer that records none (an import)
-        self.lineage = lineage
+        # (load_weights, export) and a writer that records none (an import). Kept with secret values scrubbed, as
+        # everything herd writes (R17): a run name may hold one, and the same name always scrubs the same way
+        self.lineage = scrub(lineage) if lineage is not None else None
 
     def step_dir(self, step: int) -> Path:
         return self.root / step_name(step)
