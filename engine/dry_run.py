@@ -41,6 +41,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from engine.config import JobConfig, grad_accum_steps
 from engine.data.loader import Batch
 from engine.errors import ConfigError
+from parallel.parallelize import _local  # a DTensor's shard on this rank
 
 GIB = 2 ** 30
 
@@ -108,10 +109,6 @@ class LiveBytes(TorchDispatchMode):
 def _is_fake(value) -> bool:
     from torch._subclasses.fake_tensor import FakeTensor
     return isinstance(value, FakeTensor)
-
-
-def _local(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def state_bytes(parts, optimizer: torch.optim.Optimizer) -> Dict[str, int]:
