@@ -21,9 +21,9 @@ from omegaconf.errors import OmegaConfBaseException
 from engine.config_checks import (check_blend, check_directory, check_existing_directory, check_file_name,
                                   check_numbers, check_optimizer, check_seeds)
 from engine.config_schema import (  # noqa: F401  (re-exported: components import them from here)
-    RopeScalingConfig, ModelConfig, ParallelConfig, DatasetConfig, TokenizerConfig, DataConfig, OptimConfig,
+    RopeScalingConfig, ModelConfig, ParallelConfig, DatasetConfig, TokenizerConfig, DataConfig, DataStageConfig, OptimConfig,
     ScheduleConfig, TrainConfig, CheckpointConfig, FP8Config, GuardConfig, WatchdogConfig, SlurmConfig, LogConfig,
-    AlignConfig, JobConfig, PipelineConfig, StageConfig)
+    AlignConfig, LongContextEvalConfig, JobConfig, PipelineConfig, StageConfig)
 from engine.errors import ConfigError
 from engine.secrets import redact_tree
 

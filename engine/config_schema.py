@@ -76,6 +76,17 @@ class TokenizerConfig:
 
 
 @dataclass
+class DataStageConfig:
+    """An earlier stage of a recipe as the data stream needs it to continue exactly: no sample seen twice or
+    skipped when the sequence length or the blend changes (engine/data/stages.py). The recipe runner writes
+    these (engine/recipe); a plain run has none."""
+
+    start_sample: int = 0  # global sample count at which the stage began
+    seq_len: int = 0  # its data.seq_len
+    train: List[DatasetConfig] = field(default_factory=list)  # its training blend
+
+
+@dataclass
 class DataConfig:
     """Token data, packing, batching and bad-data policy."""
 
@@ -89,6 +100,8 @@ class DataConfig:
     document_mask: bool = True  # tokens never attend across document boundaries inside a packed sequence
     eod_mask_loss: bool = True  # no loss where the input token is end-of-document (it predicts another document)
     on_bad_data: str = "error"  # error: stop naming file and line; skip: leave the document out and count it
+    stages: List[DataStageConfig] = field(default_factory=list)  # earlier recipe stages, oldest first
+    stage_start_sample: int = 0  # global sample count at which this run's stage begins (after data.stages)
 
 
 @dataclass
@@ -111,6 +124,14 @@ class ScheduleConfig:
     warmup_steps: int = 0  # linear warmup from 0 to optim.lr
     min_lr_ratio: float = 0.1  # final LR as a fraction of optim.lr (Llama 3 405B: 8e-7 / 8e-5 = 0.01)
     decay_fraction: float = 0.2  # wsd only: share of the steps spent in the final linear decay
+    # A recipe's schedule counts tokens, so it stays continuous when the batch changes between stages (the recipe
+    # runner, engine/recipe, writes these; total_tokens 0 keeps the step schedule above).
+    total_tokens: int = 0  # the main schedule's horizon: kind decays to min_lr_ratio at this many tokens
+    warmup_tokens: int = 0  # linear warmup over this many tokens
+    anneal_start_tokens: int = 0  # > 0: from this token count the LR falls linearly from its value there ...
+    anneal_tokens: int = 0  # ... to 0 over this many tokens (Llama 3's annealing)
+    stage_start_step: int = 0  # global optimizer step at which this run's stage began
+    stage_start_tokens: int = 0  # tokens trained before that step
 
 
 @dataclass
@@ -234,6 +255,22 @@ class AlignConfig:
 
 
 @dataclass
+class LongContextEvalConfig:
+    """A long-context stage's evaluations (engine/eval/long_context.py), run at the start and the end of a run:
+    short-context validation loss (has it recovered?) and needle-in-a-haystack retrieval that herd generates."""
+
+    enabled: bool = False
+    short_seq_len: int = 0  # sequence length of the short-context validation loss on data.valid (0: not measured)
+    short_batches: int = 8  # validation micro-batches of that length (a multiple of dp)
+    needle_lengths: List[int] = field(default_factory=list)  # haystack lengths in tokens (empty: data.seq_len)
+    needle_depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle position
+    needle_trials: int = 4  # haystacks per (length, depth)
+    needle_candidates: int = 10  # answers scored per haystack (chance: 1 / this)
+    filler: str = ""  # text file of filler text; empty: herd's built-in filler
+    seed: int = 0
+
+
+@dataclass
 class JobConfig:
     """A whole training job."""
 
@@ -250,6 +287,7 @@ class JobConfig:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     align: AlignConfig = field(default_factory=AlignConfig)
+    long_eval: LongContextEvalConfig = field(default_factory=LongContextEvalConfig)
 
 
 @dataclass

@@ -1,0 +1,1 @@
+"""Data curation pipelines on datatrove (`herd curate`, docs/data_curation.md)."""

@@ -1,0 +1,1 @@
+"""Evaluations beyond validation loss (long-context gates: needle in a haystack)."""

@@ -1,0 +1,1 @@
+"""IsoFLOP scaling-law experiments and fits (`herd scaling`, docs/scaling.md)."""
