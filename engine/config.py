@@ -24,6 +24,7 @@ from engine.config_schema import (  # noqa: F401  (re-exported: components impor
     RopeScalingConfig, ModelConfig, ParallelConfig, DatasetConfig, TokenizerConfig, DataConfig, DataStageConfig, OptimConfig,
     ScheduleConfig, TrainConfig, CheckpointConfig, FP8Config, GuardConfig, WatchdogConfig, SlurmConfig, LogConfig,
     AlignConfig, LongContextEvalConfig, JobConfig, PipelineConfig, StageConfig)
+from curate.schema import CurateConfig  # noqa: F401  (herd curate's pipeline; re-exported)
 from engine.errors import ConfigError
 from engine.secrets import redact_tree
 
@@ -87,6 +88,15 @@ def load_pipeline(path: str, overrides: Optional[List[str]] = None) -> PipelineC
     check_numbers(pipeline)
     check_directory(pipeline.run_dir, "run_dir")
     return pipeline
+
+
+def load_curate(path: str, overrides: Optional[List[str]] = None) -> CurateConfig:
+    """A curation pipeline YAML (<- dotlist overrides) as typed dataclasses; curate/config.py checks its values
+    (paths, stages, models) with the key named."""
+    curate = _load_structured(CurateConfig, path, overrides, path)
+    check_numbers(curate)
+    check_directory(curate.output_dir, "output_dir")
+    return curate
 
 
 # what an "@stage" reference needs from the stage it names: rows come from rejection sampling, a policy's
