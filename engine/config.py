@@ -24,7 +24,6 @@ from engine.config_schema import (  # noqa: F401  (re-exported: components impor
     RopeScalingConfig, ModelConfig, ParallelConfig, DatasetConfig, TokenizerConfig, DataConfig, DataStageConfig, OptimConfig,
     ScheduleConfig, TrainConfig, CheckpointConfig, FP8Config, GuardConfig, WatchdogConfig, SlurmConfig, LogConfig,
     AlignConfig, LongContextEvalConfig, JobConfig, PipelineConfig, StageConfig)
-from curate.schema import CurateConfig  # noqa: F401  (herd curate's pipeline; re-exported)
 from engine.errors import ConfigError
 from engine.secrets import redact_tree
 
@@ -88,15 +87,6 @@ def load_pipeline(path: str, overrides: Optional[List[str]] = None) -> PipelineC
     check_numbers(pipeline)
     check_directory(pipeline.run_dir, "run_dir")
     return pipeline
-
-
-def load_curate(path: str, overrides: Optional[List[str]] = None) -> CurateConfig:
-    """A curation pipeline YAML (<- dotlist overrides) as typed dataclasses; curate/config.py checks its values
-    (paths, stages, models) with the key named."""
-    curate = _load_structured(CurateConfig, path, overrides, path)
-    check_numbers(curate)
-    check_directory(curate.output_dir, "output_dir")
-    return curate
 
 
 # what an "@stage" reference needs from the stage it names: rows come from rejection sampling, a policy's
@@ -509,3 +499,18 @@ def grad_accum_steps(cfg: JobConfig) -> int:
         raise ConfigError("data.global_batch_size",
                           f"{cfg.data.global_batch_size} is not divisible by micro_batch_size*dp = {per_step}")
     return cfg.data.global_batch_size // per_step
+
+
+# ---------------------------------------------------------------------------------------------- herd scaling
+
+from engine.config_schema import DownstreamTaskConfig, ScalingConfig  # noqa: E402,F401  (re-exported)
+
+
+def load_scaling(path: str, overrides: Optional[List[str]] = None) -> ScalingConfig:
+    """An IsoFLOP sweep YAML (<- dotlist overrides) as typed dataclasses; scaling/plan.py checks its values (budgets,
+    the size grid, what each run can do) with the key named."""
+    scaling = _load_structured(ScalingConfig, path, overrides, path)
+    check_numbers(scaling)
+    check_file_name(scaling.name, "name")
+    check_directory(scaling.run_dir, "run_dir")
+    return scaling
