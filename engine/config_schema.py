@@ -257,17 +257,21 @@ class AlignConfig:
 @dataclass
 class LongContextEvalConfig:
     """A long-context stage's evaluations (engine/eval/long_context.py), run at the start and the end of a run:
-    short-context validation loss (has it recovered?) and needle-in-a-haystack retrieval that herd generates."""
+    short-context validation loss (has it recovered?) and needle-in-a-haystack retrieval that herd generates,
+    scored as multiple choice. Results: <run>/long_eval.jsonl, metrics.jsonl and TensorBoard (long_eval/...)."""
 
-    enabled: bool = False
+    enabled: bool = False  # evaluate at fit start (see at_start) and when the run has done its steps
+    at_start: bool = True  # also before the first step (the pre-stage value); the recipe runner turns it off for a
+    #                        stage's later chunks
     short_seq_len: int = 0  # sequence length of the short-context validation loss on data.valid (0: not measured)
-    short_batches: int = 8  # validation micro-batches of that length (a multiple of dp)
+    short_batches: int = 8  # validation micro-batches of that length in all (a multiple of dp)
     needle_lengths: List[int] = field(default_factory=list)  # haystack lengths in tokens (empty: data.seq_len)
-    needle_depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle position
-    needle_trials: int = 4  # haystacks per (length, depth)
-    needle_candidates: int = 10  # answers scored per haystack (chance: 1 / this)
-    filler: str = ""  # text file of filler text; empty: herd's built-in filler
-    seed: int = 0
+    needle_depths: List[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])  # needle position as
+    #                        a share of the filler before it: 0 first token, 1 right before the question
+    needle_trials: int = 4  # haystacks per (length, depth); 0: no needle evaluation
+    needle_candidates: int = 10  # answers scored per haystack, the true one among them (chance: 1 / this)
+    filler: str = ""  # UTF-8 text file whose sentences fill the haystacks; empty: herd's built-in sentences
+    seed: int = 0  # picks names, values, distractors and filler offsets (the same on every rank and run)
 
 
 @dataclass
@@ -321,44 +325,3 @@ class PipelineConfig:
     init: str = ""  # checkpoint root of the first policy (empty: the model's random initialization)
     rounds: int = 1
     stages: List[StageConfig] = field(default_factory=list)
-
-
-@dataclass
-class DownstreamTaskConfig:
-    """The offline multiple-choice task of `herd scaling` (scaling/downstream.py): given a held-out document's text
-    up to a line, which of `choices` lines comes next? The other choices are lines of other held-out documents."""
-
-    enabled: bool = True  # score every finished run on the task (needs its final checkpoint)
-    items: int = 200  # questions
-    choices: int = 4  # candidate lines per question (chance accuracy: 1 / choices)
-    context_tokens: int = 128  # tokens of the document before the line the model sees
-    min_line_chars: int = 16  # a line shorter than this (stripped) is neither asked nor used as a distractor
-    seed: int = 0  # which lines are asked and which distractors are drawn
-
-
-@dataclass
-class ScalingConfig:
-    """An IsoFLOP sweep (`herd scaling`, scaling/, docs/scaling.md): every budget x model size is a herd job."""
-
-    name: str = "scaling"  # the sweep's directory under run_dir (letters, digits, . _ -)
-    run_dir: str = "runs"  # parent of the sweep's directory
-    job: str = ""  # the job YAML every run starts from (data, tokenizer, optimizer, dtype, ...)
-    overrides: List[str] = field(default_factory=list)  # job overrides for every run
-    budgets: List[float] = field(default_factory=list)  # compute budgets C in FLOPs (C = 6 N D)
-    dims: List[int] = field(default_factory=list)  # model widths of the size grid (depth and heads follow)
-    head_dim: int = 32  # fixed per-head width: n_heads = dim / head_dim
-    aspect_ratio: int = 32  # fixed dim / n_layers
-    kv_group: int = 2  # query heads per key/value head (GQA); 1 = multi-head attention
-    ffn_multiplier: float = 1.3  # Llama 3's ffn_dim_multiplier: ffn = multiple_of-rounded 8/3 dim x this
-    ffn_multiple_of: int = 32  # Llama 3 8B: 1024
-    batch_sizes: List[int] = field(default_factory=list)  # sequences per step, one per budget; empty: the job's
-    lrs: List[float] = field(default_factory=list)  # peak LR, one per dim; empty: the job's optim.lr
-    warmup_fraction: float = 0.1  # warmup steps: this share of a run's steps ...
-    warmup_steps: int = 2000  # ... but at most this many (Llama 3's scaling runs: 2,000)
-    min_lr_ratio: float = 0.1  # cosine decay to this share of the peak (Llama 3: 0.1)
-    weight_decay: float = 0.1  # AdamW's decoupled decay: each step shrinks weights by weight_decay x that step's LR
-    min_steps: int = 20  # a (budget, size) with fewer optimizer steps is not run; the smallest size must reach it
-    eval_batches: int = 16  # validation micro-batches of the final loss
-    jobs: int = 1  # runs at once on this machine (herd scaling without --slurm)
-    targets: List[float] = field(default_factory=list)  # budgets to predict the compute-optimal model for
-    downstream: DownstreamTaskConfig = field(default_factory=DownstreamTaskConfig)
