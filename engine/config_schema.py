@@ -325,3 +325,44 @@ class PipelineConfig:
     init: str = ""  # checkpoint root of the first policy (empty: the model's random initialization)
     rounds: int = 1
     stages: List[StageConfig] = field(default_factory=list)
+
+
+@dataclass
+class DownstreamTaskConfig:
+    """The offline multiple-choice task of `herd scaling` (scaling/downstream.py): given a held-out document's text
+    up to a line, which of `choices` lines comes next? The other choices are lines of other held-out documents."""
+
+    enabled: bool = True  # score every finished run on the task (needs its final checkpoint)
+    items: int = 200  # questions
+    choices: int = 4  # candidate lines per question (chance accuracy: 1 / choices)
+    context_tokens: int = 128  # tokens of the document before the line the model sees
+    min_line_chars: int = 16  # a line shorter than this (stripped) is neither asked nor used as a distractor
+    seed: int = 0  # which lines are asked and which distractors are drawn
+
+
+@dataclass
+class ScalingConfig:
+    """An IsoFLOP sweep (`herd scaling`, scaling/, docs/scaling.md): every budget x model size is a herd job."""
+
+    name: str = "scaling"  # the sweep's directory under run_dir (letters, digits, . _ -)
+    run_dir: str = "runs"  # parent of the sweep's directory
+    job: str = ""  # the job YAML every run starts from (data, tokenizer, optimizer, dtype, ...)
+    overrides: List[str] = field(default_factory=list)  # job overrides for every run
+    budgets: List[float] = field(default_factory=list)  # compute budgets C in FLOPs (C = 6 N D)
+    dims: List[int] = field(default_factory=list)  # model widths of the size grid (depth and heads follow)
+    head_dim: int = 32  # fixed per-head width: n_heads = dim / head_dim
+    aspect_ratio: int = 32  # fixed dim / n_layers
+    kv_group: int = 2  # query heads per key/value head (GQA); 1 = multi-head attention
+    ffn_multiplier: float = 1.3  # Llama 3's ffn_dim_multiplier: ffn = multiple_of-rounded 8/3 dim x this
+    ffn_multiple_of: int = 32  # Llama 3 8B: 1024
+    batch_sizes: List[int] = field(default_factory=list)  # sequences per step, one per budget; empty: the job's
+    lrs: List[float] = field(default_factory=list)  # peak LR, one per dim; empty: the job's optim.lr
+    warmup_fraction: float = 0.1  # warmup steps: this share of a run's steps ...
+    warmup_steps: int = 2000  # ... but at most this many (Llama 3's scaling runs: 2,000)
+    min_lr_ratio: float = 0.1  # cosine decay to this share of the peak (Llama 3: 0.1)
+    weight_decay: float = 0.1  # AdamW's decoupled decay: each step shrinks weights by weight_decay x that step's LR
+    min_steps: int = 20  # a (budget, size) with fewer optimizer steps is not run; the smallest size must reach it
+    eval_batches: int = 16  # validation micro-batches of the final loss
+    jobs: int = 1  # runs at once on this machine (herd scaling without --slurm)
+    targets: List[float] = field(default_factory=list)  # budgets to predict the compute-optimal model for
+    downstream: DownstreamTaskConfig = field(default_factory=DownstreamTaskConfig)
