@@ -109,3 +109,36 @@ def check_existing_directory(value: str, key: str) -> None:
     """A directory the run reads (a checkpoint root to load weights from) must exist."""
     if value:
         _require(Path(value).is_dir(), key, f"'{value}' is not a directory (a checkpoint root)")
+
+
+def check_long_eval(cfg: Any) -> None:
+    """long_eval (engine/eval/long_context.py): every evaluation length must be one the layout can cut (cp's 2*cp
+    zigzag chunks, sequence parallelism's cp*tp shards) and RoPE covers; the needle test needs a real choice."""
+    e, p = cfg.long_eval, cfg.parallel
+    if not e.enabled:
+        return
+    _require(cfg.align.kind == "lm", "long_eval.enabled", f"needs align.kind=lm (got {cfg.align.kind})")
+    _require(e.short_seq_len >= 0, "long_eval.short_seq_len", f"must be >= 0 (0: not measured), got {e.short_seq_len}")
+    _require(e.needle_trials >= 0, "long_eval.needle_trials", f"must be >= 0 (0: no needle), got {e.needle_trials}")
+    _require(e.short_seq_len > 0 or e.needle_trials > 0, "long_eval.enabled",
+             "nothing to evaluate: set long_eval.short_seq_len or long_eval.needle_trials")
+    _require(not e.short_seq_len or bool(cfg.data.valid), "long_eval.short_seq_len",
+             "the short-context loss is measured on data.valid, which is empty")
+    _require(e.short_batches >= 1, "long_eval.short_batches", f"must be at least 1, got {e.short_batches}")
+    _require(e.needle_candidates >= 2, "long_eval.needle_candidates",
+             f"must be at least 2 (the true value and a distractor), got {e.needle_candidates}")
+    _require(bool(e.needle_depths), "long_eval.needle_depths", "must list at least one depth")
+    for i, depth in enumerate(e.needle_depths):
+        _require(0.0 <= depth <= 1.0, f"long_eval.needle_depths[{i}]", f"must be in [0, 1], got {depth}")
+    _require(0 <= e.seed < SEED_LIMIT, "long_eval.seed", f"must be in [0, 2**32), got {e.seed}")
+    _require(not e.filler or Path(e.filler).is_file(), "long_eval.filler", f"'{e.filler}' is not a file")
+    lengths = [("long_eval.short_seq_len", e.short_seq_len)] if e.short_seq_len else []
+    if e.needle_trials:
+        lengths += [(f"long_eval.needle_lengths[{i}]", n) for i, n in enumerate(e.needle_lengths)]
+    for key, length in lengths:
+        _require(0 < length <= cfg.model.max_seq_len, key,
+                 f"{length} must be positive and at most model.max_seq_len={cfg.model.max_seq_len} (the RoPE limit)")
+        _require(p.cp == 1 or length % (2 * p.cp) == 0, key,
+                 f"{length} cannot be cut into 2*cp={2 * p.cp} equal chunks (parallel.cp={p.cp})")
+        _require(p.tp == 1 or not p.sequence_parallel or length % (p.cp * p.tp) == 0, key,
+                 f"{length} tokens cannot be split over cp*tp={p.cp * p.tp} sequence-parallel ranks")
