@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from engine.config_checks import (check_blend, check_directory, check_existing_directory, check_file_name,
-                                  check_numbers, check_optimizer, check_seeds)
+                                  check_long_eval, check_numbers, check_optimizer, check_seeds)
 from engine.config_schema import (  # noqa: F401  (re-exported: components import them from here)
     RopeScalingConfig, ModelConfig, ParallelConfig, DatasetConfig, TokenizerConfig, DataConfig, DataStageConfig, OptimConfig,
     ScheduleConfig, TrainConfig, CheckpointConfig, FP8Config, GuardConfig, WatchdogConfig, SlurmConfig, LogConfig,
@@ -373,6 +373,7 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     _validate_guards(cfg)
     _validate_slurm(cfg.slurm)
     _validate_align(cfg)
+    check_long_eval(cfg)
 
 
 def _validate_align(cfg: JobConfig) -> None:
