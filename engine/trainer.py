@@ -2,7 +2,7 @@
 everything else (throughput, validation, console, TensorBoard, metrics.jsonl; later checkpoints and guards)."""
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 
@@ -27,6 +27,9 @@ class Trainer:
         self.callbacks = callbacks
         self.last_metrics: Dict[str, float] = {}
         self.initial_val_loss: Optional[float] = None  # set by EvalCallback before the first step
+        # metrics measured outside a step (long-context evaluations at fit start and end), each a dict with "step":
+        # the writers add them to metrics.jsonl and TensorBoard as they appear
+        self.eval_records: List[Dict[str, Any]] = []
 
     def _emit(self, hook: str, *args) -> None:
         for callback in self.callbacks:

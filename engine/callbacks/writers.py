@@ -33,25 +33,43 @@ def strict_record(record: Dict) -> Dict:
     return out
 
 
+def new_eval_records(trainer, written: int) -> List[Dict]:
+    """The trainer's eval_records (measured outside a step, e.g. long_eval at fit start and end) after the first
+    `written`."""
+    return list(getattr(trainer, "eval_records", ())[written:])
+
+
 class JsonlCallback(Callback):
     """Appends {"step": N, "loss": ..., "lr": ..., "grad_norm": ..., "tokens_per_s": ..., ...} per step.
-    `once` fields (what the data readers skipped) go into the first record this process writes."""
+    `once` fields (what the data readers skipped) go into the first record this process writes. A record measured
+    outside a step (trainer.eval_records) is a line of its own, {"step": N, "event": "long_eval_end", ...}."""
 
     def __init__(self, path: Path):
         self.path = path
         self.once: Dict[str, float] = {}
+        self._records_written = 0
 
     def on_fit_start(self, trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
+        self._write_eval_records(trainer)
 
-    def on_step_end(self, trainer, metrics: Dict[str, float]) -> None:
-        record = strict_record({"step": trainer.state.step, **metrics, **self.once})
-        self.once = {}
-        self._file.write(scrub(json.dumps(record, allow_nan=False)) + "\n")  # R17
+    def _write(self, record: Dict) -> None:
+        self._file.write(scrub(json.dumps(strict_record(record), allow_nan=False)) + "\n")  # R17
         self._file.flush()
 
+    def _write_eval_records(self, trainer) -> None:
+        for record in new_eval_records(trainer, self._records_written):
+            self._write(record)
+            self._records_written += 1
+
+    def on_step_end(self, trainer, metrics: Dict[str, float]) -> None:
+        self._write({"step": trainer.state.step, **metrics, **self.once})
+        self.once = {}
+        self._write_eval_records(trainer)
+
     def on_fit_end(self, trainer) -> None:
+        self._write_eval_records(trainer)
         self._file.close()
 
     def on_fit_abort(self, trainer) -> None:
@@ -64,6 +82,7 @@ class TensorBoardCallback(Callback):
 
     def __init__(self, log_dir: Path):
         self.log_dir = log_dir
+        self._records_written = 0
 
     def on_fit_start(self, trainer) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -71,13 +90,24 @@ class TensorBoardCallback(Callback):
         initial = trainer.initial_val_loss
         if initial is not None:
             self._writer.add_scalar("val/loss", initial, trainer.state.step)
+        self._write_eval_records(trainer)
+
+    def _write_eval_records(self, trainer) -> None:
+        """trainer.eval_records' numbers under their own names as tags (long_eval/short_loss, ...)."""
+        for record in new_eval_records(trainer, self._records_written):
+            for key, value in record.items():
+                if key != "step" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                    self._writer.add_scalar(scrub(key), value, record["step"])
+            self._records_written += 1
 
     def on_step_end(self, trainer, metrics: Dict[str, float]) -> None:
         for key, value in metrics.items():
             tag = f"val/{key[4:]}" if key.startswith("val_") else f"train/{key}"
             self._writer.add_scalar(scrub(tag), value, trainer.state.step)  # tags are text in the event file (R17)
+        self._write_eval_records(trainer)
 
     def on_fit_end(self, trainer) -> None:
+        self._write_eval_records(trainer)
         self._writer.flush()
         self._writer.close()
 
