@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.herd-installed
 PIP := $(PY) -m pip install --disable-pip-version-check -q
 
-.PHONY: install demo align-demo test test-all clean-demo gpu-wheels
+.PHONY: install demo align-demo recipe-demo test test-all clean-demo gpu-wheels
 
 # the editable install lists the top-level packages it maps: a new one (a new */__init__.py) reinstalls
 $(STAMP): pyproject.toml setup.py $(wildcard */__init__.py)
@@ -30,6 +30,9 @@ demo: $(STAMP)
 align-demo: $(STAMP)
 	$(PY) -m launch.align_demo
 
+recipe-demo: $(STAMP)
+	$(PY) -m launch.recipe_demo
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
@@ -37,7 +40,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m "" tests
 
 clean-demo:
-	rm -rf data/stdlib* data/align runs/demo runs/demo.* runs/align-demo
+	rm -rf data/stdlib* data/licenses* data/align runs/demo runs/demo.* runs/align-demo runs/recipe-demo
 
 # Pure-Python wheels the lent GPU machine lacks (it has no network); carried there as wheels/.
 gpu-wheels: $(STAMP)

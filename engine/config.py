@@ -23,7 +23,9 @@ from engine.config_checks import (check_blend, check_directory, check_existing_d
 from engine.config_schema import (  # noqa: F401  (re-exported: components import them from here)
     RopeScalingConfig, ModelConfig, ParallelConfig, DatasetConfig, TokenizerConfig, DataConfig, DataStageConfig, OptimConfig,
     ScheduleConfig, TrainConfig, CheckpointConfig, FP8Config, GuardConfig, WatchdogConfig, SlurmConfig, LogConfig,
-    AlignConfig, LongContextEvalConfig, JobConfig, PipelineConfig, StageConfig)
+    AlignConfig, LongContextEvalConfig, JobConfig, PipelineConfig, StageConfig, RecipeGateConfig,
+    RecipeStageConfig, RecipeConfig)
+from curate.schema import CurateConfig  # noqa: F401  (herd curate's pipeline; re-exported)
 from engine.errors import ConfigError
 from engine.secrets import redact_tree
 
@@ -87,6 +89,62 @@ def load_pipeline(path: str, overrides: Optional[List[str]] = None) -> PipelineC
     check_numbers(pipeline)
     check_directory(pipeline.run_dir, "run_dir")
     return pipeline
+
+
+RECIPE_KINDS = ("pretrain", "long_context", "anneal")
+
+
+def load_recipe(path: str, overrides: Optional[List[str]] = None) -> RecipeConfig:
+    """A pretraining recipe YAML (<- dotlist overrides), checked: stage names, kinds, token budgets, the schedule
+    and at most one anneal stage, the last. The stages' jobs are loaded (and validated) by the runner."""
+    recipe = _load_structured(RecipeConfig, path, overrides, path)
+    _require(bool(recipe.config), "config", f"{path}: name the job YAML every stage starts from")
+    _require(bool(recipe.stages), "stages", f"{path}: no stages")
+    names = [s.name for s in recipe.stages]
+    for i, stage in enumerate(recipe.stages):
+        key = f"stages[{i}]"
+        _require(re.fullmatch(r"[A-Za-z0-9_.-]+", stage.name) is not None, f"{key}.name",
+                 f"'{stage.name}' must be a non-empty name of letters, digits, '.', '_' and '-'")
+        _require(names.count(stage.name) == 1, f"{key}.name", f"'{stage.name}' is used by more than one stage")
+        _require(stage.kind in RECIPE_KINDS, f"{key}.kind", f"'{stage.kind}' is not one of {', '.join(RECIPE_KINDS)}")
+        _require(stage.tokens >= 1, f"{key}.tokens", f"must be at least 1 token, got {stage.tokens}")
+        _require(stage.kind != "anneal" or i == len(recipe.stages) - 1, f"{key}.kind",
+                 "the anneal stage must be the last (its LR ends at 0)")
+        _require(not stage.average or stage.kind == "anneal", f"{key}.average", "only an anneal stage averages")
+        g = stage.gate
+        _require(not g.enabled or stage.kind == "long_context", f"{key}.gate.enabled",
+                 "only a long_context stage has a gate")
+        _require(g.check_every_tokens >= 0, f"{key}.gate.check_every_tokens", "must be >= 0")
+        _require(g.short_loss_tolerance >= 0, f"{key}.gate.short_loss_tolerance", "must be >= 0")
+        _require(0 <= g.needle_accuracy <= 1, f"{key}.gate.needle_accuracy", "must be in [0, 1]")
+    _require(recipe.total_tokens >= 0, "total_tokens", "must be >= 0")
+    _require(recipe.warmup_tokens >= 0 and recipe.warmup_steps >= 0, "warmup_tokens", "must be >= 0")
+    _require(not (recipe.warmup_tokens and recipe.warmup_steps), "warmup_steps",
+             "give warmup_tokens or warmup_steps, not both")
+    check_numbers(recipe)
+    check_directory(recipe.run_dir, "run_dir")
+    return recipe
+
+
+def is_recipe_file(path: str) -> bool:
+    """Whether a YAML file is a recipe (a top-level `stages:` list of stages with `tokens`), so that `herd train`
+    can run or print it too. Unreadable files answer False: loading them reports the error."""
+    try:
+        node = OmegaConf.load(path)
+    except Exception:  # noqa: BLE001 - the job loader gives the one-line error
+        return False
+    stages = node.get("stages") if isinstance(node, DictConfig) else None
+    return isinstance(stages, ListConfig) and len(stages) > 0 and all(
+        isinstance(s, DictConfig) and "tokens" in s for s in stages)
+
+
+def load_curate(path: str, overrides: Optional[List[str]] = None) -> CurateConfig:
+    """A curation pipeline YAML (<- dotlist overrides) as typed dataclasses; curate/config.py checks its values
+    (paths, stages, models) with the key named."""
+    curate = _load_structured(CurateConfig, path, overrides, path)
+    check_numbers(curate)
+    check_directory(curate.output_dir, "output_dir")
+    return curate
 
 
 # what an "@stage" reference needs from the stage it names: rows come from rejection sampling, a policy's
@@ -465,6 +523,30 @@ def _validate_data(cfg: JobConfig) -> None:
         check_blend(getattr(d, group), group)
     _require(d.tokenizer.kind != "hf" or bool(d.tokenizer.path) or not d.train, "data.tokenizer.path",
              "kind=hf needs the tokenizer.json that the data was prepared with")
+    _validate_data_stages(d)
+
+
+def _validate_data_stages(d: DataConfig) -> None:
+    """Earlier recipe stages (engine/data/stages.py): they start the stream at 0 and come in order before this
+    stage; a staged blend names each dataset once, since its path is its stream."""
+    _require(d.stage_start_sample >= 0, "data.stage_start_sample", f"must be >= 0, got {d.stage_start_sample}")
+    starts = [s.start_sample for s in d.stages] + [d.stage_start_sample]
+    for j, stage in enumerate(d.stages):
+        key = f"data.stages[{j}]"
+        _require(stage.start_sample == 0 or j > 0, f"{key}.start_sample",
+                 f"must be 0 (the first stage begins the data stream), got {stage.start_sample}")
+        _require(stage.seq_len > 0, f"{key}.seq_len", f"must be positive, got {stage.seq_len}")
+        _require(bool(stage.train), f"{key}.train", "is empty: a stage trains on at least one dataset")
+        later = f"data.stages[{j + 1}].start_sample" if j + 1 < len(d.stages) else "data.stage_start_sample"
+        _require(starts[j + 1] > stage.start_sample, later,
+                 f"{starts[j + 1]} must exceed {key}.start_sample={stage.start_sample} (stages come in order)")
+    blends = [(f"stages[{j}].train", s.train) for j, s in enumerate(d.stages)]
+    for group, train in blends + ([("train", d.train)] if d.stages else []):
+        for i, ds in enumerate(train):
+            _require(bool(ds.path), f"data.{group}[{i}].path", "is empty")
+            _require(Path(ds.path) not in [Path(other.path) for other in train[:i]], f"data.{group}[{i}].path",
+                     f"'{ds.path}' is listed twice in a staged blend (its path is its stream): merge the weights")
+        check_blend(train, group)
 
 
 def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:

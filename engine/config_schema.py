@@ -366,3 +366,45 @@ class ScalingConfig:
     jobs: int = 1  # runs at once on this machine (herd scaling without --slurm)
     targets: List[float] = field(default_factory=list)  # budgets to predict the compute-optimal model for
     downstream: DownstreamTaskConfig = field(default_factory=DownstreamTaskConfig)
+
+
+@dataclass
+class RecipeGateConfig:
+    """When a long-context stage may end (Llama 3 section 3.4.2: moved on when short-context performance had
+    recovered and needle-in-a-haystack was solved). Measured by long_eval (engine/eval/long_context.py)."""
+
+    enabled: bool = False  # off: the stage runs its tokens; its evaluations are still recorded when long_eval is on
+    check_every_tokens: float = 0  # evaluate after every this many tokens (0: only when the budget is spent)
+    short_loss_tolerance: float = 0.02  # pass: short-context loss <= (1 + this) x its value before the stage
+    needle_accuracy: float = 1.0  # pass: mean needle accuracy >= this
+
+
+@dataclass
+class RecipeStageConfig:
+    """One stage of a pretraining recipe: a normal run of the job with these overrides, continuing the one before
+    (same checkpoint lineage, optimizer, data stream and token-based LR schedule)."""
+
+    name: str = ""  # unique; letters, digits, . _ -
+    kind: str = "pretrain"  # pretrain | long_context | anneal (LR linear to 0 over the stage's tokens)
+    tokens: float = 0  # tokens this stage trains (a gated stage's budget); it starts where the last one ended
+    overrides: List[str] = field(default_factory=list)  # job overrides: data.seq_len, data.global_batch_size,
+    #                     data.train (the blend), parallel.*, model.rope_*, checkpoint.every, long_eval.*, ...
+    gate: RecipeGateConfig = field(default_factory=RecipeGateConfig)
+    average: bool = False  # anneal: average the checkpoints this stage saved into <run_dir>/averaged
+
+
+@dataclass
+class RecipeConfig:
+    """A staged pretraining run (Llama 3 section 3.4: initial pretraining with batch/sequence ramps and mix
+    changes, long-context stages, annealing with checkpoint averaging), run by `herd recipe`."""
+
+    name: str = "recipe"
+    config: str = ""  # the job YAML every stage starts from (model, layout, optimizer, data, checkpoint.every)
+    overrides: List[str] = field(default_factory=list)  # job overrides for every stage
+    run_dir: str = "runs/recipe"  # the run (metrics, TensorBoard, checkpoints) is <run_dir>/train
+    total_tokens: float = 0  # the main schedule's horizon (cosine to schedule.min_lr_ratio); 0: all stages' tokens
+    #                          before the anneal stage
+    warmup_tokens: float = 0  # linear warmup over this many tokens ...
+    warmup_steps: int = 0  # ... or over this many optimizer steps of the stages it spans (Llama 3: 8,000)
+    export_hf: bool = False  # export the averaged model (or the last checkpoint) to <run_dir>/hf for transformers
+    stages: List[RecipeStageConfig] = field(default_factory=list)

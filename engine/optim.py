@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from engine.config import OptimConfig, ScheduleConfig
-from engine.schedule import lr_multiplier
+from engine.schedule import lr_multiplier, stage_lr_multiplier
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
@@ -17,6 +17,10 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) ->
                              fused=fused, foreach=None if fused else True)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig,
-                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: ScheduleConfig, total_steps: int,
+                    tokens_per_step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The step schedule, or with cfg.total_tokens set (a recipe stage) the token schedule (engine/schedule.py)."""
+    if cfg.total_tokens > 0:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda step: stage_lr_multiplier(step, tokens_per_step, cfg))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, total_steps, cfg))

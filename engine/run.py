@@ -180,7 +180,8 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh],
             init_weights(part, cfg.train.seed, parallel.full_shape, parallel.init_parameter)
             init_fp8_weights(part, cfg.fp8, cfg.train.seed)
         optimizer = build_optimizer(torch.nn.ModuleList(parallel.parts), cfg.optim, device)
-    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.steps)
+    scheduler = build_scheduler(optimizer, cfg.schedule, cfg.train.steps,
+                                cfg.data.global_batch_size * cfg.data.seq_len)
     return module_factory(parallel, optimizer, scheduler, device, cfg.train.dtype, cfg.optim.grad_clip,
                           forward_context=fp8_forward_context(cfg.fp8),
                           step_context=fp8_step_context(cfg.fp8, parallel.parts, weights_sharded=p.dp_shard > 1))

@@ -16,7 +16,10 @@ EXIT_USAGE = 2
 
 
 def _train(args: argparse.Namespace) -> int:
-    from engine.config import load_config
+    from engine.config import is_recipe_file, load_config
+    if is_recipe_file(args.config) and not args.dry_run:  # a recipe is one config too: as `herd recipe` would
+        return _recipe(argparse.Namespace(recipe=args.config, overrides=args.overrides, nproc=None,
+                                          print_config=args.print_config, world_size=args.world_size))
     if args.dry_run:
         return _dry_run(args)
     if args.world_size is not None or args.rank is not None or args.device is not None:
@@ -77,6 +80,33 @@ def _align(args: argparse.Namespace) -> int:
     from engine.run import end_rank_process
     run_pipeline(pipeline)
     end_rank_process(0)  # a rank of a multi-process pipeline leaves here; one process returns
+    return 0
+
+
+def _recipe(args: argparse.Namespace) -> int:
+    """Run a pretraining recipe (recipe/runner.py); with --nproc, every stage on that many local ranks."""
+    from engine.config import load_recipe
+    from recipe.runner import RecipeRunner
+    recipe = load_recipe(args.recipe, args.overrides)
+    world = args.world_size or args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    if args.print_config:
+        from recipe.plan import plan_table
+        plans = RecipeRunner(recipe, world_size=world).plan(check_files=False)  # the table needs no data
+        print("\n".join(plan_table(recipe, plans)), flush=True)
+        return 0
+    if args.world_size is not None:
+        raise HerdError("--world-size goes with --print-config (use --nproc to run on local ranks)")
+    if args.nproc is not None and "WORLD_SIZE" not in os.environ:
+        if args.nproc < 1:
+            raise HerdError(f"--nproc must be at least 1, got {args.nproc}")
+        RecipeRunner(recipe, world_size=args.nproc).plan()  # every stage's job as its ranks will load it
+        from launch.local import run_local
+        herd_args = ["recipe", args.recipe, *args.overrides]
+        print(scrub(f"herd recipe: {args.nproc} ranks of herd " + " ".join(herd_args)), flush=True)
+        return run_local(args.nproc, herd_args, "herd recipe", preemptible=True)  # every stage saves
+    from engine.run import end_rank_process
+    RecipeRunner(recipe).run()
+    end_rank_process(0)  # a rank of a multi-process recipe leaves here; one process returns
     return 0
 
 
@@ -299,6 +329,16 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("overrides", nargs="*", help="pipeline overrides, e.g. rounds=2 run_dir=runs/a")
     align.add_argument("--nproc", type=int, help="run every stage on this many local ranks (docs/launch.md)")
     align.set_defaults(func=_align)
+
+    recipe = sub.add_parser("recipe", help="run a staged pretraining recipe (ramps, mix changes, long context with "
+                                           "gates, annealing and checkpoint averaging) as one resumable run")
+    recipe.add_argument("recipe", help="recipe YAML (configs/recipes/)")
+    recipe.add_argument("overrides", nargs="*", help="recipe overrides, e.g. run_dir=runs/r stages[0].tokens=1e6")
+    recipe.add_argument("--nproc", type=int, help="run every stage on this many local ranks")
+    recipe.add_argument("--print-config", action="store_true", help="print the stage table and exit")
+    recipe.add_argument("--world-size", type=int, help="with --print-config: check the stages' layouts for this "
+                                                       "many ranks (default --nproc, or 1)")
+    recipe.set_defaults(func=_recipe)
 
     convert = sub.add_parser("convert", help="HF Llama directory <-> herd checkpoint")
     convert.add_argument("direction", choices=("hf-to-herd", "herd-to-hf"))

@@ -95,11 +95,17 @@ def test_every_shipped_config_loads():
     from align.pipeline import PipelineRunner
     from engine.config import load_pipeline
     from plan.hardware import load_hardware
-    pipelines = profiles = 0
+    from engine.config import load_recipe
+    from recipe.runner import RecipeRunner
+    pipelines = profiles = recipes = 0
     for path in sorted(Path(CONFIGS_DIR).rglob("*.yaml")):
         if path.parent.name == "hardware":
             load_hardware(path.stem)
             profiles += 1
+        elif path.parent.name == "recipes":  # every stage's job, for the world size the recipe is written for
+            recipe = load_recipe(str(path))
+            RecipeRunner(recipe, world_size=RECIPE_WORLD.get(path.stem, 1)).plan(check_files=False)
+            recipes += 1
         elif "\nstages:" in "\n" + path.read_text():
             PipelineRunner(load_pipeline(str(path))).check()  # loads each stage's job from the repo root
             pipelines += 1
@@ -107,4 +113,7 @@ def test_every_shipped_config_loads():
             parallel = (yaml.safe_load(path.read_text()) or {}).get("parallel") or {}
             world = math.prod(parallel.get(k, 1) for k in ("dp_replicate", "dp_shard", "pp", "cp", "tp"))
             load_config(str(path), world_size=world)
-    assert pipelines >= 1 and profiles >= 1
+    assert pipelines >= 1 and profiles >= 1 and recipes >= 1
+
+
+RECIPE_WORLD = {"demo": 2, "llama3_405b": 8192}  # the ranks each shipped recipe runs on

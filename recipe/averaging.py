@@ -1,0 +1,65 @@
+"""The end of a recipe: the annealing checkpoints averaged into the final model (Llama 3 section 3.4.3, Polyak
+averaging) and its export for transformers. Rank 0 writes; every rank waits for it."""
+
+import os
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import torch.distributed as dist
+
+from engine.checkpoint.store import CheckpointStore
+from engine.errors import CheckpointError
+from recipe.plan import TRAIN_NAME
+
+AVERAGED, HF = "averaged", "hf"
+
+
+def _rank0_then_all(work):
+    """Run `work` on rank 0 and hand its result (or its failure, as one line) to every rank."""
+    box = [None]
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            box[0] = ("ok", work())
+        except Exception as e:  # noqa: BLE001 - every rank raises the same one-line error
+            box[0] = ("error", f"{type(e).__name__}: {e}")
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    kind, value = box[0]
+    if kind == "error":
+        raise CheckpointError(value)
+    return value
+
+
+def anneal_checkpoints(ckpt_root: Path, start_step: int, end_step: int) -> list:
+    """The complete checkpoints the anneal stage saved (steps in (start_step, end_step]), oldest first."""
+    store = CheckpointStore(ckpt_root, lineage=TRAIN_NAME)
+    return [store.step_dir(s) for s in store.complete_steps() if start_step < s <= end_step]
+
+
+def average_stage(run_dir: Path, ckpt_root: Path, start_step: int, end_step: int) -> dict:
+    """<run_dir>/averaged: the element-wise fp32 mean of the anneal stage's checkpoints (engine/checkpoint/average.py),
+    a weights-only checkpoint root like an import (checkpoint.load_weights, herd convert herd-to-hf)."""
+    def work():
+        from engine.checkpoint.average import average_checkpoints
+        sources = anneal_checkpoints(ckpt_root, start_step, end_step)
+        if not sources:
+            raise CheckpointError(f"{run_dir}: the anneal stage left no checkpoint to average (steps "
+                                  f"{start_step + 1} to {end_step})")
+        out = run_dir / AVERAGED
+        if out.exists():  # a kill after the write, before the state file recorded it: made again from the sources
+            shutil.rmtree(out)
+        average_checkpoints(sources, out)
+        return {"root": str(out), "sources": [str(s) for s in sources]}
+    return _rank0_then_all(work)
+
+
+def export_final(run_dir: Path, averaged: Optional[dict], ckpt_root: Path) -> str:
+    """<run_dir>/hf from the averaged model, or from the run's newest checkpoint when nothing was averaged."""
+    def work():
+        from engine.checkpoint.hf_export import export_hf
+        out = run_dir / HF
+        if out.exists():  # an export this recipe began before a kill (the state file did not record it)
+            shutil.rmtree(out)
+        return str(export_hf(Path(averaged["root"]) if averaged else ckpt_root, out).path)
+    return _rank0_then_all(work)

@@ -1,0 +1,164 @@
+"""`herd recipe RECIPE.yaml`: a staged pretraining run (Llama 3 section 3.4) as one resumable run of the engine.
+
+Every stage is a normal run of the job under its own overrides (batch, sequence length, blend, layout, RoPE), and
+all stages share one run directory and one checkpoint lineage (<run_dir>/train): a stage starts by resuming the
+newest checkpoint there, which is the previous stage's last (model, optimizer, step and data position), so the
+optimizer carries over and TensorBoard shows one curve. The runner adds the keys that tie stages together
+(recipe/plan.py): the data stream's earlier stages (engine/data/stages.py continues every dataset exactly), the
+token-based LR schedule (engine/schedule.py) and the global step to reach.
+
+<run_dir>/recipe_state.json records, after each stage (or gate check of a long-context stage), where it ended and
+what its gate measured; it is written atomically by rank 0. Running the recipe again skips finished stages and
+resumes the current one from its newest checkpoint, so a recipe killed anywhere ends where an uninterrupted one
+ends (bitwise under the same layouts: every piece of state is in the checkpoints, every decision in the file).
+"""
+
+import json
+import os
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import List, Optional, TextIO
+
+import torch.distributed as dist
+
+from engine.checkpoint.checkpointer import checkpoint_root
+from engine.config import RecipeConfig
+from engine.errors import ConfigError
+from engine.secrets import scrub
+from engine.train_module import fault_point
+from recipe.plan import (TRAIN_NAME, Position, StagePlan, data_stage, position_job, schedule_horizon, static_plan,
+                         tokens_per_step, warmup_tokens)
+from recipe import gates
+
+STATE = "recipe_state.json"
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+class RecipeRunner:
+    def __init__(self, recipe: RecipeConfig, stream: TextIO = sys.stdout, world_size: Optional[int] = None):
+        self.recipe, self.stream = recipe, stream
+        self.world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
+        self.run_dir = Path(recipe.run_dir)
+        self.state_path = self.run_dir / STATE
+
+    def say(self, line: str) -> None:
+        if _rank() == 0:
+            print(scrub(f"[recipe] {line}"), file=self.stream, flush=True)
+
+    def plan(self, check_files: bool = True) -> List[StagePlan]:
+        """Every stage's job loaded and validated for this world size, and the inputs they read present, before
+        anything runs: a bad override in the last stage is a one-line error now, not after the first stages."""
+        plans = static_plan(self.recipe, self.world_size)
+        for plan in plans:
+            gates.check_stage(plan)
+            for ds in (plan.job.data.train + plan.job.data.valid) if check_files else []:
+                for suffix in (".bin", ".idx"):
+                    if not Path(ds.path + suffix).is_file():
+                        raise ConfigError(f"stages.{plan.stage.name}", f"data file {ds.path + suffix} does not exist")
+        return plans
+
+    def load_state(self) -> dict:
+        if not self.state_path.is_file():
+            return {"recipe": self.recipe.name, "stages": {}}
+        try:
+            state = json.loads(self.state_path.read_text())
+            assert isinstance(state.get("stages"), dict)
+        except (ValueError, AssertionError, AttributeError):
+            raise ConfigError("run_dir", f"{self.state_path} is not a recipe state file herd wrote: move it away or "
+                                         f"use another run_dir") from None
+        if state.get("recipe") != self.recipe.name:
+            raise ConfigError("name", f"{self.run_dir} holds recipe '{state.get('recipe')}', not "
+                                      f"'{self.recipe.name}': use another run_dir")
+        return state
+
+    def save_state(self, state: dict) -> None:
+        if _rank() == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            temporary = self.state_path.with_suffix(".tmp")
+            temporary.write_text(json.dumps(state, indent=1) + "\n")
+            os.replace(temporary, self.state_path)
+        _barrier()
+
+    def run(self) -> dict:
+        plans = self.plan()
+        horizon, warmup = schedule_horizon(self.recipe, plans), warmup_tokens(self.recipe, plans)
+        state = self.load_state()
+        position, history = Position(), []
+        for plan in plans:
+            record = state["stages"].get(plan.stage.name)
+            if record is not None and record.get("done"):
+                self.say(f"stage {plan.stage.name}: finished earlier (steps {record['start']['step']} to "
+                         f"{record['end']['step']}), skipped")
+            else:
+                record = record or {"start": asdict(position), "chunks": [], "done": False}
+                state["stages"][plan.stage.name] = record
+                self.run_stage(plan, state, record, history, horizon, warmup)
+            history.append(data_stage(plan.job, Position(**record["start"])))
+            position = Position(**record["end"])
+        self.finish(plans, state)
+        return state
+
+    def run_stage(self, plan: StagePlan, state: dict, record: dict, history: list, horizon: int,
+                  warmup: int) -> None:
+        """Run the stage (a gated one chunk by chunk, until its gate passes or its budget is spent)."""
+        start = Position(**record["start"])
+        budget_end = start.step + plan.steps
+        anneal_tokens = plan.steps * tokens_per_step(plan.job)
+        while True:
+            end = min(start.step + (len(record["chunks"]) + 1) * plan.chunk_steps, budget_end)
+            job = position_job(plan, start, end, history, horizon, warmup, anneal_tokens, self.world_size,
+                               first_chunk=not record["chunks"])
+            self.say(f"stage {plan.stage.name} ({plan.stage.kind}): steps {start.step} to {end} of {budget_end}, "
+                     f"{tokens_per_step(job):,} tokens per step ({job.data.global_batch_size} x {job.data.seq_len}), "
+                     f"starting at {start.tokens:,} tokens")
+            from engine.run import train
+            trainer = train(job, self.stream)
+            if trainer.state.preempted:
+                from engine.callbacks import PREEMPTED_EXIT_CODE
+                raise SystemExit(PREEMPTED_EXIT_CODE)
+            _barrier()  # rank 0's evaluation record is on disk for every rank
+            gate = gates.measure(plan, self.run_dir / TRAIN_NAME, start.step, end)
+            record["chunks"].append({"end_step": end, "gate": gate})
+            passed = gate is not None and gate.get("passed") is True
+            if end >= budget_end or (plan.stage.gate.enabled and passed):
+                record["end"], record["done"] = asdict(start.after(end - start.step, job)), True
+                record["tokens_per_step"], record["seq_len"] = tokens_per_step(job), job.data.seq_len
+            if gate is not None:
+                self.say(gates.describe(plan.stage, gate, record["done"]))
+            self.save_state(state)
+            fault_point("recipe_stage_done")  # the kill tests stop the runner here, between two runs
+            if record["done"]:
+                return
+
+    def finish(self, plans: List[StagePlan], state: dict) -> None:
+        """The anneal stage's average (and the HF export), once; then the table of what each stage did."""
+        last = plans[-1]
+        record = state["stages"][last.stage.name]
+        ckpt_root = checkpoint_root(last.job.checkpoint.dir, self.run_dir / TRAIN_NAME)
+        if last.stage.average and "averaged" not in state:
+            from recipe.averaging import average_stage
+            state["averaged"] = average_stage(self.run_dir, ckpt_root, Position(**record["start"]).step,
+                                              Position(**record["end"]).step)
+            self.save_state(state)
+            self.say(f"averaged {len(state['averaged']['sources'])} annealing checkpoints into "
+                     f"{state['averaged']['root']}")
+        if self.recipe.export_hf and "hf" not in state:
+            from recipe.averaging import export_final
+            state["hf"] = export_final(self.run_dir, state.get("averaged"), ckpt_root)
+            self.save_state(state)
+            self.say(f"exported {state['hf']} (transformers: AutoModelForCausalLM.from_pretrained)")
+        for line in gates.summary(plans, state):
+            self.say(line)
+
+
+def run_recipe(recipe: RecipeConfig, stream: Optional[TextIO] = None) -> dict:
+    return RecipeRunner(recipe, stream or sys.stdout).run()
