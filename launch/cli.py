@@ -276,6 +276,23 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _average(args: argparse.Namespace) -> int:
+    """Average checkpoints' model weights into one checkpoint (engine/checkpoint/average.py)."""
+    from engine.checkpoint.average import average_checkpoints, parse_numbers, resolve_sources
+    steps = parse_numbers(args.steps, "--steps", int) if args.steps else None
+    weights = parse_numbers(args.weights, "--weights", float) if args.weights else None
+    try:
+        sources = resolve_sources(args.checkpoints, all_steps=args.all, steps=steps)
+        out = average_checkpoints(sources, Path(args.out), weights=weights, overwrite=args.overwrite)
+    except OSError as e:  # reading a source (writing is one line already): one line too, no traceback
+        raise HerdError(f"{e.filename or args.out}: {e.strerror or e}") from None
+    print(f"wrote herd checkpoint {out}, the mean of {len(sources)} checkpoints; train from it with "
+          f"checkpoint.load_weights={out}, export it with herd convert herd-to-hf {out} HF_DIR", flush=True)
+    for index, source in enumerate(sources):
+        print(f"  {source}" + (f" (weight {weights[index]:g})" if weights else ""), flush=True)
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     """Search herd's 4D layouts for a model and a cluster (plan/, docs/scale.md)."""
     from plan.command import run
@@ -347,6 +364,18 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="herd-to-hf: replace the content of an existing "
                                                                   "directory that herd did not export")
     convert.set_defaults(func=_convert)
+
+    average = sub.add_parser("average", help="average checkpoints' model weights (any layouts) into one checkpoint: "
+                                             "Llama 3's annealing average (docs/checkpointing.md)")
+    average.add_argument("checkpoints", nargs="+", help="step directories (CKPT_ROOT/step_00001000), or checkpoint "
+                         "roots: each root's newest complete checkpoint, or those --all / --steps choose")
+    average.add_argument("--out", required=True, help="checkpoint root to write: a new or empty directory")
+    average.add_argument("--all", action="store_true", help="every complete checkpoint of each root given")
+    average.add_argument("--steps", help="these steps of each root given, e.g. 9000,9500,10000")
+    average.add_argument("--weights", help="one weight per checkpoint, in the order averaged (default: equal)")
+    average.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier average "
+                         "(or no herd checkpoint state); never a source")
+    average.set_defaults(func=_average)
 
     prep = sub.add_parser("prepare-data", help="tokenize text files or JSONL into .bin/.idx token files")
     prep.add_argument("inputs", nargs="+", help="files or directories (searched for --include patterns)")
