@@ -105,7 +105,7 @@ def load_recipe(path: str, overrides: Optional[List[str]] = None) -> RecipeConfi
         key = f"stages[{i}]"
         _require(re.fullmatch(r"[A-Za-z0-9_.-]+", stage.name) is not None, f"{key}.name",
                  f"'{stage.name}' must be a non-empty name of letters, digits, '.', '_' and '-'")
-        _require(names.count(stage.name) == 1, f"{key}.name", f"'{stage.name}' is used by more than one stage")
+        _require(stage.name not in names[:i], f"{key}.name", f"'{stage.name}' is already the name of an earlier stage")
         _require(stage.kind in RECIPE_KINDS, f"{key}.kind", f"'{stage.kind}' is not one of {', '.join(RECIPE_KINDS)}")
         _require(stage.tokens >= 1, f"{key}.tokens", f"must be at least 1 token, got {stage.tokens}")
         _require(stage.kind != "anneal" or i == len(recipe.stages) - 1, f"{key}.kind",
