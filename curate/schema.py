@@ -6,6 +6,7 @@ curate/config.py checks their values with the key named."""
 from dataclasses import dataclass, field
 from typing import Dict, List
 
+
 @dataclass
 class CurateInputConfig:
     """Where the raw corpus is and how its records are read."""

@@ -299,6 +299,12 @@ def _plan(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _curate(args: argparse.Namespace) -> int:
+    """Curate a corpus on datatrove (curate/, docs/data_curation.md), or train its fastText classifier."""
+    from curate.command import run
+    return run(args)
+
+
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes as one line, like every other herd error (the usage is one --help away)."""
 
@@ -396,6 +402,12 @@ def build_parser() -> argparse.ArgumentParser:
     from plan.command import add_arguments as plan_arguments
     plan_arguments(plan)
     plan.set_defaults(func=_plan)
+    curate = sub.add_parser("curate", help="clean, deduplicate, filter and mix a corpus on datatrove, then tokenize it "
+                                           "per domain (docs/data_curation.md); `curate train-classifier` trains "
+                                           "its fastText classifier")
+    from curate.command import add_arguments as curate_arguments
+    curate_arguments(curate)
+    curate.set_defaults(func=_curate)
     return parser
 
 

@@ -1,0 +1,75 @@
+"""`herd curate PIPELINE.yaml [overrides]` and `herd curate train-classifier` (docs/data_curation.md)."""
+
+import argparse
+import math
+from pathlib import Path
+
+from engine.errors import HerdError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("pipeline", help="curation pipeline YAML (configs/curate/demo.yaml), or train-classifier")
+    parser.add_argument("overrides", nargs="*", help="dotlist overrides, e.g. executor.tasks=8 minhash.enabled=false")
+    parser.add_argument("--positive", action="append", default=[], help="train-classifier: files or directories "
+                        "of good examples (label hq; repeatable)")
+    parser.add_argument("--negative", action="append", default=[], help="train-classifier: bad examples (label lq)")
+    parser.add_argument("--class", dest="classes", action="append", default=[], metavar="LABEL=PATH",
+                        help="train-classifier: examples of one class of a domain classifier (repeatable)")
+    parser.add_argument("--out", help="train-classifier: the fastText model file to write")
+    parser.add_argument("--epochs", type=int, default=25, help="train-classifier: fastText epochs")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.pipeline == "train-classifier":
+        return _train_classifier(args)
+    if args.positive or args.negative or args.classes or args.out:
+        raise HerdError("--positive, --negative, --class and --out go with `herd curate train-classifier`")
+    from curate.config import load
+    from curate.run import run_local, submit_slurm
+    cfg = load(args.pipeline, args.overrides)
+    if cfg.executor.kind == "slurm":
+        ids = submit_slurm(cfg)
+        print(f"herd curate: submitted {len(ids)} job arrays (last {ids[-1]}); the report will be "
+              f"{Path(cfg.output_dir).resolve() / 'report.md'}", flush=True)
+        return 0
+    run_local(cfg)
+    report = Path(cfg.output_dir).resolve() / "report.md"
+    print(report.read_text(), end="", flush=True)
+    print(f"herd curate: report {report} (and report.json beside it)", flush=True)
+    return 0
+
+
+def _train_classifier(args: argparse.Namespace) -> int:
+    from curate.models import train_classifier
+    if args.overrides:
+        raise HerdError(f"train-classifier takes no overrides, got {' '.join(args.overrides)}")
+    if not args.out:
+        raise HerdError("train-classifier needs --out MODEL.bin")
+    classes = {}
+    if args.positive or args.negative:
+        if not (args.positive and args.negative):
+            raise HerdError("a quality classifier needs both --positive and --negative examples")
+        classes = {"hq": args.positive, "lq": args.negative}
+    for item in args.classes:
+        label, _, path = item.partition("=")
+        if not label or not path or not label.replace("_", "").isalnum():
+            raise HerdError(f"--class {item}: write LABEL=PATH with a label of letters, digits and _")
+        classes.setdefault(label, []).append(path)
+    if len(classes) < 2:
+        raise HerdError("train-classifier needs --positive and --negative, or at least two --class LABEL=PATH")
+    for label, paths in classes.items():
+        for path in paths:
+            if not Path(path).exists():
+                raise HerdError(f"{label} examples: '{path}' does not exist")
+    if args.epochs < 1:
+        raise HerdError(f"--epochs must be at least 1, got {args.epochs}")
+    out = Path(args.out)
+    if out.exists() and not out.is_file():
+        raise HerdError(f"--out {out}: is not a file")
+    if not out.parent.is_dir():
+        raise HerdError(f"--out {out}: directory {out.parent} does not exist")
+    examples, accuracy = train_classifier(classes, str(out), epochs=args.epochs)
+    held = "not measured (fewer than 20 examples)" if math.isnan(accuracy) else f"{accuracy:.3f}"
+    print(f"herd curate: trained a fastText classifier of {len(classes)} labels ({', '.join(classes)}) on "
+          f"{examples} examples; held-out accuracy {held}: {out}", flush=True)
+    return 0

@@ -1,0 +1,85 @@
+"""Loading and checking a curation pipeline YAML: every mistake is one ConfigError naming the key."""
+
+from pathlib import Path
+from typing import List, Optional
+
+from curate.schema import CurateConfig
+from engine.errors import ConfigError
+
+EXECUTORS = ("local", "slurm")
+TOKENIZERS = ("hf", "llama3")
+
+
+def load(path: str, overrides: Optional[List[str]] = None) -> CurateConfig:
+    from engine.config import load_curate  # the only loader of YAML (omegaconf lives there)
+    cfg = load_curate(path, overrides)
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(key, message)
+
+
+def _file(value: str, key: str, what: str) -> None:
+    _require(Path(value).is_file(), key, f"'{value}' is not a file ({what})")
+
+
+def validate(cfg: CurateConfig) -> None:
+    _require(bool(cfg.input.paths), "input.paths", "name the files or directories of the raw corpus")
+    for i, path in enumerate(cfg.input.paths):
+        _require(Path(path).exists(), f"input.paths[{i}]", f"'{path}' does not exist")
+    _require(bool(cfg.input.include), "input.include", "give at least one file name pattern, e.g. '*.jsonl'")
+    _require(bool(cfg.output_dir), "output_dir", "name the directory the stages write to")
+    ex = cfg.executor
+    _require(ex.kind in EXECUTORS, "executor.kind", f"'{ex.kind}' is not one of {', '.join(EXECUTORS)}")
+    _require(ex.tasks >= 1, "executor.tasks", f"must be at least 1, got {ex.tasks}")
+    _require(ex.workers >= 1 or ex.workers == -1, "executor.workers", f"must be at least 1 (or -1), got {ex.workers}")
+    if ex.kind == "slurm":
+        _require(bool(ex.partition), "executor.partition", "the slurm executor needs a partition")
+        _require(ex.cpus_per_task >= 1, "executor.cpus_per_task", f"must be at least 1, got {ex.cpus_per_task}")
+        _require(ex.mem_per_cpu_gb >= 0, "executor.mem_per_cpu_gb", "must be >= 0 (0: do not ask for memory)")
+        if ex.venv_path:
+            _file(ex.venv_path, "executor.venv_path", "a venv's bin/activate")
+    m = cfg.minhash
+    for key in ("n_grams", "buckets", "hashes_per_bucket"):
+        _require(getattr(m, key) >= 1, f"minhash.{key}", f"must be at least 1, got {getattr(m, key)}")
+    _require(cfg.line_dedup.max_repeats >= 1, "line_dedup.max_repeats", "must be at least 1")
+    _require(cfg.line_dedup.buckets >= 1, "line_dedup.buckets", "must be at least 1")
+    h = cfg.heuristics
+    if h.dirty_words_file:
+        _file(h.dirty_words_file, "heuristics.dirty_words_file", "one word or phrase per line")
+    _require(h.max_dirty_words >= 0, "heuristics.max_dirty_words", "must be >= 0")
+    _require(h.max_kl > 0, "heuristics.max_kl", f"must be positive (nats), got {h.max_kl}")
+    _require(h.kl_min_words >= 1, "heuristics.kl_min_words", "must be at least 1")
+    _validate_models(cfg)
+    _validate_tokenize(cfg)
+    _require(cfg.examples >= 0, "examples", "must be >= 0")
+
+
+def _validate_models(cfg: CurateConfig) -> None:
+    md = cfg.models
+    if md.language:
+        _require(bool(md.language_model), "models.language_model",
+                 "language identification needs a fastText language-id model you supply: set "
+                 "models.language_model=PATH (e.g. lid.176.bin from fasttext.cc), or models.language=false")
+    for key in ("quality_model", "language_model", "domain_model"):
+        if getattr(md, key):
+            _file(getattr(md, key), f"models.{key}", "a fastText .bin model")
+    for key in ("quality_threshold", "language_threshold"):
+        _require(0 <= getattr(md, key) <= 1, f"models.{key}", f"must be in [0, 1], got {getattr(md, key)}")
+    _require(bool(md.languages), "models.languages", "list the languages kept as general, e.g. [en]")
+
+
+def _validate_tokenize(cfg: CurateConfig) -> None:
+    from curate.models import DOMAINS
+    t = cfg.tokenize
+    _require(t.tokenizer in TOKENIZERS, "tokenize.tokenizer", f"'{t.tokenizer}' is not one of {', '.join(TOKENIZERS)}")
+    if t.tokenizer_path:
+        _file(t.tokenizer_path, "tokenize.tokenizer_path", "a tokenizer.json")
+    _require(t.vocab_size >= 512, "tokenize.vocab_size", f"must be at least 512, got {t.vocab_size}")
+    _require(bool(t.mix), "tokenize.mix", "give the target share of each domain, e.g. {general: 0.5, code: 0.5}")
+    for domain, share in t.mix.items():
+        _require(domain in DOMAINS, f"tokenize.mix.{domain}", f"is not a domain ({', '.join(DOMAINS)})")
+        _require(share > 0, f"tokenize.mix.{domain}", f"must be positive, got {share}")

@@ -1,0 +1,85 @@
+"""Running the passes of curate/pipeline.py on datatrove's LocalPipelineExecutor or SlurmPipelineExecutor."""
+
+import json
+import sys
+from pathlib import Path
+from typing import List
+
+from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
+
+from curate.pipeline import FaultPoint, Layout, Stage, build_stages
+from curate.read import list_corpus
+from curate.schema import CurateConfig
+from engine.errors import HerdError
+
+FILES_LIST = "inputs.json"  # the corpus's file list, fixed at the first run so a resumed run shards alike
+
+
+def corpus_files(cfg: CurateConfig) -> List[str]:
+    """The input files, listed once per output directory: a rerun (resume) uses the same list and sharding even
+    if files were added meanwhile."""
+    listing = Layout(cfg.output_dir).root / FILES_LIST
+    if listing.is_file():
+        return json.loads(listing.read_text())
+    files = list_corpus(cfg.input.paths, cfg.input.include)
+    if not files:
+        raise HerdError(f"input.paths: no file matching {', '.join(cfg.input.include)} in {', '.join(cfg.input.paths)}")
+    listing.parent.mkdir(parents=True, exist_ok=True)
+    temporary = listing.with_suffix(".tmp")
+    temporary.write_text(json.dumps(files))
+    temporary.replace(listing)
+    return files
+
+
+def run_local(cfg: CurateConfig) -> None:
+    """Every pass in order, each on a local multi-process executor; finished tasks are skipped."""
+    lay = Layout(cfg.output_dir)
+    stages = build_stages(cfg, corpus_files(cfg))
+    for stage in stages:
+        for p in stage.passes:
+            print(f"herd curate: {stage.name} / {p.name} ({p.tasks} task{'s' if p.tasks > 1 else ''})", flush=True)
+            executor = LocalPipelineExecutor(p.steps() + [FaultPoint(p.name)], tasks=p.tasks,
+                                             workers=max(1, min(cfg.executor.workers if cfg.executor.workers > 0
+                                                                else p.tasks, p.tasks)),
+                                             logging_dir=str(lay.logs(p.name)), start_method="fork")
+            try:
+                executor.run()
+            except Exception as e:  # noqa: BLE001 - one line naming the pass; the tasks' logs hold the traceback
+                raise HerdError(f"{p.name}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} (task "
+                                f"logs in {lay.logs(p.name)}/logs; a rerun resumes)") from None
+            incomplete = executor.get_incomplete_ranks()
+            if incomplete:
+                raise HerdError(f"{p.name}: tasks {incomplete} did not finish; see {lay.logs(p.name)}/logs "
+                                f"(a rerun resumes them)")
+
+
+class _HerdSlurmExecutor(SlurmPipelineExecutor):
+    """datatrove's SLURM executor without the memory request when mem_per_cpu_gb is 0 (a cluster that does not
+    schedule memory rejects any), and without its stats-merging job: herd's report pass reads the outputs."""
+
+    def get_sbatch_args(self, max_array: int = 1) -> dict:
+        args = super().get_sbatch_args(max_array)
+        if not self.mem_per_cpu_gb:
+            args.pop("mem-per-cpu", None)
+        return args
+
+    def launch_merge_stats(self):
+        pass
+
+
+def submit_slurm(cfg: CurateConfig) -> List[str]:
+    """Every pass as a SLURM job array, each depending on the one before (afterok); returns the job ids. Passes
+    already complete are not submitted again."""
+    lay, ex = Layout(cfg.output_dir), cfg.executor
+    venv = ex.venv_path or str(Path(sys.prefix) / "bin" / "activate")
+    previous, executors = None, []
+    for stage in build_stages(cfg, corpus_files(cfg)):
+        for p in stage.passes:
+            previous = _HerdSlurmExecutor(
+                p.steps() + [FaultPoint(p.name)], tasks=p.tasks, time=ex.time, partition=ex.partition,
+                cpus_per_task=ex.cpus_per_task, mem_per_cpu_gb=ex.mem_per_cpu_gb, workers=ex.workers,
+                job_name=f"{cfg.name}-{p.name}", qos="", venv_path=venv, logging_dir=str(lay.logs(p.name)),
+                depends=previous, requeue_signals=None)
+            executors.append(previous)
+    previous.run()  # launches its dependencies first, each array after the one before (afterok)
+    return [str(e.job_id) for e in executors]  # -1: that pass was complete and not submitted
