@@ -54,17 +54,23 @@ class PackedDataset:
         epoch, within = divmod(int(sample_id), self.samples_per_epoch)
         order, offsets, sample_order = self._epoch(epoch)
         start = int(sample_order[within]) * self.seq_len
-        end = start + self.seq_len + 1
-        first = int(np.searchsorted(offsets, start, side="right")) - 1
-        pieces, position, doc = [], start, first
-        while position < end:
-            tokens = self.indexed[int(order[doc])]
-            local = position - int(offsets[doc])
-            take = tokens[local:local + end - position]
-            pieces.append(take)
-            position += len(take)
-            doc += 1
-        return np.concatenate(pieces).astype(np.int64)
+        return read_stream(self.indexed, order, offsets, start, start + self.seq_len + 1)
+
+
+def read_stream(indexed: IndexedDataset, order: np.ndarray, offsets: np.ndarray, start: int, end: int
+                ) -> np.ndarray:
+    """Tokens [end - start] (int64) at positions [start, end) of an epoch's stream: the documents `order`
+    concatenated, document k starting at position offsets[k]."""
+    first = int(np.searchsorted(offsets, start, side="right")) - 1
+    pieces, position, doc = [], start, first
+    while position < end:
+        tokens = indexed[int(order[doc])]
+        local = position - int(offsets[doc])
+        take = tokens[local:local + end - position]
+        pieces.append(take)
+        position += len(take)
+        doc += 1
+    return np.concatenate(pieces).astype(np.int64)
 
 
 class BlendedDataset:

@@ -17,6 +17,7 @@ from engine.config import DataConfig, DatasetConfig
 from engine.data.dataset import BlendedDataset, PackedDataset
 from engine.data.indexed import BadShard, IndexedDataset
 from engine.data.skips import SkipReport
+from engine.data.stages import StagedBlend
 from engine.errors import DataError
 from parallel.context_parallel import shard_sequence
 
@@ -95,18 +96,24 @@ def build_blend(datasets: List[DatasetConfig], data: DataConfig, vocab_size: int
     return blend
 
 
+def build_train_blend(data: DataConfig, vocab_size: int) -> "BlendedDataset | StagedBlend":
+    """The training blend: data.train as above, or, with earlier recipe stages in data.stages, the staged blend in
+    which every dataset's stream goes on where those stages left it (engine/data/stages.py)."""
+    return StagedBlend(data, vocab_size) if data.stages else build_blend(data.train, data, vocab_size)
+
+
 class StepLoader:
     """Yields, for each optimizer step, this rank's micro-batches; `state_dict` is the samples consumed."""
 
-    def __init__(self, blend: BlendedDataset, data: DataConfig, eod_id: int, dp_rank: int = 0, dp_size: int = 1,
-                 consumed_samples: int = 0, cp_rank: int = 0, cp_size: int = 1):
+    def __init__(self, blend: "BlendedDataset | StagedBlend", data: DataConfig, eod_id: int, dp_rank: int = 0,
+                 dp_size: int = 1, consumed_samples: int = 0, cp_rank: int = 0, cp_size: int = 1):
         self.blend, self.data, self.eod_id = blend, data, eod_id
         self.dp_rank, self.dp_size = dp_rank, dp_size
         self.cp_rank, self.cp_size = cp_rank, cp_size
         self.per_rank = data.global_batch_size // dp_size
         self.consumed_samples = consumed_samples
         # what reading the data left out; build_data adds the validation data's, build_trainer reports it
-        self.skips = blend.skips if isinstance(blend, BlendedDataset) else SkipReport()
+        self.skips = blend.skips if isinstance(blend, (BlendedDataset, StagedBlend)) else SkipReport()
 
     def step_sample_ids(self, step_start: int) -> List[List[int]]:
         """This rank's micro-batches of sample ids for the step starting at global sample `step_start`."""
