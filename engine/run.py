@@ -23,7 +23,7 @@ from engine.checkpoint.checkpointer import Checkpointer, checkpoint_root
 from engine.checkpoint.store import CheckpointStore
 from engine.config import DatasetConfig, JobConfig, grad_accum_steps, to_yaml
 from engine.data.indexed import read_sidecar
-from engine.data.loader import Batch, StepLoader, build_blend
+from engine.data.loader import Batch, StepLoader, build_blend, build_train_blend
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 from engine.errors import ConfigError
 from engine.fp8 import (apply_fp8, check_fp8_config, fp8_forward_context, fp8_step_context, init_fp8_weights,
@@ -136,7 +136,7 @@ def build_data(cfg: JobConfig, mesh: Optional[Mesh]) -> Tuple[StepLoader, List[B
     check_prepared_with(cfg.data.train + cfg.data.valid, tokenizer)
     dp_rank, dp_size = (mesh.dp_rank, mesh.dims.dp) if mesh is not None else (0, 1)
     cp_rank, cp_size = (mesh.rank("cp"), mesh.dims.cp) if mesh is not None else (0, 1)
-    loader = StepLoader(build_blend(cfg.data.train, cfg.data, cfg.model.vocab_size), cfg.data, tokenizer.eod_id,
+    loader = StepLoader(build_train_blend(cfg.data, cfg.model.vocab_size), cfg.data, tokenizer.eod_id,
                         dp_rank, dp_size, cp_rank=cp_rank, cp_size=cp_size)
     eval_batches: List[Batch] = []
     if cfg.data.valid:
