@@ -43,7 +43,16 @@ clean-demo:
 	rm -rf data/stdlib* data/licenses* data/align runs/demo runs/demo.* runs/align-demo runs/recipe-demo
 
 # Pure-Python wheels the lent GPU machine lacks (it has no network); carried there as wheels/.
+# wheels/peers/: benchmarks/peers.py's peers and what they import at run time that the machine's image lacks
+# (Python 3.12, torch 2.11, transformers 5.x, triton there; check.sh installs them into a folder of their own).
+PEER_WHEELS := liger-kernel==0.8.5 torchtitan==0.3.0 spmd-types==0.2.3 torch-checkpointing==0.1.1 tyro==1.0.17 \
+	docstring-parser==0.18.0 typeguard==4.6.1 torchdata==0.11.0 datasets==4.7.0 dill==0.4.0 multiprocess==0.70.18 \
+	torchao==0.18.0 megatron-core==0.19.2
+GPU_PLATFORMS := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 gpu-wheels: $(STAMP)
 	$(PY) -m pip download --disable-pip-version-check -q --no-deps -d wheels omegaconf llama-models
 	$(PY) -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: --python-version 3.12 \
 		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d wheels tiktoken ninja
+	$(PY) -m pip download --disable-pip-version-check -q --no-deps --only-binary=:all: $(GPU_PLATFORMS) \
+		-d wheels/peers $(PEER_WHEELS)

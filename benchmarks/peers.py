@@ -95,6 +95,10 @@ def parse_args(argv: Optional[List[str]] = None) -> Tuple[argparse.Namespace, ar
     p.add_argument("--peer", default=None, help="run this one peer in this process (child mode)")
     p.add_argument("--json-out", default=None, help="child mode: write the row here")
     p.add_argument("--timeout", type=float, default=150.0, help="seconds each child may run before it is killed")
+    p.add_argument("--budget", type=float, default=0.0,
+                   help="seconds for all peers together (0: no limit): each child's timeout is cut to what is left, "
+                        "and a peer with under 15 s left is not started (its row says so); the table is always "
+                        "written, so a caller's own time limit should leave a few seconds beyond this")
     p.add_argument("--log-dir", default=None, help="children's logs and JSON (default: a new temporary folder)")
     p.add_argument("--herd-results", default=None,
                    help="an mfu results JSON of the same call and settings: its rows join the table")
@@ -391,7 +395,7 @@ def classify(error: str) -> str:
         return "import error"
     if "out of memory" in text or "outofmemoryerror" in text:
         return "out of memory"
-    if text.startswith("timed out"):
+    if text.startswith("timed out") or text.startswith("not run: the time budget"):
         return "timeout"
     return "failed"
 
@@ -523,8 +527,15 @@ def run_parent(own: argparse.Namespace, args: argparse.Namespace) -> List[dict]:
     print(f"[peers] {len(names)} peers, {args.warmup} warm-up + {args.steps} timed steps of {args.accum} x "
           f"[{args.batch_size}, {args.seq_len}], timeout {own.timeout:g} s each, logs in {log_dir}", flush=True)
     rows = herd_rows(own.herd_results, args)
+    start = time.perf_counter()
     for name in names:
-        row = run_peer(args, name, log_dir, own.timeout)
+        left = own.budget - (time.perf_counter() - start) if own.budget > 0 else own.timeout
+        if left < 15:
+            rows.append({"variant": name, "peer": name, "note": PEERS[name].note if name in PEERS else None,
+                         "error": f"not run: the time budget of {own.budget:g} s was spent", "why": "timeout"})
+            print(f"[peers] {name}: not run (time budget spent)", flush=True)
+            continue
+        row = run_peer(args, name, log_dir, min(own.timeout, left))
         rows.append(row)
         if row.get("error"):
             print(f"[peers] {name}: {row['why']} ({row['wall_s']:.0f} s): {row['error']} (log: {row['log']})",
