@@ -92,6 +92,9 @@ def check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
     has_validation = cfg.data.valid if cfg.align.kind == "lm" else cfg.align.valid_file
     if has_validation:
         eval_share(cfg, dims.dp)
+    if cfg.long_eval.enabled and cfg.long_eval.short_seq_len:
+        from engine.eval.long_context import short_share
+        short_share(cfg, dims.dp)
     return dims
 
 
@@ -200,6 +203,9 @@ def build_callbacks(cfg: JobConfig, state: TrainState, device: torch.device, eva
     callbacks += straggler  # before evaluation: its optimizer section must hold no other callback's collectives
     if eval_batches:
         callbacks.append(EvalCallback(eval_batches, cfg.train.eval_every))
+    if cfg.long_eval.enabled:  # before the writers: its records reach them at fit start and end
+        from engine.eval.long_context import build_long_eval
+        callbacks.append(build_long_eval(cfg, stream))
     callbacks += guards
     if int(os.environ.get("RANK", "0")) != 0:
         return callbacks
