@@ -67,6 +67,7 @@ if [ "$DRY" != 1 ]; then
   if has peers || has liger; then  # their own folder: the other stages never import these
     python -m pip install -q --no-index --no-deps --no-compile --target "$PEER_SITE" wheels/peers/*.whl \
       >"$W/pip_peers.log" 2>&1 || { echo "peer wheel install failed (see pip_peers.log)"; tail -3 "$W/pip_peers.log"; }
+    rm -rf "$PEER_SITE/test"  # torchao's wheel ships a top-level `test` package: it would shadow the stdlib's
   fi
 fi
 
