@@ -372,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     convert.set_defaults(func=_convert)
 
     average = sub.add_parser("average", help="average checkpoints' model weights (any layouts) into one checkpoint: "
-                                             "Llama 3's annealing average (docs/checkpointing.md)")
+                                             "Llama 3's annealing average (docs/checkpointing.md)",
+                             description="The element-wise mean of the checkpoints' model weights (float64 sums in "
+                             "the order given, one rounding to fp32) as a weights-only checkpoint: train from it with "
+                             "checkpoint.load_weights=OUT, export it with herd convert herd-to-hf OUT HF_DIR.")
     average.add_argument("checkpoints", nargs="+", help="step directories (CKPT_ROOT/step_00001000), or checkpoint "
                          "roots: each root's newest complete checkpoint, or those --all / --steps choose")
     average.add_argument("--out", required=True, help="checkpoint root to write: a new or empty directory")

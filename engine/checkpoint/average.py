@@ -121,6 +121,10 @@ def _shapes(model_cfg) -> Dict[str, tuple]:
     return {name: tuple(p.shape) for name, p in build_meta_model(model_cfg).named_parameters()}
 
 
+def _shape(shape: Optional[tuple]) -> str:
+    return "no such parameter" if shape is None else f"shape {shape}"
+
+
 def _tokenizer_identity(tok_cfg) -> Optional[tuple]:
     """What tells two runs' tokenizers apart: the file's bytes when it is there (the same file under another path
     is the same tokenizer), else its kind and path."""
@@ -145,9 +149,8 @@ def check_same_model(sources: List[Source]) -> Dict[str, tuple]:
         theirs = _shapes(model_cfg)
         for name in list(shapes) + [n for n in theirs if n not in shapes]:
             if shapes.get(name) != theirs.get(name):
-                show = lambda shape: "absent" if shape is None else f"shape {shape}"  # noqa: E731
-                raise CheckpointError(f"{where}: parameter '{name}' has {show(theirs.get(name))} here, "
-                                      f"{show(shapes.get(name))} in {sources[0].path}: checkpoints of different "
+                raise CheckpointError(f"{where}: parameter '{name}' has {_shape(theirs.get(name))} here, "
+                                      f"{_shape(shapes.get(name))} in {sources[0].path}: checkpoints of different "
                                       f"models cannot be averaged")
         ours, other = dataclasses.asdict(first_cfg), dataclasses.asdict(model_cfg)
         for key in sorted(set(ours) - set(_NOT_COMPARED)):
@@ -213,7 +216,7 @@ def _check_weights(weights: Optional[Sequence[float]], count: int) -> List[float
 
 def _refuse_destination(out_root: Path, step_dirs: List[Path], overwrite: bool) -> None:
     """OUT is new or an empty directory; with `overwrite` also an earlier average or a directory holding no herd
-    checkpoint state. Never a source, a directory above one, the current directory or one above it."""
+    checkpoint state. Never a source, a directory above or inside one, the current directory or one above it."""
     if out_root.is_symlink():
         raise CheckpointError(f"{out_root}: is a symbolic link; choose a new directory")
     check_directory(str(out_root), "--out")  # neither a file nor under one, nor (for non-root) unwritable
@@ -222,6 +225,9 @@ def _refuse_destination(out_root: Path, step_dirs: List[Path], overwrite: bool) 
             [(Path.cwd().resolve(), "the current directory")]:
         if dest == inside or dest in inside.parents:
             raise CheckpointError(f"{out_root}: holds {what}; the average replaces --out, choose another")
+    for step_dir in step_dirs:
+        if step_dir.resolve() in dest.parents:
+            raise CheckpointError(f"{out_root}: is inside the source {step_dir}; choose a directory outside it")
     if not out_root.exists() or not any(out_root.iterdir()):
         return
     if not overwrite:

@@ -36,8 +36,10 @@ def train(corpus: Path, run_dir: Path, name: str, extra=()) -> Path:
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("average")
     corpus = make_corpus(root)
+    other = make_corpus(root / "other", vocab_size=400)  # another tokenizer
     return SimpleNamespace(
         corpus=corpus,
+        tok=train(other, root / "runs", "tok", ["train.steps=2"]),
         a=train(corpus, root / "runs", "a", ["train.steps=4"]),  # steps 2 and 4
         b=train(corpus, root / "runs", "b", ["train.steps=2", "optim.lr=1e-3", "train.seed=7"]),
         wide=train(corpus, root / "runs", "wide", ["train.steps=2", "model.ffn_dim=96"]),
@@ -112,6 +114,12 @@ def test_two_checkpoints_average_to_the_correctly_rounded_mean(runs, tmp_path):
         neighbours = [float(v) for v in torch.tensor([g]).float().nextafter(torch.tensor([-1e30, 1e30])).tolist()]
         # no fp32 value lies nearer the exact mean than the result
         assert all(abs(Fraction(g) - exact) <= abs(Fraction(n) - exact) for n in neighbours)
+
+
+def test_copies_of_one_checkpoint_average_to_it_bitwise(runs, tmp_path):
+    shutil.copytree(runs.b, tmp_path / "copy")
+    average_checkpoints([runs.b, tmp_path / "copy"], tmp_path / "avg")
+    assert_equal_weights(weights_of(tmp_path / "avg" / STEP.format(0)), weights_of(runs.b / STEP.format(2)))
 
 
 def test_weights_and_steps(runs, tmp_path, capfd):
@@ -190,6 +198,8 @@ REFUSALS = {
     "out exists": ("{a} {b} --out {copy}", None, "copy: exists and is not empty"),
     "out is a source": ("{a} {copy} --out {copy} --overwrite", None, "copy: holds the source"),
     "out holds a run": ("{a} {b} --out {copy} --overwrite", None, "copy: holds herd checkpoint state"),
+    "another tokenizer": ("{a} {tok} --out {out}", None, "data.tokenizer (hf "),
+    "out inside a source": ("{a} {b} --out {b}/step_00000002/avg", None, "is inside the source"),
     "out under a file": ("{a} {b} --out {copy}/step_00000002/manifest.json/x", None, "is a file"),
 }
 
@@ -202,7 +212,8 @@ def test_refusals_are_one_line_and_change_nothing(case, runs, tmp_path, capfd):
     if prepare is not None:
         prepare(copy)
     before, runs_before = snapshot(tmp_path), snapshot(runs.a.parent.parent)
-    paths = dict(a=runs.a, b=runs.b, wide=runs.wide, theta=runs.theta, copy=copy, out=tmp_path / "out")
+    paths = dict(a=runs.a, b=runs.b, wide=runs.wide, theta=runs.theta, tok=runs.tok, copy=copy,
+                 out=tmp_path / "out")
     code, lines = run(["average", *argv.format(**paths).split()], capfd)
     assert code == 2 and len(lines) == 1 and lines[0].startswith("herd: error: "), lines
     assert text in lines[0], lines
@@ -230,3 +241,38 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(runs, tmp_path, capfd, mo
                 code, lines = run(["average", "--all", str(runs.a), str(runs.b), "--out", str(out), *extra], capfd)
             assert code == 2 and lines == [f"herd: error: {out}: the average could not be written ({reason})"], lines
             assert snapshot(tmp_path) == before
+
+
+def save_hf(path: Path, seed: int, nan: bool = False) -> Path:
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=4,
+        vocab_size=510, max_position_embeddings=256, rope_theta=500000.0, bos_token_id=3, eos_token_id=[4, 7]))
+    if nan:
+        with torch.no_grad():
+            model.model.norm.weight[5] = float("nan")
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def test_imports_average_and_export_with_their_token_ids(tmp_path, capfd):
+    """Imported HF models average too (their config and special ids carried to the export); a source holding a
+    NaN gives a non-finite average: refused, nothing written."""
+    from safetensors.torch import load_file
+
+    from engine.hf_interop import hf_to_herd_name
+    for name, seed, nan in (("x", 0, False), ("y", 1, False), ("bad", 2, True)):
+        save_hf(tmp_path / f"hf-{name}", seed, nan)
+        assert run(["convert", "hf-to-herd", str(tmp_path / f"hf-{name}"), str(tmp_path / name)], capfd)[0] == 0
+    assert run(["average", str(tmp_path / "x"), str(tmp_path / "y"), "--out", str(tmp_path / "avg")], capfd)[0] == 0
+    assert run(["convert", "herd-to-hf", str(tmp_path / "avg"), str(tmp_path / "out")], capfd)[0] == 0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["bos_token_id"], config["eos_token_id"]) == (3, [4, 7])
+    exported = {hf_to_herd_name(k): v for k, v in load_file(str(tmp_path / "out" / "model.safetensors")).items()}
+    assert_equal_weights(exported, defined_mean([tmp_path / "x" / STEP.format(0), tmp_path / "y" / STEP.format(0)]))
+    before = snapshot(tmp_path)
+    code, lines = run(["average", str(tmp_path / "x"), str(tmp_path / "bad"), "--out", str(tmp_path / "nan")], capfd)
+    assert code == 2 and lines == ["herd: error: parameter 'norm.weight': the average is not finite (a source holds "
+                                   "inf or nan)"], lines
+    assert snapshot(tmp_path) == before
