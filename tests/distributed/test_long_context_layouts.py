@@ -24,12 +24,25 @@ def test_two_rank_layouts_equal_one_process(corpus, tmp_path):
     for index, layout in enumerate(LAYOUTS):
         records = results[0][index]["records"]
         # one line per evaluation: rank 0 alone writes (rank 1 evaluates too: the collectives need it)
-        assert [(r["step"], r["when"]) for r in records] == [(0, "start"), (6, "end")]
+        _assert_equal(records, reference, layout)
         assert results[1][index]["losses"] == results[0][index]["losses"]
-        for got, want in zip(records, reference):
-            for key in ("short_loss", "needle_answer_loss"):
-                error = abs(got[key] - want[key]) / abs(want[key])
-                print(f"{' '.join(layout)} {want['when']}: {key} {got[key]:.6f} vs {want[key]:.6f} ({error:.1e})")
-                assert error < TOLERANCE, (layout, key)
-            assert got["short_tokens"] == want["short_tokens"]
-            assert got["needle"] == want["needle"] and got["needle_mean"] == want["needle_mean"], layout
+
+
+def _assert_equal(records: list, reference: list, layout: list) -> None:
+    assert [(r["step"], r["when"]) for r in records] == [(0, "start"), (6, "end")]
+    for got, want in zip(records, reference):
+        for key in ("short_loss", "needle_answer_loss"):
+            error = abs(got[key] - want[key]) / abs(want[key])
+            print(f"{' '.join(layout)} {want['when']}: {key} {got[key]:.6f} vs {want[key]:.6f} ({error:.1e})")
+            assert error < TOLERANCE, (layout, key)
+        assert got["short_tokens"] == want["short_tokens"]
+        assert got["needle"] == want["needle"] and got["needle_mean"] == want["needle_mean"], layout
+
+
+@pytest.mark.slow  # two more 2-rank runs: the evaluations through tensor and pipeline parallelism
+def test_tensor_and_pipeline_layouts_equal_one_process(corpus, tmp_path):
+    layouts = [["parallel.tp=2"], ["parallel.pp=2"]]
+    reference = train_and_read(long_eval_config(corpus, tmp_path / "one"))["records"]
+    results = run_on_ranks(train_layouts, 2, str(corpus), str(tmp_path / "two"), layouts, timeout=900)
+    for index, layout in enumerate(layouts):
+        _assert_equal(results[0][index]["records"], reference, layout)
