@@ -3,13 +3,14 @@ averaging) and its export for transformers. Rank 0 writes; every rank waits for 
 
 import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Optional
 
 import torch.distributed as dist
 
-from engine.checkpoint.store import CheckpointStore
-from engine.errors import CheckpointError
+from engine.checkpoint.store import CheckpointError, CheckpointStore
 from recipe.plan import TRAIN_NAME
 
 AVERAGED, HF = "averaged", "hf"
@@ -41,7 +42,6 @@ def average_stage(run_dir: Path, ckpt_root: Path, start_step: int, end_step: int
     """<run_dir>/averaged: the element-wise fp32 mean of the anneal stage's checkpoints (engine/checkpoint/average.py),
     a weights-only checkpoint root like an import (checkpoint.load_weights, herd convert herd-to-hf)."""
     def work():
-        from engine.checkpoint.average import average_checkpoints
         sources = anneal_checkpoints(ckpt_root, start_step, end_step)
         if not sources:
             raise CheckpointError(f"{run_dir}: the anneal stage left no checkpoint to average (steps "
@@ -49,9 +49,25 @@ def average_stage(run_dir: Path, ckpt_root: Path, start_step: int, end_step: int
         out = run_dir / AVERAGED
         if out.exists():  # a kill after the write, before the state file recorded it: made again from the sources
             shutil.rmtree(out)
-        average_checkpoints(sources, out)
+        _average(sources, out)
         return {"root": str(out), "sources": [str(s) for s in sources]}
     return _rank0_then_all(work)
+
+
+def _average(sources: list, out: Path) -> None:
+    """engine/checkpoint/average.py in this process, or, inside a multi-rank run (which it refuses: it reads whole
+    tensors in one process), as `herd average` in a child process outside the process group."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        from engine.checkpoint.average import average_checkpoints
+        average_checkpoints(sources, out)
+        return
+    rank_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in rank_keys and not k.startswith("TORCHELASTIC")}
+    done = subprocess.run([sys.executable, "-m", "launch", "average", "--out", str(out), *map(str, sources)],
+                          env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise CheckpointError(f"averaging the anneal checkpoints failed: {lines[-1] if lines else done.returncode}")
 
 
 def export_final(run_dir: Path, averaged: Optional[dict], ckpt_root: Path) -> str:

@@ -1,0 +1,149 @@
+"""A recipe run end to end on one CPU process: a sequence-length and mix change, annealing with averaging and the
+HF export; a recipe killed anywhere (inside a stage, between stages, at the first step of a stage) resumes to the
+bitwise result of an uninterrupted run (shared/TESTING.md: kill tests wait for states, not time)."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from engine.config import load_recipe
+from engine.schedule import lr_multiplier_tokens
+from recipe.runner import RecipeRunner
+from tests.helpers import make_corpus
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return make_corpus(tmp_path_factory.mktemp("recipe-corpus"))
+
+
+def write_recipe(root: Path, corpus: Path, run_dir: Path) -> Path:
+    job = root / "job.yaml"
+    job.write_text(f"""model: {{dim: 64, n_layers: 2, n_heads: 4, n_kv_heads: 2, ffn_dim: 128, vocab_size: 512,
+         max_seq_len: 128}}
+data:
+  train: [{{path: {corpus}/corpus.train}}]
+  tokenizer: {{kind: hf, path: {corpus}/tok.json}}
+  micro_batch_size: 4
+train: {{steps: 1, dtype: fp32, device: cpu}}
+optim: {{lr: 3.0e-3}}
+schedule: {{kind: cosine, min_lr_ratio: 0.1}}
+checkpoint: {{every: 3}}
+log: {{tensorboard: false}}
+""")
+    both = (f"data.train=[{{path: {corpus}/corpus.train, weight: 0.5}}, "
+            f"{{path: {corpus}/corpus.valid, weight: 0.5}}]")
+    recipe = root / "recipe.yaml"
+    recipe.write_text(f"""name: tiny
+config: {job}
+run_dir: {run_dir}
+warmup_steps: 2
+export_hf: true
+stages:
+  - {{name: short, tokens: 1536, overrides: [data.seq_len=32, data.global_batch_size=8]}}
+  - {{name: longer, tokens: 1536, overrides: [data.seq_len=64, data.global_batch_size=4, "{both}"]}}
+  - {{name: anneal, kind: anneal, tokens: 2048, average: true,
+     overrides: [data.seq_len=64, data.global_batch_size=8, checkpoint.every=2, "{both}"]}}
+""")
+    return recipe
+
+
+def last_per_step(run: Path) -> dict:
+    """step -> the metrics record a (possibly resumed) run wrote last for it."""
+    records = {}
+    for line in (run / "train" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "step" in record and "loss" in record:
+            records[record["step"]] = record
+    return records
+
+
+def final_weights(run: Path) -> dict:
+    files = sorted((run / "hf").glob("*.safetensors"))
+    assert files, f"no export under {run / 'hf'}"
+    weights = {}
+    for f in files:
+        weights.update(load_file(str(f)))
+    return weights
+
+
+def run_cli(recipe: Path, fault: str = "") -> int:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("HERD_FAULT", None)
+    if fault:
+        env["HERD_FAULT"] = fault
+    done = subprocess.run([sys.executable, "-m", "launch", "recipe", str(recipe)], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode in (0, -9), done.stdout[-2000:] + done.stderr[-3000:]
+    return done.returncode
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(corpus, tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe-ref")
+    run_dir = root / "run"
+    recipe = load_recipe(str(write_recipe(root, corpus, run_dir)))
+    state = RecipeRunner(recipe).run()
+    return run_dir, state
+
+
+def test_stages_continue_one_run(uninterrupted):
+    run_dir, state = uninterrupted
+    stages = state["stages"]
+    assert [stages[n]["done"] for n in ("short", "longer", "anneal")] == [True] * 3
+    # 1,536 tokens at 8 x 32 = 6 steps; at 4 x 64 = 6 steps; 2,048 tokens at 8 x 64 = 4 steps
+    assert stages["longer"]["start"] == {"step": 6, "tokens": 1536, "samples": 48}
+    assert stages["anneal"]["start"] == {"step": 12, "tokens": 3072, "samples": 72}
+    assert stages["anneal"]["end"] == {"step": 16, "tokens": 5120, "samples": 104}
+    records = last_per_step(run_dir)
+    assert sorted(records) == list(range(1, 17))
+    # the LR of every update is the token schedule at the tokens trained after it, whatever the stage's batch
+    cumulative = [256 * s for s in range(1, 13)] + [3072 + 512 * k for k in range(1, 5)]
+    horizon = 3072  # every stage's tokens before the anneal stage
+    from engine.config import ScheduleConfig
+    main = ScheduleConfig(kind="cosine", min_lr_ratio=0.1, total_tokens=horizon, warmup_tokens=512)
+    anneal = ScheduleConfig(**{**main.__dict__, "anneal_start_tokens": 3072, "anneal_tokens": 2048})
+    expected = [3e-3 * lr_multiplier_tokens(t, main if i < 12 else anneal) for i, t in enumerate(cumulative)]
+    assert [records[s]["lr"] for s in range(1, 17)] == pytest.approx(expected, rel=1e-12)
+    assert records[16]["lr"] == 0.0 and records[13]["lr"] < records[12]["lr"]
+    # the anneal stage's checkpoints (every 2 steps: 14 and 16) averaged, and the average exported
+    assert [Path(p).name for p in state["averaged"]["sources"]] == ["step_00000014", "step_00000016"]
+    assert (run_dir / "hf" / "config.json").is_file() and final_weights(run_dir)
+
+
+def test_a_finished_recipe_is_skipped(uninterrupted):
+    run_dir, state = uninterrupted
+    before = (run_dir / "recipe_state.json").read_text()
+    recipe = load_recipe(str(run_dir.parent / "recipe.yaml"))
+    stream = io.StringIO()
+    RecipeRunner(recipe, stream).run()
+    out = stream.getvalue()
+    assert out.count("finished earlier") == 3 and (run_dir / "recipe_state.json").read_text() == before
+
+
+@pytest.mark.parametrize("fault", [
+    pytest.param("after_backward:0:8", marks=pytest.mark.slow),  # inside the second stage (a plain resume)
+    "recipe_stage_done:0:1",  # between the first and the second stage, its state just written
+    "after_backward:0:13",  # the anneal stage's first step, right after a change of sequence length and mix
+])
+def test_killed_recipe_resumes_bitwise(uninterrupted, corpus, tmp_path, fault):
+    reference_dir, _ = uninterrupted
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path, corpus, run_dir)
+    assert run_cli(recipe, fault) == -9  # SIGKILLed at the fault point
+    assert not (run_dir / "hf").exists()
+    assert run_cli(recipe) == 0
+    ours, reference = last_per_step(run_dir), last_per_step(reference_dir)
+    assert [ours[s]["loss"] for s in sorted(ours)] == [reference[s]["loss"] for s in sorted(reference)]
+    mine, theirs = final_weights(run_dir), final_weights(reference_dir)
+    assert mine.keys() == theirs.keys()
+    assert all(torch.equal(mine[k], theirs[k]) for k in mine)
