@@ -10,9 +10,10 @@ The mean, exactly: for every parameter, with weights w_i (1 each unless given) a
     mean = fl32( ((w_1 * x_1 + w_2 * x_2) + ... + w_n * x_n) / W ),   W = w_1 + ... + w_n
 
 every product, sum and the division in float64, the sum in the order the sources are given and starting from
-w_1 * x_1 (so the mean of equal values is that value, -0.0 included), W correctly rounded (math.fsum), then one
-rounding to fp32 (round to nearest even). With unit weights the products are exact, and for two sources so are the sum and the
-halving (an fp32 value has 24 significant bits, a float64 53), so the result is the correctly rounded mean.
+w_1 * x_1 (with unit weights the mean of equal values is that value, -0.0 included), W correctly rounded
+(math.fsum), then one rounding to fp32 (round to nearest even). With unit weights and two sources the result is
+the correctly rounded mean: the products are exact, and the float64 sum of two fp32 values (24 significant bits
+each, a float64 has 53) is exact unless the smaller is below 2^-29 of the larger, too small to move the result.
 
 The result is a weights-only checkpoint at step 0, as `herd convert hf-to-herd` writes one: train from it with
 `checkpoint.load_weights=OUT`, export it with `herd convert herd-to-hf OUT HF_DIR`. Its manifest carries the
@@ -80,7 +81,7 @@ def resolve_sources(paths: Sequence[Path], all_steps: bool = False, steps: Optio
         store = CheckpointStore(path)
         complete = store.complete_steps()
         if not complete:
-            raise CheckpointError(f"{path}: no complete checkpoint")
+            raise CheckpointError(f"{path}: no complete checkpoint (a checkpoint root holds step_* directories)")
         if steps:
             missing = [s for s in steps if s not in complete]
             if missing:
