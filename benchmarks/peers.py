@@ -269,11 +269,16 @@ def _build_titan(cfg, device, args, info, fp8: bool):
         info["torchao"] = _dist_version("torchao")
     positions = torch.arange(args.seq_len, device=device)[None].expand(args.batch_size, -1)  # one document each
 
+    # as torchtitan's trainer: the loss is a token sum over the tokens of the whole optimizer step (all its
+    # micro-batches), and the chunked loss hands the decoder its gradient whatever the gradient of its output is;
+    # so the step's tokens go in here and the value comes back times accum, which train_steps divides again
+    step_tokens = torch.tensor(args.accum * args.batch_size * args.seq_len, device=device)
+
     def loss_fn(inputs, targets, mask):
         masks = model.get_attention_masks(positions=positions)  # causal: block-causal over one document
         pred = model(inputs, positions=positions, attention_masks=masks)
-        value, _ = loss(pred, targets, torch.tensor(targets.numel(), device=device))
-        return value
+        value, _ = loss(pred, targets, step_tokens)
+        return value * args.accum
     return loss_fn, _ZeroGradToNone(optimizers), contextlib.nullcontext
 
 
