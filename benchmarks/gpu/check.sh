@@ -158,8 +158,8 @@ stage "summary"
 # this call's results files (newer than its start) and their charts, packed with the logs
 find benchmarks/results -newer "$W/gpu.txt" -type f \( -name '*.json' -o -name '*.md' \) -exec cp -t "$W/" {} +
 mapfile -t fresh < <(find benchmarks/results -newer "$W/gpu.txt" -type f -name '*.json')
-((${#fresh[@]})) && timeout 60 python -m benchmarks.plots "${fresh[@]}" >"$W/plots.log" 2>&1 \
-  && xargs -r cp -t "$W/" <"$W/plots.log"
+((${#fresh[@]})) && timeout 60 python -m benchmarks.plots "${fresh[@]}" >"$W/plots.txt" 2>"$W/plots.err" \
+  ; xargs -r cp -t "$W/" <"$W/plots.txt" 2>/dev/null
 tar -czf "$OUT/logs.tgz" -C "$W" . && cp "$W/summary.txt" "$OUT/"
 find benchmarks/results -newer "$W/gpu.txt" -type f -name '*.md' | head -6 | xargs -r cp -t "$OUT/"
 exit 0
