@@ -46,9 +46,7 @@ def average_stage(run_dir: Path, ckpt_root: Path, start_step: int, end_step: int
         if not sources:
             raise CheckpointError(f"{run_dir}: the anneal stage left no checkpoint to average (steps "
                                   f"{start_step + 1} to {end_step})")
-        out = run_dir / AVERAGED
-        if out.exists():  # a kill after the write, before the state file recorded it: made again from the sources
-            shutil.rmtree(out)
+        out = run_dir / AVERAGED  # replaced atomically if a kill came after the write, before the state recorded it
         _average(sources, out)
         return {"root": str(out), "sources": [str(s) for s in sources]}
     return _rank0_then_all(work)
@@ -59,11 +57,12 @@ def _average(sources: list, out: Path) -> None:
     tensors in one process), as `herd average` in a child process outside the process group."""
     if not (dist.is_initialized() and dist.get_world_size() > 1):
         from engine.checkpoint.average import average_checkpoints
-        average_checkpoints(sources, out)
+        average_checkpoints(sources, out, overwrite=True)
         return
     rank_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
     env = {k: v for k, v in os.environ.items() if k not in rank_keys and not k.startswith("TORCHELASTIC")}
-    done = subprocess.run([sys.executable, "-m", "launch", "average", "--out", str(out), *map(str, sources)],
+    done = subprocess.run([sys.executable, "-m", "launch", "average", "--overwrite", "--out", str(out),
+                           *map(str, sources)],
                           env=env, capture_output=True, text=True)
     if done.returncode != 0:
         lines = (done.stderr or done.stdout).strip().splitlines()

@@ -60,6 +60,11 @@ class RecipeRunner:
         plans = static_plan(self.recipe, self.world_size)
         for plan in plans:
             gates.check_stage(plan)
+            saves = plan.steps // max(1, plan.job.checkpoint.every)
+            if plan.stage.average and saves < 2:
+                raise ConfigError(f"stages.{plan.stage.name}.average", f"the stage saves {saves} checkpoint(s) in "
+                                  f"its {plan.steps} steps (checkpoint.every={plan.job.checkpoint.every}); an average "
+                                  f"needs at least 2: lower checkpoint.every in its overrides")
             for ds in (plan.job.data.train + plan.job.data.valid) if check_files else []:
                 for suffix in (".bin", ".idx"):
                     if not Path(ds.path + suffix).is_file():
