@@ -1,0 +1,134 @@
+"""herd curate's filters, reader and model stages on hand-built documents with known answers."""
+
+import gzip
+import json
+import random
+
+import pytest
+from datatrove.data import Document
+from datatrove.pipeline.filters import GopherRepetitionFilter
+from datatrove.pipeline.writers import JsonlWriter
+
+from curate.filters import DirtyWordsFilter, KLDivergenceFilter, TokenCountMerge, TokenCountSignature
+from curate.models import DomainLabel, heuristic_domain, load_fasttext, train_classifier
+from curate.read import CorpusReader, HtmlMainContent
+
+PROSE = ("The committee met on Tuesday to discuss the budget for the coming year. Members agreed that the library "
+         "needs new shelves, and that the park should be cleaned before the summer festival begins. ")
+
+
+def run(step, docs, rank=0, world_size=1):
+    out = step.run(iter(docs) if docs is not None else None, rank, world_size)
+    return list(out) if out is not None else []
+
+
+def removed_records(folder):
+    return [json.loads(line) for path in sorted(folder.rglob("*.jsonl.gz")) for line in gzip.open(path, "rt")]
+
+
+def test_dirty_words_counts_whole_words_and_phrases_case_insensitively():
+    flt = DirtyWordsFilter(["spam", "buy now"], max_count=2)
+    assert flt.count("SPAM spam, Buy  now? buy now! spammer antispam") == 3  # "Buy  now" has two spaces: no
+    docs = [Document("spam and spam", "two"), Document("spam spam spam", "three"), Document("spamming", "none")]
+    assert [d.id for d in run(flt, docs)] == ["two", "none"]
+
+
+def test_kl_filter_removes_a_document_of_outlier_tokens_and_keeps_the_corpus(tmp_path):
+    rng = random.Random(0)
+    corpus = [Document(PROSE * 3, f"prose-{i}") for i in range(200)]
+    hexdump = Document(" ".join(f"{rng.getrandbits(32):08x}" for _ in range(120)), "hexdump")
+    docs = corpus + [hexdump]
+    run(TokenCountSignature(str(tmp_path)), docs)
+    run(TokenCountMerge(str(tmp_path)), None)
+    flt = KLDivergenceFilter(str(tmp_path), max_kl=3.0, min_words=50)
+    kept = run(flt, docs)
+    assert [d.id for d in kept] == [d.id for d in corpus]
+    assert hexdump.metadata["kl"] > 3.0 > corpus[0].metadata["kl"]
+    short = Document(" ".join(f"{rng.getrandbits(32):08x}" for _ in range(10)), "short")
+    assert run(flt, [short]) == [short]  # under min_words: not scored
+
+
+def test_gopher_repetition_removes_duplicated_ngram_coverage():
+    flt = GopherRepetitionFilter()
+    logs = Document("\n".join(["ERROR connection refused at worker pool"] * 40), "log")
+    prose = Document(" ".join(PROSE.split()[i % 30] + f" x{i}" for i in range(200)), "prose")
+    kept = run(flt, [logs, Document(PROSE, "p")])
+    assert [d.id for d in kept] == ["p"] and prose
+
+
+def write(path, data: bytes):
+    path.write_bytes(data)
+    return str(path)
+
+
+def test_reader_counts_malformed_inputs_and_never_crashes(tmp_path):
+    good = [{"text": "first", "url": "http://a/1", "date": "2020-01-01"}, {"text": "second", "id": "custom"}]
+    lines = [json.dumps(good[0]).encode(), b'{"text": "unterminated', b"\xff\xfe not utf8", b"[1, 2]",
+             b'{"no_text": 1}', json.dumps(good[1]).encode(), b""]
+    files = [write(tmp_path / "a.jsonl", b"\n".join(lines)), write(tmp_path / "bad.txt", b"ok\n\xc3\x28 broken\n"),
+             write(tmp_path / "empty.txt", b""), write(tmp_path / "blank.txt", b"  \n\n"),
+             write(tmp_path / "binary.txt", b"\x7fELF\x00\x01\x02" * 10), write(tmp_path / "fine.txt", b"plain text"),
+             write(tmp_path / "broken.txt.gz", b"\x1f\x8b not gzip")]
+    reader = CorpusReader(sorted(files), JsonlWriter(str(tmp_path / "removed")))
+    docs = run(reader, None)
+    assert sorted(d.text for d in docs) == ["first", "plain text", "second"]
+    first = next(d for d in docs if d.text == "first")
+    assert first.metadata["url"] == "http://a/1" and first.metadata["date"] == "2020-01-01"
+    assert first.id.endswith("a.jsonl:1") and next(d for d in docs if d.text == "second").id == "custom"
+    reasons = sorted((r["metadata"]["filter_reason"], r["id"].rsplit("/", 1)[-1]) for r in
+                     removed_records(tmp_path / "removed"))
+    assert reasons == [("bad_gzip", "broken.txt.gz"), ("bad_json", "a.jsonl:2"), ("bad_json", "a.jsonl:4"),
+                       ("bad_utf8", "a.jsonl:3"), ("bad_utf8", "bad.txt:2"), ("binary_file", "binary.txt"),
+                       ("empty_file", "blank.txt"), ("empty_file", "empty.txt"), ("no_text", "a.jsonl:5")]
+
+
+def test_reader_shards_files_by_task(tmp_path):
+    files = [write(tmp_path / f"{i}.txt", f"doc {i}".encode()) for i in range(5)]
+    texts = [sorted(d.text for d in run(CorpusReader(files, JsonlWriter(str(tmp_path / f"r{r}"))), None, r, 2))
+             for r in range(2)]
+    assert texts == [["doc 0", "doc 2", "doc 4"], ["doc 1", "doc 3"]]
+
+
+def test_html_main_content_drops_boilerplate_and_passes_text_through(tmp_path):
+    article = " ".join([PROSE] * 4)
+    html = (f"<html><head><title>t</title></head><body><nav><a href='/'>Home</a> | <a href='/x'>Menu item</a></nav>"
+            f"<article><h1>Budget meeting</h1><p>{article}</p></article><footer>Copyright footer text</footer>"
+            f"</body></html>")
+    docs = [Document(html, "page", metadata={"format": "html"}), Document("plain <b>kept</b>", "t",
+                                                                         metadata={"format": "text"}),
+            Document("<html><body><script>var x = 1;</script></body></html>", "empty", metadata={"format": "html"})]
+    kept = run(HtmlMainContent(JsonlWriter(str(tmp_path / "removed"))), docs)
+    assert [d.id for d in kept] == ["page", "t"]
+    assert "library needs new shelves" in kept[0].text and "Menu item" not in kept[0].text
+    assert kept[1].text == "plain <b>kept</b>"
+    assert [r["metadata"]["filter_reason"] for r in removed_records(tmp_path / "removed")] == ["html_no_main_content"]
+
+
+CODE = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 1;\n    y = 2;\n"
+MATH = "Let x = 3 and 2 + 2 = 4. Then \\frac{a}{b} and \\sqrt{2} with 5 * 6 = 30 give the sum ∑ of α and β."
+
+
+def test_domain_heuristic():
+    assert heuristic_domain(CODE) == "code"
+    assert heuristic_domain(MATH) == "math"
+    assert heuristic_domain(PROSE) == "general"
+
+
+def test_train_classifier_and_route_by_domain_model(tmp_path):
+    """A fastText domain classifier trained by herd from labeled example files routes held-out documents."""
+    rng = random.Random(1)
+    for label, words in (("code", "def return import class self lambda yield async await print".split()),
+                         ("general", "the committee park library summer festival budget members city".split())):
+        folder = tmp_path / label
+        folder.mkdir()
+        for i in range(30):
+            (folder / f"{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(40)))
+    out = tmp_path / "domain.bin"
+    examples, accuracy = train_classifier({"code": [str(tmp_path / "code")], "general": [str(tmp_path / "general")]},
+                                          str(out), epochs=10)
+    assert examples == 54 and accuracy == 1.0
+    labeled = run(DomainLabel(str(out)), [Document("async def f(self): return await g", "c"),
+                                          Document("the city budget for the summer festival", "g")])
+    assert [d.metadata["domain"] for d in labeled] == ["code", "general"]
+    with pytest.raises(Exception, match="not a fastText model"):
+        load_fasttext(str(tmp_path / "code" / "0.txt"))
