@@ -147,3 +147,46 @@ def test_killed_recipe_resumes_bitwise(uninterrupted, corpus, tmp_path, fault):
     mine, theirs = final_weights(run_dir), final_weights(reference_dir)
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def write_layout_recipe(root: Path, corpus: Path, run_dir: Path) -> Path:
+    """Two ranks: FSDP over both for short sequences, then context parallelism over both for longer ones."""
+    recipe = write_recipe(root, corpus, run_dir)
+    text = recipe.read_text()
+    text = text.replace("overrides: [data.seq_len=32, data.global_batch_size=8]",
+                        "overrides: [data.seq_len=32, data.global_batch_size=8, parallel.dp_shard=2]")
+    text = text.replace("overrides: [data.seq_len=64, data.global_batch_size=4,",
+                        "overrides: [data.seq_len=64, data.global_batch_size=4, parallel.cp=2, parallel.dp_shard=1,")
+    text = text.replace("overrides: [data.seq_len=64, data.global_batch_size=8, checkpoint.every=2,",
+                        "overrides: [data.seq_len=64, data.global_batch_size=8, checkpoint.every=2, parallel.cp=2, "
+                        "parallel.dp_shard=1,")
+    assert text.count("parallel.") == 5
+    recipe.write_text(text)
+    return recipe
+
+
+def run_ranks(recipe: Path, fault: str = "") -> int:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("HERD_FAULT", None)
+    if fault:
+        env["HERD_FAULT"] = fault
+    done = subprocess.run([sys.executable, "-m", "launch", "recipe", str(recipe), "--nproc", "2"], cwd=REPO, env=env,
+                          capture_output=True, text=True)
+    return done.returncode
+
+
+@pytest.mark.slow
+def test_killed_during_a_layout_change_resumes_bitwise(corpus, tmp_path):
+    """FSDP x2 -> cp x2 between the first and second stage: killed at the second stage's first step (its first
+    update under the new layout), the rerun ends where an uninterrupted 2-rank recipe ends, bitwise."""
+    reference, resumed = tmp_path / "ref", tmp_path / "resumed"
+    for root in (reference, resumed):
+        root.mkdir()
+    assert run_ranks(write_layout_recipe(reference, corpus, reference / "run")) == 0
+    recipe = write_layout_recipe(resumed, corpus, resumed / "run")
+    assert run_ranks(recipe, "after_backward:0:7") != 0  # rank 0 SIGKILLed; the launcher ends the other
+    assert run_ranks(recipe) == 0
+    ours, theirs = last_per_step(resumed / "run"), last_per_step(reference / "run")
+    assert [ours[s]["loss"] for s in sorted(ours)] == [theirs[s]["loss"] for s in sorted(theirs)]
+    mine, ref = final_weights(resumed / "run"), final_weights(reference / "run")
+    assert all(torch.equal(mine[k], ref[k]) for k in ref)

@@ -110,3 +110,18 @@ def test_a_bad_stage_override_names_the_stage(tmp_path):
     with pytest.raises(ConfigError) as e:
         warmup_tokens(recipe, static_plan(recipe, 1))
     assert e.value.key == "warmup_steps"
+
+
+def test_cli_refuses_in_one_line(tmp_path, capsys):
+    from launch.cli import main
+    bad = tmp_path / "r.yaml"
+    bad.write_text("config: configs/demo.yaml\nrun_dir: " + str(tmp_path / "run") + "\nstages: [{name: a, tokens: 4096,"
+                   " overrides: [parallel.cp=3]}]\n")
+    for argv in (["recipe", str(tmp_path / "missing.yaml")], ["recipe", str(bad)], ["train", str(bad)],
+                 ["recipe", "configs/recipes/demo.yaml", "--world-size", "2"]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "run").exists()  # nothing ran, nothing was written
+    assert main(["train", "configs/recipes/demo.yaml", "--print-config", "--world-size", "2"]) == 0
+    assert "long-1k" in capsys.readouterr().out
