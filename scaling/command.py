@@ -1,0 +1,131 @@
+"""`herd scaling SWEEP.yaml [overrides]`: plan an IsoFLOP sweep, train its unfinished runs (here, or as a SLURM job
+array with --slurm), then fit and report (docs/scaling.md). launch/cli.py only dispatches here."""
+
+import argparse
+import shlex
+from pathlib import Path
+
+from engine.errors import ConfigError, HerdError
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="sweep YAML (configs/scaling/demo.yaml)")
+    p.add_argument("overrides", nargs="*", help="sweep overrides, e.g. budgets=[1e12,3e12,1e13] jobs=2")
+    p.add_argument("--plan-only", action="store_true", help="print and write the runs (plan.json); train nothing")
+    p.add_argument("--fit-only", action="store_true", help="fit and report the finished runs; train nothing")
+    slurm = p.add_argument_group("SLURM (--slurm: an array job, one task per unfinished run)")
+    slurm.add_argument("--slurm", action="store_true", help="write the array's sbatch script instead of training")
+    slurm.add_argument("--out", help="script path (default: <run_dir>/<name>/array.sbatch)")
+    slurm.add_argument("--submit", action="store_true", help="sbatch the script after writing it")
+    slurm.add_argument("--partition", default="", help="--partition of the tasks")
+    slurm.add_argument("--time", default="", help="--time limit of each task (HH:MM:SS)")
+    slurm.add_argument("--max-parallel", type=int, default=0, help="tasks running at once (the array's %%N)")
+    slurm.add_argument("--gpus", action="store_true", help="one GPU per task (default: CPU tasks)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from engine.config import load_config, load_scaling
+    from scaling.plan import load_job, plan_runs, sweep_dir
+    from scaling.runs import check_same_sweep, write_plan
+    cfg = load_scaling(args.config, args.overrides)
+    job = load_job(cfg)
+    runs = plan_runs(cfg, job)
+    for run in runs:  # each run's job as herd train will load it: one line naming the run before anything starts
+        try:
+            load_config(cfg.job, list(cfg.overrides) + run.overrides(cfg))
+        except ConfigError as e:
+            raise HerdError(f"run {run.name}: {e}") from None
+    sweep = Path(sweep_dir(cfg))
+    plan = {"job": cfg.job, "overrides": list(cfg.overrides),
+            "runs": [{**run.as_dict(), "overrides": run.overrides(cfg)} for run in runs]}
+    check_same_sweep(sweep, plan)
+    if not args.fit_only:
+        from align.inputs import check_job_inputs
+        check_job_inputs(job)  # the data every run reads: one line here rather than a failure per run
+    write_plan(sweep, plan)
+    _print_plan(runs)
+    if args.plan_only:
+        print(f"herd scaling: wrote {sweep / 'plan.json'}", flush=True)
+        return 0
+    if args.slurm:
+        return _slurm(args, cfg, sweep, plan)
+    if not args.fit_only:
+        from scaling.runs import run_local
+        failed = run_local(sweep, plan, cfg.jobs)
+        if failed:
+            raise HerdError(f"{failed} run(s) failed (logs under {sweep / 'runs'}); run the same command again to "
+                            f"retry them (finished runs are kept)")
+    return _fit(args, cfg, job, sweep, plan)
+
+
+def _print_plan(runs) -> None:
+    print(f"{'run':<16} {'N':>11} {'layers x dim':>13} {'batch':>6} {'steps':>6} {'tokens D':>12} {'6ND':>9}")
+    for r in runs:
+        print(f"{r.name:<16} {r.params:>11,} {r.n_layers:>6} x {r.dim:<5} {r.batch_size:>6} {r.steps:>6} "
+              f"{r.tokens:>12,} {r.compute:>9.3g}", flush=True)
+
+
+def _slurm(args: argparse.Namespace, cfg, sweep: Path, plan: dict) -> int:
+    from launch.slurm import write_and_submit
+    from scaling.runs import ARRAY_SCRIPT_MARK, pending, render_array
+    todo = pending(sweep, plan)
+    if not todo:
+        print("herd scaling: every run is finished; fit them with --fit-only", flush=True)
+        return 0
+    if args.max_parallel < 0:
+        raise HerdError(f"--max-parallel must be >= 0, got {args.max_parallel}")
+    out = Path(args.out or sweep / "array.sbatch")
+    if out.is_dir() or (out.exists() and ARRAY_SCRIPT_MARK not in out.read_text(errors="replace").splitlines()[1:2]):
+        raise HerdError(f"--out {out}: exists and is not a herd scaling array script; choose another path")
+    script = render_array(sweep, plan, todo, {"job_name": cfg.name, "partition": args.partition, "time": args.time,
+                                              "max_parallel": args.max_parallel, "gpus": args.gpus})
+    print(f"herd scaling: an array of {len(todo)} tasks (the unfinished runs); fit them afterwards with "
+          f"herd scaling {args.config} --fit-only", flush=True)
+    return write_and_submit(script, str(out), args.submit)
+
+
+def _fit(args: argparse.Namespace, cfg, job, sweep: Path, plan: dict) -> int:
+    from scaling.report import fit_sweep, write_results
+    from scaling.runs import final_checkpoint, final_val_loss
+    runs = []
+    for run in plan["runs"]:
+        loss = final_val_loss(sweep, run)
+        if loss is not None:
+            runs.append({k: v for k, v in run.items() if k != "overrides"} | {"val_loss": loss})
+    missing = len(plan["runs"]) - len(runs)
+    if missing:
+        raise HerdError(f"{missing} of {len(plan['runs'])} runs are not finished (no final validation loss and "
+                        f"checkpoint under {sweep / 'runs'}); train them first (herd scaling {args.config})")
+    if cfg.downstream.enabled:
+        from scaling.downstream import prepare_task, score_run
+        questions, tokenizer = prepare_task(job, cfg.downstream)
+        print(f"herd scaling: scoring {len(runs)} runs on {len(questions)} next-line questions "
+              f"({cfg.downstream.choices} choices)", flush=True)
+        for run in runs:
+            root = final_checkpoint(sweep, run)
+            run["downstream"] = score_run(root, questions, tokenizer, sweep / "runs" / run["name"] / "downstream.json")
+    fits = fit_sweep(runs, list(cfg.targets))
+    command = " ".join(["herd scaling", shlex.quote(args.config), *map(shlex.quote, args.overrides)])
+    paths = write_results(sweep, runs, fits, command)
+    _print_fit(fits)
+    print(f"herd scaling: wrote {', '.join(str(p) for p in paths)}", flush=True)
+    return 0
+
+
+def _print_fit(fits: dict) -> None:
+    for b in fits["budgets"]:
+        if "error" in b:
+            print(f"  C = {b['budget']:.3g}: no parabola ({b['error']})", flush=True)
+        else:
+            print(f"  C = {b['budget']:.3g}: N* = {b['n_opt']:,.0f}, D* = {b['tokens_opt']:,.0f}", flush=True)
+    law = fits.get("power_law")
+    if law:
+        print(f"  D*(C) = {law['A']:.3g} C^{law['alpha']:.3f} (alpha standard error {law['alpha_stderr']:.3f}; "
+              f"Llama 3: 0.29 C^0.53)", flush=True)
+    for p in fits.get("predictions", []):
+        print(f"  at C = {p['compute']:.3g}: N* = {p['params']:.3g} (95% {p['params_95'][0]:.3g}-"
+              f"{p['params_95'][1]:.3g}), D* = {p['tokens']:.3g} tokens", flush=True)
+    for p in fits.get("downstream_predictions", []):
+        if p:
+            print(f"  at C = {p['compute']:.3g}: next-line NLL {p['nll_correct']:.4f}/char -> accuracy "
+                  f"{p['accuracy']:.3f}", flush=True)
