@@ -16,7 +16,10 @@ EXIT_USAGE = 2
 
 
 def _train(args: argparse.Namespace) -> int:
-    from engine.config import load_config
+    from engine.config import is_recipe_file, load_config
+    if is_recipe_file(args.config) and not args.dry_run:  # a recipe is one config too: as `herd recipe` would
+        return _recipe(argparse.Namespace(recipe=args.config, overrides=args.overrides, nproc=None,
+                                          print_config=args.print_config, world_size=args.world_size))
     if args.dry_run:
         return _dry_run(args)
     if args.world_size is not None or args.rank is not None or args.device is not None:
@@ -77,6 +80,33 @@ def _align(args: argparse.Namespace) -> int:
     from engine.run import end_rank_process
     run_pipeline(pipeline)
     end_rank_process(0)  # a rank of a multi-process pipeline leaves here; one process returns
+    return 0
+
+
+def _recipe(args: argparse.Namespace) -> int:
+    """Run a pretraining recipe (recipe/runner.py); with --nproc, every stage on that many local ranks."""
+    from engine.config import load_recipe
+    from recipe.runner import RecipeRunner
+    recipe = load_recipe(args.recipe, args.overrides)
+    world = args.world_size or args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
+    if args.print_config:
+        from recipe.plan import plan_table
+        plans = RecipeRunner(recipe, world_size=world).plan(check_files=False)  # the table needs no data
+        print("\n".join(plan_table(recipe, plans)), flush=True)
+        return 0
+    if args.world_size is not None:
+        raise HerdError("--world-size goes with --print-config (use --nproc to run on local ranks)")
+    if args.nproc is not None and "WORLD_SIZE" not in os.environ:
+        if args.nproc < 1:
+            raise HerdError(f"--nproc must be at least 1, got {args.nproc}")
+        RecipeRunner(recipe, world_size=args.nproc).plan()  # every stage's job as its ranks will load it
+        from launch.local import run_local
+        herd_args = ["recipe", args.recipe, *args.overrides]
+        print(scrub(f"herd recipe: {args.nproc} ranks of herd " + " ".join(herd_args)), flush=True)
+        return run_local(args.nproc, herd_args, "herd recipe", preemptible=True)  # every stage saves
+    from engine.run import end_rank_process
+    RecipeRunner(recipe).run()
+    end_rank_process(0)  # a rank of a multi-process recipe leaves here; one process returns
     return 0
 
 
@@ -246,9 +276,32 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _average(args: argparse.Namespace) -> int:
+    """Average checkpoints' model weights into one checkpoint (engine/checkpoint/average.py)."""
+    from engine.checkpoint.average import average_checkpoints, parse_numbers, resolve_sources
+    steps = parse_numbers(args.steps, "--steps", int) if args.steps else None
+    weights = parse_numbers(args.weights, "--weights", float) if args.weights else None
+    try:
+        sources = resolve_sources(args.checkpoints, all_steps=args.all, steps=steps)
+        out = average_checkpoints(sources, Path(args.out), weights=weights, overwrite=args.overwrite)
+    except OSError as e:  # reading a source (writing is one line already): one line too, no traceback
+        raise HerdError(f"{e.filename or args.out}: {e.strerror or e}") from None
+    print(f"wrote herd checkpoint {out}, the mean of {len(sources)} checkpoints; train from it with "
+          f"checkpoint.load_weights={out}, export it with herd convert herd-to-hf {out} HF_DIR", flush=True)
+    for index, source in enumerate(sources):
+        print(f"  {source}" + (f" (weight {weights[index]:g})" if weights else ""), flush=True)
+    return 0
+
+
 def _plan(args: argparse.Namespace) -> int:
     """Search herd's 4D layouts for a model and a cluster (plan/, docs/scale.md)."""
     from plan.command import run
+    return run(args)
+
+
+def _curate(args: argparse.Namespace) -> int:
+    """Curate a corpus on datatrove (curate/, docs/data_curation.md), or train its fastText classifier."""
+    from curate.command import run
     return run(args)
 
 
@@ -306,6 +359,16 @@ def build_parser() -> argparse.ArgumentParser:
     align.add_argument("--nproc", type=int, help="run every stage on this many local ranks (docs/launch.md)")
     align.set_defaults(func=_align)
 
+    recipe = sub.add_parser("recipe", help="run a staged pretraining recipe (ramps, mix changes, long context with "
+                                           "gates, annealing and checkpoint averaging) as one resumable run")
+    recipe.add_argument("recipe", help="recipe YAML (configs/recipes/)")
+    recipe.add_argument("overrides", nargs="*", help="recipe overrides, e.g. run_dir=runs/r stages[0].tokens=1e6")
+    recipe.add_argument("--nproc", type=int, help="run every stage on this many local ranks")
+    recipe.add_argument("--print-config", action="store_true", help="print the stage table and exit")
+    recipe.add_argument("--world-size", type=int, help="with --print-config: check the stages' layouts for this "
+                                                       "many ranks (default --nproc, or 1)")
+    recipe.set_defaults(func=_recipe)
+
     convert = sub.add_parser("convert", help="HF Llama directory <-> herd checkpoint")
     convert.add_argument("direction", choices=("hf-to-herd", "herd-to-hf"))
     convert.add_argument("source", help="HF directory (hf-to-herd) or herd checkpoint root (herd-to-hf)")
@@ -313,6 +376,21 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="herd-to-hf: replace the content of an existing "
                                                                   "directory that herd did not export")
     convert.set_defaults(func=_convert)
+
+    average = sub.add_parser("average", help="average checkpoints' model weights (any layouts) into one checkpoint: "
+                                             "Llama 3's annealing average (docs/checkpointing.md)",
+                             description="The element-wise mean of the checkpoints' model weights (float64 sums in "
+                             "the order given, one rounding to fp32) as a weights-only checkpoint: train from it with "
+                             "checkpoint.load_weights=OUT, export it with herd convert herd-to-hf OUT HF_DIR.")
+    average.add_argument("checkpoints", nargs="+", help="step directories (CKPT_ROOT/step_00001000), or checkpoint "
+                         "roots: each root's newest complete checkpoint, or those --all / --steps choose")
+    average.add_argument("--out", required=True, help="checkpoint root to write: a new or empty directory")
+    average.add_argument("--all", action="store_true", help="every complete checkpoint of each root given")
+    average.add_argument("--steps", help="these steps of each root given, e.g. 9000,9500,10000")
+    average.add_argument("--weights", help="one weight per checkpoint, in the order averaged (default: equal)")
+    average.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier average "
+                         "(or no herd checkpoint state); never a source")
+    average.set_defaults(func=_average)
 
     prep = sub.add_parser("prepare-data", help="tokenize text files or JSONL into .bin/.idx token files")
     prep.add_argument("inputs", nargs="+", help="files or directories (searched for --include patterns)")
@@ -338,6 +416,12 @@ def build_parser() -> argparse.ArgumentParser:
     from scaling.command import add_arguments as scaling_arguments
     scaling_arguments(scaling)
     scaling.set_defaults(func=_scaling)
+    curate = sub.add_parser("curate", help="clean, deduplicate, filter and mix a corpus on datatrove, then tokenize it "
+                                           "per domain (docs/data_curation.md); `curate train-classifier` trains "
+                                           "its fastText classifier")
+    from curate.command import add_arguments as curate_arguments
+    curate_arguments(curate)
+    curate.set_defaults(func=_curate)
     return parser
 
 
