@@ -1,13 +1,14 @@
 """Running the passes of curate/pipeline.py on datatrove's LocalPipelineExecutor or SlurmPipelineExecutor."""
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List
 
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 
-from curate.pipeline import FaultPoint, Layout, Stage, build_stages
+from curate.pipeline import FAULT_ENV, FaultPoint, Layout, build_stages
 from curate.read import list_corpus
 from curate.schema import CurateConfig
 from engine.errors import HerdError
@@ -34,6 +35,8 @@ def corpus_files(cfg: CurateConfig) -> List[str]:
 def run_local(cfg: CurateConfig) -> None:
     """Every pass in order, each on a local multi-process executor; finished tasks are skipped."""
     lay = Layout(cfg.output_dir)
+    if os.environ.get(FAULT_ENV) and os.getpgid(0) != os.getpid():
+        raise HerdError(f"{FAULT_ENV} kills the run's process group: start herd curate in a session of its own")
     stages = build_stages(cfg, corpus_files(cfg))
     for stage in stages:
         for p in stage.passes:

@@ -4,7 +4,7 @@ Plain dataclasses (no omegaconf here): engine/config.py loads and re-exports the
 curate/config.py checks their values with the key named."""
 
 from dataclasses import dataclass, field
-from typing import Dict, List
+from typing import List
 
 
 @dataclass
@@ -81,6 +81,17 @@ class ModelStageConfig:
 
 
 @dataclass
+class MixConfig:
+    """Target share of each domain in the blend (Llama 3 section 3.1.2: about 50% general knowledge, 25% math and
+    reasoning, 17% code, 8% multilingual); 0 leaves a domain out. Normalized over the domains that kept data."""
+
+    general: float = 0.50
+    math: float = 0.25
+    code: float = 0.17
+    multilingual: float = 0.08
+
+
+@dataclass
 class CurateTokenizeConfig:
     """herd's own tokenization of each domain's output, and the blend of the target mix."""
 
@@ -88,8 +99,7 @@ class CurateTokenizeConfig:
     tokenizer: str = "hf"  # hf | llama3 (as herd prepare-data)
     tokenizer_path: str = ""  # tokenizer.json; empty with hf: a byte-level BPE is trained on the curated text
     vocab_size: int = 4096  # of the trained BPE
-    mix: Dict[str, float] = field(default_factory=lambda: {"general": 0.50, "math": 0.25, "code": 0.17,
-                                                           "multilingual": 0.08})  # Llama 3's final mix
+    mix: MixConfig = field(default_factory=MixConfig)
 
 
 @dataclass

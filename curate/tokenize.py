@@ -7,6 +7,7 @@ With tokenize.tokenizer=hf and no tokenizer_path, a byte-level BPE is trained on
 (OUT/tokens/tokenizer.json) and the blend names it.
 """
 
+import dataclasses
 import gzip
 import json
 from pathlib import Path
@@ -31,7 +32,10 @@ def read_domain(folder: Path) -> List:
 
 def blend_yaml(paths: Dict[str, str], mix: Dict[str, float], tokenizer: Dict[str, str]) -> str:
     """A herd job config fragment (data.train with weights normalized over the domains present)."""
+    mix = {d: share for d, share in mix.items() if share > 0}
     present = {d: mix[d] for d in mix if d in paths}
+    if not present:
+        return "# herd curate: no domain of the target mix kept any document\n"
     total = sum(present.values())
     lines = ["# herd curate: the curated domains as a blend; include it or copy data.train into a job config",
              "data:", "  train:"]
@@ -67,7 +71,8 @@ def tokenize_domains(cfg: CurateConfig) -> Dict[str, dict]:
         report = prepare_data([str(root / "domains" / domain)], prefix, tokenizer, documents=docs)
         summary[domain] = {"documents": report.documents["all"], "tokens": report.tokens["all"], "prefix": prefix}
         prefixes[domain] = prefix
-    (root / "blend.yaml").write_text(blend_yaml(prefixes, t.mix, {"kind": t.tokenizer, "path": path}))
+    mix = dataclasses.asdict(t.mix)
+    (root / "blend.yaml").write_text(blend_yaml(prefixes, mix, {"kind": t.tokenizer, "path": path}))
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 

@@ -1,0 +1,162 @@
+"""`herd curate` end to end through the CLI: a hand-built corpus (planted duplicates, URL versions, malformed
+inputs, HTML) through every stage on the local executor, a run killed mid-way (SIGKILL of its process group once
+a task has written its outputs) that resumes without redoing finished tasks, the same pipeline on the real SLURM
+test cluster, and one-line errors for bad pipelines."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.slurm_cluster import slurm_cluster, wait_until  # noqa: F401 (the session fixture)
+
+ROOT = Path(__file__).resolve().parents[2]
+PROSE = ["The committee met on {d} to discuss the budget of the {n} library.",
+         "Members agreed that the {n} park needs new benches before the summer festival.",
+         "A report on the {n} bridge repairs will be published next month by the city office.",
+         "Volunteers from the {n} school offered to paint the old community hall on {d}."]
+NAMES = "north south east west river hill lake forest valley harbor meadow canyon".split()
+DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday".split()
+
+
+def herd(*args, env=None, new_session=False, cwd=ROOT):
+    env = {**(env or os.environ), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "launch", "curate", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=900, start_new_session=new_session)
+
+
+def build_corpus(root: Path) -> Path:
+    """24 distinct prose documents, 3 exact copies, 2 near copies, 3 versions of one URL, 8 documents sharing a
+    boilerplate line (line dedup), an HTML page, and malformed inputs of each kind."""
+    corpus = root / "corpus"
+    corpus.mkdir()
+    for i in range(24):
+        lines = [PROSE[(i + k) % 4].format(n=NAMES[(i + k) % 12], d=DAYS[(i * k) % 6]) + f" Item {chr(97 + i)}{k}."
+                 for k in range(12)]
+        if i < 8:
+            lines.insert(3, "Subscribe to our newsletter for weekly updates.")
+        (corpus / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n")
+    for copy in range(3):
+        (corpus / f"copy{copy}.txt").write_text((corpus / "doc05.txt").read_text())
+    for near in range(2):
+        text = (corpus / "doc06.txt").read_text().replace("Item g0", f"Item changed{near}")
+        (corpus / f"near{near}.txt").write_text(text)
+    versions = [{"text": f"Version {v} of the page. " + " ".join(PROSE).format(n="old", d=DAYS[v]) * 2,
+                 "url": "http://example.org/page", "date": f"202{v}-06-01"} for v in (1, 3, 2)]
+    rows = [json.dumps(v) for v in versions] + ["{not json", '{"text": ""}']
+    (corpus / "web.jsonl").write_text("\n".join(rows) + "\n")
+    article = " ".join(PROSE).format(n="central", d="Sunday") * 3
+    (corpus / "page.html").write_text(f"<html><body><nav>Home | Menu</nav><article><h1>News</h1><p>{article}</p>"
+                                      f"</article><footer>Footer</footer></body></html>")
+    (corpus / "bad.txt").write_bytes(b"text with a bad byte \xff here\n")
+    (corpus / "empty.txt").write_bytes(b"")
+    (corpus / "binary.txt").write_bytes(b"\x00\x01\x02binary" * 20)
+    return corpus
+
+
+def pipeline(root: Path, corpus: Path, name: str, **executor) -> list:
+    """The demo pipeline's YAML with this corpus and output, and executor overrides."""
+    out = root / name
+    return [str(ROOT / "configs/curate/demo.yaml"), f"input.paths=[{corpus}]", f"output_dir={out}",
+            "input.include=['*.txt','*.jsonl','*.html']", "heuristics.kl_min_words=30",
+            *[f"executor.{k}={v}" for k, v in executor.items()]]
+
+
+def stage_table(out: Path):
+    report = json.loads((out / "report.json").read_text())
+    return [(r["stage"], r["documents_in"], r["documents_kept"], r["bytes_kept"]) for r in report["stages"]], report
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """An uninterrupted local run with 2 tasks on 2 worker processes."""
+    root = tmp_path_factory.mktemp("curate")
+    corpus = build_corpus(root)
+    result = herd(*pipeline(root, corpus, "ref", tasks=2, workers=2))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return root, corpus, stage_table(root / "ref")
+
+
+def test_local_run_removes_what_was_planted(reference):
+    root, _, (table, report) = reference
+    stages = {row[0]: row for row in table}
+    read = next(r for r in report["stages"] if r["stage"] == "read")
+    reasons = read["removed_by_reason"]
+    assert {k: v["documents"] for k, v in reasons.items()} == {"bad_json": 1, "no_text": 1, "bad_utf8": 1,
+                                                               "empty_file": 1, "binary_file": 1}
+    assert stages["read"][2] == 24 + 3 + 2 + 3 + 1  # every good document, the HTML page's main content
+    assert stages["url_dedup"][1] - stages["url_dedup"][2] == 2  # two older versions of the page
+    kept_page = [json.loads(line)["text"] for line in _lines(root / "ref" / "data" / "url_dedup")
+                 if "Version" in line]
+    assert len(kept_page) == 1 and kept_page[0].startswith("Version 3")  # the newest (2023)
+    assert stages["exact_dedup"][1] - stages["exact_dedup"][2] == 3  # doc05 and its 3 copies: one kept
+    assert stages["minhash"][1] - stages["minhash"][2] == 2  # doc06 and its 2 near copies: one kept
+    line = next(r for r in report["stages"] if r["stage"] == "line_dedup")
+    assert line["removed_by_reason"]["duplicate_lines"]["partial"] == 8  # the newsletter line, in 8 documents
+    assert report["tokens"] and (root / "ref" / "blend.yaml").is_file()
+    assert (root / "ref" / "report.md").read_text().startswith("# Curation report")
+
+
+def _lines(folder: Path):
+    import gzip
+    for path in sorted(folder.glob("*.jsonl.gz")):
+        yield from gzip.open(path, "rt")
+
+
+def test_killed_run_resumes_without_redoing_finished_tasks(reference):
+    root, corpus, (table, _) = reference
+    args = pipeline(root, corpus, "killed", tasks=2, workers=1)
+    env = {**os.environ, "HERD_CURATE_FAULT": "line_dedup_filter:1"}
+    killed = herd(*args, env=env, new_session=True)
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    out = root / "killed"
+    assert (out / "logs/line_dedup_filter/completions/00000").is_file()
+    assert not (out / "logs/line_dedup_filter/completions/00001").exists()
+    assert not (out / "report.json").exists()
+    finished = {p: p.stat().st_mtime_ns for p in [*(out / "data" / "read").iterdir(),
+                                                  out / "data" / "line_dedup" / "00000.jsonl.gz"]}
+    resumed = herd(*args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished  # finished tasks were not redone
+    assert (out / "logs/line_dedup_filter/completions/00001").is_file()
+    assert stage_table(out)[0] == table  # the same result as the uninterrupted run
+
+
+def test_pipeline_runs_on_the_slurm_cluster(reference, slurm_cluster):  # noqa: F811
+    root, corpus, (table, _) = reference
+    out = root / "slurm"
+    result = herd(*pipeline(root, corpus, "slurm", kind="slurm", partition="debug", tasks=2, workers=2,
+                            mem_per_cpu_gb=0), env=slurm_cluster.env, cwd=root)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "submitted" in result.stdout
+
+    def failed_job() -> str:
+        squeue = slurm_cluster.run("squeue", "-h", "-o", "%i %T %r").stdout
+        return next((line for line in squeue.splitlines() if "DependencyNeverSatisfied" in line), "")
+
+    wait_until(lambda: (out / "report.json").is_file() or bool(failed_job()),
+               lambda: f"the report of the SLURM run in {out} (queue: {slurm_cluster.run('squeue').stdout})")
+    assert not failed_job(), failed_job()
+    assert stage_table(out)[0] == table
+    assert all((out / "logs" / name / "launch_script.slurm").is_file() for name in ("read", "minhash_filter"))
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["models.language=true"], "models.language_model: language identification needs a fastText language-id "
+                               "model you supply"),
+    (["executor.kind=ray"], "executor.kind: 'ray' is not one of local, slurm"),
+    (["minhash.buckets=0"], "minhash.buckets: must be at least 1"),
+    (["input.paths=[/no/such/dir]"], "input.paths[0]: '/no/such/dir' does not exist"),
+    (["tokenize.mix.prose=1.0"], "tokenize.mix.prose"),
+    (["tokenize.mix.code=-1"], "tokenize.mix.code: must be >= 0"),
+    (["minhash.bands=3"], "minhash.bands"),
+])
+def test_bad_pipeline_is_one_line(tmp_path, overrides, expected):
+    result = herd(str(ROOT / "configs/curate/demo.yaml"), f"output_dir={tmp_path / 'out'}", *overrides)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("herd: error: ") and expected in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
