@@ -24,12 +24,17 @@ What "exact" means (tests/unit/test_data_stages.py checks every clause on a whol
 2. Epochs are consumed in order and completely, except a remainder shorter than one sample at the length in
    force when the epoch ran out (PackedDataset's tail, or what is left of a recut), plus the epoch's last token,
    which is only a target.
-3. Consecutive samples overlap by one token, as in Megatron: a sample's last token (the last target) is the
-   next position's token, an input of another sample or of none.
-4. Every target is the input's true successor in the epoch stream, except where a recut sample spans a gap
-   between two unconsumed intervals: there the last input before the gap predicts the first input after it
-   (at most one such target per gap a sample spans). Sample lengths never change the proportions or the
-   stream; a sample ending exactly at a gap still gets its true successor as last target.
+3. Consecutive samples overlap by one token, as in Megatron: a sample's last token is its last input's
+   target and may be another sample's input; it is never an input twice.
+4. Every target is its input's true successor in the epoch stream, except inside a recut sample that spans a
+   gap between two unconsumed intervals: there the last input before the gap predicts the first input after
+   it, one such target per gap spanned (document masking sees the two pieces as one document unless an
+   end-of-document token lies between them). A sample that ends exactly at a gap still gets the true successor
+   as its last target.
+
+A dataset that leaves the blend keeps its place and resumes there when it comes back, at whatever length.
+data.seed and data.on_bad_data apply to every stage (the recipe keeps them fixed). Blend proportions inside a
+stage are BlendedDataset's (exact to one sample per block of 10,000).
 
 The setup replays the earlier stages once with numpy index arrays (O(samples per epoch) per length change,
 Megatron-style); a lookup is then a few array reads.
@@ -106,7 +111,8 @@ class Cut:
         """Virtual intervals -> stream intervals: split at this cut's interval boundaries, shift, merge."""
         if not len(v_starts):
             return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
-        points = np.unique(np.concatenate([v_starts, v_ends, self.virtual[1:-1]]))
+        points = np.sort(np.concatenate([v_starts, v_ends, self.virtual[1:-1]]))
+        points = points[np.r_[True, points[1:] != points[:-1]]]  # distinct (np.unique hashes: slower here)
         lo, hi = points[:-1], points[1:]
         owner = np.searchsorted(v_starts, lo, side="right") - 1
         keep = (owner >= 0) & (lo < v_ends[np.maximum(owner, 0)])
