@@ -76,8 +76,22 @@ def _writer(folder: Path, name: str = "${rank}.jsonl.gz") -> JsonlWriter:
     return JsonlWriter(str(folder), output_filename=name)
 
 
+class StageReader(JsonlReader):
+    """datatrove's JSONL reader of the previous stage's output; a stage that kept nothing wrote no file, and its
+    successor then reads nothing (datatrove's reader raises on an empty folder)."""
+
+    def run(self, data=None, rank: int = 0, world_size: int = 1):
+        try:
+            files = self.data_folder.list_files(recursive=True)
+        except FileNotFoundError:
+            files = []
+        if not files:
+            return
+        yield from super().run(data, rank, world_size)
+
+
 def _reader(folder: Path) -> JsonlReader:
-    return JsonlReader(str(folder), add_file_path=False)  # every file under it: the stage wrote them
+    return StageReader(str(folder), add_file_path=False)  # every file under it: the stage wrote them
 
 
 class Layout:

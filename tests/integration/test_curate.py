@@ -5,6 +5,7 @@ test cluster, and one-line errors for bad pipelines."""
 
 import json
 import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +15,6 @@ import pytest
 from tests.slurm_cluster import slurm_cluster, wait_until  # noqa: F401 (the session fixture)
 
 ROOT = Path(__file__).resolve().parents[2]
-PROSE = ["The committee met on {d} to discuss the budget of the {n} library.",
-         "Members agreed that the {n} park needs new benches before the summer festival.",
-         "A report on the {n} bridge repairs will be published next month by the city office.",
-         "Volunteers from the {n} school offered to paint the old community hall on {d}."]
-NAMES = "north south east west river hill lake forest valley harbor meadow canyon".split()
-DAYS = "Monday Tuesday Wednesday Thursday Friday Saturday".split()
 
 
 def herd(*args, env=None, new_session=False, cwd=ROOT):
@@ -28,27 +23,40 @@ def herd(*args, env=None, new_session=False, cwd=ROOT):
                           text=True, timeout=900, start_new_session=new_session)
 
 
+def sentences(rng: random.Random, count: int) -> list:
+    """Lines of random pseudo-words (letters only) from a 400-word vocabulary: distinct, not repetitive."""
+    return [" ".join(rng.choice(VOCABULARY) for _ in range(rng.randint(10, 16))).capitalize() + "."
+            for _ in range(count)]
+
+
+VOCABULARY = ["".join(random.Random(i).choice("abcdefghijklmnoprstuvwy") for _ in range(3 + i % 7))
+              for i in range(400)]
+
+
 def build_corpus(root: Path) -> Path:
-    """24 distinct prose documents, 3 exact copies, 2 near copies, 3 versions of one URL, 8 documents sharing a
+    """24 distinct documents, 3 exact copies, 2 near copies, 3 versions of one URL, 8 documents sharing a
     boilerplate line (line dedup), an HTML page, and malformed inputs of each kind."""
     corpus = root / "corpus"
     corpus.mkdir()
+    rng = random.Random(0)
     for i in range(24):
-        lines = [PROSE[(i + k) % 4].format(n=NAMES[(i + k) % 12], d=DAYS[(i * k) % 6]) + f" Item {chr(97 + i)}{k}."
-                 for k in range(12)]
+        lines = sentences(rng, 12)
         if i < 8:
             lines.insert(3, "Subscribe to our newsletter for weekly updates.")
         (corpus / f"doc{i:02d}.txt").write_text("\n".join(lines) + "\n")
     for copy in range(3):
         (corpus / f"copy{copy}.txt").write_text((corpus / "doc05.txt").read_text())
     for near in range(2):
-        text = (corpus / "doc06.txt").read_text().replace("Item g0", f"Item changed{near}")
+        lines = (corpus / "doc06.txt").read_text().splitlines()
+        lines[5] = f"This line was changed in copy {near}."
+        text = "\n".join(lines) + "\n"
         (corpus / f"near{near}.txt").write_text(text)
-    versions = [{"text": f"Version {v} of the page. " + " ".join(PROSE).format(n="old", d=DAYS[v]) * 2,
+    page = " ".join(sentences(rng, 8))
+    versions = [{"text": f"Version {v} of the page. {page}",
                  "url": "http://example.org/page", "date": f"202{v}-06-01"} for v in (1, 3, 2)]
     rows = [json.dumps(v) for v in versions] + ["{not json", '{"text": ""}']
     (corpus / "web.jsonl").write_text("\n".join(rows) + "\n")
-    article = " ".join(PROSE).format(n="central", d="Sunday") * 3
+    article = " ".join(sentences(rng, 10))
     (corpus / "page.html").write_text(f"<html><body><nav>Home | Menu</nav><article><h1>News</h1><p>{article}</p>"
                                       f"</article><footer>Footer</footer></body></html>")
     (corpus / "bad.txt").write_bytes(b"text with a bad byte \xff here\n")
