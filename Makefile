@@ -27,6 +27,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m launch.demo
 
+# `make scaling-demo`: an IsoFLOP sweep (3 budgets x 5 sizes) on CPU on the demo corpus, fitted; results to
+# benchmarks/results/scaling_demo* (docs/scaling.md). Finished runs are kept: rm -rf runs/scaling-demo to redo it.
+scaling-demo: $(STAMP)
+	$(PY) -m scaling.demo
+
 align-demo: $(STAMP)
 	$(PY) -m launch.align_demo
 

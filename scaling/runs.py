@@ -3,13 +3,15 @@ SLURM job array whose task i trains run i. Both go through `python -m scaling.ta
 for a finished run, so a sweep killed at any point resumes where it stopped: finished runs are never redone.
 
 A run is finished when its metrics.jsonl holds the validation loss of its last step and its final checkpoint is
-complete (the downstream task reads it). An unfinished run is started again from scratch (herd moves the earlier
-attempt's directory aside: runs are short; its final checkpoint is its only one).
+complete (the downstream task reads it). An unfinished run resumes from its newest checkpoint (herd's
+checkpoint.resume=auto: a stopped run saved one at its last step boundary), or starts again when it has none.
 """
 
+import contextlib
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -93,26 +95,59 @@ def pending(sweep: Path, plan: dict) -> List[int]:
 
 def run_local(sweep: Path, plan: dict, jobs: int) -> int:
     """Every unfinished run on this machine, `jobs` at a time, each `python -m scaling.task` in its own process
-    (its console output in runs/NNN.log). Returns the number of runs that failed."""
+    (its console output in runs/NNN.log). SIGTERM or Ctrl-C is passed to the running runs, which save at their
+    next step boundary and stop (herd's preemption); no new run starts. Returns the number of runs not finished."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
     todo = pending(sweep, plan)
     print(f"herd scaling: {len(plan['runs'])} runs, {len(plan['runs']) - len(todo)} finished already, {len(todo)} "
           f"to train ({jobs} at a time)", flush=True)
     threads = str(max(1, (os.cpu_count() or 1) // jobs))  # jobs x threads = the machine's cores
-    with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(_train_one, sweep, index, threads): index for index in todo}
-        return sum(_report(sweep, plan["runs"][futures[f]], *f.result()) for f in as_completed(futures))
+    children = _Children()
+    with children.forwarding_signals(), ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(_train_one, sweep, index, threads, children): index for index in todo}
+        failed = sum(_report(sweep, plan["runs"][futures[f]], *f.result()) for f in as_completed(futures))
+    if children.stopped:
+        raise HerdError(f"stopped by signal {children.stopped}: the running runs saved a checkpoint; run the same "
+                        f"command again to go on (finished runs are kept)")
+    return failed
 
 
-def _train_one(sweep: Path, index: int, threads: str) -> tuple:
+class _Children:
+    """The run processes alive now, and the signal that stopped the sweep (0: none)."""
+
+    def __init__(self):
+        self.alive: set = set()
+        self.stopped = 0
+
+    @contextlib.contextmanager
+    def forwarding_signals(self):
+        def forward(signum, frame):
+            self.stopped = signum
+            for process in list(self.alive):
+                process.send_signal(signal.SIGTERM)  # herd train saves at the step boundary and exits 75
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+
+def _train_one(sweep: Path, index: int, threads: str, children: _Children) -> tuple:
     """(exit code, seconds, log path) of `python -m scaling.task PLAN index` in a child process."""
     log_path = sweep / "runs" / f"{index:03d}.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    with open(log_path, "w") as log:
-        code = subprocess.run([sys.executable, "-m", "scaling.task", str(sweep / PLAN_FILE), str(index)],
-                              stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": threads},
-                              ).returncode
+    if children.stopped:
+        return -children.stopped, 0.0, str(log_path)
+    with open(log_path, "a") as log:
+        # its own session: a Ctrl-C reaches the run only through forward() (as SIGTERM, which herd train handles)
+        process = subprocess.Popen([sys.executable, "-m", "scaling.task", str(sweep / PLAN_FILE), str(index)],
+                                   stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   env={**os.environ, "OMP_NUM_THREADS": threads})
+        children.alive.add(process)
+        code = process.wait()
+        children.alive.discard(process)
     return code, time.monotonic() - started, str(log_path)
 
 
@@ -122,6 +157,10 @@ def _report(sweep: Path, run: dict, code: int, seconds: float, log: str) -> int:
         print(f"  {run['name']}: N={run['params']:,} D={run['tokens']:,} ({run['steps']} steps) -> "
               f"validation loss {loss:.4f} in {seconds:.0f} s", flush=True)
         return 0
+    if code in (75, -signal.SIGTERM, -signal.SIGINT):  # herd's PREEMPTED_EXIT_CODE: saved, resumes next time
+        print(f"  {run['name']}: stopped after {seconds:.0f} s (exit {code}); it resumes on the next invocation",
+              flush=True)
+        return 1
     tail = Path(log).read_text(errors="replace").strip().splitlines()[-1:] if Path(log).is_file() else []
     print(f"  {run['name']}: FAILED (exit {code}) after {seconds:.0f} s: {tail[0] if tail else ''} (log {log})",
           flush=True)

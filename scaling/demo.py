@@ -1,0 +1,64 @@
+"""`make scaling-demo`: the IsoFLOP sweep of configs/scaling/demo.yaml trained for real on CPU on the demo corpus
+(the CPython standard library's source, prepared as `make demo` prepares it), fitted, and its results copied to
+benchmarks/results/scaling_demo.{json,md} and scaling_demo_*.png with the exact command, the wall time and the
+machine's load.
+
+Run as `python -m scaling.demo [sweep overrides...]`. Finished runs of an earlier invocation are kept (the time
+then covers only what this invocation trained; the summary says how many runs that was).
+"""
+
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from launch.cli import main as herd
+from launch.demo import prepare_corpus
+
+CONFIG = "configs/scaling/demo.yaml"
+RESULTS = Path("benchmarks/results")
+FILES = {"scaling.json": "scaling_demo.json", "scaling.md": "scaling_demo.md", "isoflop.png": "scaling_demo_isoflop.png",
+         "power_law.png": "scaling_demo_power_law.png", "downstream.png": "scaling_demo_downstream.png"}
+
+
+def main() -> int:
+    code = prepare_corpus()
+    if code:
+        return code
+    from engine.config import load_scaling
+    from scaling.plan import load_job, plan_runs, sweep_dir
+    from scaling.runs import pending
+    cfg = load_scaling(CONFIG, sys.argv[1:])
+    sweep = Path(sweep_dir(cfg))
+    plan_path = sweep / "plan.json"
+    before = len(pending(sweep, json.loads(plan_path.read_text()))) if plan_path.is_file() else \
+        len(plan_runs(cfg, load_job(cfg)))
+    load_start, started = os.getloadavg(), time.monotonic()
+    code = herd(["scaling", CONFIG, *sys.argv[1:]])
+    if code:
+        return code
+    seconds, load_end = time.monotonic() - started, os.getloadavg()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    for source, target in FILES.items():
+        if (sweep / source).is_file():
+            shutil.copyfile(sweep / source, RESULTS / target)
+    command = " ".join(["make scaling-demo"] if not sys.argv[1:] else ["python -m scaling.demo", *sys.argv[1:]])
+    note = (f"\nMeasured with `{command}` (= `herd scaling {CONFIG}` after preparing the corpus) on a machine with "
+            f"{os.cpu_count()} CPU cores shared with other jobs: {before} runs trained in this invocation, wall time "
+            f"{seconds / 60:.1f} min including downstream scoring and fits; 1-minute load average "
+            f"{load_start[0]:.1f} at the start and {load_end[0]:.1f} at the end (2.0 would be this sweep alone).\n")
+    with open(RESULTS / FILES["scaling.md"], "a") as f:
+        f.write(note)
+    document = json.loads((RESULTS / FILES["scaling.json"]).read_text())
+    document["measured"] = {"command": command, "runs_trained": before, "wall_s": round(seconds, 1),
+                            "cpu_count": os.cpu_count(), "load_average_start": load_start[0],
+                            "load_average_end": load_end[0]}
+    (RESULTS / FILES["scaling.json"]).write_text(json.dumps(document, indent=1) + "\n")
+    print(note.strip(), f"\nresults: {', '.join(str(RESULTS / t) for t in FILES.values())}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

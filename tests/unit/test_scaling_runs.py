@@ -1,0 +1,122 @@
+"""herd scaling's runs and results: a finished run is detected and never trained again, an unfinished one is
+pending; the SLURM array covers the unfinished runs only; a sweep directory refuses a different sweep; the report
+of a sweep recovers the law its losses came from. The whole command end to end (a tiny sweep trained for real,
+resumed, fitted and plotted) and its SLURM array on the test cluster are in the slow tier."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from launch.cli import main as herd
+from scaling.runs import _ranges, final_val_loss, pending, render_array
+from tests.helpers import STDLIB
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """The email package's sources as a tiny corpus with a held-out split and a 512-token BPE."""
+    root = tmp_path_factory.mktemp("scaling")
+    src = [str(p) for p in sorted((STDLIB / "email").glob("*.py"))]
+    assert herd(["prepare-data", *src, "--out", str(root / "e"), "--train-tokenizer", "--tokenizer-path",
+                 str(root / "tok.json"), "--vocab-size", "512", "--valid-fraction", "0.25"]) == 0
+    return root
+
+
+def write_sweep(root: Path, name: str, budgets=(3e8, 1e9), extra=()) -> Path:
+    """A sweep of 1-3 layer models (dims 16, 32, 48) on the tiny corpus: a few to a hundred steps per run."""
+    job_overrides = [f"data.train=[{{path: {root}/e.train}}]", f"data.valid=[{{path: {root}/e.valid}}]",
+                     f"data.tokenizer.path={root}/tok.json", "model.vocab_size=512", "data.seq_len=32",
+                     "data.micro_batch_size=4", "train.device=cpu", "train.dtype=fp32", "log.tensorboard=false",
+                     "log.every=1000", "train.eval_batches=2"]
+    path = root / f"{name}.yaml"
+    path.write_text(json.dumps({
+        "name": name, "run_dir": str(root / "runs"), "job": str(ROOT / "configs/demo.yaml"),
+        "overrides": job_overrides, "budgets": list(budgets), "batch_sizes": [4] * len(budgets), "dims": [16, 32, 48],
+        "head_dim": 8, "aspect_ratio": 16, "min_steps": 3, "eval_batches": 2,
+        "downstream": {"items": 12, "choices": 4, "context_tokens": 24, "min_line_chars": 12}, **dict(extra)}))
+    return path
+
+
+def load_plan(root: Path, name: str) -> dict:
+    return json.loads((root / "runs" / name / "plan.json").read_text())
+
+
+def test_finished_run_is_not_trained_again(corpus, capsys):
+    from scaling.task import main as task
+    config = write_sweep(corpus, "resume")
+    assert herd(["scaling", str(config), "--plan-only"]) == 0
+    plan, sweep = load_plan(corpus, "resume"), corpus / "runs" / "resume"
+    assert pending(sweep, plan) == list(range(len(plan["runs"])))
+    last = len(plan["runs"]) - 1  # the largest model of the largest budget: a few steps
+    assert task([str(sweep / "plan.json"), str(last)]) == 0
+    loss = final_val_loss(sweep, plan["runs"][last])
+    assert loss is not None and 0 < loss < 7  # trained: below ln(512) = 6.24 plus noise of a fresh model
+    assert last not in pending(sweep, plan)
+    metrics = sweep / "runs" / plan["runs"][last]["name"] / "metrics.jsonl"
+    before = metrics.read_bytes()
+    capsys.readouterr()
+    assert task([str(sweep / "plan.json"), str(last)]) == 0
+    assert "is finished" in capsys.readouterr().out and metrics.read_bytes() == before
+    # the array over the unfinished runs leaves the finished one out
+    script = render_array(sweep, plan, pending(sweep, plan), {"job_name": "resume"})
+    assert f"#SBATCH --array={_ranges(pending(sweep, plan))}" in script and str(last) not in _ranges(
+        pending(sweep, plan)).split(",")[-1].split("-")
+    # a run whose final checkpoint is gone is not finished (the downstream task needs it)
+    checkpoints = sweep / "runs" / plan["runs"][last]["name"] / "checkpoints"
+    from engine.checkpoint.store import MARKER
+    for marker in checkpoints.glob(f"step_*/{MARKER}"):
+        marker.unlink()  # the checkpoint is no longer complete
+    assert final_val_loss(sweep, plan["runs"][last]) is None and last in pending(sweep, plan)
+
+
+def test_ranges_syntax():
+    assert _ranges([0, 1, 2, 3, 5, 7, 8]) == "0-3,5,7-8"
+    assert _ranges([4]) == "4"
+
+
+def test_a_different_sweep_in_the_same_directory_is_refused(corpus, capsys):
+    config = write_sweep(corpus, "same")
+    assert herd(["scaling", str(config), "--plan-only"]) == 0
+    capsys.readouterr()
+    assert herd(["scaling", str(config), "--plan-only", "min_lr_ratio=0.2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "planned c1e09-d16 differently" in err[0], err
+
+
+def test_fit_only_before_the_runs_finish_is_one_line(corpus, capsys):
+    config = write_sweep(corpus, "early")
+    assert herd(["scaling", str(config), "--fit-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "6 of 6 runs are not finished" in err[0], err
+
+
+def test_report_recovers_the_law_of_its_runs(tmp_path):
+    """fit_sweep + write_results on runs whose losses follow Chinchilla's law exactly (tests/unit/test_scaling_fit.py):
+    the JSON holds alpha = 0.548 and the budgets' optima; the plots are PNG files."""
+    from scaling.report import fit_sweep, write_results
+    from tests.unit.test_scaling_fit import ALPHA, K, law
+    runs = []
+    for budget in (1e18, 1e19, 1e20):
+        n_opt = budget / (6 * K * budget ** ALPHA)
+        for i, n in enumerate(n_opt * 10 ** np.linspace(-0.5, 0.5, 7)):
+            runs.append({"name": f"c{budget:.0e}-{i}", "budget": budget, "params": float(n), "dim": 64,
+                         "n_layers": 2, "tokens": budget / (6 * n), "steps": 10,
+                         "val_loss": float(law(n, budget / (6 * n))),
+                         "downstream": {"nll_correct": 3.0 - 0.1 * np.log10(budget) + 0.01 * i,
+                                        "accuracy": min(1.0, 0.25 + 0.1 * np.log10(budget / 1e17) - 0.01 * i),
+                                        "choices": 4}})
+    fits = fit_sweep(runs, [3.8e25])
+    paths = write_results(tmp_path, runs, fits, "test")
+    document = json.loads((tmp_path / "scaling.json").read_text())
+    assert document["power_law"]["alpha"] == pytest.approx(ALPHA, abs=0.01)
+    assert [b["tokens_opt"] for b in document["budgets"]] == pytest.approx(
+        [K * c ** ALPHA for c in (1e18, 1e19, 1e20)], rel=0.03)
+    assert document["predictions"][0]["params"] == pytest.approx(3.8e25 / (6 * K * 3.8e25 ** ALPHA), rel=0.3)
+    assert {p.name for p in paths} >= {"isoflop.png", "power_law.png", "downstream.png", "scaling.md"}
+    for png in tmp_path.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "alpha = 0.54" in (tmp_path / "scaling.md").read_text()
