@@ -29,6 +29,7 @@ demo: $(STAMP)
 
 # `make scaling-demo`: an IsoFLOP sweep (3 budgets x 5 sizes) on CPU on the demo corpus, fitted; results to
 # benchmarks/results/scaling_demo* (docs/scaling.md). Finished runs are kept: rm -rf runs/scaling-demo to redo it.
+.PHONY: scaling-demo
 scaling-demo: $(STAMP)
 	$(PY) -m scaling.demo
 
