@@ -5,21 +5,24 @@ rank r holds chunks r and 2*cp-1-r, so under the causal mask every rank does the
 outside attention is per token, so only attention needs the other ranks. Two variants:
 
 - all_gather (Llama 3's choice): all-gather K and V over cp (cheap with 8 KV heads), then attend the local
-  queries to the whole sequence under a mask built from global token indices (and document ids). Backward
-  reduce-scatters the K/V gradients.
+  queries to the whole sequence. Backward reduce-scatters the K/V gradients.
 - ring: K and V travel around the cp ranks (P2P, the next block's transfer overlapped with the current block's
-  compute); each block gives a partial output and its log-sum-exp, merged exactly (Liu et al. 2023, Ring
-  Attention). The backward passes K, V around the ring again (overlapped with the block's gradients) and the
-  gradient accumulators after them. With zigzag chunks
-  an off-diagonal block needs only half of itself: all queries against the source's first chunk (source before
-  this rank) or this rank's second query chunk against all its keys (source after it).
+  compute); each source rank's keys give a partial output and its log-sum-exp, merged exactly (Liu et al. 2023,
+  Ring Attention). The backward passes K, V around the ring again (overlapped with the block's gradients) and
+  the gradient accumulators after them; each source's gradients come from the final (merged) log-sum-exp.
+
+Both run the model's blockwise attention kernel (engine/model/attention.py; parallel/ may not import it, so
+apply_context_parallel takes it from the model's own core) under a block plan built from each token's global
+(zigzag) index and document id: memory is linear in S, no [L, S] mask or score tensor exists, and key blocks
+that no local query may attend (later in the sequence, or another document) are never computed. With zigzag
+chunks that skips half of every off-diagonal source (all queries against the source's first chunk when it
+precedes this rank, only the second query chunk against it when it follows).
 
 RoPE needs nothing: the loader shards position ids with the tokens. The loss sums over cp like over dp.
 """
 
-import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -37,69 +40,56 @@ def zigzag_indices(seq_len: int, cp: int, rank: int) -> torch.Tensor:
 
 
 class MaskCache:
-    """The masks one forward built, shared by every copy of its CPMask. A plain object on purpose: FSDP2 casts a
-    block's inputs with torch.distributed.utils._apply_to_tensors, which rebuilds dataclasses and dicts field by
-    field but passes other objects through, so a dict field would be copied empty into every block and each layer
-    would build (and, saved for backward, keep) its own [L, S] mask: 1 GiB per layer and micro-batch in flight at
-    128K context with cp=16 (found by `herd train --dry-run`, docs/scale.md)."""
+    """The block plans one forward built, shared by every copy of its CPMask. A plain object on purpose: FSDP2
+    casts a block's inputs with torch.distributed.utils._apply_to_tensors, which rebuilds dataclasses and dicts
+    field by field but passes other objects through, so a dict field would be copied empty into every block and
+    each layer would build its own plan (and read the document ids on the host again)."""
 
     def __init__(self):
-        self.masks: Dict[tuple, torch.Tensor] = {}
+        self.plans: Dict[tuple, object] = {}
 
 
 @dataclass
 class CPMask:
-    """What the attention core needs to mask a rank's queries against keys of other ranks."""
+    """What the attention core needs to mask a rank's queries against keys of other ranks: the zigzag layout,
+    every rank's document ids, and the kernel's block size."""
 
     rank: int
     cp: int
     chunk: int  # tokens per zigzag chunk
     doc_ids: Optional[List[torch.Tensor]]  # per cp rank: [b, 2*chunk] document ids (None: no document mask)
+    block: int  # tokens per query / key block of the blockwise kernel
     _cache: MaskCache = field(default_factory=MaskCache)
 
-    def indices(self, rank: int, device: torch.device) -> torch.Tensor:
-        return zigzag_indices(2 * self.chunk * self.cp, self.cp, rank).to(device)
+    def segments(self, rank: int) -> Tuple[Tuple[int, int], ...]:
+        """Global [start, stop) index ranges of rank's tokens in their local order; -1: every rank's, rank order
+        (the all-gathered K/V)."""
+        if rank == -1:
+            return tuple(span for r in range(self.cp) for span in self.segments(r))
+        c, last = self.chunk, 2 * self.cp - 1 - rank
+        return (rank * c, (rank + 1) * c), (last * c, (last + 1) * c)
 
-    def allowed(self, q_rank: int, q_rows: slice, k_rank: int, k_cols: slice, device) -> torch.Tensor:
-        """bool [b or 1, 1, len(q_rows), len(k_cols)]: key at or before the query, and in its document. Built
-        once per forward: every layer (and the recomputation under activation checkpointing) reuses it."""
-        key = (q_rank, q_rows.start, q_rows.stop, k_rank, k_cols.start, k_cols.stop)
-        masks = self._cache.masks
-        if key not in masks:
-            masks[key] = self._allowed(q_rank, q_rows, k_rank, k_cols, device)
-        return masks[key]
+    def docs(self, rank: int) -> Optional[torch.Tensor]:
+        if self.doc_ids is None:
+            return None
+        return torch.cat(self.doc_ids, dim=1) if rank == -1 else self.doc_ids[rank]  # [b, tokens]
 
-    def additive(self, q_rank: int, q_rows: slice, k_rank: int, k_cols: slice, device,
-                 dtype: torch.dtype) -> torch.Tensor:
-        """`allowed` as SDPA's additive form in the queries' dtype: 0 where allowed, -inf elsewhere, built once
-        per forward. SDPA turns a boolean mask into exactly this on every call and saves it for backward, so
-        passing the boolean one costs a [L, S] copy per layer and micro-batch in flight (2 GiB each at 128K with
-        cp=16 in bf16: the dry run of 405B's 128K layout held 112 of them at its peak). Same arithmetic: outputs
-        and gradients are bitwise those of the boolean mask."""
-        key = ("additive", dtype, q_rank, q_rows.start, q_rows.stop, k_rank, k_cols.start, k_cols.stop)
-        masks = self._cache.masks
-        if key not in masks:
-            allowed = self._allowed(q_rank, q_rows, k_rank, k_cols, device)
-            masks[key] = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(~allowed, -math.inf)
-        return masks[key]
-
-    def _allowed(self, q_rank: int, q_rows: slice, k_rank: int, k_cols: slice, device) -> torch.Tensor:
-        if k_rank == -1:  # keys of every rank, in rank order (the all-gathered K/V)
-            return torch.cat([self._allowed(q_rank, q_rows, r, k_cols, device) for r in range(self.cp)], dim=-1)
-        q_index = self.indices(q_rank, device)[q_rows]
-        k_index = self.indices(k_rank, device)[k_cols]
-        allowed = (k_index.unsqueeze(0) <= q_index.unsqueeze(1)).unsqueeze(0)  # [1, q, k]
-        if self.doc_ids is not None:
-            same = self.doc_ids[q_rank][:, q_rows].unsqueeze(2) == self.doc_ids[k_rank][:, k_cols].unsqueeze(1)
-            allowed = allowed & same
-        return allowed.unsqueeze(1)
+    def plan(self, kernel, k_rank: int, device):
+        """The kernel's block plan of this rank's queries against rank k_rank's keys (-1: all), built once per
+        forward: every layer (and the recomputation under activation checkpointing) reuses it."""
+        key = (k_rank, str(device))
+        plans = self._cache.plans
+        if key not in plans:
+            plans[key] = kernel.plan(self.segments(self.rank), self.segments(k_rank), self.docs(self.rank),
+                                     self.docs(k_rank), self.block, device)
+        return plans[key]
 
 
 class ContextParallelMask:
     """Replaces Transformer.attention_mask: gathers the (small) document ids of every cp rank once per forward."""
 
-    def __init__(self, group: dist.ProcessGroup):
-        self.group = group
+    def __init__(self, group: dist.ProcessGroup, block: int):
+        self.group, self.block = group, block
 
     def __call__(self, position_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> CPMask:
         cp, rank = dist.get_world_size(self.group), dist.get_rank(self.group)
@@ -107,124 +97,96 @@ class ContextParallelMask:
         if doc_ids is not None:
             gathered = [torch.empty_like(doc_ids) for _ in range(cp)]
             dist.all_gather(gathered, doc_ids.contiguous(), group=self.group)
-        return CPMask(rank, cp, position_ids.shape[1] // 2, gathered)
+        return CPMask(rank, cp, position_ids.shape[1] // 2, gathered, self.block)
 
 
 class AllGatherAttention:
-    """Attention core: K/V all-gathered over cp (autograd: reduce-scatter backward), local queries attend all.
+    """Attention core: K/V all-gathered over cp (autograd: reduce-scatter backward), local queries attend all
+    keys through the model's blockwise kernel under a plan from global indices and document ids: no [L, S]
+    tensor, only the gathered K/V ([b, S, kv, d], cheap with GQA) and [b, h, block, block] scores."""
 
-    The mask: a stored block (`additive`) gets the forward's one additive mask, which every stored block's SDPA
-    keeps for backward instead of its own converted copy. A recomputed block (activation checkpointing) gets the
-    boolean one, half the size, which is what the forward's cache then holds while its micro-batch is in flight;
-    SDPA's converted copy lives only while that block is recomputed (dry run of 405B at 128K, cp=16: 53 GiB with
-    the additive mask under full checkpointing, 40 GiB with the boolean one; docs/scale.md)."""
+    def __init__(self, group: dist.ProcessGroup, kernel):
+        self.group, self.kernel = group, kernel
 
-    def __init__(self, group: dist.ProcessGroup, additive: bool = True):
-        self.group, self.additive = group, additive
-
+    @torch.compiler.disable  # the kernel's host loops (engine/model/attention.py blockwise_attention)
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: CPMask) -> torch.Tensor:
         # q: [b, L, h, d]; k, v: [b, L, kv, d] with L = S / cp -> out [b, L, h, d]
         kv = comm.gather_from_sp(torch.cat([k, v], dim=2), self.group)  # one collective: [b, S, 2*kv, d]
         k_all, v_all = kv.chunk(2, dim=2)  # [b, S, kv, d] each, rank r's tokens at [r*L, (r+1)*L)
-        everything = slice(None)
-        bias = mask.additive(mask.rank, everything, -1, everything, q.device, q.dtype) if self.additive else \
-            mask.allowed(mask.rank, everything, -1, everything, q.device)  # [b or 1, 1, L, S]
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), attn_mask=bias, enable_gqa=True)
+        plan = mask.plan(self.kernel, -1, q.device)
+        out = self.kernel.attend(q.transpose(1, 2), k_all.transpose(1, 2), v_all.transpose(1, 2), plan)
         return out.transpose(1, 2)
 
 
 class RingAttention:
-    """Attention core: ring attention over cp (see the module docstring)."""
+    """Attention core: ring attention over cp (see the module docstring), each block through the model's kernel."""
 
-    def __init__(self, group: dist.ProcessGroup):
-        self.group = group
+    def __init__(self, group: dist.ProcessGroup, kernel):
+        self.group, self.kernel = group, kernel
 
+    @torch.compiler.disable  # P2P and the kernel's host loops
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: CPMask) -> torch.Tensor:
-        # [b, L, heads, d] -> [b, heads, L, d] for the block math
-        out = _RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.group)
+        # [b, L, heads, d] -> [b, heads, L, d] for the block math; dtypes explicit inside (autocast off)
+        with torch.autocast(q.device.type, enabled=False):
+            out = _RingAttention.apply(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, self.group,
+                                       self.kernel)
         return out.transpose(1, 2)
 
 
-def _block(mask: CPMask, src: int) -> Tuple[slice, slice]:
-    """The query rows and key columns of the block (this rank's queries, rank src's keys) that can attend."""
-    everything, c = slice(None), mask.chunk
-    if src == mask.rank:
-        return everything, everything
-    if src < mask.rank:  # src's first chunk precedes both query chunks; its second follows both
-        return everything, slice(0, c)
-    return slice(c, 2 * c), everything  # only the second query chunk follows src's chunks
-
-
-def _scores(q, k, scale):
-    """q [b, h, Lq, d], k [b, kv, Lk, d] -> fp32 scores [b, kv, g, Lq, Lk] (g = h / kv query heads per KV)."""
-    b, h, lq, d = q.shape
-    kv = k.shape[1]
-    return torch.einsum("bkgqd,bkld->bkgql", q.float().view(b, kv, h // kv, lq, d), k.float()) * scale
+def _merge(out: torch.Tensor, lse: torch.Tensor, block_out: torch.Tensor, block_lse: torch.Tensor) -> None:
+    """Fold one source's partial softmax into the running one, in place (Liu et al. 2023): out [b, h, L, d] and
+    lse [b, h, L] become those over the union of both key sets; -inf lse (no key yet) weighs 0."""
+    merged = torch.logaddexp(lse, block_lse)
+    old_weight = torch.exp(lse - merged).nan_to_num(0.0).unsqueeze(-1)
+    new_weight = torch.exp(block_lse - merged).nan_to_num(0.0).unsqueeze(-1)
+    out.mul_(old_weight).add_(block_out * new_weight)
+    lse.copy_(merged)
 
 
 class _RingAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, mask: CPMask, group):
-        # q: [b, h, L, d]; k, v: [b, kv, L, d]
-        b, h, length, d = q.shape
-        kv_heads, scale = k.shape[1], 1.0 / math.sqrt(d)
-        out = torch.zeros(b, kv_heads, h // kv_heads, length, d, dtype=torch.float32, device=q.device)
-        lse = torch.full((b, kv_heads, h // kv_heads, length), float("-inf"), device=q.device)
+    def forward(ctx, q, k, v, mask: CPMask, group, kernel):
+        # q: [b, h, L, d]; k, v: [b, kv, L, d]. A source's keys wholly after this rank's queries (the second half
+        # of a later rank's, say) are skipped by the kernel's plan: no block of them is computed.
+        out, lse = None, None  # [b, h, L, d], [b, h, L] in the kernel's accumulator dtype (fp32)
         current = torch.stack([k, v])  # [2, b, kv, L, d]
         for step in range(mask.cp):
             src = (mask.rank - step) % mask.cp
             pending = _ring_shift(current, group) if step < mask.cp - 1 else None  # overlaps the block below
-            rows, cols = _block(mask, src)
-            scores = _scores(q[:, :, rows], current[0][:, :, cols], scale)
-            allowed = mask.allowed(mask.rank, rows, src, cols, q.device).unsqueeze(1)  # [b|1, 1, 1, q, k]
-            scores = scores.masked_fill(~allowed, float("-inf"))
-            block_lse = torch.logsumexp(scores, dim=-1)  # [b, kv, g, q]
-            probs = torch.exp(scores - block_lse.unsqueeze(-1)).nan_to_num(0.0)  # rows with no key give 0
-            block_out = torch.einsum("bkgql,bkld->bkgqd", probs, current[1][:, :, cols].float())
-            merged = torch.logaddexp(lse[..., rows], block_lse)
-            old_weight = torch.exp(lse[..., rows] - merged).nan_to_num(0.0).unsqueeze(-1)
-            new_weight = torch.exp(block_lse - merged).nan_to_num(0.0).unsqueeze(-1)
-            out[..., rows, :] = out[..., rows, :] * old_weight + block_out * new_weight
-            lse[..., rows] = merged
+            block_out, block_lse = kernel.forward_blocks(q, current[0], current[1], mask.plan(kernel, src, q.device))
+            if out is None:
+                out, lse = block_out, block_lse
+            else:
+                _merge(out, lse, block_out, block_lse)
             if pending is not None:
                 current = pending.wait()
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.mask, ctx.group = mask, group
-        return out.view(b, h, length, d).to(q.dtype)
+        ctx.mask, ctx.group, ctx.kernel = mask, group, kernel
+        return out.to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
-        mask, group = ctx.mask, ctx.group
-        b, h, length, d = q.shape
-        scale = 1.0 / math.sqrt(d)
-        grad_out = grad_out.float().reshape(out.shape)  # [b, kv, g, L, d]
-        delta = (grad_out * out).sum(-1)  # [b, kv, g, L]: rowsum(dO * O) of the softmax backward
-        qf = q.float().view(out.shape)
-        grad_q = torch.zeros_like(qf)
-        current = torch.stack([k, v]).float()  # K, V of rank src, travelling with their gradient accumulators
-        grads = torch.zeros_like(current)
+        mask, group, kernel = ctx.mask, ctx.group, ctx.kernel
+        grad_out = grad_out.to(q.dtype)
+        delta = (grad_out.to(out.dtype) * out).sum(-1)  # [b, h, L]: rowsum(dO * O) of the softmax backward
+        grad_q = torch.zeros_like(out)
+        current = torch.stack([k, v])  # K, V of rank src, travelling with their gradient accumulators
+        grads = torch.zeros(current.shape, dtype=out.dtype, device=current.device)
         for step in range(mask.cp):
             src = (mask.rank - step) % mask.cp
             incoming = _ring_shift(current, group) if step < mask.cp - 1 else None  # K, V move on during compute
-            rows, cols = _block(mask, src)
-            keys, values = current[0][:, :, cols], current[1][:, :, cols]  # [b, kv, n, d]
-            scores = torch.einsum("bkgqd,bknd->bkgqn", qf[..., rows, :], keys) * scale
-            allowed = mask.allowed(mask.rank, rows, src, cols, q.device).unsqueeze(1)
-            probs = torch.exp(scores - lse[..., rows].unsqueeze(-1)).masked_fill(~allowed, 0.0)
-            d_out = grad_out[..., rows, :]
-            grads[1][:, :, cols] += torch.einsum("bkgqn,bkgqd->bknd", probs, d_out)
-            d_probs = torch.einsum("bkgqd,bknd->bkgqn", d_out, values)
-            d_scores = probs * (d_probs - delta[..., rows].unsqueeze(-1)) * scale
-            grad_q[..., rows, :] += torch.einsum("bkgqn,bknd->bkgqd", d_scores, keys)
-            grads[0][:, :, cols] += torch.einsum("bkgqn,bkgqd->bknd", d_scores, qf[..., rows, :])
+            dq, dk, dv = kernel.backward_blocks(q, current[0], current[1], grad_out, lse, delta,
+                                                mask.plan(kernel, src, q.device))
+            grad_q += dq
+            grads[0] += dk
+            grads[1] += dv
             if incoming is not None:  # their gradient accumulators follow once this block has added to them
                 grads = _ring_shift(grads, group).wait()
                 current = incoming.wait()
         # the accumulators now hold every rank's contribution for the K/V of rank+1: one last hop brings them home
         grads = _ring_shift(grads, group).wait()
-        return (grad_q.view(b, h, length, d).to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype), None, None)
+        return grad_q.to(q.dtype), grads[0].to(k.dtype), grads[1].to(v.dtype), None, None, None
 
 
 class _Shift:
@@ -249,14 +211,21 @@ def _ring_shift(x: torch.Tensor, group: dist.ProcessGroup) -> _Shift:
     return _Shift(dist.batch_isend_irecv(ops), buffer)
 
 
-def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup, variant: str,
-                           recomputed: Callable[[int], bool] = lambda index: False) -> None:
+def apply_context_parallel(model: nn.Module, group: dist.ProcessGroup, variant: str) -> None:
     """Swap the model's mask builder and every attention core for the cp ones (names and parameters unchanged).
-    `recomputed(layer index)`: whether activation checkpointing recomputes that block (AllGatherAttention's mask)."""
-    model.attention_mask = ContextParallelMask(group)
-    for index, block in model.layers.items():
-        block.attention.core = AllGatherAttention(group, additive=not recomputed(int(index))) \
-            if variant == "all_gather" else RingAttention(group)
+    The cp cores wrap the kernel of the model's own core (engine/model/attention.py CausalAttention: `plan`,
+    `attend`, `forward_blocks`, `backward_blocks`), which parallel/ may not import."""
+    kernels = {index: block.attention.core for index, block in model.layers.items()}
+    for index, kernel in kernels.items():
+        if not all(hasattr(kernel, name) for name in ("plan", "attend", "forward_blocks", "backward_blocks")):
+            raise TypeError(f"layer {index}: context parallelism needs the model's blockwise attention core, "
+                            f"found {type(kernel).__name__}")
+    block = next(iter(kernels.values())).block if kernels else 0
+    model.attention_mask = ContextParallelMask(group, block)
+    for index, layer in model.layers.items():
+        kernel = kernels[index]
+        layer.attention.core = AllGatherAttention(group, kernel) if variant == "all_gather" \
+            else RingAttention(group, kernel)
 
 
 def shard_sequence(tensor: torch.Tensor, cp: int, rank: int) -> torch.Tensor:

@@ -247,8 +247,7 @@ def parallelize(model: nn.Module, mesh: Optional[Mesh], options: ParallelizeOpti
     fsdp = mesh is not None and mesh.data_ranks > 1
     for part in parts:
         if mesh is not None and mesh.dims.cp > 1:
-            apply_context_parallel(part, mesh.group("cp"), options.cp_attention,
-                                   partial(recomputed, mode=options.activation_checkpointing, every=options.ac_every))
+            apply_context_parallel(part, mesh.group("cp"), options.cp_attention)
         if mesh is not None and mesh.dims.tp > 1:
             plan = apply_tensor_parallel(part, mesh.tp_group, options.sequence_parallel)
             tp_plan = plan if tp_plan is None else tp_plan.merge(plan)

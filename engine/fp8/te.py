@@ -289,8 +289,8 @@ class TEBlock(nn.Module):
                                    set_parallel_mode=True, **common)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask) -> torch.Tensor:
-        """x: [b, s, dim] ([b, s/tp, dim] with SP); cos, sin: [b, s, 1, d/2]; mask: None (causal) or bool
-        [b, 1, s, s], True where a query may attend a key -> same shape as x."""
+        """x: [b, s, dim] ([b, s/tp, dim] with SP); cos, sin: [b, s, 1, d/2]; mask: None (causal) or a
+        DocumentMask (engine/model/attention.py) -> same shape as x."""
         region = contextlib.nullcontext() if self.fp8_enabled else _autocast(self._te, False)
         with region:
             if self.seq_first:  # TE's SP collectives work on dim 0: run the TE layers sequence-first
@@ -310,8 +310,9 @@ class TEBlock(nn.Module):
         v = v.reshape(b, s, -1, self.head_dim).contiguous()  # [b, s, kv, d]
         if mask is None:
             out = self.attn_core(q, k, v, attn_mask_type="causal")
-        else:  # TE's boolean mask marks what is masked OUT; herd's marks what may be attended
-            out = self.attn_core(q, k, v, attention_mask=torch.logical_not(mask), attn_mask_type="arbitrary")
+        else:  # TE's boolean mask marks what is masked OUT; herd's marks what may be attended. A DocumentMask
+            # becomes the dense [b, 1, s, s] reference here: the te backend keeps O(s^2) document masks
+            out = self.attn_core(q, k, v, attention_mask=torch.logical_not(mask.dense()), attn_mask_type="arbitrary")
         out = out.reshape(b, s, -1)  # [b, s, h*d]
         if self.seq_first:
             out = out.transpose(0, 1).contiguous()  # [s, b, h*d]: the row-parallel layer reduce-scatters dim 0

@@ -8,11 +8,11 @@ A module set to None (tok_embeddings, norm, output) is skipped, which is how a p
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine import ops
 from engine.config import ModelConfig
+from engine.model.attention import causal_attention, document_mask
 from engine.model.rope import RotaryEmbedding
 
 
@@ -27,20 +27,6 @@ class RMSNorm(nn.Module):
         if residual is None:
             return ops.rms_norm(x, self.weight, self.eps)
         return ops.add_rms_norm(x, residual, self.weight, self.eps)
-
-
-def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                     mask: Optional[torch.Tensor]) -> torch.Tensor:
-    """Scaled dot-product attention, causal or under a boolean mask, with GQA.
-
-    q: [b, s, h, d], k/v: [b, s, kv, d], mask: None (causal) or bool [b, 1, s, s] -> [b, s, h, d].
-    """
-    q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, s, d]
-    if mask is None:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    else:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-    return out.transpose(1, 2)
 
 
 class Attention(nn.Module):
@@ -101,19 +87,6 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(normed)
 
 
-def document_causal_mask(position_ids: torch.Tensor, doc_ids: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-    """Causal mask that also keeps tokens inside their own document of a packed sequence (None: plain causal).
-
-    doc_ids: [b, s] -> bool [b, 1, s, s], True where query i may attend key j (j <= i, same document).
-    """
-    if doc_ids is None:
-        return None
-    s = doc_ids.shape[1]
-    causal = torch.ones(s, s, dtype=torch.bool, device=doc_ids.device).tril()
-    same_doc = doc_ids.unsqueeze(2) == doc_ids.unsqueeze(1)  # [b, s, s]
-    return (same_doc & causal).unsqueeze(1)
-
-
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -123,7 +96,7 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): TransformerBlock(cfg, i) for i in range(cfg.n_layers)})
         self.norm: Optional[RMSNorm] = RMSNorm(cfg.dim, cfg.norm_eps)
         self.output: Optional[nn.Linear] = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        self.attention_mask = document_causal_mask  # (position_ids, doc_ids) -> what Attention.core takes
+        self.attention_mask = document_mask  # (position_ids, doc_ids) -> what Attention.core takes (attention.py)
 
     def forward(self, tokens: torch.Tensor, position_ids: Optional[torch.Tensor] = None,
                 doc_ids: Optional[torch.Tensor] = None) -> torch.Tensor:

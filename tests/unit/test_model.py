@@ -6,7 +6,7 @@ import torch
 from engine.config import ModelConfig, RopeScalingConfig
 from engine.hf_interop import herd_to_hf_state_dict, hf_config_dict
 from engine.model import build_model
-from engine.model.llama import document_causal_mask
+from engine.model.attention import document_causal_mask
 
 transformers = pytest.importorskip("transformers")
 
