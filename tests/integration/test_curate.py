@@ -137,7 +137,7 @@ def test_pipeline_runs_on_the_slurm_cluster(reference, slurm_cluster):  # noqa: 
     root, corpus, (table, _) = reference
     out = root / "slurm"
     result = herd(*pipeline(root, corpus, "slurm", kind="slurm", partition="debug", tasks=2, workers=2,
-                            mem_per_cpu_gb=0), env=slurm_cluster.env, cwd=root)
+                            mem_per_cpu_gb=0), env=slurm_cluster.env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "submitted" in result.stdout
 
