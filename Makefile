@@ -33,6 +33,12 @@ demo: $(STAMP)
 scaling-demo: $(STAMP)
 	$(PY) -m scaling.demo
 
+# `make curate-demo`: herd curate's demo pipeline on Debian's documentation here (configs/curate/demo.yaml,
+# docs/data_curation.md), local executor, then its report. Finished passes are kept: rm -rf runs/curate-demo to redo.
+.PHONY: curate-demo
+curate-demo: $(STAMP)
+	$(PY) -m launch curate configs/curate/demo.yaml
+
 align-demo: $(STAMP)
 	$(PY) -m launch.align_demo
 
