@@ -32,7 +32,7 @@ class Stage:
 # C joins at stage 2, B leaves at stage 3 and comes back at stage 4 (its stream recut 32 -> 64 -> 32)
 RECIPE = [Stage(32, 4, 10, {"A": 0.5, "B": 0.5}),
           Stage(32, 8, 8, {"A": 0.9, "B": 0.1}),
-          Stage(64, 8, 6, {"A": 0.4, "B": 0.3, "C": 0.3}),
+          Stage(64, 8, 6, {"A": 0.5, "B": 0.2, "C": 0.3}),
           Stage(48, 4, 8, {"A": 0.5, "C": 0.5}),
           Stage(32, 8, 8, {"A": 0.3, "B": 0.7})]
 DOCUMENTS = {"A": 30, "B": 25, "C": 20}
@@ -151,6 +151,10 @@ def test_recipe_consumes_every_dataset_stream_exactly(corpus):
     # the recipe really exercises the hard cases: epochs completed, recut samples spanning gaps
     assert oracles["A"].completed >= 2 and oracles["B"].completed >= 1
     assert sum(o.glued_targets for o in oracles.values()) > 0
+    final = StagedBlend(stage_config(corpus, len(RECIPE) - 1), VOCAB)  # length changes composed in one epoch:
+    a_at_48, b_back_at_32 = final.blends[3].datasets[0].head, final.blends[4].datasets[1].head
+    assert (a_at_48.number, a_at_48.seq_len) == (2, 48)  # A: 32 -> 64 -> 48 inside its second epoch
+    assert (b_back_at_32.number, b_back_at_32.seq_len) == (2, 32)  # B: 32 -> 64, away, back at 32
     # every stage drew its datasets in its own proportions (exact to one sample per block)
     starts = stage_starts(RECIPE) + [len(ids)]
     for k, stage in enumerate(RECIPE):
