@@ -12,7 +12,7 @@ from engine.config import DataConfig, DatasetConfig, DataStageConfig, load_confi
 from engine.data.dataset import BlendedDataset, PackedDataset
 from engine.data.indexed import IndexedDataset, IndexedWriter
 from engine.data.loader import StepLoader, build_blend, build_train_blend
-from engine.data.stages import StagedBlend
+from engine.data.stages import StagedBlend, first_cut, recut
 from engine.errors import ConfigError, DataError
 
 VOCAB = 1 << 20
@@ -168,7 +168,6 @@ def test_recipe_consumes_every_dataset_stream_exactly(corpus):
 def test_unconsumed_and_consumed_partition_each_cut(corpus):
     """Clauses 1-2 at the level of one cut: the inputs of the visited samples and the intervals left over cover
     the cut exactly, tail included, through a first cut and a recut of it (what `recut` feeds on)."""
-    from engine.data.stages import first_cut, recut
     oracle = StreamOracle(corpus["A"], seed=5)
     packed = PackedDataset(oracle.indexed, 32, seed=5)
     cut = first_cut(packed, epoch=1)
