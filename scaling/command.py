@@ -2,6 +2,7 @@
 array with --slurm), then fit and report (docs/scaling.md). launch/cli.py only dispatches here."""
 
 import argparse
+import re
 import shlex
 from pathlib import Path
 
@@ -23,7 +24,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     slurm.add_argument("--gpus", action="store_true", help="one GPU per task (default: CPU tasks)")
 
 
+def _check_flags(args: argparse.Namespace) -> None:
+    """The flags, before anything is read or written; the SLURM ones go into the script as they are."""
+    if args.plan_only + args.fit_only + args.slurm > 1:
+        raise HerdError("--plan-only, --fit-only and --slurm exclude each other")
+    if args.max_parallel < 0:
+        raise HerdError(f"--max-parallel must be >= 0, got {args.max_parallel}")
+    if not re.fullmatch(r"[A-Za-z0-9_.,+-]*", args.partition):
+        raise HerdError(f"--partition {args.partition!r} may hold only letters, digits and . , _ + -")
+    if not re.fullmatch(r"(\d+-)?\d\d:\d\d:\d\d|", args.time):
+        raise HerdError(f"--time {args.time!r} is not a time limit of the form HH:MM:SS or D-HH:MM:SS")
+    if (args.out or args.submit or args.partition or args.time or args.max_parallel or args.gpus) and not args.slurm:
+        raise HerdError("--out, --submit, --partition, --time, --max-parallel and --gpus go with --slurm")
+
+
 def run(args: argparse.Namespace) -> int:
+    _check_flags(args)
     from engine.config import load_config, load_scaling
     from scaling.plan import load_job, plan_runs, sweep_dir
     from scaling.runs import check_same_sweep, write_plan
@@ -72,8 +88,6 @@ def _slurm(args: argparse.Namespace, cfg, sweep: Path, plan: dict) -> int:
     if not todo:
         print("herd scaling: every run is finished; fit them with --fit-only", flush=True)
         return 0
-    if args.max_parallel < 0:
-        raise HerdError(f"--max-parallel must be >= 0, got {args.max_parallel}")
     out = Path(args.out or sweep / "array.sbatch")
     if out.is_dir() or (out.exists() and ARRAY_SCRIPT_MARK not in out.read_text(errors="replace").splitlines()[1:2]):
         raise HerdError(f"--out {out}: exists and is not a herd scaling array script; choose another path")

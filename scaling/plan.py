@@ -85,6 +85,8 @@ def model_shape(dim: int, cfg: ScalingConfig, base: ModelConfig) -> ModelConfig:
 
 def check_scaling(cfg: ScalingConfig) -> None:
     """Every value that would make a sweep impossible, with its key (the run-level checks are in plan_runs)."""
+    _require(re.fullmatch(r"[A-Za-z0-9_.-]+", cfg.name) is not None and cfg.name not in (".", ".."), "name",
+             f"'{cfg.name}' must be a plain directory name (letters, digits, '.', '_', '-')")
     _require(bool(cfg.job), "job", "name the job YAML every run starts from (e.g. configs/demo.yaml)")
     _require(bool(cfg.budgets), "budgets", "no compute budgets: give FLOPs, e.g. [1e12, 3e12, 1e13]")
     for i, budget in enumerate(cfg.budgets):

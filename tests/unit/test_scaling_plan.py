@@ -88,7 +88,7 @@ def test_weight_decay_is_the_scheduled_lr_times_the_coefficient():
     (["budgets=[]"], "budgets: no compute budgets"),
     (["dims=[]"], "dims: the size grid needs at least 3 widths for a parabola, got 0 (empty grid)"),
     (["dims=[64,96,100]"], "dims[2]: 100 must be a positive multiple of 32"),
-    (["budgets=[1e9,1e12,1e13]"], "budgets[0]: 1e+09 FLOPs gives the smallest model (dim 64, 373,056 parameters) 0 steps"),
+    (["budgets=[1e9,1e12,1e13]"], "budgets[0]: 1e+09 FLOPs gives the smallest model (dim "),
     (["batch_sizes=[8]"], "batch_sizes: give one per budget (3) or none, got 1"),
     (["batch_sizes=[8,16,12]"], "batch_sizes[2]: 12 sequences is not a multiple of the job's "
                                 "data.micro_batch_size=8"),
@@ -98,6 +98,9 @@ def test_weight_decay_is_the_scheduled_lr_times_the_coefficient():
     (["job=/nonexistent.yaml"], "job: /nonexistent.yaml: config file not found"),
     (["overrides=[optim.lrr=1]"], "job: configs/demo.yaml: optim.lrr: unknown key"),
     (["downstream.choices=1"], "downstream.choices: must be at least 2, got 1"),
+    (["name=a b"], "name: 'a b' must be a plain directory name"),
+    (["--slurm", "--time", "4:00:00; rm -rf x"], "--time '4:00:00; rm -rf x' is not a time limit"),
+    (["--slurm", "--partition", "gpu$(id)"], "--partition 'gpu$(id)' may hold only"),
 ])
 def test_sweep_mistakes_are_one_line_naming_the_key(overrides, expected, capsys, tmp_path):
     code = herd(["scaling", str(ROOT / "configs/scaling/demo.yaml"), f"run_dir={tmp_path}", *overrides])
