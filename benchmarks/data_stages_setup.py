@@ -7,7 +7,7 @@ samples per epoch, scattered by the shuffled visit), and times: the vocabulary s
 pays too (in a child process), opening the files, the stage replay, and single-sample lookups in the recut part
 and in a fresh epoch. Prints, never asserts.
 
-    python -m benchmarks.data_stages_setup [--tokens 8e9] [--save]
+    python -m benchmarks.data_stages_setup [--tokens 8e9] [--skip-scan] [--save]
 """
 
 import argparse
@@ -51,6 +51,8 @@ def recipe(paths, starts) -> DataConfig:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=float, default=8e9, help="tokens of the big dataset (the small: 1/4)")
+    parser.add_argument("--skip-scan", action="store_true",
+                        help="leave out the vocabulary scan (minutes at 1e10 tokens; today's cost, not the stages')")
     parser.add_argument("--save", action="store_true", help="write benchmarks/results/data_stages_setup.md")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="herd-stages-"))
@@ -62,7 +64,7 @@ def main() -> None:
     starts = [0, int(0.45 * per_epoch / 0.7), 0]
     starts[2] = starts[1] + int(0.2 * per_epoch / 2 / 0.9)
     data = recipe(paths, starts)
-    scan = _vocab_scan_seconds(paths)
+    scan = None if args.skip_scan else _vocab_scan_seconds(paths)
     # the scan maps every page of the files: done above in a child process, so that the lookups below are not
     # timed under the memory pressure of gigabytes of mapped pages
     IndexedDataset.check_vocab = lambda self, vocab_size, on_bad_data: np.zeros(0, dtype=np.int64)
@@ -77,14 +79,17 @@ def main() -> None:
         if dataset == 0:
             where["recut part" if k < head.head_left else "fresh epoch"].append(starts[2] + local)
     lookups = {name: ids[:200] for name, ids in where.items()}
-    lines = [f"# staged data stream setup ({time.strftime('%Y-%m-%d')})", "",
-             f"`python -m benchmarks.data_stages_setup --tokens {args.tokens:.0e}`: datasets of "
+    lines = [f"# staged data stream setup ({time.strftime('%Y-%m-%d')}, load average {os.getloadavg()[0]:.1f} on "
+             f"{os.cpu_count()} cores at the end)", "",
+             f"`python -m benchmarks.data_stages_setup --tokens {args.tokens:.0e}"
+             f"{' --skip-scan' if args.skip_scan else ''}`: datasets of "
              f"{args.tokens:.2g} and {args.tokens / 4:.2g} tokens ({docs[0]:,} and {docs[1]:,} documents), "
              f"stages at samples {starts} with seq_len 4096 -> 8192 -> 16384; the big dataset has "
              f"{per_epoch:,} samples of 4096 per epoch, {head.head.samples:,} samples of 16384 in its second "
              f"recut ({len(head.head.starts):,} unconsumed intervals).", "",
              "| what | seconds |", "|---|---|",
-             f"| vocabulary scan of both files (build_blend pays it today; a child process) | {scan:.2f} |",
+             f"| vocabulary scan of both files (build_blend pays it today; a child process) | "
+             f"{'not run (--skip-scan)' if scan is None else f'{scan:.2f}'} |",
              f"| opening both files, without the scan | {opening[0]:.2f} |",
              f"| the stage replay (StagedBlend without opening) | {replay:.2f} |",
              f"| of which the {len(recuts)} recuts (the rest: PackedDataset's epoch orders, as today) | "
