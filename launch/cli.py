@@ -99,7 +99,8 @@ def _recipe(args: argparse.Namespace) -> int:
     if args.nproc is not None and "WORLD_SIZE" not in os.environ:
         if args.nproc < 1:
             raise HerdError(f"--nproc must be at least 1, got {args.nproc}")
-        RecipeRunner(recipe, world_size=args.nproc).plan()  # every stage's job as its ranks will load it
+        runner = RecipeRunner(recipe, world_size=args.nproc)
+        runner.check_state(runner.plan())  # every stage's job as its ranks will load it, and an earlier run's state
         from launch.local import run_local
         herd_args = ["recipe", args.recipe, *args.overrides]
         print(scrub(f"herd recipe: {args.nproc} ranks of herd " + " ".join(herd_args)), flush=True)

@@ -52,21 +52,28 @@ def average_stage(run_dir: Path, ckpt_root: Path, start_step: int, end_step: int
     return _rank0_then_all(work)
 
 
+def _in_group() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _herd_child(args: list) -> None:
+    """`herd ARGS` in a child process outside this run's process group: the checkpoint readers use
+    torch.distributed.checkpoint, which inside a multi-rank group would wait for the other ranks."""
+    rank_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in rank_keys and not k.startswith("TORCHELASTIC")}
+    done = subprocess.run([sys.executable, "-m", "launch", *map(str, args)], env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = (done.stderr or done.stdout).strip().splitlines()
+        raise CheckpointError(f"herd {args[0]} failed: {lines[-1] if lines else done.returncode}")
+
+
 def _average(sources: list, out: Path) -> None:
-    """engine/checkpoint/average.py in this process, or, inside a multi-rank run (which it refuses: it reads whole
-    tensors in one process), as `herd average` in a child process outside the process group."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    """engine/checkpoint/average.py in this process, or inside a multi-rank run as `herd average` in a child."""
+    if not _in_group():
         from engine.checkpoint.average import average_checkpoints
         average_checkpoints(sources, out, overwrite=True)
         return
-    rank_keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "MASTER_ADDR", "MASTER_PORT")
-    env = {k: v for k, v in os.environ.items() if k not in rank_keys and not k.startswith("TORCHELASTIC")}
-    done = subprocess.run([sys.executable, "-m", "launch", "average", "--overwrite", "--out", str(out),
-                           *map(str, sources)],
-                          env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        lines = (done.stderr or done.stdout).strip().splitlines()
-        raise CheckpointError(f"averaging the anneal checkpoints failed: {lines[-1] if lines else done.returncode}")
+    _herd_child(["average", "--overwrite", "--out", out, *sources])
 
 
 def export_final(run_dir: Path, averaged: Optional[dict], ckpt_root: Path) -> str:
@@ -76,5 +83,9 @@ def export_final(run_dir: Path, averaged: Optional[dict], ckpt_root: Path) -> st
         out = run_dir / HF
         if out.exists():  # an export this recipe began before a kill (the state file did not record it)
             shutil.rmtree(out)
-        return str(export_hf(Path(averaged["root"]) if averaged else ckpt_root, out).path)
+        source = Path(averaged["root"]) if averaged else ckpt_root
+        if _in_group():
+            _herd_child(["convert", "herd-to-hf", source, out])
+            return str(out)
+        return str(export_hf(source, out).path)
     return _rank0_then_all(work)

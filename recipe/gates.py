@@ -74,17 +74,34 @@ def _fmt(value: Optional[float], digits: int = 4) -> str:
 
 def describe(stage: RecipeStageConfig, gate: dict, done: bool) -> str:
     verdict = "passed" if gate["passed"] else "not passed"
-    then = ("moving on" if done else "training on") if stage.gate.enabled else "recorded (gate off)"
+    if not stage.gate.enabled:
+        then = "recorded (gate off)"
+    else:
+        then = "training on" if not done else "moving on" if gate["passed"] else "token budget spent, moving on"
     return (f"stage {stage.name} at step {gate['step']}: short-context loss {_fmt(gate['short_loss_before'])} -> "
             f"{_fmt(gate['short_loss_after'])} (tolerance {stage.gate.short_loss_tolerance:.0%}), needle accuracy "
             f"{_fmt(gate['needle_before'], 2)} -> {_fmt(gate['needle_after'], 2)} (needs "
             f"{stage.gate.needle_accuracy:.2f}): {verdict}, {then}")
 
 
-def summary(plans: List[StagePlan], state: dict) -> List[str]:
+def _losses(run: Path) -> dict:
+    """step -> the training loss metrics.jsonl holds for it last (a resumed step is written again)."""
+    path, losses = run / "metrics.jsonl", {}
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "loss" in record and "step" in record:
+            losses[record["step"]] = record["loss"]
+    return losses
+
+
+def summary(plans: List[StagePlan], state: dict, run: Path) -> List[str]:
     """What each stage did, one line each."""
+    losses = _losses(run)
     lines = [f"{'stage':<16} {'kind':<12} {'steps':>13} {'tokens':>23} {'seq':>6} {'tok/step':>9} "
-             f"{'layout':<18} gate"]
+             f"{'layout':<18} {'loss':>7}  gate"]
     for plan in plans:
         record = state["stages"].get(plan.stage.name, {})
         if not record.get("done"):
@@ -100,5 +117,5 @@ def summary(plans: List[StagePlan], state: dict) -> List[str]:
             f"{'passed' if gate['passed'] else 'not passed'} after {len(record['chunks'])} check(s)")
         lines.append(f"{plan.stage.name:<16} {plan.stage.kind:<12} {start.step:>6}-{end.step:<6} "
                      f"{start.tokens:>11,}-{end.tokens:<11,} {plan.job.data.seq_len:>6} "
-                     f"{tokens_per_step(plan.job):>9,} {layout:<18} {gate_text}")
+                     f"{tokens_per_step(plan.job):>9,} {layout:<18} {_fmt(losses.get(end.step)):>7}  {gate_text}")
     return lines

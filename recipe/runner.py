@@ -96,7 +96,7 @@ class RecipeRunner:
     def run(self) -> dict:
         plans = self.plan()
         horizon, warmup = schedule_horizon(self.recipe, plans), warmup_tokens(self.recipe, plans)
-        state = self.load_state()
+        state = self.check_state(plans)
         position, history = Position(), []
         for plan in plans:
             record = state["stages"].get(plan.stage.name)
@@ -111,6 +111,35 @@ class RecipeRunner:
             position = Position(**record["end"])
         self.finish(plans, state)
         return state
+
+    def check_state(self, plans: List[StagePlan]) -> dict:
+        """The state file of an earlier run of this recipe, checked against today's plan (one line if it differs)."""
+        state, position = self.load_state(), Position()
+        for plan in plans:
+            record = state["stages"].get(plan.stage.name)
+            self.check_unchanged(plan, record, position)
+            if record is None or not record.get("done"):
+                break
+            position = Position(**record["end"])
+        return state
+
+    def check_unchanged(self, plan: StagePlan, record: Optional[dict], position: Position) -> None:
+        """A recipe edited after its stages ran would continue from positions another plan made: refuse it."""
+        if record is None:
+            return
+        key = f"stages.{plan.stage.name}"
+        if Position(**record["start"]) != position:
+            raise ConfigError(key, f"{self.state_path} has this stage starting at {record['start']}, the recipe "
+                                   f"now at {asdict(position)}: an earlier stage changed; use another run_dir")
+        if record.get("done") and (record.get("tokens_per_step"), record.get("seq_len")) != (
+                tokens_per_step(plan.job), plan.job.data.seq_len):
+            raise ConfigError(key, f"finished with {record.get('tokens_per_step')} tokens per step at sequence length "
+                                   f"{record.get('seq_len')}; the recipe now says {tokens_per_step(plan.job)} at "
+                                   f"{plan.job.data.seq_len}: use another run_dir")
+        ran = record["end"]["step"] - record["start"]["step"] if record.get("done") else 0
+        if record.get("done") and (ran > plan.steps or (ran < plan.steps and not plan.stage.gate.enabled)):
+            raise ConfigError(f"{key}.tokens", f"the stage ran {ran} steps; the recipe now gives it {plan.steps}: "
+                                               f"use another run_dir")
 
     def run_stage(self, plan: StagePlan, state: dict, record: dict, history: list, horizon: int,
                   warmup: int) -> None:
@@ -161,7 +190,7 @@ class RecipeRunner:
             state["hf"] = export_final(self.run_dir, state.get("averaged"), ckpt_root)
             self.save_state(state)
             self.say(f"exported {state['hf']} (transformers: AutoModelForCausalLM.from_pretrained)")
-        for line in gates.summary(plans, state):
+        for line in gates.summary(plans, state, self.run_dir / TRAIN_NAME):
             self.say(line)
 
 

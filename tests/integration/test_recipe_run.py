@@ -190,3 +190,20 @@ def test_killed_during_a_layout_change_resumes_bitwise(corpus, tmp_path):
     assert [ours[s]["loss"] for s in sorted(ours)] == [theirs[s]["loss"] for s in sorted(theirs)]
     mine, ref = final_weights(resumed / "run"), final_weights(reference / "run")
     assert all(torch.equal(mine[k], ref[k]) for k in ref)
+
+
+def test_an_edited_recipe_is_refused_against_its_state(uninterrupted, tmp_path):
+    """Changing a finished stage (its tokens, or its batch) would continue from positions another plan made."""
+    from engine.errors import ConfigError
+    run_dir, _ = uninterrupted
+    original = (run_dir.parent / "recipe.yaml").read_text()
+    for old, new, key in (("tokens: 1536, overrides: [data.seq_len=32", "tokens: 2048, overrides: [data.seq_len=32",
+                           "stages.short.tokens"),
+                          ("data.seq_len=32, data.global_batch_size=8", "data.seq_len=32, data.global_batch_size=16",
+                           "stages.short")):
+        edited = tmp_path / "edited.yaml"
+        edited.write_text(original.replace(old, new))
+        before = (run_dir / "recipe_state.json").read_text()
+        with pytest.raises(ConfigError) as e:
+            RecipeRunner(load_recipe(str(edited)), io.StringIO()).run()
+        assert e.value.key == key and (run_dir / "recipe_state.json").read_text() == before
