@@ -85,30 +85,8 @@ def _align(args: argparse.Namespace) -> int:
 
 def _recipe(args: argparse.Namespace) -> int:
     """Run a pretraining recipe (recipe/runner.py); with --nproc, every stage on that many local ranks."""
-    from engine.config import load_recipe
-    from recipe.runner import RecipeRunner
-    recipe = load_recipe(args.recipe, args.overrides)
-    world = args.world_size or args.nproc or int(os.environ.get("WORLD_SIZE", "1"))
-    if args.print_config:
-        from recipe.plan import plan_table
-        plans = RecipeRunner(recipe, world_size=world).plan(check_files=False)  # the table needs no data
-        print("\n".join(plan_table(recipe, plans)), flush=True)
-        return 0
-    if args.world_size is not None:
-        raise HerdError("--world-size goes with --print-config (use --nproc to run on local ranks)")
-    if args.nproc is not None and "WORLD_SIZE" not in os.environ:
-        if args.nproc < 1:
-            raise HerdError(f"--nproc must be at least 1, got {args.nproc}")
-        runner = RecipeRunner(recipe, world_size=args.nproc)
-        runner.check_state(runner.plan())  # every stage's job as its ranks will load it, and an earlier run's state
-        from launch.local import run_local
-        herd_args = ["recipe", args.recipe, *args.overrides]
-        print(scrub(f"herd recipe: {args.nproc} ranks of herd " + " ".join(herd_args)), flush=True)
-        return run_local(args.nproc, herd_args, "herd recipe", preemptible=True)  # every stage saves
-    from engine.run import end_rank_process
-    RecipeRunner(recipe).run()
-    end_rank_process(0)  # a rank of a multi-process recipe leaves here; one process returns
-    return 0
+    from recipe.command import recipe_command
+    return recipe_command(args.recipe, args.overrides, args.nproc, args.print_config, args.world_size)
 
 
 def _prepare_data(args: argparse.Namespace) -> int:
@@ -225,6 +203,10 @@ def _launch(args: argparse.Namespace) -> int:
     """Check the config for this world size (one-line errors, nothing started), then run torchrun."""
     from engine.config import load_config
     from engine.run import check_parallel
+    from engine.config import is_recipe_file
+    if is_recipe_file(args.config):  # a recipe's stages, on local ranks or as one SLURM job (recipe/command.py)
+        from recipe.command import launch_recipe
+        return launch_recipe(args)
     if args.slurm:
         return _launch_slurm(args)
     if args.nproc is None:

@@ -17,6 +17,7 @@ from engine.config import load_recipe
 from engine.schedule import lr_multiplier_tokens
 from recipe.runner import RecipeRunner
 from tests.helpers import make_corpus
+from tests.slurm_cluster import slurm_cluster  # noqa: F401 (the session fixture, for the slow SLURM test)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -207,3 +208,29 @@ def test_an_edited_recipe_is_refused_against_its_state(uninterrupted, tmp_path):
         with pytest.raises(ConfigError) as e:
             RecipeRunner(load_recipe(str(edited)), io.StringIO()).run()
         assert e.value.key == key and (run_dir / "recipe_state.json").read_text() == before
+
+
+@pytest.mark.slow
+def test_recipe_as_one_slurm_job(slurm_cluster, corpus, tmp_path):  # noqa: F811
+    """`herd launch --slurm RECIPE` renders one job whose ranks run the whole recipe (FSDP x2 then cp x2); on the
+    real test cluster it ends where `herd recipe --nproc 2` ends, bitwise."""
+    reference = tmp_path / "ref"
+    reference.mkdir()
+    assert run_ranks(write_layout_recipe(reference, corpus, reference / "run")) == 0
+    root = tmp_path / "slurm"
+    root.mkdir()
+    recipe = write_layout_recipe(root, corpus, root / "run")
+    recipe.write_text(recipe.read_text().replace(
+        "export_hf: true\n", "export_hf: true\noverrides: [train.device=cpu, slurm.gpus_per_node=2, "
+        f"slurm.job_name=recipe, slurm.env_file={REPO}/launch/clusters/local.env]\n"))
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    rendered = subprocess.run([sys.executable, "-m", "launch", "launch", "--slurm", str(recipe), "--out",
+                               str(root / "recipe.sbatch")], cwd=root, env=env, capture_output=True, text=True)
+    assert rendered.returncode == 0, rendered.stderr
+    job = int(slurm_cluster.run("sbatch", "--parsable", str(root / "recipe.sbatch"))
+              .stdout.strip().split(";")[0])
+    info = slurm_cluster.wait_for(job, ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"))
+    logs = "".join(f.read_text() for f in sorted(root.glob(f"recipe-{job}.*")))
+    assert (info["JobState"], info["ExitCode"]) == ("COMPLETED", "0:0"), logs[-3000:]
+    ours, theirs = last_per_step(root / "run"), last_per_step(reference / "run")
+    assert [ours[s]["loss"] for s in sorted(ours)] == [theirs[s]["loss"] for s in sorted(theirs)]
