@@ -80,12 +80,11 @@ def short_context_loss(module, batches: List[Batch], device) -> Dict[str, float]
     return {"short_loss": total / max(1, tokens), "short_tokens": tokens}
 
 
-def answer_losses(module, sample: NeedleSample, eod_id: int, document_mask: bool, shard: ShardInfo,
-                  device) -> List[float]:
+def answer_losses(module, sample: NeedleSample, shard: ShardInfo, device) -> List[float]:
     """Each candidate's summed answer loss (nats), layout-independent (see the module docstring)."""
     losses = []
     for candidate in range(len(sample.answers)):
-        batch = sample.batch(candidate, eod_id, document_mask)
+        batch = sample.batch(candidate)
         if shard.cp_size > 1:
             batch = batch.shard_for_cp(shard.cp_size, shard.cp_rank)
         total, tokens = module.eval_loss([batch.to(device)])
@@ -94,14 +93,13 @@ def answer_losses(module, sample: NeedleSample, eod_id: int, document_mask: bool
     return losses
 
 
-def needle_accuracy(module, samples: List[NeedleSample], eod_id: int, document_mask: bool, shard: ShardInfo,
-                    device) -> Dict[str, object]:
+def needle_accuracy(module, samples: List[NeedleSample], shard: ShardInfo, device) -> Dict[str, object]:
     """Accuracy per length and depth (keys as text: JSON), their mean, and the true answers' mean loss per token
     (a continuous view of the same retrieval)."""
     hits: Dict[int, Dict[float, List[bool]]] = {}
     true_losses = []
     for sample in samples:
-        losses = answer_losses(module, sample, eod_id, document_mask, shard, device)
+        losses = answer_losses(module, sample, shard, device)
         mine = losses[sample.true_index]
         correct = all(mine < loss for i, loss in enumerate(losses) if i != sample.true_index)
         hits.setdefault(sample.length, {}).setdefault(sample.depth, []).append(correct)
@@ -179,8 +177,7 @@ class LongContextEvalCallback(Callback):
         if self.samples:
             result.update(needle_candidates=e.needle_candidates, needle_trials=e.needle_trials,
                           needle_chance=1.0 / e.needle_candidates,
-                          **needle_accuracy(trainer.module, self.samples, self.eod_id, self.cfg.data.document_mask,
-                                            self.shard, trainer.device))
+                          **needle_accuracy(trainer.module, self.samples, self.shard, trainer.device))
         self.results.append(result)
         if self.rank == 0:
             self._record(trainer, result)

@@ -25,7 +25,7 @@ from typing import Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from engine.data.loader import Batch, collate
+from engine.data.loader import Batch
 from engine.errors import ConfigError
 
 # Built-in filler: sentences assembled from these words by a seeded generator (herd's own word lists).
@@ -126,26 +126,27 @@ class NeedleSample:
 
     length: int  # sequence length (tokens of input)
     depth: float  # requested depth in [0, 1]
-    prefix: List[int]  # filler, needle, filler, question: length + 1 - answer tokens
+    prefix: np.ndarray  # [length + 1 - answer tokens] int64: filler, needle, filler, question
     answers: List[List[int]]  # each candidate's answer tokens (all of one length)
     true_index: int  # which candidate is the needle's value
     needle_start: int  # token position of the needle sentence in the sequence
     needle_tokens: int  # its length in tokens
     filler_tokens: int  # filler tokens in the sample (the haystack the depth is a share of)
 
-    def tokens(self, candidate: int) -> List[int]:
-        return self.prefix + self.answers[candidate]
+    def tokens(self, candidate: int) -> np.ndarray:
+        return np.concatenate([self.prefix, np.asarray(self.answers[candidate], dtype=np.int64)])  # [length + 1]
 
-    def batch(self, candidate: int, eod_id: int, document_mask: bool) -> Batch:
+    def batch(self, candidate: int) -> Batch:
         """The sequence with this candidate's answer as one micro-batch of one row ([1, length] tensors), the
-        loss mask on the answer's target positions only. Cut it for context parallelism with shard_for_cp."""
-        tokens = np.asarray([self.tokens(candidate)], dtype=np.int64)  # [1, length + 1]
-        batch = collate(tokens, [0], eod_id, document_mask, eod_mask_loss=False)
+        loss mask on the answer's target positions only. It is one document, so it needs no document mask (the
+        plain causal path: no document ids). Cut it for context parallelism with shard_for_cp."""
+        tokens = torch.from_numpy(self.tokens(candidate)).unsqueeze(0)  # [1, length + 1]
         answer = len(self.answers[candidate])
-        mask = torch.zeros_like(batch.loss_mask)  # [1, length]
+        mask = torch.zeros(1, self.length, dtype=torch.bool)  # [1, length]
         mask[:, self.length - answer:] = True
-        batch.loss_mask, batch.num_tokens = mask, answer
-        return batch
+        positions = torch.arange(self.length).unsqueeze(0)  # [1, length]
+        return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous(), mask, positions, None,
+                     torch.zeros(1, dtype=torch.int64), answer)
 
 
 def _name(rng: random.Random) -> str:
@@ -184,7 +185,7 @@ def make_sample(tokenizer, pool: FillerPool, length: int, depth: float, candidat
     filler, starts = pool.take(filler_count, rng)
     boundaries = starts + [filler_count]
     at = min(boundaries, key=lambda b: (abs(b - depth * filler_count), b))  # nearest sentence boundary
-    prefix = filler[:at] + needle + filler[at:] + question
+    prefix = np.asarray(filler[:at] + needle + filler[at:] + question, dtype=np.int64)
     return NeedleSample(length, depth, prefix, answers, true_index, at, len(needle), filler_count)
 
 

@@ -43,17 +43,17 @@ def test_haystack_length_depth_and_answer_mask(tokenizer):
         assert len({len(a) for a in s.answers}) == 1 and len({tuple(a) for a in s.answers}) == 5
         # the needle sits at a sentence boundary within one sentence of depth x filler tokens
         assert abs(s.needle_start - s.depth * s.filler_tokens) <= longest_sentence
-        needle = tokenizer.decode(s.prefix[s.needle_start:s.needle_start + s.needle_tokens])
+        needle = tokenizer.decode(s.prefix[s.needle_start:s.needle_start + s.needle_tokens].tolist())
         planted = re.fullmatch(r" The secret number of ([A-Za-z ]+) is (\d{5})\.", needle)
         assert planted and planted.group(2) == tokenizer.decode(s.answers[s.true_index]).strip()
-        assert tokenizer.decode(s.prefix).endswith(QUESTION.format(name=planted.group(1)))
-        batch = s.batch(s.true_index, tokenizer.eod_id, document_mask=True)
+        assert tokenizer.decode(s.prefix.tolist()).endswith(QUESTION.format(name=planted.group(1)))
+        batch = s.batch(s.true_index)
         assert batch.inputs.shape == (1, s.length) and batch.num_tokens == len(s.answers[0])
         # the loss mask covers the answer's tokens and nothing else
         masked = batch.loss_mask[0].nonzero().flatten().tolist()
         assert masked == list(range(s.length - len(s.answers[0]), s.length))
         assert batch.targets[0, masked].tolist() == s.answers[s.true_index]
-        assert int(batch.doc_ids.max()) == 0 and batch.position_ids[0, -1] == s.length - 1  # one document
+        assert batch.doc_ids is None and batch.position_ids[0].tolist() == list(range(s.length))  # one document
     depth0 = [s for s in samples if s.depth == 0.0]
     assert all(s.needle_start == 0 for s in depth0)
     assert all(s.needle_start == s.filler_tokens for s in samples if s.depth == 1.0)  # right before the question
@@ -73,7 +73,7 @@ def test_file_filler(tokenizer, tmp_path):
     text = tmp_path / "filler.txt"
     text.write_text("Grass grows in the valley. Rivers run to the sea!\n\nMountains stand tall? Snow falls.")
     samples = make_samples(tokenizer, [256], [0.5], trials=1, candidates=3, filler=str(text))
-    decoded = tokenizer.decode(samples[0].prefix)
+    decoded = tokenizer.decode(samples[0].prefix.tolist())
     assert "Rivers run to the sea!" in decoded and "Mountains stand tall?" in decoded  # the file, reused
     empty = tmp_path / "empty.txt"
     empty.write_text(" \n\n ")
@@ -109,7 +109,7 @@ class ReadingModule:
 def test_a_model_that_reads_the_needle_scores_one(tokenizer):
     samples = make_samples(tokenizer, [256, 512], DEPTHS, trials=2, candidates=6, seed=1)
     for copies in (1, 2):  # one process, and eval_loss's sums under dp=2: the same summed answer loss
-        result = needle_accuracy(ReadingModule(tokenizer, copies), samples, tokenizer.eod_id, True, ShardInfo(), "cpu")
+        result = needle_accuracy(ReadingModule(tokenizer, copies), samples, ShardInfo(), "cpu")
         assert result["needle_mean"] == 1.0
         assert all(acc == 1.0 for by_depth in result["needle"].values() for acc in by_depth.values())
         assert result["needle"].keys() == {"256", "512"} and len(result["needle"]["256"]) == len(DEPTHS)
@@ -127,7 +127,7 @@ def test_a_model_that_cannot_see_scores_near_chance(tokenizer):
         def eval_loss(self, micro_batches):
             return rng.random() * micro_batches[0].num_tokens, micro_batches[0].num_tokens
 
-    result = needle_accuracy(Blind(), samples, tokenizer.eod_id, True, ShardInfo(), "cpu")
+    result = needle_accuracy(Blind(), samples, ShardInfo(), "cpu")
     assert abs(result["needle_mean"] - 0.25) < 0.13
 
 
@@ -142,7 +142,7 @@ def test_an_untrained_model_scores_near_chance(corpus, tmp_path):
     module = build_module(cfg, torch.device("cpu"), None)
     tok = load_tokenizer(cfg.data.tokenizer)
     samples = make_samples(tok, [160], [0.0, 0.5, 1.0], trials=35, candidates=4, seed=0)
-    result = needle_accuracy(module, samples, tok.eod_id, True, ShardInfo(), torch.device("cpu"))
+    result = needle_accuracy(module, samples, ShardInfo(), torch.device("cpu"))
     assert abs(result["needle_mean"] - 0.25) < 5 * math.sqrt(0.25 * 0.75 / 105)
     assert result["needle_answer_loss"] > 0.5 * math.log(512)  # near-uniform predictions: no retrieval
 
