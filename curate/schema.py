@@ -63,7 +63,8 @@ class HeuristicStageConfig:
     dirty_words_file: str = ""  # one word or phrase per line; empty: no dirty-word filter
     max_dirty_words: int = 3  # remove a document holding more than this many occurrences
     kl: bool = True  # token-distribution KL-divergence outlier filter against the corpus
-    max_kl: float = 3.0  # nats: KL(document unigram || corpus unigram) above this removes the document
+    max_kl: float = 5.0  # nats: KL(document unigram || corpus unigram) above this removes the document (it grows
+    #                      with the corpus: set it from the corpus's KL quantiles, docs/data_curation.md)
     kl_min_words: int = 50  # shorter documents are not scored (too few tokens for a distribution)
 
 
