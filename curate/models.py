@@ -6,7 +6,7 @@ Domain labels come from a fastText classifier trained by `herd curate train-clas
 math=... --class general=...` when `models.domain_model` is set. Without one, a documented heuristic labels them:
 code when at least 30% of the non-blank lines look like code (end in ; { } or ), or start with a keyword such as
 def, class, import, #include, return, function, var, const), else math when at least 3% of the word tokens are
-math markers (LaTeX commands, digits joined by operators, Greek letters, math symbols), else general.
+math markers (LaTeX commands, spaced digits joined by operators, Greek letters, math symbols), else general.
 """
 
 import random
@@ -28,7 +28,8 @@ CODE_LINE_SHARE = 0.30
 MATH_TOKEN_SHARE = 0.03
 _CODE_LINE = re.compile(r"(?:[;{}]\s*$|\)\s*$|^\s*(?:def|class|import|from \S+ import|#include|return|function|var|"
                         r"const|let|public|private|static|if\s*\(|for\s*\(|while\s*\()\b)")
-_MATH_TOKEN = re.compile(r"\\(?:frac|sum|int|sqrt|alpha|beta|theta|lambda|pi|cdot|leq|geq|mathbb)\b|\d\s*[+\-*/^=]\s*\d"
+# operators only between spaced digits: "2 + 2", not the version numbers of changelogs ("1.2-3+deb11u1")
+_MATH_TOKEN = re.compile(r"\\(?:frac|sum|int|sqrt|alpha|beta|theta|lambda|pi|cdot|leq|geq|mathbb)\b|\d\s+[+\-*/^=]\s+\d"
                          r"|[∑∫√≤≥≈≠∞∂∇αβγδθλμπσΩ]|\$[^$\n]+\$")
 
 
