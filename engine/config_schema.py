@@ -144,6 +144,7 @@ class TrainConfig:
     device: str = "auto"  # auto (cuda if present), cpu or cuda
     eval_every: int = 0  # validation loss every N steps (0: only at the end, if data.valid is set)
     eval_batches: int = 8  # validation micro-batches per evaluation in all, whatever the layout (a multiple of dp)
+    compile: bool = False  # torch.compile each transformer block (parallel/parallelize.py step 6)
 
 
 @dataclass

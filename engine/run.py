@@ -172,7 +172,8 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh],
                                  reshard_after_forward=p.reshard_after_forward, pp_schedule=p.pp_schedule,
                                  pp_virtual_stages=p.pp_virtual_stages, pp_layers=tuple(p.pp_layers),
                                  pp_embedding_cost=p.pp_embedding_cost, pp_head_cost=p.pp_head_cost,
-                                 pp_microbatches=grad_accum_steps(cfg), cp_attention=p.cp_attention)
+                                 pp_microbatches=grad_accum_steps(cfg), cp_attention=p.cp_attention,
+                                 compile=cfg.train.compile)
     parallel = parallelize(model, mesh, options, reference_loss_sum=ops.cross_entropy_sum)
     if mesh is not None and cfg.fp8.backend == "native":  # ranks holding pieces of one tensor share its scale
         set_amax_groups(parallel.parts, [mesh.tp_group if p.tp > 1 else None,

@@ -3,14 +3,16 @@
     1. pipeline parallelism: split into stages (parallel/pipeline_parallel.py); steps 2-7 apply to each stage
     2. context parallelism: attention across cp shards (parallel/context_parallel.py)
     3. tensor + sequence parallelism (parallel/tensor_parallel.py)
-    4. FP8 linears (the engine passes its GEMM in)       - not yet
+    4. FP8 linears (the engine swaps them in before parallelize: engine/fp8)
     5. activation checkpointing (full, or every n-th block)
-    6. torch.compile                                     - not yet
+    6. torch.compile, per transformer block (options.compile)
     7. data parallelism: FSDP2 / HSDP (parallel/data_parallel.py)
 
 Stages are cut first (every later step works on a stage module), TP must come before FSDP (FSDP shards the TP
-shards), activation checkpointing wraps the TP-sharded blocks, and FSDP goes last so its units are the final blocks. `Parallelized` carries what the training step needs of the
-layout: the loss over vocabulary shards, the dp reductions, gradient sync and the global gradient norm.
+shards), activation checkpointing wraps the TP-sharded blocks, compile takes each block as the steps before left it
+(its TP hooks and checkpoint wrapper are traced with it), and FSDP goes last so its units are the final blocks.
+`Parallelized` carries what the training step needs of the layout: the loss over vocabulary shards, the dp
+reductions, gradient sync and the global gradient norm.
 """
 
 import math
@@ -46,6 +48,7 @@ class ParallelizeOptions:
     pp_head_cost: float = 1.0
     pp_microbatches: int = 1  # microbatches per step on each rank (the schedule's n_microbatches)
     cp_attention: str = "all_gather"
+    compile: bool = False  # torch.compile each transformer block (step 6)
 
 
 def recomputed(index: int, mode: str, every: int) -> bool:
@@ -59,6 +62,21 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int) -> N
     for index, block in model.layers.items():
         if recomputed(int(index), mode, every):
             block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def apply_compile(model: nn.Module) -> None:
+    """torch.compile every transformer block of `model` in place (nn.Module.compile: the block stays in its
+    ModuleDict, so parameter names get no `_orig_mod.` prefix and checkpoints are unchanged).
+
+    Per block, as torchtitan does, not the whole model: the blocks run the same code, so dynamo compiles the block
+    once and reuses the graph for every layer (compile time does not grow with depth), and FSDP's per-block
+    hooks stay at block boundaries (dynamo runs FSDP2's hooks eagerly). The tensor-parallel collectives inside a
+    block are autograd Functions calling c10d: where dynamo cannot trace one it splits the graph there and runs
+    it eagerly, which costs speed, never correctness. Compiled kernels fuse and reorder float operations, so
+    results equal eager ones to rounding, not bitwise (tests/distributed/test_parity_compile.py states the bound).
+    """
+    for block in model.layers.values():
+        block.compile()
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -264,3 +282,5 @@ def parallelize(model: nn.Module, mesh: Optional[Mesh], options: ParallelizeOpti
         pipeline = Pipeline(parts, stage_ids, n_stages, ranks, mesh.group("pp"), device, options.pp_schedule,
                             options.pp_microbatches)
     return Parallelized(parts, mesh, tp_plan, fsdp, loss_sum, pipeline)
+        if options.compile:
+            apply_compile(part)
