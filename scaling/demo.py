@@ -53,11 +53,11 @@ def main() -> int:
     plan_path = sweep / "plan.json"
     before = len(pending(sweep, json.loads(plan_path.read_text()))) if plan_path.is_file() else \
         len(plan_runs(cfg, load_job(cfg)))
-    load_start, started = os.getloadavg(), time.monotonic()
+    load_start, started, cpu_start = os.getloadavg(), time.monotonic(), _cpu_seconds()
     code = herd(["scaling", CONFIG, *sys.argv[1:]])
     if code:
         return code
-    seconds, load_end = time.monotonic() - started, os.getloadavg()
+    seconds, load_end, cpu = time.monotonic() - started, os.getloadavg(), _cpu_seconds() - cpu_start
     RESULTS.mkdir(parents=True, exist_ok=True)
     for source, target in FILES.items():
         if (sweep / source).is_file():
@@ -66,16 +66,25 @@ def main() -> int:
     note = (f"\nMeasured with `{command}` (= `herd scaling {CONFIG}` after preparing the corpus) on a machine with "
             f"{os.cpu_count()} CPU cores shared with other jobs: {before} runs trained in this invocation, wall time "
             f"{seconds / 60:.1f} min including downstream scoring and fits; 1-minute load average "
-            f"{load_start[0]:.1f} at the start and {load_end[0]:.1f} at the end (2.0 would be this sweep alone).\n")
+            f"{load_start[0]:.1f} at the start and {load_end[0]:.1f} at the end (2.0 would be this sweep alone). "
+            f"CPU time of this process and its runs: {cpu / 60:.1f} core-minutes, i.e. at least "
+            f"{cpu / 60 / (os.cpu_count() or 1):.1f} min of wall time on {os.cpu_count()} idle cores.\n")
     with open(RESULTS / FILES["scaling.md"], "a") as f:
         f.write(note)
     document = json.loads((RESULTS / FILES["scaling.json"]).read_text())
     document["measured"] = {"command": command, "runs_trained": before, "wall_s": round(seconds, 1),
-                            "cpu_count": os.cpu_count(), "load_average_start": load_start[0],
+                            "cpu_count": os.cpu_count(), "cpu_s": round(cpu, 1), "load_average_start": load_start[0],
                             "load_average_end": load_end[0]}
     (RESULTS / FILES["scaling.json"]).write_text(json.dumps(document, indent=1) + "\n")
     print(note.strip(), f"\nresults: {', '.join(str(RESULTS / t) for t in FILES.values())}", flush=True)
     return 0
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU time of this process and of its waited-for children (the runs)."""
+    import resource
+    return sum(u.ru_utime + u.ru_stime for u in (resource.getrusage(resource.RUSAGE_SELF),
+                                                  resource.getrusage(resource.RUSAGE_CHILDREN)))
 
 
 if __name__ == "__main__":
