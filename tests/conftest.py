@@ -78,12 +78,24 @@ def _stop_library_threads() -> None:
     """End the pure-Python daemon threads libraries leave for the life of the process (tqdm's monitor, started by
     transformers/TRL progress bars), so that no Python thread but the main one is alive when the interpreter
     finalizes."""
+    _stop_fsspec_loop()
     monitor_module = sys.modules.get("tqdm._monitor")
     if monitor_module is None:
         return
     for thread in threading.enumerate():  # one per tqdm class that started one (tqdm.auto's is a subclass's)
         if isinstance(thread, monitor_module.TMonitor):
             thread.exit()  # sets its event and joins it
+
+
+def _stop_fsspec_loop() -> None:
+    """fsspec's "fsspecIO" event-loop thread (started by datatrove's writers in herd curate's tests): stopped and
+    forgotten, so a later user would start a fresh one."""
+    asyn = sys.modules.get("fsspec.asyn")
+    if asyn is None or asyn.loop[0] is None or asyn.iothread[0] is None:
+        return
+    asyn.loop[0].call_soon_threadsafe(asyn.loop[0].stop)
+    asyn.iothread[0].join(THREAD_END_GUARD_S)
+    asyn.loop[0], asyn.iothread[0] = None, None
 
 
 def pytest_sessionfinish(session, exitstatus):
