@@ -16,8 +16,9 @@ herd's dtypes: the residual stream is fp32, autocast gives bf16 matmul outputs, 
   transposed weight per micro-batch in flight (1 byte per block parameter) under FSDP.
   Activation checkpointing: a recomputed block keeps only its input (r d t_sp); in backward one block's full
   activations exist again (the transient below).
-  Per forward of a stage: RoPE cos/sin (4 hd t) and the boolean attention mask (mbs S^2 / cp bytes) when document
-  masks are on or cp > 1 (document_causal_mask / CPMask); the last stage keeps bf16 logits [t, V/tp] and fp32
+  Per forward of a stage: RoPE cos/sin (4 hd t) and, when document masks are on or cp > 1, the attention kernel's
+  block plan (engine/model/attention.py: global indices and document ids, int64, at most 3 per token of the
+  sequence: 24 mbs S bytes; no S^2 mask exists); the last stage keeps bf16 logits [t, V/tp] and fp32
   log-sum-exp per micro-batch in flight, and creates their gradient in backward.
 
 Micro-batches in flight on pp rank r (torch.distributed.pipelining's schedules, units of one chunk of L/(pp v)
@@ -117,7 +118,7 @@ def _stage_memory(cfg: ModelConfig, layout: Layout, seq_len: int, m: int, pp_ran
     chunk_layers = n_layers / len(stages)
     hd = cfg.dim // cfg.n_heads
     masked = layout.cp > 1 or layout.document_mask
-    per_forward = 4 * hd * t + (layout.mbs * seq_len * seq_len // layout.cp if masked else 0)
+    per_forward = 4 * hd * t + (24 * layout.mbs * seq_len if masked else 0)
     acts = int(chunks * (chunk_layers * per_layer + per_forward))
     if layout.fp8 and layout.fsdp:
         acts += chunks * int(chunk_layers) * block_params(cfg, layout.tp)  # FP8 weight copies per micro-batch

@@ -28,7 +28,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 W=$(mktemp -d)  # every log here, packed into $OUT at the end
-STAGES=${STAGES:-build tests mfu accum peers kernels liger mfu8 dryrun}
+STAGES=${STAGES:-build tests mfu accum peers kernels liger mfu8 dryrun attnmem}
 MFU_VARIANTS=${MFU_VARIANTS:-herd-bf16,herd-fp8,hf-bf16,herd-bf16-nokernels,herd-fp8-delayed}
 PEERS=${PEERS:-hf-liger,hf-compile,titan-compile,megatron-local,titan-fp8}
 DEADLINE=${DEADLINE:-480}
@@ -137,6 +137,12 @@ if has dryrun; then
   done
 fi
 
+if has attnmem; then  # attention under document masks at 8K/32K/128K: blockwise kernel vs the dense mask (to 32K)
+  run attnmem 60 python -m benchmarks.attention_memory --device cuda --dense-up-to 32768 \
+    --save attention_memory_cuda >"$W/attnmem.log" 2>&1
+  report "attnmem exit $?"
+fi
+
 if [ "$DRY" = 1 ]; then
   echo "then: summary, benchmarks/plots.py on this call's results, logs and results packed into \$OUT/logs.tgz"
   rm -rf "$W"
@@ -154,6 +160,7 @@ stage "summary"
   [ -f "$W/accum.log" ] && echo "8 micro-batches per step:" && grep -E "^\| (herd|hf)|FAILED|failed" "$W/accum.log"
   [ -f "$W/peers.log" ] && echo "peers (8 micro-batches per step):" && grep -E "^\| |^- " "$W/peers.log"
   [ -f "$W/dryrun.log" ] && grep -E "^dry run|^  |Error" "$W/dryrun.log"
+  [ -f "$W/attnmem.log" ] && echo "attention memory:" && grep -E "^\| [0-9]|Error" "$W/attnmem.log"
 } | tee "$W/summary.txt"
 # this call's results files (newer than its start) and their charts, packed with the logs
 find benchmarks/results -newer "$W/gpu.txt" -type f \( -name '*.json' -o -name '*.md' \) -exec cp -t "$W/" {} +

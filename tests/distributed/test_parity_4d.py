@@ -49,7 +49,7 @@ LAYOUTS_4 = [
     layout(cp=2, tp=2, cp_attention="ring") + ["parallel.sequence_parallel=false"],
     layout(cp=2, dp_replicate=2),
     layout(cp=2, dp_shard=2, cp_attention="ring") + ["parallel.activation_checkpointing=full"],
-    # selective checkpointing: stored blocks take the shared additive mask, recomputed ones the boolean one
+    # selective checkpointing: stored and recomputed blocks share one block plan per forward
     layout(cp=2, dp_shard=2, cp_attention="all_gather") + ["parallel.activation_checkpointing=selective"],
     layout(cp=4, cp_attention="ring"),
 ]
