@@ -87,7 +87,7 @@ def test_weight_decay_is_the_scheduled_lr_times_the_coefficient():
     (["budgets=[1e12,-3e12]"], "budgets[1]: must be a positive number of FLOPs, got -3000000000000.0"),
     (["budgets=[]"], "budgets: no compute budgets"),
     (["dims=[]"], "dims: the size grid needs at least 3 widths for a parabola, got 0 (empty grid)"),
-    (["dims=[64,96,100]"], "dims[2]: 100 must be a positive multiple of 32"),
+    (["dims=[64,96,100]"], "dims[2]: 100 must be a positive multiple of 16"),
     (["budgets=[1e9,1e12,1e13]"], "budgets[0]: 1e+09 FLOPs gives the smallest model (dim "),
     (["batch_sizes=[8]"], "batch_sizes: give one per budget (3) or none, got 1"),
     (["batch_sizes=[8,16,12]"], "batch_sizes[2]: 12 sequences is not a multiple of the job's "
