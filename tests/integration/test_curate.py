@@ -168,3 +168,20 @@ def test_bad_pipeline_is_one_line(tmp_path, overrides, expected):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("herd: error: ") and expected in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_train_classifier_cli(tmp_path):
+    rng = random.Random(3)
+    for label, words in (("good", VOCABULARY[:40]), ("bad", VOCABULARY[200:240])):
+        (tmp_path / label).mkdir()
+        for i in range(25):
+            (tmp_path / label / f"{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(30)))
+    out = tmp_path / "quality.bin"
+    result = herd("train-classifier", "--positive", str(tmp_path / "good"), "--negative", str(tmp_path / "bad"),
+                  "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "2 labels (hq, lq) on 45 examples; held-out accuracy 1.000" in result.stdout and out.is_file()
+    missing = herd("train-classifier", "--positive", str(tmp_path / "good"), "--out", str(tmp_path / "x.bin"))
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        "herd: error: a quality classifier needs both --positive and --negative examples"]
+    assert not (tmp_path / "x.bin").exists()

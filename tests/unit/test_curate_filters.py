@@ -132,3 +132,45 @@ def test_train_classifier_and_route_by_domain_model(tmp_path):
     assert [d.metadata["domain"] for d in labeled] == ["code", "general"]
     with pytest.raises(Exception, match="not a fastText model"):
         load_fasttext(str(tmp_path / "code" / "0.txt"))
+
+
+def labeled_folders(tmp_path, classes, count=30, length=40, seed=2):
+    """Example files per class, each of random words of that class's vocabulary."""
+    rng = random.Random(seed)
+    for label, words in classes.items():
+        (tmp_path / label).mkdir()
+        for i in range(count):
+            (tmp_path / label / f"{i}.txt").write_text(" ".join(rng.choice(words) for _ in range(length)))
+    return {label: [str(tmp_path / label)] for label in classes}
+
+
+def test_quality_classifier_trained_by_herd_filters_documents(tmp_path):
+    """`train-classifier --positive/--negative` labels hq/lq; datatrove's fastText filter (reading the model file
+    directly) keeps documents whose P(hq) >= threshold and records the removal."""
+    from curate.models import LocalFastTextFilter
+    good = "theorem proof analysis evidence study results method history science research".split()
+    bad = "click free winner prize cheap deal offer subscribe now bonus".split()
+    classes = labeled_folders(tmp_path, {"hq": good, "lq": bad})
+    train_classifier(classes, str(tmp_path / "quality.bin"), epochs=10)
+    flt = LocalFastTextFilter(str(tmp_path / "quality.bin"), keep_labels=("hq", 0.5), newline_replacement=" ",
+                              filter_mode="DOCUMENT", exclusion_writer=JsonlWriter(str(tmp_path / "removed")))
+    docs = [Document("the study results and evidence of the research method", "good"),
+            Document("click now for a free prize and a cheap bonus offer", "spam")]
+    assert [d.id for d in run(flt, docs)] == ["good"]
+    assert [r["id"] for r in removed_records(tmp_path / "removed")] == ["spam"]
+
+
+def test_language_id_routes_other_languages_to_multilingual(tmp_path):
+    """A fastText language-id model (here one herd trains on two toy languages, standing in for lid.176.bin):
+    documents in `languages` keep their domain, others are labeled multilingual, unsure ones are removed."""
+    from curate.models import LanguageLabel
+    classes = labeled_folders(tmp_path, {"en": "the and of to in is that for it with".split(),
+                                         "fr": "le la et les des est que pour dans une".split()})
+    train_classifier(classes, str(tmp_path / "lid.bin"), epochs=10)
+    step = LanguageLabel(str(tmp_path / "lid.bin"), ["en"], threshold=0.65)
+    docs = [Document("the cat is in the house with it", "en"), Document("le chat est dans la maison", "fr")]
+    kept = run(step, docs)
+    assert [d.metadata.get("domain") for d in kept] == [None, "multilingual"]
+    assert [d.metadata["language"] for d in kept] == ["en", "fr"]
+    unsure = LanguageLabel(str(tmp_path / "lid.bin"), ["en"], threshold=1.01)  # no score reaches it
+    assert run(unsure, [Document("the cat", "x")]) == []
