@@ -145,6 +145,7 @@ class TrainConfig:
     eval_every: int = 0  # validation loss every N steps (0: only at the end, if data.valid is set)
     eval_batches: int = 8  # validation micro-batches per evaluation in all, whatever the layout (a multiple of dp)
     compile: bool = False  # torch.compile each transformer block (parallel/parallelize.py step 6)
+    fused_projections: bool = False  # q/k/v and gate/up as one GEMM each (wqkv, w13); checkpoints keep the names
 
 
 @dataclass

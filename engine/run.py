@@ -161,7 +161,10 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh],
     from the allocation on (a dry run's FakeTensorMode, engine/dry_run.py: torch cannot move a module built under
     that mode off the meta device, so the meta model and its parallelization are built outside it)."""
     check_fp8_config(cfg.fp8, device, cfg.parallel)
-    model = build_meta_model(cfg.model)
+    if cfg.train.fused_projections and cfg.fp8.backend == "te":
+        raise ConfigError("train.fused_projections", "fp8.backend=te builds its own layers (TransformerEngine fuses "
+                          "q/k/v itself); use fp8.backend=native or none with fused projections")
+    model = build_meta_model(cfg.model, cfg.train.fused_projections)
     if adapt_model is not None:
         adapt_model(model)
     apply_fp8(model, cfg.fp8)  # before parallelize: TP and FSDP then shard the FP8 layers' plain weights

@@ -18,7 +18,7 @@ reductions, gradient sync and the global gradient norm.
 import math
 from dataclasses import dataclass
 from functools import partial
-from typing import Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -83,14 +83,43 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
+class Piece(NamedTuple):
+    """A piece of this rank's tensor in layout-free coordinates: rows [offsets, offsets + local.shape) of the full
+    tensor `name` (a fused projection's tensor is several pieces, one per part, under the unfused names)."""
+
+    name: str  # the parameter's checkpoint name (wq/wk/wv, w1/w3 for the parts of wqkv, w13)
+    local: torch.Tensor  # a view of this rank's tensor
+    offsets: tuple  # where `local` starts in the full tensor
+    full_shape: tuple  # the full tensor's shape (unpadded)
+    copies: int  # consecutive tp ranks holding the same values (KV heads shared by several tp ranks)
+
+
+def fused_parameters(parts: List[nn.Module]) -> Dict[str, Tuple[Tuple[str, str, int], ...]]:
+    """Fused projections (modules with `fused_parts`, engine/model/llama.py fused_linear): parameter name -> its
+    parts in row order as (part, the unfused parameter's name, full rows)."""
+    fused = {}
+    for part in parts:
+        for module_name, module in part.named_modules():
+            if getattr(module, "fused_parts", None):
+                parent = _fqn(module_name).rpartition(".")[0]
+                fused[_fqn(f"{module_name}.weight")] = tuple((short, f"{parent}.{short}.weight", rows)
+                                                             for short, rows in module.fused_parts)
+    return fused
+
+
 class Parallelized:
     """A model after parallelize(): this rank's stage modules (`parts`; one without pipeline parallelism), the
-    pipeline that runs them, and the layout-aware pieces of a training step."""
+    pipeline that runs them, and the layout-aware pieces of a training step.
+
+    A fused projection (wqkv, w13) is one parameter here but several tensors outside: checkpoints, full_parameters
+    and exports see its parts under the unfused names (wq/wk/wv, w1/w3) in the unfused model's coordinates, so a
+    checkpoint written fused resumes unfused and the other way round, under any layout (`pieces`)."""
 
     def __init__(self, parts: List[nn.Module], mesh: Optional[Mesh], tp_plan: Optional[TPPlan], fsdp: bool,
                  loss_sum: Callable, pipeline: Optional[Pipeline] = None):
         self.parts, self.mesh, self.tp_plan, self.fsdp = parts, mesh, tp_plan, fsdp
         self.loss_sum, self.pipeline = loss_sum, pipeline
+        self.fused = fused_parameters(parts)
         # FSDP averages gradients over dp x cp; a loss already normalized by the global token count needs the sum
         self.loss_scale = float(mesh.data_ranks) if fsdp else 1.0
 
@@ -139,6 +168,10 @@ class Parallelized:
                 dist.all_reduce(_local(param.grad), group=self.tp_plan.group)
             elif info is not None and info.replicas > 1:
                 self._sum_over_replicas(_local(param.grad), info.replicas)
+            elif _fqn(name) in self.fused:  # the K and V rows of a fused wqkv, when KV heads are shared
+                for piece in self.pieces(name, param.grad):
+                    if piece.copies > 1:
+                        self._sum_over_replicas(piece.local, piece.copies)
 
     def _sum_over_replicas(self, grad: torch.Tensor, replicas: int) -> None:
         """Each rank puts its gradient in its KV head's slot of a [heads, ...] buffer; one all-reduce over tp sums
@@ -163,8 +196,13 @@ class Parallelized:
         copies = self._tp_copies()
         tp_rank, replica = self.mesh.rank("tp"), self.mesh.rank("dp_replicate")
         squares = torch.zeros((), device=params[0].device, dtype=torch.float32)
+        fused = {id(p): name for name, p in self.named_parameters() if _fqn(name) in self.fused}
         for p in params:
-            if replica == 0 and tp_rank % copies.get(id(p), 1) == 0:
+            if id(p) in fused:  # per part: K/V rows may be held by several tp ranks, Q rows by one
+                for piece in self.pieces(fused[id(p)], p.grad):
+                    if replica == 0 and tp_rank % piece.copies == 0:
+                        squares += piece.local.float().pow(2).sum()
+            elif replica == 0 and tp_rank % copies.get(id(p), 1) == 0:
                 squares += _local(p.grad).float().pow(2).sum()
         dist.all_reduce(squares)
         norm = squares.sqrt()
@@ -220,12 +258,62 @@ class Parallelized:
             return None
         return local[tuple(slice(0, n) for n in sizes)], tuple(offsets), full_shape
 
+    def checkpoint_boxes(self, name: str, tensor: torch.Tensor) -> List[Piece]:
+        """checkpoint_box for any parameter: one piece (none when only padding), or a fused one's parts."""
+        if _fqn(name) in self.fused:
+            return self.pieces(name, tensor)
+        box = self.checkpoint_box(name, tensor)
+        return [] if box is None else [Piece(_fqn(name), *box, copies=1)]
+
+    def pieces(self, name: str, tensor: torch.Tensor) -> List[Piece]:
+        """The parts of fused parameter `name` (or of its gradient or optimizer state) that this rank's `tensor`
+        holds. Tensor parallelism gives each rank [part_0 chunk; part_1 chunk; ...] (parallel/tensor_parallel.py
+        _shard_fused) and FSDP rows [first, first + held) of that; each part's overlap with those rows is one
+        piece, placed at its chunk's offset inside the unfused parameter."""
+        local, first = _local(tensor), 0
+        if isinstance(tensor, DTensor):
+            first = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)[1][0]
+        info = self.tp_plan.shards.get(_fqn(name)) if self.tp_plan is not None else None
+        tp, tp_rank = (dist.get_world_size(self.tp_plan.group), dist.get_rank(self.tp_plan.group)) \
+            if info is not None else (1, 0)
+        replicas = {short: r for short, _, r in info.parts} if info is not None else {}
+        pieces, start = [], 0
+        for short, part, rows in self.fused[_fqn(name)]:
+            copies = replicas.get(short, 1)
+            chunk = rows // (tp // copies)  # this part's rows in the tp shard
+            lo, hi = max(first, start), min(first + local.shape[0], start + chunk)
+            if hi > lo:
+                offsets = ((tp_rank // copies) * chunk + lo - start,) + (0,) * (local.ndim - 1)
+                pieces.append(Piece(part, local.narrow(0, lo - first, hi - lo), offsets,
+                                    (rows, *tensor.shape[1:]), copies))
+            start += chunk
+        return pieces
+
+    def _unfuse(self, name: str, value: torch.Tensor, info) -> Dict[str, torch.Tensor]:
+        """The full tensors of a fused parameter's parts from this rank's tp shard `value` (a collective over tp)."""
+        shards = [value]
+        if info is not None:
+            shards = [torch.empty_like(value) for _ in range(dist.get_world_size(self.tp_plan.group))]
+            dist.all_gather(shards, value.contiguous(), group=self.tp_plan.group)
+        replicas = {short: r for short, _, r in info.parts} if info is not None else {}
+        out, start = {}, 0
+        for short, part, rows in self.fused[name]:
+            copies = replicas.get(short, 1)
+            chunk = rows // (len(shards) // copies)
+            out[part] = torch.cat([s.narrow(0, start, chunk) for s in shards[::copies]]).detach().clone()
+            start += chunk
+        return out
+
     def full_parameters(self) -> Dict[str, torch.Tensor]:
-        """Every parameter as its full, unsharded, unpadded tensor, on every rank (a collective: call on all)."""
+        """Every parameter as its full, unsharded, unpadded tensor, on every rank (a collective: call on all); a
+        fused projection's parts under their unfused names."""
         full = {}
         for name, p in self.named_parameters():
             value = p.full_tensor() if isinstance(p, DTensor) else p.detach()
             info = self.tp_plan.shards.get(_fqn(name)) if self.tp_plan is not None else None
+            if _fqn(name) in self.fused:
+                full.update(self._unfuse(_fqn(name), value, info))
+                continue
             if info is not None and info.dim is not None:
                 parts = [torch.empty_like(value) for _ in range(dist.get_world_size(self.tp_plan.group))]
                 dist.all_gather(parts, value.contiguous(), group=self.tp_plan.group)
@@ -273,6 +361,8 @@ def parallelize(model: nn.Module, mesh: Optional[Mesh], options: ParallelizeOpti
             loss_sum = partial(reference_loss_sum, vocab_size=model.cfg.vocab_size, group=mesh.tp_group)
         if options.activation_checkpointing != "none":
             apply_activation_checkpointing(part, options.activation_checkpointing, options.ac_every)
+        if options.compile:
+            apply_compile(part)
         if fsdp:  # under pp, parameters stay gathered across the step's microbatches (Llama 3)
             apply_fsdp(part, mesh, options.param_dtype, options.reshard_after_forward and not pp)
     pipeline = None
@@ -282,5 +372,3 @@ def parallelize(model: nn.Module, mesh: Optional[Mesh], options: ParallelizeOpti
         pipeline = Pipeline(parts, stage_ids, n_stages, ranks, mesh.group("pp"), device, options.pp_schedule,
                             options.pp_microbatches)
     return Parallelized(parts, mesh, tp_plan, fsdp, loss_sum, pipeline)
-        if options.compile:
-            apply_compile(part)

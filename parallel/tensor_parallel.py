@@ -9,10 +9,13 @@ sequence between the tensor-parallel regions: all-gather before them, reduce-sca
 
 The model's modules keep their names and classes; their weights are replaced by this rank's shard, and hooks
 put the collectives at the region boundaries, so parameter names (checkpoint keys) do not change.
+A fused projection (wqkv: rows [q; k; v], w13: rows [gate; up]; engine/model/llama.py fused_linear) is cut part
+by part, so each rank's shard is [q chunk; k chunk; v chunk]: whole query heads with the KV heads they use, and
+matching gate and up columns (not a chunk of the concatenation).
 """
 
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -30,10 +33,17 @@ class ShardInfo:
     full_shape: tuple = ()  # the whole parameter's shape (unpadded)
     replicas: int = 1  # consecutive tp ranks holding the same chunk (KV heads when tp > n_kv_heads)
     padded_size: int = 0  # rows after zero-padding (vocabulary rows), 0 when not padded
+    # a fused projection (wqkv, w13): its parts in row order as (name, full rows, replicas); each part is cut into
+    # tp chunks on its own, so a rank's shard is [part_0 chunk; part_1 chunk; ...], whole heads of each
+    parts: Tuple[Tuple[str, int, int], ...] = ()
 
     @property
     def full_size(self) -> int:
         return self.full_shape[self.dim]
+
+    def part_rows(self, tp: int) -> List[int]:
+        """Rows of each part in one rank's shard of a fused projection."""
+        return [rows // (tp // replicas) for _, rows, replicas in self.parts]
 
 
 def tp_local(full: torch.Tensor, info: ShardInfo, group: dist.ProcessGroup) -> torch.Tensor:
@@ -43,6 +53,10 @@ def tp_local(full: torch.Tensor, info: ShardInfo, group: dist.ProcessGroup) -> t
     projection shared by `replicas` ranks gives each of them the rows of the one KV head their queries use.
     """
     tp, rank = dist.get_world_size(group), dist.get_rank(group)
+    if info.parts:  # [q; k; v] -> [q chunk; k chunk; v chunk] of this rank (not a chunk of the concatenation)
+        pieces = full.split([rows for _, rows, _ in info.parts], dim=info.dim)
+        return torch.cat([piece.chunk(tp // replicas, dim=info.dim)[rank // replicas]
+                          for piece, (_, _, replicas) in zip(pieces, info.parts)], dim=info.dim)
     if info.padded_size > full.shape[0]:
         full = torch.cat([full, full.new_zeros(info.padded_size - full.shape[0], *full.shape[1:])])
     chunks, index = (tp // info.replicas, rank // info.replicas) if info.replicas > 1 else (tp, rank)
@@ -117,6 +131,16 @@ def _shard(plan: TPPlan, module: nn.Module, key: str, info: ShardInfo) -> None:
     _set_weight(module, tp_local(module.weight.detach(), info, plan.group))
 
 
+def _shard_fused(plan: TPPlan, module: nn.Module, key: str, kv_replicas: int) -> None:
+    """A fused column-parallel projection (module.fused_parts: wqkv, w13): every part split by rows on its own
+    (K and V rows shared like wk/wv's), and module.split_sizes set to the rows of each part in this rank's shard,
+    so the model splits the GEMM's output into this rank's q/k/v (or gate/up) columns."""
+    parts = tuple((name, rows, kv_replicas if name in ("wk", "wv") else 1) for name, rows in module.fused_parts)
+    info = ShardInfo(0, parts=parts)
+    _shard(plan, module, key, info)
+    module.split_sizes = info.part_rows(dist.get_world_size(plan.group))
+
+
 def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup, sequence_parallel: bool) -> TPPlan:
     """Shard a Llama `model` or pipeline stage (materialized or on the meta device) in place over `group`; returns
     what was split, for initialization, gathers and gradients."""
@@ -133,7 +157,10 @@ def apply_tensor_parallel(model: nn.Module, group: dist.ProcessGroup, sequence_p
         for region_name, column, row in (("attention", ("wq", "wk", "wv"), "wo"),
                                          ("feed_forward", ("w1", "w3"), "w2")):
             region = getattr(block, region_name)
-            for proj in column:
+            for proj, module in region.named_children():
+                if getattr(module, "fused_parts", None):  # wqkv or w13: one GEMM for the column projections
+                    _shard_fused(plan, module, f"{prefix}.{region_name}.{proj}.weight", kv_replicas)
+            for proj in (p for p in column if hasattr(region, p)):
                 replicas = kv_replicas if proj in ("wk", "wv") else 1
                 _shard(plan, getattr(region, proj), f"{prefix}.{region_name}.{proj}.weight",
                        ShardInfo(0, replicas=replicas))

@@ -166,26 +166,24 @@ def param_key(param_name: str) -> str:
 
 def sharded_state(parallel: Parallelized, optimizer: Optional[torch.optim.Optimizer]) -> Dict[str, Box]:
     """`model.<name>`, `optim.<name>.exp_avg|exp_avg_sq|step` as boxes of this rank (views: loading fills them);
-    model weights only when `optimizer` is None."""
+    model weights only when `optimizer` is None. A fused projection (wqkv, w13) is saved as its parts under the
+    unfused names (wq/wk/wv, w1/w3; Parallelized.pieces), so what is on disk does not depend on the fusion."""
     state: Dict[str, Box] = {}
     for name, param in parallel.named_parameters():
         key = param_key(name)
-        tensors = {f"model.{key}": param}
-        if optimizer is None:
-            box = parallel.checkpoint_box(key, param)
-            if box is not None:
-                state[f"model.{key}"] = Box(*box)
-            continue
-        for moment in ("exp_avg", "exp_avg_sq"):
+        tensors = {"model": param}
+        for moment in ("exp_avg", "exp_avg_sq") if optimizer is not None else ():
             if moment in optimizer.state.get(param, {}):
-                tensors[f"optim.{key}.{moment}"] = optimizer.state[param][moment]
-        for fqn, tensor in tensors.items():
-            box = parallel.checkpoint_box(key, tensor)
-            if box is not None:
-                state[fqn] = Box(*box)
-        step = optimizer.state.get(param, {}).get("step")
-        if step is not None:  # a scalar, equal everywhere
-            state[f"optim.{key}.step"] = Box(step.view(1), (0,), (1,))
+                tensors[moment] = optimizer.state[param][moment]
+        for role, tensor in tensors.items():
+            for piece in parallel.checkpoint_boxes(key, tensor):
+                fqn = f"model.{piece.name}" if role == "model" else f"optim.{piece.name}.{role}"
+                state[fqn] = Box(piece.local, piece.offsets, piece.full_shape)
+        step = optimizer.state.get(param, {}).get("step") if optimizer is not None else None
+        if step is not None:  # a scalar, equal everywhere (a fused parameter's parts share it)
+            names = [part for _, part, _ in parallel.fused[key]] if key in parallel.fused else [key]
+            for saved_name in names:
+                state[f"optim.{saved_name}.step"] = Box(step.view(1), (0,), (1,))
     return state
 
 

@@ -226,6 +226,9 @@ def _swap(parent: nn.Module, name: str, cfg: FP8Config) -> None:
     old = getattr(parent, name)
     new = Float8Linear(old.in_features, old.out_features, cfg, device=old.weight.device)
     new.weight = old.weight  # same Parameter (meta or materialized): no copy, names unchanged
+    for attr in ("fused_parts", "split_sizes"):  # a fused projection (wqkv, w13) keeps its parts
+        if hasattr(old, attr):
+            setattr(new, attr, getattr(old, attr))
     setattr(parent, name, new)
 
 
@@ -239,19 +242,22 @@ def _share_input(layers: Sequence[Float8Linear]) -> None:
 def convert(model: nn.Module, cfg: FP8Config, share_inputs: bool = True) -> List[str]:
     """Swap the projections of the transformer blocks for Float8Linear in place; the output head, the embedding
     and (by config) the first and last blocks stay in bf16. wq/wk/wv and w1/w3 quantize their common input once
-    (InputShare; `share_inputs=False` only for tests comparing against separate quantizations). Returns the names
-    of the converted layers."""
+    (InputShare; `share_inputs=False` only for tests comparing against separate quantizations). A fused wqkv or
+    w13 is one Float8Linear: one GEMM with one scale per tensor role for the fused weight (the largest amax of its
+    parts, as TransformerEngine's fused QKV layer quantizes), so its FP8 rounding differs from three separately
+    scaled projections. Returns the names of the converted layers."""
     layer_ids = list(model.layers.keys())
     keep = {layer_ids[0], layer_ids[-1]} if cfg.bf16_first_last_layers and len(layer_ids) > 2 else set()
     converted = []
     for layer_id, block in model.layers.items():
         if layer_id in keep:
             continue
-        for region, names in (("attention", ("wq", "wk", "wv", "wo")), ("feed_forward", ("w1", "w3", "w2"))):
-            for name in names:
+        for region, names in (("attention", ("wqkv", "wq", "wk", "wv", "wo")),
+                              ("feed_forward", ("w13", "w1", "w3", "w2"))):
+            for name in (n for n in names if hasattr(getattr(block, region), n)):
                 _swap(getattr(block, region), name, cfg)
                 converted.append(f"layers.{layer_id}.{region}.{name}")
-        if share_inputs:
+        if share_inputs and not (block.attention.fused or block.feed_forward.fused):
             attention, mlp = block.attention, block.feed_forward
             _share_input([attention.wq, attention.wk, attention.wv])
             _share_input([mlp.w1, mlp.w3])

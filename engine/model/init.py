@@ -7,7 +7,7 @@ same seed gives the same model on one process or on many.
 
 import math
 import zlib
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 from torch import nn
@@ -18,15 +18,15 @@ from engine.model.llama import Transformer
 _RESIDUAL_OUTPUTS = ("attention.wo.weight", "feed_forward.w2.weight")
 
 
-def build_meta_model(cfg: ModelConfig) -> Transformer:
+def build_meta_model(cfg: ModelConfig, fused_projections: bool = False) -> Transformer:
     """The model on the meta device: shapes only, no memory (parallelize it, then materialize)."""
     with torch.device("meta"):
-        return Transformer(cfg)
+        return Transformer(cfg, fused_projections)
 
 
-def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> Transformer:
+def build_model(cfg: ModelConfig, device: torch.device, seed: int, fused_projections: bool = False) -> Transformer:
     """Construct on meta, allocate on `device`, then initialize (the whole model, on one process)."""
-    model = build_meta_model(cfg)
+    model = build_meta_model(cfg, fused_projections)
     model.to_empty(device=device)
     init_weights(model, seed)
     return model
@@ -47,6 +47,27 @@ def parameter_init(name: str, shape: torch.Size, cfg: ModelConfig, seed: int) ->
     return torch.empty(shape).normal_(0.0, std, generator=generator)
 
 
+def fused_part_names(model: nn.Module) -> Dict[str, Tuple[Tuple[str, int], ...]]:
+    """Fused parameters (engine/model/llama.py fused_linear) -> their parts as (unfused parameter name, full rows),
+    in row order: {"layers.0.attention.wqkv.weight": (("layers.0.attention.wq.weight", rows), ...)}."""
+    fused = {}
+    for module_name, module in model.named_modules():
+        parts = getattr(module, "fused_parts", None)
+        if parts:
+            parent = module_name.rpartition(".")[0]
+            fused[f"{module_name}.weight"] = tuple((f"{parent}.{part}.weight", rows) for part, rows in parts)
+    return fused
+
+
+def full_init(name: str, shape: torch.Size, cfg: ModelConfig, seed: int,
+              parts: Optional[Tuple[Tuple[str, int], ...]] = None) -> torch.Tensor:
+    """parameter_init of a parameter, or of a fused one: its parts' values (each drawn under its unfused name)
+    stacked along the rows, so a fused model starts from exactly the unfused model's weights."""
+    if not parts:
+        return parameter_init(name, shape, cfg, seed)
+    return torch.cat([parameter_init(part, (rows, *shape[1:]), cfg, seed) for part, rows in parts])
+
+
 def _copy_whole(name: str, param: torch.Tensor, full: torch.Tensor) -> None:
     param.copy_(full)
 
@@ -60,9 +81,10 @@ def init_weights(model: nn.Module, seed: int, full_shape: Optional[Callable] = N
     (copies this process's part of the full value), so each process generates one full parameter at a time and
     keeps only its shard.
     """
+    fused = fused_part_names(model)
     for name, param in model.named_parameters():
         shape = full_shape(name, param) if full_shape is not None else param.shape
-        assign(name, param, parameter_init(name, shape, model.cfg, seed).to(param.device))
+        assign(name, param, full_init(name, shape, model.cfg, seed, fused.get(name)).to(param.device))
     for module in model.modules():
         if hasattr(module, "reset_tables"):
             module.reset_tables()
