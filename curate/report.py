@@ -45,7 +45,8 @@ def _removals(folder: Path, examples: int) -> Dict[str, dict]:
         entry["partial" if meta.get("partial") else "documents"] += 1
         entry["bytes"] += int(meta.get("bytes", len(record.get("text", "").encode("utf-8"))))
         if len(entry["examples"]) < examples:
-            entry["examples"].append({"id": record["id"], "text": " ".join(record.get("text", "").split())[:EXAMPLE_CHARS]})
+            text = " ".join(record.get("text", "").split())
+            entry["examples"].append({"id": record["id"], "text": text[:EXAMPLE_CHARS]})
     return dict(reasons)
 
 

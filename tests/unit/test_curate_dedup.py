@@ -67,7 +67,8 @@ def test_line_dedup_threshold_is_exactly_six_kept_seven_removed(tmp_path):
         if i < 6:
             lines.append("This boilerplate line appears six times.")
         if i < 7:
-            lines.append(["Cookie banner seen 7 times", "COOKIE BANNER seen 8 times!!", "cookie banner seen 9 times"][i % 3])
+            variants = ["Cookie banner seen 7 times", "COOKIE BANNER seen 8 times!!", "cookie banner seen 9 times"]
+            lines.append(variants[i % 3])
         docs.append(doc("\n".join(lines) + "\n", f"d{i}"))
     kept = {d.id: d.text for d in line_dedup(docs, tmp_path)}
     assert len(kept) == 10
