@@ -1,5 +1,6 @@
 """Running the passes of curate/pipeline.py on datatrove's LocalPipelineExecutor or SlurmPipelineExecutor."""
 
+import dataclasses
 import json
 import os
 import sys
@@ -14,18 +15,63 @@ from curate.schema import CurateConfig
 from engine.errors import HerdError
 
 FILES_LIST = "inputs.json"  # the corpus's file list, fixed at the first run so a resumed run shards alike
+PIPELINE_RECORD = "pipeline.json"  # the settings the outputs were made with
+RUNTIME_KEYS = ("kind", "workers", "partition", "time", "cpus_per_task", "mem_per_cpu_gb", "venv_path")
+
+
+def _settings(cfg: CurateConfig) -> dict:
+    """What the outputs depend on: everything but how the tasks are scheduled (executor.tasks stays: the
+    shards)."""
+    settings = dataclasses.asdict(cfg)
+    for key in RUNTIME_KEYS:
+        settings["executor"].pop(key)
+    settings.pop("examples")
+    return settings
+
+
+def _first_difference(old, new, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new)):
+            found = _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+            if found:
+                return found
+        return ""
+    return "" if old == new else f"{prefix[:-1]} was {old!r}, now {new!r}"
+
+
+def claim_output(cfg: CurateConfig) -> None:
+    """The output directory is new, empty, or an earlier run of the same pipeline (which this run resumes); a
+    directory of other files, or a run with other settings (its finished tasks would be kept as they are), is
+    refused in one line and left untouched (R21)."""
+    root = Layout(cfg.output_dir).root
+    record = root / PIPELINE_RECORD
+    if root.exists() and not root.is_dir():
+        raise HerdError(f"output_dir {root} is a file")
+    if record.is_file():
+        old = json.loads(record.read_text())
+        difference = _first_difference(old, _settings(cfg))
+        if difference:
+            raise HerdError(f"output_dir {root} holds a run of another pipeline ({difference}); use a new "
+                            f"output_dir, or remove it to start over")
+        return
+    if root.is_dir() and any(root.iterdir()):
+        raise HerdError(f"output_dir {root} exists and is not a herd curate output; choose another or remove it")
+    root.mkdir(parents=True, exist_ok=True)
+    temporary = record.with_suffix(".tmp")
+    temporary.write_text(json.dumps(_settings(cfg), indent=2) + "\n")
+    temporary.replace(record)
 
 
 def corpus_files(cfg: CurateConfig) -> List[str]:
     """The input files, listed once per output directory: a rerun (resume) uses the same list and sharding even
     if files were added meanwhile."""
     listing = Layout(cfg.output_dir).root / FILES_LIST
-    if listing.is_file():
-        return json.loads(listing.read_text())
-    files = list_corpus(cfg.input.paths, cfg.input.include)
-    if not files:
+    files = None if listing.is_file() else list_corpus(cfg.input.paths, cfg.input.include)
+    if files == []:
         raise HerdError(f"input.paths: no file matching {', '.join(cfg.input.include)} in {', '.join(cfg.input.paths)}")
-    listing.parent.mkdir(parents=True, exist_ok=True)
+    claim_output(cfg)  # before anything is written
+    if files is None:
+        return json.loads(listing.read_text())
     temporary = listing.with_suffix(".tmp")
     temporary.write_text(json.dumps(files))
     temporary.replace(listing)

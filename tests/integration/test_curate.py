@@ -185,3 +185,23 @@ def test_train_classifier_cli(tmp_path):
     assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
         "herd: error: a quality classifier needs both --positive and --negative examples"]
     assert not (tmp_path / "x.bin").exists()
+
+
+def test_output_dir_of_other_files_or_another_pipeline_is_refused(tmp_path):
+    corpus = tmp_path / "in"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("one document")
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "notes.txt").write_text("the user's")
+    base = [str(ROOT / "configs/curate/demo.yaml"), f"input.paths=[{corpus}]", "input.include=['*.txt']"]
+    refused = herd(*base, f"output_dir={user}")
+    assert refused.returncode == 2 and refused.stderr.strip().splitlines() == [
+        f"herd: error: output_dir {user} exists and is not a herd curate output; choose another or remove it"]
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+    out = tmp_path / "out"
+    (out / "pipeline.json").parent.mkdir()
+    (out / "pipeline.json").write_text(json.dumps({"minhash": {"buckets": 7}}))
+    changed = herd(*base, f"output_dir={out}")
+    assert changed.returncode == 2 and "holds a run of another pipeline" in changed.stderr, changed.stderr
+    assert len(changed.stderr.strip().splitlines()) == 1 and sorted(p.name for p in out.iterdir()) == ["pipeline.json"]
