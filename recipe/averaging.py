@@ -5,6 +5,7 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Optional
 
@@ -24,25 +25,34 @@ def _rank0_then_all(work):
             box[0] = ("ok", work())
         except Exception as e:  # noqa: BLE001 - every rank raises the same one-line error
             box[0] = ("error", f"{type(e).__name__}: {e}")
-    if dist.is_initialized():
-        dist.broadcast_object_list(box, src=0)
+    if dist.is_initialized():  # rank 0 may work for hours (a 405B average): wait beyond the collective timeout
+        waiting = dist.new_group(backend="gloo", timeout=timedelta(days=7))
+        dist.broadcast_object_list(box, src=0, group=waiting)
+        dist.destroy_process_group(waiting)
     kind, value = box[0]
     if kind == "error":
         raise CheckpointError(value)
     return value
 
 
-def anneal_checkpoints(ckpt_root: Path, start_step: int, end_step: int) -> list:
-    """The complete checkpoints the anneal stage saved (steps in (start_step, end_step]), oldest first."""
+def anneal_steps(start_step: int, end_step: int, every: int) -> list:
+    """The steps at which the anneal stage saves by its schedule: every `every` global steps and at its end (a
+    preemption's save at another step is a resume point, not an annealing snapshot: it is not averaged)."""
+    return sorted({s for s in range(start_step + 1, end_step + 1) if s % every == 0} | {end_step})
+
+
+def anneal_checkpoints(ckpt_root: Path, start_step: int, end_step: int, every: int) -> list:
+    """The complete checkpoints of the anneal stage's schedule, oldest first."""
     store = CheckpointStore(ckpt_root, lineage=TRAIN_NAME)
-    return [store.step_dir(s) for s in store.complete_steps() if start_step < s <= end_step]
+    wanted = set(anneal_steps(start_step, end_step, every))
+    return [store.step_dir(s) for s in store.complete_steps() if s in wanted]
 
 
-def average_stage(run_dir: Path, ckpt_root: Path, start_step: int, end_step: int) -> dict:
+def average_stage(run_dir: Path, ckpt_root: Path, start_step: int, end_step: int, every: int) -> dict:
     """<run_dir>/averaged: the element-wise fp32 mean of the anneal stage's checkpoints (engine/checkpoint/average.py),
     a weights-only checkpoint root like an import (checkpoint.load_weights, herd convert herd-to-hf)."""
     def work():
-        sources = anneal_checkpoints(ckpt_root, start_step, end_step)
+        sources = anneal_checkpoints(ckpt_root, start_step, end_step, every)
         if not sources:
             raise CheckpointError(f"{run_dir}: the anneal stage left no checkpoint to average (steps "
                                   f"{start_step + 1} to {end_step})")

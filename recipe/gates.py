@@ -23,6 +23,9 @@ def check_stage(plan: StagePlan) -> None:
     if stage.gate.enabled and not job.long_eval.enabled:
         raise ConfigError(f"stages.{stage.name}.gate.enabled", "a gate reads long_eval's measurements: add "
                                                               "long_eval.enabled=true to the stage's overrides")
+    if stage.gate.enabled and job.long_eval.needle_trials <= 0 and job.long_eval.short_seq_len <= 0:
+        raise ConfigError(f"stages.{stage.name}.gate.enabled", "the gate has nothing to judge: long_eval measures "
+                                                              "neither needles (needle_trials) nor short_seq_len")
 
 
 def _records(run: Path) -> List[dict]:
@@ -60,12 +63,12 @@ def measure(plan: StagePlan, run: Path, start_step: int, end_step: int) -> Optio
     if short_before is not None and short_after is not None:
         recovered = short_after <= short_before * (1.0 + gate.short_loss_tolerance)
     needle_after = _needle(after)
-    solved = needle_after is not None and needle_after >= gate.needle_accuracy
+    solved = None if needle_after is None else needle_after >= gate.needle_accuracy
     return {"step": end_step, "short_loss_before": short_before, "short_loss_after": short_after,
             "needle_before": _needle(before), "needle_after": needle_after,
             "needle_after_by_length": None if after is None else after.get("needle"),
             "short_recovered": recovered, "needle_solved": solved,
-            "passed": bool(solved and recovered is not False)}
+            "passed": (solved, recovered) != (None, None) and solved is not False and recovered is not False}
 
 
 def _fmt(value: Optional[float], digits: int = 4) -> str:

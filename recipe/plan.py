@@ -62,6 +62,18 @@ def base_job(recipe: RecipeConfig, stage: RecipeStageConfig, world_size: int,
         raise ConfigError(f"stages.{stage.name}", str(e)) from None
 
 
+def anneal_span(plan: "StagePlan") -> int:
+    """Tokens over which the anneal stage's LR falls linearly to 0: its own tokens plus one step, so that the LR of
+    its updates falls evenly (k/(n+1) of the start value for k = n..1) and its last update still learns; with the
+    stage's own tokens the last update of a short anneal (Llama 3 405B: 3 steps of 16M tokens) would have LR 0."""
+    return (plan.steps + 1) * tokens_per_step(plan.job)
+
+
+def effective_every(plan: "StagePlan") -> int:
+    """The stage's checkpoint interval as its run gets it (position_job: 0 saves only at the stage's end)."""
+    return plan.job.checkpoint.every if plan.job.checkpoint.every > 0 else plan.steps
+
+
 def stage_steps(stage: RecipeStageConfig, job: JobConfig) -> int:
     return max(1, math.ceil(int(stage.tokens) / tokens_per_step(job)))
 
@@ -125,12 +137,12 @@ def position_job(plan: StagePlan, start: Position, end_step: int, history: List[
     s = job.schedule
     s.total_tokens, s.warmup_tokens = horizon, warmup
     s.stage_start_step, s.stage_start_tokens = start.step, start.tokens
-    if plan.stage.kind == "anneal":  # linear to 0 over the stage's own steps, from the LR it starts at
+    if plan.stage.kind == "anneal":  # linear towards 0 over the stage's own steps, from the LR it starts at
         s.anneal_start_tokens, s.anneal_tokens = max(1, start.tokens), anneal_tokens
     if job.checkpoint.every <= 0:  # the end of every run saves: the next stage (or chunk) starts from there
         job.checkpoint.every = max(1, end_step - start.step)
-    if plan.stage.kind == "anneal":  # keep every checkpoint the stage saves (and the one before): they are averaged
-        job.checkpoint.keep_last = max(job.checkpoint.keep_last, -(-plan.steps // job.checkpoint.every) + 2)
+    if plan.stage.kind == "anneal":  # keep every checkpoint the stage may save (preemptions too): they are averaged
+        job.checkpoint.keep_last = max(job.checkpoint.keep_last, plan.steps + 2)
     if hasattr(job.long_eval, "at_start"):  # the pre-stage measurement once, not before every chunk
         job.long_eval.at_start = first_chunk
     validate(job, world_size)
@@ -155,7 +167,7 @@ def plan_table(recipe: RecipeConfig, plans: List[StagePlan]) -> List[str]:
         s = job.schedule
         s.total_tokens, s.warmup_tokens = horizon, warmup
         if plan.stage.kind == "anneal":
-            s.anneal_start_tokens, s.anneal_tokens = max(1, plan.start.tokens), plan.steps * per_step
+            s.anneal_start_tokens, s.anneal_tokens = max(1, plan.start.tokens), anneal_span(plan)
         first = job.optim.lr * lr_multiplier_tokens(plan.start.tokens + per_step, s)
         last = job.optim.lr * lr_multiplier_tokens(plan.start.tokens + plan.steps * per_step, s)
         layout = f"dp{p.dp_replicate * p.dp_shard} pp{p.pp} cp{p.cp} tp{p.tp}"

@@ -27,8 +27,9 @@ from engine.config import RecipeConfig
 from engine.errors import ConfigError
 from engine.secrets import scrub
 from engine.train_module import fault_point
-from recipe.plan import (TRAIN_NAME, Position, StagePlan, data_stage, position_job, schedule_horizon, static_plan,
-                         tokens_per_step, warmup_tokens)
+from recipe.averaging import anneal_steps
+from recipe.plan import (TRAIN_NAME, Position, StagePlan, anneal_span, data_stage, effective_every, position_job,
+                         schedule_horizon, static_plan, tokens_per_step, warmup_tokens)
 from recipe import gates
 
 STATE = "recipe_state.json"
@@ -41,6 +42,34 @@ def _rank() -> int:
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _from_rank0(work):
+    """Rank 0's result of `work` on every rank (a decision every rank must share: files another rank reads could
+    lag behind on a shared filesystem)."""
+    box = [work() if _rank() == 0 else None]
+    if dist.is_initialized():
+        dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+# What the data stream of every stage must share: the stream replays earlier stages with today's values
+# (engine/data/stages.py), and which documents a tokenizer or vocabulary leaves out changes the stream.
+FIXED_DATA_KEYS = ("data.seed", "data.on_bad_data", "data.tokenizer.kind", "data.tokenizer.path", "model.vocab_size")
+
+
+def check_fixed_data(first: StagePlan, plan: StagePlan) -> None:
+    for key in FIXED_DATA_KEYS:
+        ours, theirs = _dotted(plan.job, key), _dotted(first.job, key)
+        if ours != theirs:
+            raise ConfigError(f"stages.{plan.stage.name}", f"{key}={ours} differs from stage {first.stage.name}'s "
+                              f"{theirs}: every stage of a recipe reads one data stream, keep it the same")
+
+
+def _dotted(obj, key: str):
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 class RecipeRunner:
@@ -60,11 +89,12 @@ class RecipeRunner:
         plans = static_plan(self.recipe, self.world_size)
         for plan in plans:
             gates.check_stage(plan)
-            saves = plan.steps // max(1, plan.job.checkpoint.every)
+            saves = len(anneal_steps(0, plan.steps, effective_every(plan)))
             if plan.stage.average and saves < 2:
                 raise ConfigError(f"stages.{plan.stage.name}.average", f"the stage saves {saves} checkpoint(s) in "
                                   f"its {plan.steps} steps (checkpoint.every={plan.job.checkpoint.every}); an average "
-                                  f"needs at least 2: lower checkpoint.every in its overrides")
+                                  f"needs at least 2: set a smaller checkpoint.every in its overrides")
+            check_fixed_data(plans[0], plan)
             for ds in (plan.job.data.train + plan.job.data.valid) if check_files else []:
                 for suffix in (".bin", ".idx"):
                     if not Path(ds.path + suffix).is_file():
@@ -146,7 +176,7 @@ class RecipeRunner:
         """Run the stage (a gated one chunk by chunk, until its gate passes or its budget is spent)."""
         start = Position(**record["start"])
         budget_end = start.step + plan.steps
-        anneal_tokens = plan.steps * tokens_per_step(plan.job)
+        anneal_tokens = anneal_span(plan)
         while True:
             end = min(start.step + (len(record["chunks"]) + 1) * plan.chunk_steps, budget_end)
             job = position_job(plan, start, end, history, horizon, warmup, anneal_tokens, self.world_size,
@@ -159,8 +189,7 @@ class RecipeRunner:
             if trainer.state.preempted:
                 from engine.callbacks import PREEMPTED_EXIT_CODE
                 raise SystemExit(PREEMPTED_EXIT_CODE)
-            _barrier()  # rank 0's evaluation record is on disk for every rank
-            gate = gates.measure(plan, self.run_dir / TRAIN_NAME, start.step, end)
+            gate = _from_rank0(lambda: gates.measure(plan, self.run_dir / TRAIN_NAME, start.step, end))
             record["chunks"].append({"end_step": end, "gate": gate})
             passed = gate is not None and gate.get("passed") is True
             if end >= budget_end or (plan.stage.gate.enabled and passed):
@@ -181,7 +210,7 @@ class RecipeRunner:
         if last.stage.average and "averaged" not in state:
             from recipe.averaging import average_stage
             state["averaged"] = average_stage(self.run_dir, ckpt_root, Position(**record["start"]).step,
-                                              Position(**record["end"]).step)
+                                              Position(**record["end"]).step, effective_every(last))
             self.save_state(state)
             self.say(f"averaged {len(state['averaged']['sources'])} annealing checkpoints into "
                      f"{state['averaged']['root']}")

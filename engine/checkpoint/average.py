@@ -210,8 +210,12 @@ def _check_weights(weights: Optional[Sequence[float]], count: int) -> List[float
     if len(weights) != count:
         raise CheckpointError(f"--weights: {len(weights)} weights for {count} checkpoints (one per checkpoint, "
                               f"in the order they are averaged)")
-    if not all(math.isfinite(w) and w >= 0 for w in weights) or math.fsum(weights) <= 0:
-        raise CheckpointError(f"--weights: must be finite and >= 0 with a positive sum, got {weights}")
+    try:
+        total = math.fsum(weights)
+    except OverflowError:  # finite weights whose sum is not (1e308,1e308)
+        total = math.inf
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not 0 < total < math.inf:
+        raise CheckpointError(f"--weights: must be finite and >= 0 with a positive, finite sum, got {weights}")
     return weights
 
 

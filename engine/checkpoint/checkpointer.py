@@ -255,7 +255,10 @@ class Checkpointer:
             (p.to_local() if hasattr(p, "to_local") else p).zero_()
         load_sharded(path, state, manifest["files"])
         scheduler = self.module.scheduler
+        own_peak = list(scheduler.base_lrs)
         scheduler.load_state_dict(meta["scheduler"])
+        # the peak LR is this run's optim.lr, not the saved one's (a recipe stage may change it; so may a resumed run)
+        scheduler.base_lrs = own_peak
         # the learning rate of the next step comes from this run's schedule at the saved step (the same value
         # unless the config changed, e.g. a run extended to more steps)
         lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]

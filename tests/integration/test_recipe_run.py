@@ -51,7 +51,7 @@ warmup_steps: 2
 export_hf: true
 stages:
   - {{name: short, tokens: 1536, overrides: [data.seq_len=32, data.global_batch_size=8]}}
-  - {{name: longer, tokens: 1536, overrides: [data.seq_len=64, data.global_batch_size=4, "{both}"]}}
+  - {{name: longer, tokens: 1536, overrides: [data.seq_len=64, data.global_batch_size=4, optim.lr=2.0e-3, "{both}"]}}
   - {{name: anneal, kind: anneal, tokens: 2048, average: true,
      overrides: [data.seq_len=64, data.global_batch_size=8, checkpoint.every=2, "{both}"]}}
 """)
@@ -112,10 +112,14 @@ def test_stages_continue_one_run(uninterrupted):
     horizon = 3072  # every stage's tokens before the anneal stage
     from engine.config import ScheduleConfig
     main = ScheduleConfig(kind="cosine", min_lr_ratio=0.1, total_tokens=horizon, warmup_tokens=512)
-    anneal = ScheduleConfig(**{**main.__dict__, "anneal_start_tokens": 3072, "anneal_tokens": 2048})
-    expected = [3e-3 * lr_multiplier_tokens(t, main if i < 12 else anneal) for i, t in enumerate(cumulative)]
+    # annealing falls towards 0 over its 4 steps plus one: its updates get 4/5 .. 1/5 of the LR it starts from
+    anneal = ScheduleConfig(**{**main.__dict__, "anneal_start_tokens": 3072, "anneal_tokens": 2560})
+    peak = [3e-3] * 6 + [2e-3] * 6 + [3e-3] * 4  # the second stage's own optim.lr (a stage may change the peak)
+    expected = [lr * lr_multiplier_tokens(t, main if i < 12 else anneal)
+                for i, (lr, t) in enumerate(zip(peak, cumulative))]
     assert [records[s]["lr"] for s in range(1, 17)] == pytest.approx(expected, rel=1e-12)
-    assert records[16]["lr"] == 0.0 and records[13]["lr"] < records[12]["lr"]
+    start = 3e-3 * lr_multiplier_tokens(3072, main)
+    assert [records[s]["lr"] for s in range(13, 17)] == pytest.approx([start * k / 5 for k in (4, 3, 2, 1)])
     # the anneal stage's checkpoints (every 2 steps: 14 and 16) averaged, and the average exported
     assert [Path(p).name for p in state["averaged"]["sources"]] == ["step_00000014", "step_00000016"]
     assert (run_dir / "hf" / "config.json").is_file() and final_weights(run_dir)

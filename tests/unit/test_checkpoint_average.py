@@ -276,3 +276,10 @@ def test_imports_average_and_export_with_their_token_ids(tmp_path, capfd):
     assert code == 2 and lines == ["herd: error: parameter 'norm.weight': the average is not finite (a source holds "
                                    "inf or nan)"], lines
     assert snapshot(tmp_path) == before
+
+
+def test_weights_whose_sum_overflows_are_one_line():
+    from engine.checkpoint.average import _check_weights
+    from engine.checkpoint.store import CheckpointError
+    with pytest.raises(CheckpointError, match="--weights"):
+        _check_weights([1e308, 1e308], 2)

@@ -125,3 +125,46 @@ def test_cli_refuses_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # nothing ran, nothing was written
     assert main(["train", "configs/recipes/demo.yaml", "--print-config", "--world-size", "2"]) == 0
     assert "long-1k" in capsys.readouterr().out
+
+
+def test_stages_share_one_data_stream_and_averages_need_two_saves(tmp_path):
+    path = tmp_path / "r.yaml"
+    for override, key in (("data.seed=5", "data.seed"), ("data.on_bad_data=skip", "data.on_bad_data"),
+                          ("model.vocab_size=8192", "model.vocab_size")):
+        path.write_text(f"config: configs/demo.yaml\nstages: [{{name: a, tokens: 4096}}, "
+                        f"{{name: b, tokens: 4096, overrides: [{override}]}}]\n")
+        with pytest.raises(ConfigError) as e:
+            RecipeRunner(load_recipe(str(path))).plan(check_files=False)
+        assert e.value.key == "stages.b" and key in str(e.value)
+    # checkpoint.every=0 saves only at the stage's end: one checkpoint, nothing to average
+    path.write_text("config: configs/demo.yaml\nstages: [{name: a, tokens: 4096}, {name: z, kind: anneal, "
+                    "tokens: 40960, average: true, overrides: [checkpoint.every=0]}]\n")
+    with pytest.raises(ConfigError) as e:
+        RecipeRunner(load_recipe(str(path))).plan(check_files=False)
+    assert e.value.key == "stages.z.average"
+
+
+def test_only_the_anneal_schedule_is_averaged():
+    from recipe.averaging import anneal_steps
+    assert anneal_steps(12, 16, 2) == [14, 16]
+    assert anneal_steps(250, 262, 5) == [255, 260, 262]  # and the stage's end, off the interval
+    assert anneal_steps(12, 16, 100) == [16]
+
+
+def test_gate_verdicts(tmp_path):
+    """Pass needs what was measured to pass; what was not measured does not gate."""
+    import json
+
+    from recipe.gates import measure
+    recipe = load_recipe("configs/recipes/demo.yaml")
+    plan = next(p for p in RecipeRunner(recipe, world_size=2).plan(check_files=False) if p.stage.kind == "long_context")
+    tolerance, needed = plan.stage.gate.short_loss_tolerance, plan.stage.gate.needle_accuracy
+    cases = [(3.0, 3.0 * (1 + tolerance) * 0.999, needed, True), (3.0, 3.0 * (1 + tolerance) * 1.001, needed, False),
+             (3.0, 2.0, needed - 0.01, False), (None, None, needed, True), (3.0, 2.5, None, True),
+             (None, None, None, False)]
+    for before, after, needle, passed in cases:
+        records = [{"step": 10, "when": "start", "short_loss": before, "needle_mean": 0.0},
+                   {"step": 10, "when": "start", "short_loss": 99.0, "needle_mean": 0.0},  # a resumed start: later
+                   {"step": 20, "when": "end", "short_loss": after, "needle_mean": needle}]
+        (tmp_path / "long_eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"cut')
+        assert measure(plan, tmp_path, 10, 20)["passed"] is passed, (before, after, needle)
