@@ -19,7 +19,9 @@ from tests.helpers import parity_config
 transformers = pytest.importorskip("transformers")
 
 # 4 layers, so pp=2 can run two virtual stages per rank (a layer split unlike the one-process model's)
-LAYOUTS = {2: [layout(tp=2), layout(pp=2, schedule="Interleaved1F1B"), layout(dp_shard=2), layout(cp=2)],
+LAYOUTS = {2: [layout(tp=2), layout(pp=2, schedule="Interleaved1F1B"), layout(dp_shard=2), layout(cp=2),
+               # fused q/k/v and gate/up: the checkpoint holds wq/wk/wv, w1/w3 all the same (Parallelized.pieces)
+               layout(tp=2) + ["train.fused_projections=true"]],
            4: [layout(tp=2, pp=2)]}
 SAVE = ["model.n_layers=4", "train.steps=2", "checkpoint.every=2"]
 
