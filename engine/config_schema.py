@@ -146,6 +146,7 @@ class TrainConfig:
     eval_batches: int = 8  # validation micro-batches per evaluation in all, whatever the layout (a multiple of dp)
     compile: bool = False  # torch.compile each transformer block (parallel/parallelize.py step 6)
     fused_projections: bool = False  # q/k/v and gate/up as one GEMM each (wqkv, w13); checkpoints keep the names
+    grad_accum_fusion: bool = False  # add weight grads into the fp32 grads inside the backward GEMM (tp/pp layouts)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from engine.fp8 import (apply_fp8, check_fp8_config, fp8_forward_context, fp8_st
                         set_amax_groups)
 from engine.flops import device_peak_tflops, flops_per_token, parameter_count
 from engine.model import build_meta_model, init_weights
+from engine.ops.accum_linear import check_fused_accumulation, use_fused_accumulation
 from engine.optim import build_optimizer, build_scheduler
 from engine.secrets import scrub
 from engine.train_module import LMTrainModule
@@ -168,6 +169,9 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh],
     if adapt_model is not None:
         adapt_model(model)
     apply_fp8(model, cfg.fp8)  # before parallelize: TP and FSDP then shard the FP8 layers' plain weights
+    check_fused_accumulation(cfg.train.grad_accum_fusion, cfg.parallel, cfg.train.compile)
+    if cfg.train.grad_accum_fusion:  # the remaining plain linears add their weight grads into fp32 in backward
+        use_fused_accumulation(model)
     p = cfg.parallel
     options = ParallelizeOptions(sequence_parallel=p.sequence_parallel,
                                  activation_checkpointing=p.activation_checkpointing, ac_every=p.ac_every,

@@ -58,3 +58,17 @@ def test_fused_layouts_and_resume_across_fusion(corpus, tmp_path):  # noqa: F811
         assert loss_err < 1e-5 and param_err < 1e-5
     for rank_result in results[1:]:
         assert [r["losses"] for r in rank_result] == [r["losses"] for r in results[0]]
+
+
+def test_fused_accumulation_under_tp_and_pp(corpus, tmp_path):  # noqa: F811
+    """train.grad_accum_fusion (engine/ops/accum_linear.py) under tp2 with fused projections and a two-stage 1F1B
+    pipeline, 16 and 8 micro-batches per step: in fp32 the layer computes what autograd does, so the runs match
+    one plain process within the parity bound (1e-5)."""
+    reference = train_reference(corpus, tmp_path / "ref")
+    gaf = ["train.grad_accum_fusion=true"]
+    layouts = [gaf + FUSED + ["parallel.tp=2"], gaf + ["parallel.pp=2", "parallel.pp_schedule=1F1B"]]
+    results = run_on_ranks(ranks.train_layouts, 2, str(corpus), str(tmp_path / "runs"), layouts, timeout=1800)
+    for layout, result in zip(layouts, results[0]):
+        loss_err, param_err = rel_errors(result["losses"], result["params"], reference)
+        print(f"{' '.join(layout)}: loss {loss_err:.2e}, params {param_err:.2e} vs one plain process")
+        assert len(result["losses"]) == 5 and loss_err < 1e-5 and param_err < 1e-5
