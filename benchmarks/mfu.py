@@ -9,6 +9,12 @@ master weights, bf16 autocast, fused AdamW and no activation checkpointing. Vari
   herd-fp8             herd-bf16 after engine.fp8.apply_fp8(model, FP8Config(backend="native", recipe="tensorwise",
                        bf16_first_last_layers=False)): all 4 blocks' projections in FP8, the head in bf16
   herd-fp8-delayed     the same with recipe="delayed"
+  herd-<base>-<opts>   herd-bf16, herd-fp8 or herd-fp8-delayed with options, any of (in this order): fused (train.
+                       fused_projections: one GEMM for q/k/v, one for gate/up), gaf (train.grad_accum_fusion: weight
+                       grads added into the fp32 grads inside the backward GEMM; not with compile), compile
+                       (train.compile: torch.compile per block, parallel/parallelize.py apply_compile; the warm-up
+                       steps pay the compilation). EXTRA_VARIANTS lists the ones measured; the default run leaves
+                       them out (--variants names them)
   hf-bf16              the baseline: transformers' LlamaForCausalLM of the same shape (SDPA attention), loss from
                        its labels (it shifts them itself, so its loss covers seq_len - 1 tokens of each sequence)
 
@@ -51,6 +57,21 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("herd-bf16", "herd-bf16-nokernels", "herd-fp8", "herd-fp8-delayed", "hf-bf16")
 FP8_RECIPES = {"herd-fp8": "tensorwise", "herd-fp8-delayed": "delayed"}
 NO_KERNELS = "herd-bf16-nokernels"
+OPTIONS = ("fused", "gaf", "compile")  # herd variant suffixes, in this order
+EXTRA_VARIANTS = ("herd-bf16-compile", "herd-bf16-fused", "herd-bf16-fused-compile", "herd-bf16-gaf",
+                  "herd-bf16-fused-gaf", "herd-fp8-compile", "herd-fp8-fused-compile")
+
+
+def herd_options(variant: str) -> Tuple[str, Tuple[str, ...]]:
+    """'herd-fp8-fused-compile' -> ('herd-fp8', ('fused', 'compile')); ValueError for an unknown name."""
+    for base in sorted(FP8_RECIPES, key=len, reverse=True) + ["herd-bf16"]:
+        if variant == base or variant.startswith(base + "-"):
+            opts = tuple(variant[len(base) + 1:].split("-")) if variant != base else ()
+            if all(o in OPTIONS for o in opts) and list(opts) == sorted(opts, key=OPTIONS.index) \
+                    and len(set(opts)) == len(opts) and not {"gaf", "compile"} <= set(opts):
+                return base, opts
+    raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS + EXTRA_VARIANTS)}, or herd-<base>-"
+                     f"<{'|'.join(OPTIONS)}>... in that order, gaf and compile not together)")
 # child options forwarded by the parent: (flag, attribute)
 FORWARDED = (("--steps", "steps"), ("--warmup", "warmup"), ("--seq-len", "seq_len"), ("--batch-size", "batch_size"),
              ("--layers", "layers"), ("--dim", "dim"), ("--ffn-dim", "ffn_dim"), ("--heads", "heads"),
@@ -112,13 +133,13 @@ def make_batches(args: argparse.Namespace, device) -> List[Tuple]:
     return out
 
 
-def fast_model(cfg, device, seed: int):
+def fast_model(cfg, device, seed: int, fused_projections: bool = False):
     """herd's model with random weights drawn on the device itself. engine.model.build_model draws each full
     parameter on the CPU (so every layout gets identical values), which for 1.9B parameters costs tens of seconds
     per variant; throughput does not depend on the values, so the benchmark draws them where they live."""
     import torch
     from engine.model import build_meta_model
-    model = build_meta_model(cfg).to_empty(device=device)
+    model = build_meta_model(cfg, fused_projections).to_empty(device=device)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -137,15 +158,17 @@ def build_herd(variant: str, cfg, device, seed: int, info: dict) -> Tuple[object
     scope each optimizer step's micro-batches run in (engine.fp8.fp8_step_context: the FP8 weight cache)."""
     import torch
     from engine import ops
-    model = fast_model(cfg, device, seed)
+    base, opts = herd_options(variant) if variant != NO_KERNELS else ("herd-bf16", ())
+    info["options"] = list(opts)
+    model = fast_model(cfg, device, seed, fused_projections="fused" in opts)
     step_context = contextlib.nullcontext
-    if variant in FP8_RECIPES:
+    if base in FP8_RECIPES:
         import dataclasses
         from engine.config import FP8Config
         from engine.fp8 import apply_fp8, fp8_step_context
         # every block in FP8: the 4-layer proxy stands for the middle of the 32-layer stack (a full 8B run keeps only
         # its first and last blocks in bf16, 2 of 32); the output head stays bf16 as in training
-        fp8_cfg = FP8Config(backend="native", recipe=FP8_RECIPES[variant], bf16_first_last_layers=False)
+        fp8_cfg = FP8Config(backend="native", recipe=FP8_RECIPES[base], bf16_first_last_layers=False)
         info["fp8_config"] = dataclasses.asdict(fp8_cfg)
         converted = apply_fp8(model, fp8_cfg)  # in place; returns the converted layer names
         if isinstance(converted, torch.nn.Module):  # (a version that returns the model works too)
@@ -153,6 +176,12 @@ def build_herd(variant: str, cfg, device, seed: int, info: dict) -> Tuple[object
         elif isinstance(converted, (list, tuple)):
             info["fp8_layers"] = len(converted)
         step_context = fp8_step_context(fp8_cfg, [model])
+    if "gaf" in opts:
+        from engine.ops.accum_linear import use_fused_accumulation
+        info["grad_accum_fusion_layers"] = use_fused_accumulation(model)
+    if "compile" in opts:
+        from parallel.parallelize import apply_compile
+        apply_compile(model)
     model.train()
 
     def loss_fn(inputs, targets, mask):
@@ -238,7 +267,7 @@ def train_steps(loss_fn: Callable, optimizer, batches: List[Tuple], first: int, 
 def measure(args: argparse.Namespace, info: dict) -> None:
     """Build the variant, warm up, time args.steps steps, and fill `info` with the row's numbers."""
     if args.variant not in VARIANTS:
-        raise ValueError(f"unknown variant {args.variant!r} (known: {', '.join(VARIANTS)})")
+        herd_options(args.variant)  # a ValueError naming the known ones
     if args.variant == NO_KERNELS:
         os.environ["HERD_KERNELS"] = "0"  # read when engine.ops is first imported (the parent sets it too)
     import torch
@@ -416,7 +445,7 @@ def make_table(rows: List[dict]) -> str:
             lines.append(f"| {r['variant']} | failed | - | - | - | - | - | - | - | - |")
             notes.append(f"{r['variant']} failed: {r['error']}")
             continue
-        star = "*" if r["variant"] in FP8_RECIPES else ""
+        star = "*" if r["variant"].startswith("herd-fp8") else ""
         mfu = "-" if r.get("mfu") is None else f"{100 * r['mfu']:.1f}%{star}"
         loss = f"{r['first_loss']:.3f} -> {r['last_loss']:.3f}" + ("" if r["loss_finite"] else " NOT FINITE")
         lines.append(f"| {r['variant']} | {r['tokens_per_s']:,.0f} | {r['ms_per_step']:.1f} | {r['tflops']:.1f} | "

@@ -156,3 +156,32 @@ def test_step_profile_groups_kernels_by_category_and_ranks_them():
     assert "**herd-bf16**: 8.9 ms" in text and f"| `{norm}` | herd kernels | 0.15 | 2 |" in text
     assert "reduce_kernel<a/b>" in text  # no stray table separator
     assert "hf-bf16: profiling failed: RuntimeError: no CUPTI" in text and "herd-fp8" not in text
+
+
+def test_variant_names_parse_and_typos_are_refused():
+    """Every extra variant (the GPU check names them) parses into its base and options; a misspelt or misordered
+    name is a ValueError in the child, not a silently different variant."""
+    for variant in mfu.EXTRA_VARIANTS:
+        base, opts = mfu.herd_options(variant)
+        assert base in ("herd-bf16", "herd-fp8") and opts and variant == "-".join([base, *opts])
+    assert mfu.herd_options("herd-fp8-delayed-fused") == ("herd-fp8-delayed", ("fused",))
+    for bad in ("herd-bf16-compile-fused", "herd-bf16-fuse", "herd-bf16-gaf-compile", "herd-bf16-fused-fused",
+                "herd-bf17-fused"):
+        with pytest.raises(ValueError):
+            mfu.herd_options(bad)
+    row = mfu.run_child(mfu.parse_args(["--variant", "herd-bf16-compiled", "--steps", "1", *TINY]))
+    assert "unknown variant 'herd-bf16-compiled'" in row["error"]
+
+
+@pytest.mark.parametrize("variant", ["herd-bf16-fused-compile", "herd-bf16-fused-gaf", "herd-fp8-fused-compile"])
+def test_fused_gaf_and_compile_variants_run_on_cpu(variant):
+    """Each option's code path (fused projections, fused gradient accumulation, compile; with FP8) trains a tiny
+    model on CPU and reports a valid row, so the GPU check cannot fail on a typo or a missing import."""
+    import torch._inductor.config
+    args = mfu.parse_args(["--variant", variant, "--steps", "2", "--warmup", "1", *TINY])
+    with torch._inductor.config.patch(compile_threads=1):  # no compile worker pool left behind in pytest
+        row = mfu.run_child(args)
+    check_row(row, args)
+    assert row["options"] == list(mfu.herd_options(variant)[1])
+    if "gaf" in variant:
+        assert row["grad_accum_fusion_layers"] == 2 * 4 + 1  # wqkv, wo, w13, w2 in each of 2 blocks, the head
