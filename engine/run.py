@@ -90,6 +90,7 @@ def check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
                            p.pp_layers)
     except LayoutError as e:
         raise ConfigError(e.key, e.message) from None
+    check_fused_accumulation(cfg.train.grad_accum_fusion, p, cfg.train.compile)  # FSDP etc.: before any group
     has_validation = cfg.data.valid if cfg.align.kind == "lm" else cfg.align.valid_file
     if has_validation:
         eval_share(cfg, dims.dp)

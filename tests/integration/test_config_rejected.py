@@ -87,6 +87,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("world,overrides,expected", [
     (3, ["parallel.tp=3", "data.global_batch_size=24"], "parallel.tp: tp=3 does not divide model.n_heads=8"),
     (2, ["parallel.dp_shard=1"], "parallel: dp_replicate*dp_shard*pp*cp*tp = 1 but the world size is 2"),
+    (2, ["train.grad_accum_fusion=true"], "parallel.dp_shard: 2 shards gradients with FSDP"),
 ])
 def test_rank_of_a_bad_layout_exits_before_its_process_group(tmp_path, world, overrides, expected):
     """`herd train` as torchrun starts it (rank 0 of `world`, peers never come): had it called
