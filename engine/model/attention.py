@@ -12,9 +12,10 @@ saved log-sum-exp). Queries and keys are cut into blocks of `block` tokens; a (q
 computed only if some query of it may attend some key of it, and its mask (a [b, block, block] boolean) is built
 only if not every query may attend every key. Whether a pair can attend follows from each token's global index
 (causal: key index <= query index) and document id (same document): per block the index range is known from its
-`Segments` on the host, the document-id range is read once per forward. So nothing of size s x s exists: the
-largest tensors are the [b, h, block, block] scores of one pair, and the saved state is q, k, v, the output and
-one fp32 log-sum-exp per query and head. Matmuls run in the inputs' dtype (bf16 under autocast on a GPU), softmax
+`Segments` on the host, the document-id range is read once per forward (under the dry run's fake tensors, which
+have no values, the plan keeps one pair: `_one_pair`). So nothing of size s x s exists: the largest tensors are
+the [b, h, block, block] scores of one pair, and the saved state is q, k, v, the output and one fp32
+log-sum-exp per query and head. Matmuls run in the inputs' dtype (bf16 under autocast on a GPU), softmax
 statistics and accumulators in fp32, as flash attention does.
 
 Context parallelism (parallel/context_parallel.py) uses the same kernel through this module's core: queries of
@@ -87,6 +88,18 @@ def _doc_ranges(doc: torch.Tensor, block: int) -> Tuple[torch.Tensor, torch.Tens
     return padded.amin(-1), padded.amax(-1)
 
 
+def _one_pair(rows: list) -> list:
+    """The dry run's plan (FakeTensorMode): one pair, a masked one where there is one. Fake tensors carry no values,
+    and every pair allocates the same block-sized temporaries, freed before the next, on top of the full-size
+    output, log-sum-exp and gradient buffers allocated before the loop: one pair gives the same peak memory as
+    all of them, without thousands of fake operators per layer at 128K (the dry run stepped for minutes)."""
+    for row_slice, pairs in rows:
+        for cols, masked in pairs:
+            if masked:
+                return [(row_slice, [(cols, masked)])]
+    return [(rows[0][0], rows[0][1][:1])] if rows else []
+
+
 class BlockPlan:
     """Which (query block, key block) pairs can attend, and which of them need a mask; built once per forward.
 
@@ -115,6 +128,8 @@ class BlockPlan:
                 pairs.append((slice(j * block, (j + 1) * block), not whole))
             if pairs:
                 self.rows.append((slice(i * block, (i + 1) * block), pairs))
+        if _is_fake(self.q_index):
+            self.rows = _one_pair(self.rows)
 
     def allowed(self, rows: slice, cols: slice) -> torch.Tensor:
         """bool [b or 1, 1, 1, |rows|, |cols|] for scores [b, kv, g, |rows|, |cols|]: causal and same document."""
