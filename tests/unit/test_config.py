@@ -106,6 +106,12 @@ def test_every_shipped_config_loads():
             recipe = load_recipe(str(path))
             RecipeRunner(recipe, world_size=RECIPE_WORLD.get(path.stem, 1)).plan(check_files=False)
             recipes += 1
+        elif path.parent.name == "scaling":  # an IsoFLOP sweep (herd scaling): every run's job, from the repo root
+            from engine.config import load_scaling
+            from scaling.plan import load_job, plan_runs
+            sweep = load_scaling(str(path))
+            for run in plan_runs(sweep, load_job(sweep)):
+                load_config(sweep.job, list(sweep.overrides) + run.overrides(sweep))
         elif "\nstages:" in "\n" + path.read_text():
             PipelineRunner(load_pipeline(str(path))).check()  # loads each stage's job from the repo root
             pipelines += 1
