@@ -6,7 +6,8 @@ compiled run equals the eager one to rounding, not bitwise. Stated tolerance: pe
 relative and final parameters within 1e-5 relative (per-tensor L2 norm of the difference over the reference's) of
 one eager process, the bound the layout parity tests use: fp32 rounding of a reordered sum is ~1e-7 relative per
 operation, and 5 AdamW steps do not amplify it past 1e-5 (figures printed per layout). Compiled FP8 is compared
-with one eager FP8 process (losses within 1e-4) and by its distance from fp32 (test_compiled_fp8_matches_eager_fp8_process).
+with one eager FP8 process (losses within 1e-4) and by its distance from fp32
+(test_compiled_fp8_matches_eager_fp8_process).
 
 CI tier (2 ranks): tensor + sequence parallel, FSDP with full activation checkpointing, a two-stage pipeline;
 measured on the shared 2-core machine under load: 354 s for the first layout (a cold inductor cache: every rank
