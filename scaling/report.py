@@ -40,17 +40,25 @@ def fit_sweep(runs: List[dict], targets: List[float]) -> dict:
                        "budgets"}, "llama3": LLAMA3}
     if len(optimal) >= 2:
         law = fit_power_law([c for c, _, _ in optimal], [d for _, d, _ in optimal])
-        result["power_law"] = {"alpha": law.alpha, "A": law.A, "alpha_stderr": law.alpha_stderr,
-                               "log10_A_stderr": law.log10_A_stderr, "covariance": law.covariance,
-                               "budgets_fitted": law.points}
+        result["power_law"] = _law_entry(law, optimal)
         result["predictions"] = [law.predict(t) for t in targets]
         result["_law"] = law
+        interior = [o for o in optimal if o[2].interior]
+        if 2 <= len(interior) < len(optimal):  # the same fit without the minima extrapolated beyond the grid
+            result["power_law_interior_only"] = _law_entry(
+                fit_power_law([c for c, _, _ in interior], [d for _, d, _ in interior]), interior)
     downstream = _downstream(runs, optimal)
     if downstream:
         result["downstream"] = downstream
         result["downstream_predictions"] = [_predict_accuracy(downstream, t) for t in targets] \
             if "sigmoid" in downstream else []
     return result
+
+
+def _law_entry(law: PowerLaw, optimal: list) -> dict:
+    return {"alpha": law.alpha, "A": law.A, "alpha_stderr": law.alpha_stderr, "log10_A_stderr": law.log10_A_stderr,
+            "covariance": law.covariance, "budgets_fitted": law.points,
+            "extrapolated_minima": sum(not p.interior for _, _, p in optimal)}
 
 
 def _downstream(runs: List[dict], optimal: list) -> Optional[dict]:
@@ -126,7 +134,15 @@ def _markdown(doc: dict, command: str) -> str:
         law = doc["power_law"]
         lines += ["", f"Power law D*(C) = A C^alpha: **alpha = {law['alpha']:.3f} ± {law['alpha_stderr']:.3f}** "
                       f"(standard error, {law['budgets_fitted']} budgets), A = {law['A']:.3g} (Llama 3: alpha 0.53, "
-                      f"A 0.29)", ""]
+                      f"A 0.29)"]
+        if law["extrapolated_minima"]:
+            lines.append(f"({law['extrapolated_minima']} of these minima lie outside the sizes trained.)")
+        if "power_law_interior_only" in doc:
+            only = doc["power_law_interior_only"]
+            lines += ["", f"Without them ({only['budgets_fitted']} budgets, interior minima only): alpha = "
+                          f"{only['alpha']:.3f}" + (f" ± {only['alpha_stderr']:.3f}" if only["budgets_fitted"] >= 3
+                                                     else " (two points: no error estimate)") + f", A = {only['A']:.3g}"]
+        lines.append("")
         for p in doc.get("predictions", []):
             lines.append(f"- C = {p['compute']:.3g}: N* = {p['params']:.3g} (95%: {p['params_95'][0]:.3g} to "
                          f"{p['params_95'][1]:.3g}), D* = {p['tokens']:.3g} tokens (95%: {p['tokens_95'][0]:.3g} to "

@@ -120,3 +120,21 @@ def test_report_recovers_the_law_of_its_runs(tmp_path):
     for png in tmp_path.glob("*.png"):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "alpha = 0.54" in (tmp_path / "scaling.md").read_text()
+
+
+def test_minima_beyond_the_grid_are_flagged_and_fitted_without(tmp_path):
+    """A budget whose sizes all lie above its optimum has its vertex extrapolated: the main fit counts it and says
+    so; the interior-only fit (here 3 budgets of exact Chinchilla losses) recovers alpha."""
+    from scaling.report import fit_sweep
+    from tests.unit.test_scaling_fit import ALPHA, K, law
+    runs = []
+    for budget, shift in ((1e18, 0.0), (1e19, 0.0), (1e20, 0.0), (1e21, 0.9)):  # the last: 0.4 to 1.4 decades above
+        n_opt = budget / (6 * K * budget ** ALPHA)
+        for n in n_opt * 10 ** (np.linspace(-0.5, 0.5, 7) + shift):
+            runs.append({"name": f"r{len(runs)}", "budget": budget, "params": float(n),
+                         "val_loss": float(law(n, budget / (6 * n)))})
+    fits = fit_sweep(runs, [])
+    assert [b["parabola"]["interior"] for b in fits["budgets"]] == [True, True, True, False]
+    assert fits["power_law"]["extrapolated_minima"] == 1 and fits["power_law"]["budgets_fitted"] == 4
+    only = fits["power_law_interior_only"]
+    assert only["budgets_fitted"] == 3 and only["alpha"] == pytest.approx(ALPHA, abs=0.01)
