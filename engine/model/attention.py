@@ -267,6 +267,12 @@ class DocumentMask:
         """The same mask as the dense reference, bool [b, 1, s, s] (for TransformerEngine's arbitrary mask)."""
         return document_causal_mask(None, self.doc_ids)
 
+    def dense_cached(self) -> torch.Tensor:
+        """dense(), built once per forward and shared by every layer (the GPU path of short sequences)."""
+        if "dense" not in self._plans:
+            self._plans["dense"] = self.dense()
+        return self._plans["dense"]
+
 
 def document_mask(position_ids: torch.Tensor, doc_ids: Optional[torch.Tensor], block: int = BLOCK
                   ) -> Optional[DocumentMask]:
@@ -274,8 +280,22 @@ def document_mask(position_ids: torch.Tensor, doc_ids: Optional[torch.Tensor], b
     return None if doc_ids is None else DocumentMask(doc_ids, block)
 
 
+# On a GPU, up to this many keys a document mask goes to SDPA as a dense boolean mask (its fused memory-efficient
+# kernel; 256 MiB of mask per micro-batch at 16K), as herd did before the blockwise kernel: the pure-torch kernel
+# launches a few kernels per block pair, and its GPU speed is not measured yet (no GPU was lent to the change).
+# Longer sequences, where the dense mask would dominate memory (4 GiB at 64K), and every CPU run take the
+# blockwise kernel. To be replaced by a fused CUDA path (FlexAttention) once one is measured on a GPU.
+GPU_DENSE_MASK_MAX_KEYS = 16384
+
+
+def dense_mask_on(device: torch.device, keys: int) -> bool:
+    return device.type == "cuda" and keys <= GPU_DENSE_MASK_MAX_KEYS
+
+
 @torch.compiler.disable  # the plan reads document ids on the host once per forward (see blockwise_attention)
 def _document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: DocumentMask) -> torch.Tensor:
+    if dense_mask_on(q.device, k.shape[2]):  # q/k/v [b, heads, s, d]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.dense_cached(), enable_gqa=True)
     return blockwise_attention(q, k, v, mask.plan(q.device))
 
 

@@ -227,3 +227,12 @@ def test_sdpa_causal_path_is_kept():
     expected = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               is_causal=True, enable_gqa=True).transpose(1, 2)
     assert torch.equal(causal_attention(q, k, v, None), expected)
+
+
+def test_gpu_short_sequences_keep_sdpa_with_the_dense_mask():
+    """Up to GPU_DENSE_MASK_MAX_KEYS keys a CUDA run takes SDPA's fused kernel with the dense mask (the blockwise
+    kernel's GPU speed is not measured); longer ones, and every CPU run, take the blockwise kernel."""
+    from engine.model.attention import GPU_DENSE_MASK_MAX_KEYS, dense_mask_on
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert dense_mask_on(cuda, 8192) and dense_mask_on(cuda, GPU_DENSE_MASK_MAX_KEYS)
+    assert not dense_mask_on(cuda, GPU_DENSE_MASK_MAX_KEYS + 1) and not dense_mask_on(cpu, 8192)
