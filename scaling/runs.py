@@ -95,7 +95,7 @@ def pending(sweep: Path, plan: dict) -> List[int]:
 
 def run_local(sweep: Path, plan: dict, jobs: int) -> int:
     """Every unfinished run on this machine, `jobs` at a time, each `python -m scaling.task` in its own process
-    (its console output in runs/NNN.log). SIGTERM or Ctrl-C is passed to the running runs, which save at their
+    (its console output in runs/<run>.log). SIGTERM or Ctrl-C is passed to the running runs, which save at their
     next step boundary and stop (herd's preemption); no new run starts. Returns the number of runs not finished."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
     todo = pending(sweep, plan)
@@ -104,7 +104,8 @@ def run_local(sweep: Path, plan: dict, jobs: int) -> int:
     threads = str(max(1, (os.cpu_count() or 1) // jobs))  # jobs x threads = the machine's cores
     children = _Children()
     with children.forwarding_signals(), ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(_train_one, sweep, index, threads, children): index for index in todo}
+        futures = {pool.submit(_train_one, sweep, plan["runs"][index]["name"], index, threads, children): index
+                   for index in todo}
         failed = sum(_report(sweep, plan["runs"][futures[f]], *f.result()) for f in as_completed(futures))
     if children.stopped:
         raise HerdError(f"stopped by signal {children.stopped}: the running runs saved a checkpoint; run the same "
@@ -133,9 +134,9 @@ class _Children:
                 signal.signal(s, handler)
 
 
-def _train_one(sweep: Path, index: int, threads: str, children: _Children) -> tuple:
+def _train_one(sweep: Path, name: str, index: int, threads: str, children: _Children) -> tuple:
     """(exit code, seconds, log path) of `python -m scaling.task PLAN index` in a child process."""
-    log_path = sweep / "runs" / f"{index:03d}.log"
+    log_path = sweep / "runs" / f"{name}.log"  # beside the run's directory; appended to when it resumes
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
     if children.stopped:

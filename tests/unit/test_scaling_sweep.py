@@ -45,7 +45,7 @@ def test_sweep_stops_resumes_fits_and_is_not_redone(corpus):  # noqa: F811
 
     code, out, err = finish(scaling(str(config), "jobs=2"))
     assert code == 0, err[-3000:]
-    assert "resumed from" in (sweep / "runs" / "000.log").read_text()
+    assert "resumed from" in (sweep / "runs" / "c3e09-d16.log").read_text()
     document = json.loads((sweep / "scaling.json").read_text())
     assert len(document["runs"]) == 6 and all(0 < r["val_loss"] < 7 for r in document["runs"])
     for run in document["runs"]:
