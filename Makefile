@@ -27,7 +27,7 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m launch.demo
 
-# `make scaling-demo`: an IsoFLOP sweep (3 budgets x 5 sizes) on CPU on the demo corpus, fitted; results to
+# `make scaling-demo`: an IsoFLOP sweep (4 budgets x 4-5 sizes) on CPU on the demo corpus, fitted; results to
 # benchmarks/results/scaling_demo* (docs/scaling.md). Finished runs are kept: rm -rf runs/scaling-demo to redo it.
 .PHONY: scaling-demo
 scaling-demo: $(STAMP)
