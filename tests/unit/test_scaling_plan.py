@@ -88,9 +88,9 @@ def test_weight_decay_is_the_scheduled_lr_times_the_coefficient():
     (["budgets=[]"], "budgets: no compute budgets"),
     (["dims=[]"], "dims: the size grid needs at least 3 widths for a parabola, got 0 (empty grid)"),
     (["dims=[64,96,100]"], "dims[2]: 100 must be a positive multiple of 16"),
-    (["budgets=[1e9,1e12,1e13]"], "budgets[0]: 1e+09 FLOPs gives the smallest model (dim "),
-    (["batch_sizes=[8]"], "batch_sizes: give one per budget (3) or none, got 1"),
-    (["batch_sizes=[8,16,12]"], "batch_sizes[2]: 12 sequences is not a multiple of the job's "
+    (["budgets=[1e9,1e12,1e13]", "batch_sizes=[8,16,16]"], "budgets[0]: 1e+09 FLOPs gives the smallest model (dim "),
+    (["budgets=[1e12,3e12,1e13]", "batch_sizes=[8]"], "batch_sizes: give one per budget (3) or none, got 1"),
+    (["budgets=[1e12,3e12,1e13]", "batch_sizes=[8,16,12]"], "batch_sizes[2]: 12 sequences is not a multiple of the job's "
                                 "data.micro_batch_size=8"),
     (["lrs=[1e-3]"], "lrs: give one per width in dims (5) or none, got 1"),
     (["budgetz=[1e12]"], "budgetz: unknown key"),
