@@ -6,7 +6,9 @@
 # Stages (STAGES, default all, in this order, most needed first): build (csrc/ -> herd_kernels, in place), tests
 # (pytest tests/gpu), mfu (benchmarks/mfu.py: herd bf16 with and without kernels, native FP8, HF transformers
 # baseline; each variant also profiles one step: where its GPU time goes, benchmarks/step_profile.py), accum (herd
-# bf16, FP8 and HF with 8 micro-batches per optimizer step: AdamW amortized as in training), peers
+# bf16, FP8 and HF with 8 micro-batches per optimizer step: AdamW amortized as in training), fused (the same with
+# issue 20's options, docs/throughput.md: fused projections with fused gradient accumulation, and with torch.compile
+# per block in bf16 and FP8), peers
 # (benchmarks/peers.py at the accum stage's settings: HF + torch.compile, HF + Liger-Kernel, torchtitan FSDP2 +
 # compile in bf16 and float8, Megatron-core's local spec; herd's accum rows beside them), kernels
 # (benchmarks/kernels/run.py: each csrc/ kernel against copy bandwidth, eager and torch.compile), liger
@@ -18,7 +20,8 @@
 # The whole script keeps to DEADLINE seconds (default 480): each stage's limit is its own cap or what is left, and a
 # stage with under MIN_STAGE_S (20) seconds left is skipped and says so, so a hang cannot eat the call and the
 # results are always packed. Planned caps (s; benchmarks/README.md has the budget): build 150, tests 90, mfu 110,
-# accum 75, peers 170, kernels 75, liger 35, mfu8 45, dryrun 2 x 60. Their sum is over DEADLINE on purpose: a stage
+# accum 75, fused 130, peers 170, kernels 75, liger 35, mfu8 45, dryrun 2 x 60, attnmem 60 (attention under
+# document masks, benchmarks/attention_memory.py). Their sum is over DEADLINE on purpose: a stage
 # that ends early leaves its time to the next, the last ones get what is left.
 # The peers' wheels (wheels/peers, `make gpu-wheels`) go into a folder of their own (PEER_SITE) that only the peers
 # and liger stages see, so nothing they bring changes the other stages' imports.
@@ -28,7 +31,7 @@
 set -uo pipefail
 OUT=${OUT:-gpu-out}
 W=$(mktemp -d)  # every log here, packed into $OUT at the end
-STAGES=${STAGES:-build tests mfu accum peers kernels liger mfu8 dryrun attnmem}
+STAGES=${STAGES:-build tests mfu accum fused peers kernels liger mfu8 dryrun attnmem}
 MFU_VARIANTS=${MFU_VARIANTS:-herd-bf16,herd-fp8,hf-bf16,herd-bf16-nokernels,herd-fp8-delayed}
 PEERS=${PEERS:-hf-liger,hf-compile,titan-compile,megatron-local,titan-fp8}
 DEADLINE=${DEADLINE:-480}
@@ -100,6 +103,13 @@ if has accum; then
     --variants herd-bf16,herd-fp8,hf-bf16 --log-dir "$W/accum" --results-suffix _accum8 --save \
     >"$W/accum.log" 2>&1
   report "accum exit $?"
+fi
+
+if has fused; then  # issue 20's options (docs/throughput.md), 8 micro-batches per step like accum
+  run fused 130 python -m benchmarks.mfu --accum 8 --steps 4 --warmup 2 --timeout 100 \
+    --variants herd-bf16-fused-gaf,herd-bf16-fused-compile,herd-fp8-fused-compile --log-dir "$W/fused" \
+    --results-suffix _accum8_options --save >"$W/fused.log" 2>&1
+  report "fused exit $?"
 fi
 
 if has peers; then
