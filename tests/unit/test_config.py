@@ -112,6 +112,10 @@ def test_every_shipped_config_loads():
             sweep = load_scaling(str(path))
             for run in plan_runs(sweep, load_job(sweep)):
                 load_config(sweep.job, list(sweep.overrides) + run.overrides(sweep))
+        elif path.parent.name == "curate":  # a curation pipeline (herd curate), its values checked
+            if path.suffix == ".yaml":
+                from curate.config import load as load_curation
+                load_curation(str(path))
         elif "\nstages:" in "\n" + path.read_text():
             PipelineRunner(load_pipeline(str(path))).check()  # loads each stage's job from the repo root
             pipelines += 1
