@@ -77,14 +77,17 @@ def final_weights(run: Path) -> dict:
     return weights
 
 
-def run_cli(recipe: Path, fault: str = "") -> int:
+def run_cli(recipe: Path, fault: str = "", nproc: int = 0) -> int:
+    """`herd recipe RECIPE` in a child process (with --nproc: on that many local ranks), HERD_FAULT set or not."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("HERD_FAULT", None)
     if fault:
         env["HERD_FAULT"] = fault
-    done = subprocess.run([sys.executable, "-m", "launch", "recipe", str(recipe)], cwd=REPO, env=env,
+    ranks = ["--nproc", str(nproc)] if nproc else []
+    done = subprocess.run([sys.executable, "-m", "launch", "recipe", str(recipe), *ranks], cwd=REPO, env=env,
                           capture_output=True, text=True)
-    assert done.returncode in (0, -9), done.stdout[-2000:] + done.stderr[-3000:]
+    if not nproc:  # one process: it ends or is SIGKILLed at the fault (the launcher reports its own code)
+        assert done.returncode in (0, -9), done.stdout[-2000:] + done.stderr[-3000:]
     return done.returncode
 
 
@@ -170,16 +173,6 @@ def write_layout_recipe(root: Path, corpus: Path, run_dir: Path) -> Path:
     return recipe
 
 
-def run_ranks(recipe: Path, fault: str = "") -> int:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    env.pop("HERD_FAULT", None)
-    if fault:
-        env["HERD_FAULT"] = fault
-    done = subprocess.run([sys.executable, "-m", "launch", "recipe", str(recipe), "--nproc", "2"], cwd=REPO, env=env,
-                          capture_output=True, text=True)
-    return done.returncode
-
-
 @pytest.mark.slow
 def test_killed_during_a_layout_change_resumes_bitwise(corpus, tmp_path):
     """FSDP x2 -> cp x2 between the first and second stage: killed at the second stage's first step (its first
@@ -187,10 +180,10 @@ def test_killed_during_a_layout_change_resumes_bitwise(corpus, tmp_path):
     reference, resumed = tmp_path / "ref", tmp_path / "resumed"
     for root in (reference, resumed):
         root.mkdir()
-    assert run_ranks(write_layout_recipe(reference, corpus, reference / "run")) == 0
+    assert run_cli(write_layout_recipe(reference, corpus, reference / "run"), nproc=2) == 0
     recipe = write_layout_recipe(resumed, corpus, resumed / "run")
-    assert run_ranks(recipe, "after_backward:0:7") != 0  # rank 0 SIGKILLed; the launcher ends the other
-    assert run_ranks(recipe) == 0
+    assert run_cli(recipe, "after_backward:0:7", nproc=2) != 0  # rank 0 SIGKILLed; the launcher ends the other
+    assert run_cli(recipe, nproc=2) == 0
     ours, theirs = last_per_step(resumed / "run"), last_per_step(reference / "run")
     assert [ours[s]["loss"] for s in sorted(ours)] == [theirs[s]["loss"] for s in sorted(theirs)]
     mine, ref = final_weights(resumed / "run"), final_weights(reference / "run")
@@ -220,7 +213,7 @@ def test_recipe_as_one_slurm_job(slurm_cluster, corpus, tmp_path):  # noqa: F811
     real test cluster it ends where `herd recipe --nproc 2` ends, bitwise."""
     reference = tmp_path / "ref"
     reference.mkdir()
-    assert run_ranks(write_layout_recipe(reference, corpus, reference / "run")) == 0
+    assert run_cli(write_layout_recipe(reference, corpus, reference / "run"), nproc=2) == 0
     root = tmp_path / "slurm"
     root.mkdir()
     recipe = write_layout_recipe(root, corpus, root / "run")
