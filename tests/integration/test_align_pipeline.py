@@ -139,8 +139,11 @@ def test_dpo_reference_table_is_reused_not_recomputed(uninterrupted):
 
 def test_the_pipeline_on_two_ranks_under_tp_matches_one_process(files, uninterrupted, tmp_path):
     """`herd align --nproc 2` with parallel.tp=2 for every stage: each stage's final losses equal the one-process
-    pipeline's within 1e-5 relative (fp32), its held-out reward metrics within 1e-4: they are beta times
-    differences of log-prob sums of a few hundred, three stages of rounding deep (measured 2.3e-5)."""
+    pipeline's within 5e-5 relative (fp32), its held-out reward metrics within 5e-4: they are beta times
+    differences of log-prob sums of a few hundred, three stages of rounding deep (measured 2.3e-5 with SDPA under
+    the dense document mask, losses then within 1e-5). The blockwise attention kernel (issue 18) batches its
+    matmuls over the rank's heads, so one rank's two heads and one process's four round differently: the DPO
+    stage's loss came to 1.6e-5 and its reward margin to 1.3e-4 (2026-12-07)."""
     run_dir = tmp_path / "tp2"
     pipeline = write_pipeline(files, run_dir)
     pipeline.write_text(pipeline.read_text().replace("run_dir:", "overrides: [parallel.tp=2]\nrun_dir:"))
@@ -151,7 +154,7 @@ def test_the_pipeline_on_two_ranks_under_tp_matches_one_process(files, uninterru
     for stage in ("sft", "rm", "dpo"):
         ours = json.loads((run_dir / f"r1-{stage}" / "DONE.json").read_text())["last_metrics"]
         single = json.loads((uninterrupted[0] / f"r1-{stage}" / "DONE.json").read_text())["last_metrics"]
-        for key, tolerance in (("loss", 1e-5), ("val_loss", 1e-5), ("val_rewards/accuracies", 1e-4),
-                               ("val_rewards/margins", 1e-4)):
+        for key, tolerance in (("loss", 5e-5), ("val_loss", 5e-5), ("val_rewards/accuracies", 5e-4),
+                               ("val_rewards/margins", 5e-4)):
             if key in single:
                 assert abs(ours[key] - single[key]) <= tolerance * max(1.0, abs(single[key])), (stage, key)
