@@ -183,8 +183,10 @@ def _dry(tmp_path, **env):
 def test_check_sh_dry_run_prints_every_stage_in_order_with_its_cap(tmp_path):
     text = _dry(tmp_path)
     stages = [line.split(":")[0].split()[1] for line in text.splitlines() if line.startswith("stage ")]
-    assert stages == ["build", "tests", "mfu", "accum", "peers", "kernels", "liger", "mfu8", "dryrun-cuda",
-                      "dryrun-cpu"]
+    assert stages == ["build", "tests", "mfu", "accum", "fused", "peers", "kernels", "liger", "mfu8", "dryrun-cuda",
+                      "dryrun-cpu", "attnmem"]
+    fused = next(line for line in text.splitlines() if line.startswith("stage fused:"))
+    assert "--accum 8" in fused and "herd-bf16-fused-compile" in fused and "herd-fp8-fused-compile" in fused
     assert "DEADLINE=480 s" in text
     peers_line = next(line for line in text.splitlines() if line.startswith("stage peers:"))
     assert "cap 170 s" in peers_line and "benchmarks.peers" in peers_line and "--accum 8" in peers_line
