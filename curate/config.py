@@ -11,8 +11,10 @@ TOKENIZERS = ("hf", "llama3")
 
 
 def load(path: str, overrides: Optional[List[str]] = None) -> CurateConfig:
-    from engine.config import load_curate  # the only loader of YAML (omegaconf lives there)
-    cfg = load_curate(path, overrides)
+    from engine.config import load_structured  # the only YAML loader (omegaconf lives there)
+    from engine.config_checks import check_directory
+    cfg = load_structured(CurateConfig, path, overrides)
+    check_directory(cfg.output_dir, "output_dir")
     validate(cfg)
     return cfg
 

@@ -1,7 +1,7 @@
 """The typed configuration of a curation pipeline (`herd curate PIPELINE.yaml`, docs/data_curation.md).
 
-Plain dataclasses (no omegaconf here): engine/config.py loads and re-exports them (load_curate), and
-curate/config.py checks their values with the key named."""
+Plain dataclasses (no omegaconf here): curate/config.py loads them through engine/config.py's load_structured
+(engine/ imports nothing above it) and checks their values with the key named."""
 
 from dataclasses import dataclass, field
 from typing import List

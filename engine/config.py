@@ -25,7 +25,6 @@ from engine.config_schema import (  # noqa: F401  (re-exported: components impor
     ScheduleConfig, TrainConfig, CheckpointConfig, FP8Config, GuardConfig, WatchdogConfig, SlurmConfig, LogConfig,
     AlignConfig, LongContextEvalConfig, JobConfig, PipelineConfig, StageConfig, RecipeGateConfig,
     RecipeStageConfig, RecipeConfig)
-from curate.schema import CurateConfig  # noqa: F401  (herd curate's pipeline; re-exported)
 from engine.errors import ConfigError
 from engine.secrets import redact_tree
 
@@ -138,13 +137,12 @@ def is_recipe_file(path: str) -> bool:
         isinstance(s, DictConfig) and "tokens" in s for s in stages)
 
 
-def load_curate(path: str, overrides: Optional[List[str]] = None) -> CurateConfig:
-    """A curation pipeline YAML (<- dotlist overrides) as typed dataclasses; curate/config.py checks its values
-    (paths, stages, models) with the key named."""
-    curate = _load_structured(CurateConfig, path, overrides, path)
-    check_numbers(curate)
-    check_directory(curate.output_dir, "output_dir")
-    return curate
+def load_structured(schema: Any, path: str, overrides: Optional[List[str]] = None) -> Any:
+    """Any typed YAML of a package above engine/ (herd curate's pipeline: curate/config.py), with dotlist
+    overrides, includes refused as for jobs, and no NaN, infinity or int64 overflow: the one OmegaConf loader."""
+    loaded = _load_structured(schema, path, overrides, path)
+    check_numbers(loaded)
+    return loaded
 
 
 # what an "@stage" reference needs from the stage it names: rows come from rejection sampling, a policy's
