@@ -351,7 +351,13 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--world-size", type=int, help="with --print-config: check the stages' layouts for this "
                                                        "many ranks (default --nproc, or 1)")
     recipe.set_defaults(func=_recipe)
+    _add_tool_commands(sub)
+    return parser
 
+
+def _add_tool_commands(sub) -> None:
+    """The subcommands beside training: checkpoints (convert, average), data (prepare-data, curate), planning
+    (plan, scaling)."""
     convert = sub.add_parser("convert", help="HF Llama directory <-> herd checkpoint")
     convert.add_argument("direction", choices=("hf-to-herd", "herd-to-hf"))
     convert.add_argument("source", help="HF directory (hf-to-herd) or herd checkpoint root (herd-to-hf)")
@@ -405,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     from curate.command import add_arguments as curate_arguments
     curate_arguments(curate)
     curate.set_defaults(func=_curate)
-    return parser
+
 
 
 def _scrubbed_excepthook(kind, value, tb) -> None:
