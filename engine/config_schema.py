@@ -175,6 +175,10 @@ class FP8Config:
     grad_dtype: str = "e5m2"  # e5m2 | e4m3 for gradients
     bf16_first_last_layers: bool = True  # keep the first and last transformer blocks in bf16
     cache_weights: bool = True  # native, without FSDP: quantize each weight once per step, reuse it per micro-batch
+    # native only, off until measured on a GPU (docs/throughput.md "FP8 overheads"):
+    weight_recipe: str = "same"  # same (as recipe) | tensorwise | delayed: delayed drops the weight amax pass
+    fuse_norm_cast: bool = False  # RMSNorm writes its FP8 consumers' e4m3 input directly (recipe delayed, tp 1)
+    fuse_swiglu_cast: bool = False  # SwiGLU writes w2's e4m3 input directly (recipe delayed, tp 1)
 
 
 @dataclass
