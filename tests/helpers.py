@@ -20,7 +20,8 @@ def make_corpus(root: Path, vocab_size: int = 500) -> Path:
     return root
 
 
-def tiny_config(corpus: Path, run_dir: Path, extra: List[str] = ()) -> JobConfig:
+def tiny_config(corpus: Path, run_dir: Path, extra: List[str] = (), world_size: int = 1) -> JobConfig:
+    """2 layers of dim 64, 6 steps of 8 x 32 tokens in fp32 on the CPU, evaluating every 3 steps."""
     return load_config(None, [
         "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
         "model.vocab_size=512", "model.max_seq_len=256",
@@ -28,7 +29,20 @@ def tiny_config(corpus: Path, run_dir: Path, extra: List[str] = ()) -> JobConfig
         f"data.tokenizer.path={corpus}/tok.json", "data.seq_len=32", "data.micro_batch_size=4",
         "data.global_batch_size=8", "train.steps=6", "train.dtype=fp32", "train.device=cpu", "train.eval_every=3",
         "train.eval_batches=2", "optim.lr=3e-3", "schedule.warmup_steps=2", f"log.run_dir={run_dir}",
-        "log.name=t", *extra])
+        "log.name=t", *extra], world_size=world_size)
+
+
+def run_herd(argv: List[str], capfd) -> tuple:
+    """`herd ARGV` in this process: its exit code and the lines it printed (stdout, then stderr)."""
+    from launch.cli import main
+    code = main(argv)
+    out, err = capfd.readouterr()
+    return code, (out + err).strip().splitlines()
+
+
+def snapshot(root: Path) -> dict:
+    """Every path under root with its bytes (None for a directory): an unchanged snapshot is an untouched tree."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
 
 PARITY_MODEL = ["model.dim=64", "model.n_layers=2", "model.n_heads=8", "model.n_kv_heads=4", "model.ffn_dim=128",

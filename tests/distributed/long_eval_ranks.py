@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import List
 
-from engine.config import JobConfig, load_config
+from engine.config import JobConfig
+from tests.helpers import tiny_config
 
 # Haystacks of 160 tokens: the test BPE (vocabulary 500, trained on Python code) spends about 90 tokens on the
 # needle, the question and the answer, leaving a few filler sentences. Few samples: each candidate is a forward.
@@ -18,14 +19,7 @@ LONG_EVAL = ["long_eval.enabled=true", "long_eval.short_seq_len=16", "long_eval.
 def long_eval_config(corpus: Path, run_dir: Path, overrides: List[str] = (), world_size: int = 1) -> JobConfig:
     """tests/helpers.tiny_config's run (2 layers, dim 64, 6 steps of 8 x 32 tokens, fp32) with the long-context
     evaluations above, loadable under any world size."""
-    return load_config(None, [
-        "model.dim=64", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=128",
-        "model.vocab_size=512", "model.max_seq_len=256",
-        f"data.train=[{{path: {corpus}/corpus.train}}]", f"data.valid=[{{path: {corpus}/corpus.valid}}]",
-        f"data.tokenizer.path={corpus}/tok.json", "data.seq_len=32", "data.micro_batch_size=4",
-        "data.global_batch_size=8", "train.steps=6", "train.dtype=fp32", "train.device=cpu", "train.eval_every=3",
-        "train.eval_batches=2", "optim.lr=3e-3", "schedule.warmup_steps=2", f"log.run_dir={run_dir}",
-        "log.name=t", "watchdog.enabled=false", *LONG_EVAL, *overrides], world_size=world_size)
+    return tiny_config(corpus, run_dir, ["watchdog.enabled=false", *LONG_EVAL, *overrides], world_size)
 
 
 def read_jsonl(path: Path) -> list:

@@ -18,8 +18,7 @@ from engine.checkpoint.hf_export import load_weights
 from engine.checkpoint.manifest import model_config_of
 from engine.checkpoint.store import CheckpointStore
 from engine.run import build_trainer
-from launch.cli import main
-from tests.helpers import make_corpus, tiny_config
+from tests.helpers import make_corpus, run_herd, snapshot, tiny_config
 
 STEP = "step_{:08d}"
 
@@ -68,16 +67,6 @@ def defined_mean(step_dirs, weights=None) -> dict:
     return out
 
 
-def run(argv, capfd) -> tuple:
-    code = main(argv)
-    out, err = capfd.readouterr()
-    return code, (out + err).strip().splitlines()
-
-
-def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
-
-
 def assert_equal_weights(got: dict, want: dict) -> None:
     assert got.keys() == want.keys()
     for name in want:
@@ -86,7 +75,7 @@ def assert_equal_weights(got: dict, want: dict) -> None:
 
 def test_the_average_is_the_defined_mean_bitwise(runs, tmp_path, capfd):
     sources = [runs.a / STEP.format(2), runs.a / STEP.format(4), runs.b / STEP.format(2)]
-    code, lines = run(["average", "--all", str(runs.a), str(runs.b), "--out", str(tmp_path / "avg")], capfd)
+    code, lines = run_herd(["average", "--all", str(runs.a), str(runs.b), "--out", str(tmp_path / "avg")], capfd)
     assert code == 0, lines
     assert [line.strip() for line in lines[1:]] == [str(s) for s in sources]  # --all: every step, oldest first
     averaged = weights_of(tmp_path / "avg" / STEP.format(0))
@@ -124,7 +113,7 @@ def test_copies_of_one_checkpoint_average_to_it_bitwise(runs, tmp_path):
 
 def test_weights_and_steps(runs, tmp_path, capfd):
     sources = [runs.a / STEP.format(4), runs.b / STEP.format(2)]
-    code, lines = run(["average", "--steps", "4", str(runs.a), str(sources[1]), "--weights", "1,3",
+    code, lines = run_herd(["average", "--steps", "4", str(runs.a), str(sources[1]), "--weights", "1,3",
                        "--out", str(tmp_path / "avg")], capfd)
     assert code == 0, lines
     assert_equal_weights(weights_of(tmp_path / "avg" / STEP.format(0)), defined_mean(sources, [1.0, 3.0]))
@@ -132,13 +121,13 @@ def test_weights_and_steps(runs, tmp_path, capfd):
 
 def test_the_average_loads_as_weights_and_exports_to_transformers(runs, tmp_path, capfd):
     transformers = pytest.importorskip("transformers")
-    assert run(["average", str(runs.a), str(runs.b), "--out", str(tmp_path / "avg")], capfd)[0] == 0
+    assert run_herd(["average", str(runs.a), str(runs.b), "--out", str(tmp_path / "avg")], capfd)[0] == 0
     want = defined_mean([runs.a / STEP.format(4), runs.b / STEP.format(2)])
     trainer = build_trainer(tiny_config(runs.corpus, tmp_path / "new", [
         f"checkpoint.load_weights={tmp_path / 'avg'}", "train.eval_every=0"]), stream=io.StringIO())
     loaded = {n: p.detach() for n, p in trainer.module.model.named_parameters()}
     assert_equal_weights(loaded, want)
-    assert run(["convert", "herd-to-hf", str(tmp_path / "avg"), str(tmp_path / "hf")], capfd)[0] == 0
+    assert run_herd(["convert", "herd-to-hf", str(tmp_path / "avg"), str(tmp_path / "hf")], capfd)[0] == 0
     assert (tmp_path / "hf" / "tokenizer.json").read_bytes() == (runs.corpus / "tok.json").read_bytes()
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32).eval()
     tokens = torch.randint(0, 500, (2, 32), generator=torch.Generator().manual_seed(0))
@@ -150,8 +139,8 @@ def test_the_average_loads_as_weights_and_exports_to_transformers(runs, tmp_path
 
 def test_overwrite_replaces_an_earlier_average_only(runs, tmp_path, capfd):
     out = tmp_path / "avg"
-    assert run(["average", str(runs.a), str(runs.b), "--out", str(out)], capfd)[0] == 0
-    assert run(["average", "--all", str(runs.a), str(runs.b), "--out", str(out), "--overwrite"], capfd)[0] == 0
+    assert run_herd(["average", str(runs.a), str(runs.b), "--out", str(out)], capfd)[0] == 0
+    assert run_herd(["average", "--all", str(runs.a), str(runs.b), "--out", str(out), "--overwrite"], capfd)[0] == 0
     assert len(json.loads((out / STEP.format(0) / "manifest.json").read_text())["meta"]["averaged"]) == 3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["avg"]  # no staging or replaced directory left
 
@@ -214,7 +203,7 @@ def test_refusals_are_one_line_and_change_nothing(case, runs, tmp_path, capfd):
     before, runs_before = snapshot(tmp_path), snapshot(runs.a.parent.parent)
     paths = dict(a=runs.a, b=runs.b, wide=runs.wide, theta=runs.theta, tok=runs.tok, copy=copy,
                  out=tmp_path / "out")
-    code, lines = run(["average", *argv.format(**paths).split()], capfd)
+    code, lines = run_herd(["average", *argv.format(**paths).split()], capfd)
     assert code == 2 and len(lines) == 1 and lines[0].startswith("herd: error: "), lines
     assert text in lines[0], lines
     assert snapshot(tmp_path) == before and snapshot(runs.a.parent.parent) == runs_before
@@ -231,14 +220,14 @@ def test_a_failed_write_is_one_line_and_leaves_nothing(runs, tmp_path, capfd, mo
     def no_permission(self, *args, **kwargs):
         raise PermissionError(errno.EACCES, "Permission denied", str(self))
     earlier = tmp_path / "earlier"
-    assert run(["average", str(runs.a), str(runs.b), "--out", str(earlier)], capfd)[0] == 0
+    assert run_herd(["average", str(runs.a), str(runs.b), "--out", str(earlier)], capfd)[0] == 0
     before = snapshot(tmp_path)
     for out, extra in ((tmp_path / "new" / "out", []), (earlier, ["--overwrite"])):
         for target, fake, reason in ((average, ("save_sharded", no_space), "No space left on device"),
                                      (Path, ("mkdir", no_permission), "Permission denied")):
             with monkeypatch.context() as patch:
                 patch.setattr(target, *fake)
-                code, lines = run(["average", "--all", str(runs.a), str(runs.b), "--out", str(out), *extra], capfd)
+                code, lines = run_herd(["average", "--all", str(runs.a), str(runs.b), "--out", str(out), *extra], capfd)
             assert code == 2 and lines == [f"herd: error: {out}: the average could not be written ({reason})"], lines
             assert snapshot(tmp_path) == before
 
@@ -264,15 +253,17 @@ def test_imports_average_and_export_with_their_token_ids(tmp_path, capfd):
     from engine.hf_interop import hf_to_herd_name
     for name, seed, nan in (("x", 0, False), ("y", 1, False), ("bad", 2, True)):
         save_hf(tmp_path / f"hf-{name}", seed, nan)
-        assert run(["convert", "hf-to-herd", str(tmp_path / f"hf-{name}"), str(tmp_path / name)], capfd)[0] == 0
-    assert run(["average", str(tmp_path / "x"), str(tmp_path / "y"), "--out", str(tmp_path / "avg")], capfd)[0] == 0
-    assert run(["convert", "herd-to-hf", str(tmp_path / "avg"), str(tmp_path / "out")], capfd)[0] == 0
+        assert run_herd(["convert", "hf-to-herd", str(tmp_path / f"hf-{name}"), str(tmp_path / name)], capfd)[0] == 0
+    argv = ["average", str(tmp_path / "x"), str(tmp_path / "y"), "--out", str(tmp_path / "avg")]
+    assert run_herd(argv, capfd)[0] == 0
+    assert run_herd(["convert", "herd-to-hf", str(tmp_path / "avg"), str(tmp_path / "out")], capfd)[0] == 0
     config = json.loads((tmp_path / "out" / "config.json").read_text())
     assert (config["bos_token_id"], config["eos_token_id"]) == (3, [4, 7])
     exported = {hf_to_herd_name(k): v for k, v in load_file(str(tmp_path / "out" / "model.safetensors")).items()}
     assert_equal_weights(exported, defined_mean([tmp_path / "x" / STEP.format(0), tmp_path / "y" / STEP.format(0)]))
     before = snapshot(tmp_path)
-    code, lines = run(["average", str(tmp_path / "x"), str(tmp_path / "bad"), "--out", str(tmp_path / "nan")], capfd)
+    code, lines = run_herd(["average", str(tmp_path / "x"), str(tmp_path / "bad"), "--out", str(tmp_path / "nan")],
+                           capfd)
     assert code == 2 and lines == ["herd: error: parameter 'norm.weight': the average is not finite (a source holds "
                                    "inf or nan)"], lines
     assert snapshot(tmp_path) == before

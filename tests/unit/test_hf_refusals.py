@@ -12,7 +12,7 @@ import torch
 
 from engine.checkpoint.sharded import Box, load_sharded
 from engine.checkpoint.store import CheckpointStore
-from launch.cli import main
+from tests.helpers import run_herd, snapshot
 
 transformers = pytest.importorskip("transformers")
 
@@ -33,16 +33,6 @@ def save_hf(path: Path, **overrides) -> Path:
     model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY, **overrides}))
     model.save_pretrained(path, safe_serialization=True)
     return path
-
-
-def run(argv, capfd) -> tuple:
-    code = main(argv)
-    out, err = capfd.readouterr()
-    return code, (out + err).strip().splitlines()
-
-
-def snapshot(root: Path) -> dict:
-    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +72,7 @@ def test_inexact_configs_are_refused_in_one_line(case, plain_hf, tmp_path, capfd
     edit(config)
     (hf / "config.json").write_text(json.dumps(config))
     before = snapshot(tmp_path)
-    code, lines = run(["convert", "hf-to-herd", str(hf), str(tmp_path / "ck")], capfd)
+    code, lines = run_herd(["convert", "hf-to-herd", str(hf), str(tmp_path / "ck")], capfd)
     assert code == 2 and len(lines) == 1, lines
     assert f"{hf / 'config.json'}: '{key}' is " in lines[0] and "cannot be converted exactly" in lines[0], lines
     assert snapshot(tmp_path) == before  # nothing created
@@ -112,10 +102,10 @@ def hf_logits(path: Path, tokens: torch.Tensor) -> torch.Tensor:
 def test_supported_variants_round_trip_with_equal_logits(variant, tmp_path, capfd):
     hf = save_hf(tmp_path / "hf", **VARIANTS[variant])
     tokens = torch.randint(0, 510, (2, 48), generator=torch.Generator().manual_seed(1))  # past 16: scaled rope
-    assert run(["convert", "hf-to-herd", str(hf), str(tmp_path / "ck")], capfd)[0] == 0
+    assert run_herd(["convert", "hf-to-herd", str(hf), str(tmp_path / "ck")], capfd)[0] == 0
     ours, theirs = herd_logits(tmp_path / "ck", tokens), hf_logits(hf, tokens)
     imported = (ours - theirs).abs().max().item()
-    assert run(["convert", "herd-to-hf", str(tmp_path / "ck"), str(tmp_path / "out")], capfd)[0] == 0
+    assert run_herd(["convert", "herd-to-hf", str(tmp_path / "ck"), str(tmp_path / "out")], capfd)[0] == 0
     exported = (hf_logits(tmp_path / "out", tokens) - ours).abs().max().item()
     print(f"{variant}: import vs transformers {imported:.2e}, export in transformers vs herd {exported:.2e}")
     assert imported < 1e-5 and exported < 1e-5
@@ -128,7 +118,7 @@ def test_supported_variants_round_trip_with_equal_logits(variant, tmp_path, capf
 
 @pytest.fixture()
 def imported(plain_hf, tmp_path, capfd):
-    assert run(["convert", "hf-to-herd", str(plain_hf), str(tmp_path / "ck")], capfd)[0] == 0
+    assert run_herd(["convert", "hf-to-herd", str(plain_hf), str(tmp_path / "ck")], capfd)[0] == 0
     return tmp_path / "ck"
 
 
@@ -137,10 +127,10 @@ def test_export_into_a_users_directory_needs_overwrite(imported, tmp_path, capfd
     mine.mkdir()
     (mine / "notes.txt").write_text("keep me\n")
     before = snapshot(tmp_path)
-    code, lines = run(["convert", "herd-to-hf", str(imported), str(mine)], capfd)
+    code, lines = run_herd(["convert", "herd-to-hf", str(imported), str(mine)], capfd)
     assert code == 2 and len(lines) == 1 and "--overwrite" in lines[0], lines
     assert snapshot(tmp_path) == before
-    code, lines = run(["convert", "herd-to-hf", str(imported), str(mine), "--overwrite"], capfd)
+    code, lines = run_herd(["convert", "herd-to-hf", str(imported), str(mine), "--overwrite"], capfd)
     assert code == 0, lines
     assert not (mine / "notes.txt").exists() and "herd_export" in json.loads((mine / "config.json").read_text())
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck", "mine"]  # no staging or replaced dir left
@@ -148,9 +138,9 @@ def test_export_into_a_users_directory_needs_overwrite(imported, tmp_path, capfd
 
 def test_an_earlier_export_is_replaced_whole(imported, tmp_path, capfd):
     out = tmp_path / "out"
-    assert run(["convert", "herd-to-hf", str(imported), str(out)], capfd)[0] == 0
+    assert run_herd(["convert", "herd-to-hf", str(imported), str(out)], capfd)[0] == 0
     (out / "model-00001-of-00009.safetensors").write_bytes(b"stale")  # as a bigger earlier export left
-    assert run(["convert", "herd-to-hf", str(imported), str(out)], capfd)[0] == 0
+    assert run_herd(["convert", "herd-to-hf", str(imported), str(out)], capfd)[0] == 0
     assert not (out / "model-00001-of-00009.safetensors").exists()
 
 
@@ -163,7 +153,7 @@ def test_refused_exports_change_nothing(imported, tmp_path, capfd):
     ]
     before = snapshot(tmp_path)
     for argv, named in cases:
-        code, lines = run(argv, capfd)
+        code, lines = run_herd(argv, capfd)
         assert code == 2 and len(lines) == 1 and named in lines[0], (argv, lines)
         assert snapshot(tmp_path) == before, argv
 
@@ -236,7 +226,7 @@ def test_a_failed_export_write_is_one_line(imported, tmp_path, capfd, monkeypatc
                                  (Path, ("mkdir", no_permission), "Permission denied")):
         with monkeypatch.context() as patch:
             patch.setattr(target, *fake)
-            code, lines = run(["convert", "herd-to-hf", str(imported), str(tmp_path / "a" / "out")], capfd)
+            code, lines = run_herd(["convert", "herd-to-hf", str(imported), str(tmp_path / "a" / "out")], capfd)
         assert code == 2 and lines == [f"herd: error: {tmp_path / 'a' / 'out'}: the export could not be written "
                                        f"({reason})"], lines
         assert snapshot(tmp_path) == before
@@ -257,7 +247,7 @@ def test_overwrite_never_replaces_a_runs_checkpoints(imported, tmp_path, capfd):
                 import shutil
                 shutil.copytree(imported, dest)
                 before = snapshot(tmp_path)
-            code, lines = run(["convert", "herd-to-hf", str(imported), str(dest), "--overwrite"], capfd)
+            code, lines = run_herd(["convert", "herd-to-hf", str(imported), str(dest), "--overwrite"], capfd)
             assert code == 2 and len(lines) == 1 and f"{dest}: holds herd checkpoint state" in lines[0], lines
             assert snapshot(tmp_path) == before, dest
     finally:
