@@ -23,11 +23,8 @@ step and weight. It is written into a staging directory beside OUT that takes OU
 a refused or failed average leaves OUT as it was.
 """
 
-import contextlib
 import dataclasses
 import math
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
@@ -39,6 +36,7 @@ from engine.checkpoint.hf_export import _checkpoint_state
 from engine.checkpoint.manifest import configs_of
 from engine.checkpoint.ownership import LOCK
 from engine.checkpoint.sharded import Box, load_sharded, save_sharded
+from engine.checkpoint.staging import install_staged
 from engine.checkpoint.store import _STEP_DIR, MANIFEST, CheckpointError, CheckpointStore, describe_files
 from engine.config_checks import check_directory
 
@@ -278,47 +276,17 @@ def _output_meta(sources: List[Source], weights: List[float]) -> dict:
 
 
 def _install(out_root: Path, state: Dict[str, torch.Tensor], meta: dict) -> None:
-    """Write the checkpoint root into a staging directory beside out_root, then put it in out_root's place. A
-    failed write is one line naming out_root and leaves out_root as it was and no directory this made."""
+    """Write the checkpoint root into a staging directory that then takes out_root's place
+    (engine/checkpoint/staging.py). A failed write is one line naming out_root and leaves out_root as it was and
+    no directory this made."""
     from torch.distributed.checkpoint.api import CheckpointException
-    created = [d for d in out_root.parents if not d.exists()]  # innermost first: removed again on failure
-    token = uuid.uuid4().hex[:12]
-    staging = out_root.parent / f".{out_root.name}.herd-average-{token}"
-    old = out_root.parent / f".{out_root.name}.herd-replaced-{token}"
-    try:
-        out_root.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(staging: Path) -> None:
         store = CheckpointStore(staging)
         path = store.begin(0)
         save_sharded(path, {f"model.{n}": Box(t, (0,) * t.ndim, tuple(t.shape)) for n, t in state.items()})
         store.commit(0, describe_files(path, [f for f in path.rglob("*") if f.is_file()]), meta)
-        if out_root.exists():
-            out_root.rename(old)
-        staging.rename(out_root)
-    except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old.exists() and not out_root.exists():
-            old.rename(out_root)  # put back what was there
-        for directory in created:
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        if isinstance(e, (OSError, CheckpointException)):
-            cause = _os_error(e)
-            reason = (cause.strerror or str(cause)) if cause is not None else str(e)
-            reason = reason.strip().splitlines()[0] if reason.strip() else type(e).__name__
-            raise CheckpointError(f"{out_root}: the average could not be written ({reason})") from None
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def _os_error(error: BaseException) -> Optional[OSError]:
-    """The OSError itself, or the one DCP wrapped in its CheckpointException (failures by rank)."""
-    if isinstance(error, OSError):
-        return error
-    for failure in getattr(error, "failures", {}).values():
-        exception = failure[0] if isinstance(failure, tuple) and failure else failure
-        if isinstance(exception, OSError):
-            return exception
-    return None
+    install_staged(out_root, write, "average", (OSError, CheckpointException))
 
 
 def average_checkpoints(sources: List[Path], out_root: Path, weights: Optional[Sequence[float]] = None,

@@ -8,11 +8,8 @@ staging directory next to the destination that replaces it only once complete: a
 the destination as it was.
 """
 
-import contextlib
 import json
 import os
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -22,6 +19,7 @@ import torch
 from engine.checkpoint.convert import EXPORT_MARK, TOKEN_IDS, check_destination
 from engine.checkpoint.manifest import configs_of
 from engine.checkpoint.sharded import Box, load_sharded
+from engine.checkpoint.staging import install_staged
 from engine.checkpoint.ownership import LOCK
 from engine.checkpoint.store import _STEP_DIR, MANIFEST, MARKER, CheckpointError, CheckpointStore
 from engine.config import ModelConfig, TokenizerConfig
@@ -184,40 +182,19 @@ def _refuse_replacing_a_parent(out_dir: Path, ckpt_root: Path) -> None:
 
 
 def _install(files: Dict[str, bytes], write_more: Callable[[Path], None], out_dir: Path) -> None:
-    """Write the files (and whatever write_more writes) into a staging directory beside out_dir, then put it in
-    out_dir's place. A failure to write (no space, no permission...) is one line naming out_dir, and leaves
-    out_dir as it was and no directory the export made."""
+    """Write the files (and whatever write_more writes) into a staging directory that then takes out_dir's place
+    (engine/checkpoint/staging.py): a failure to write is one line naming out_dir, and leaves out_dir as it was
+    and no directory the export made."""
     from safetensors import SafetensorError
-    created = [d for d in out_dir.parents if not d.exists()]  # innermost first: removed again on failure
-    token = uuid.uuid4().hex[:12]
-    staging = out_dir.parent / f".{out_dir.name}.herd-export-{token}"
-    old = out_dir.parent / f".{out_dir.name}.herd-replaced-{token}"
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        staging.mkdir()
+
+    def write(staging: Path) -> None:
         for name, data in files.items():
             with open(staging / name, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
         write_more(staging)
-        if out_dir.exists():
-            out_dir.rename(old)
-        staging.rename(out_dir)
-    except BaseException as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        if old.exists() and not out_dir.exists():
-            old.rename(out_dir)  # put back what was there
-        for directory in created:  # a failed export leaves no directory it made
-            with contextlib.suppress(OSError):
-                directory.rmdir()
-        if isinstance(e, (OSError, SafetensorError)):
-            reason = (e.strerror or str(e)) if isinstance(e, OSError) else str(e)
-            raise CheckpointError(f"{out_dir}: the export could not be written "
-                                  f"({reason.strip().splitlines()[0] if reason.strip() else type(e).__name__})"
-                                  ) from None
-        raise
-    shutil.rmtree(old, ignore_errors=True)
+    install_staged(out_dir, write, "export", (OSError, SafetensorError))
 
 
 def export_hf(ckpt_root: Path, out_dir: Path, max_shard_bytes: int = 5 * 2**30, overwrite: bool = False) -> Export:
