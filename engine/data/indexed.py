@@ -14,10 +14,11 @@ import json
 import os
 import struct
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, TypeVar
 
 import numpy as np
 
+from engine.data.skips import SkipReport
 from engine.errors import DataError
 
 _MAGIC = b"MMIDIDX\x00\x00"
@@ -25,6 +26,7 @@ _HEADER = struct.Struct("<9sQBQQ")
 _DTYPE_CODES = {1: np.uint8, 2: np.int8, 3: np.int16, 4: np.int32, 5: np.int64, 6: np.float64, 7: np.float32,
                 8: np.uint16}
 _TOKEN_DTYPES = (np.uint16, np.int32, np.int64, np.uint8, np.int16)
+T = TypeVar("T")  # what open_checked's caller builds from a pair
 
 
 class BadShard(DataError):
@@ -164,6 +166,24 @@ class IndexedDataset:
                             f"model's vocabulary of {vocab_size} ({len(bad)} such documents; "
                             f"data.on_bad_data=skip leaves them out)")
         return bad
+
+
+def open_checked(path: str, vocab_size: int, on_bad_data: str, skips: SkipReport,
+                 build: Callable[[IndexedDataset, np.ndarray], T]) -> Optional[T]:
+    """build(pair, bad documents) for the token file pair `path`, its ids checked against the vocabulary: under
+    on_bad_data=skip the documents holding ids outside it are counted in `skips` (and build leaves them out),
+    and a pair that is truncated, corrupt, empty or, in build, too short (BadShard) is counted and answers None.
+    Under on_bad_data=error both raise. A missing file is always an error (a path mistake, never skipped)."""
+    try:
+        indexed = IndexedDataset(path)
+        bad = indexed.check_vocab(vocab_size, on_bad_data)
+        skips.add("token_id_out_of_vocab", path, len(bad), (f"document {d}" for d in bad))
+        return build(indexed, bad)
+    except BadShard as e:
+        if on_bad_data != "skip":
+            raise
+        skips.add(e.reason, path, places=[str(e)])  # the place is the whole pair: say why
+        return None
 
 
 def _read_bytes(path: Path) -> bytes:

@@ -15,7 +15,7 @@ import torch
 
 from engine.config import DataConfig, DatasetConfig
 from engine.data.dataset import BlendedDataset, PackedDataset
-from engine.data.indexed import BadShard, IndexedDataset
+from engine.data.indexed import open_checked
 from engine.data.skips import SkipReport
 from engine.data.stages import StagedBlend
 from engine.errors import DataError
@@ -75,16 +75,10 @@ def build_blend(datasets: List[DatasetConfig], data: DataConfig, vocab_size: int
     the blend's `skips`. A missing file, or nothing left to blend, is always an error."""
     packed, weights, skips = [], [], SkipReport()
     for i, ds in enumerate(datasets):
-        try:
-            indexed = IndexedDataset(ds.path)
-            bad = indexed.check_vocab(vocab_size, data.on_bad_data)
-            skips.add("token_id_out_of_vocab", ds.path, len(bad), (f"document {d}" for d in bad))
-            dataset = PackedDataset(indexed, data.seq_len, seed=data.seed + 7919 * (i + seed_offset),
-                                    skip_documents=bad)
-        except BadShard as e:
-            if data.on_bad_data != "skip":
-                raise
-            skips.add(e.reason, ds.path, places=[str(e)])  # the place is the whole pair: say why
+        seed = data.seed + 7919 * (i + seed_offset)
+        dataset = open_checked(ds.path, vocab_size, data.on_bad_data, skips, lambda indexed, bad: PackedDataset(
+            indexed, data.seq_len, seed=seed, skip_documents=bad))
+        if dataset is None:
             continue
         packed.append(dataset)
         weights.append(ds.weight)

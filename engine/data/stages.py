@@ -48,7 +48,7 @@ import numpy as np
 
 from engine.config import DataConfig, DatasetConfig
 from engine.data.dataset import BlendedDataset, PackedDataset, read_stream
-from engine.data.indexed import BadShard, IndexedDataset
+from engine.data.indexed import BadShard, IndexedDataset, open_checked
 from engine.data.skips import SkipReport
 from engine.errors import DataError
 
@@ -254,16 +254,8 @@ def _open_streams(paths: List[str], data: DataConfig, vocab_size: int, skips: Sk
         if key in streams:
             continue
         seed = data.seed + 7919 * len(streams)
-        streams[key] = None
-        try:
-            indexed = IndexedDataset(path)
-            bad = indexed.check_vocab(vocab_size, data.on_bad_data)
-            skips.add("token_id_out_of_vocab", path, len(bad), (f"document {d}" for d in bad))
-            streams[key] = DatasetStream(indexed, seed, bad)
-        except BadShard as e:
-            if data.on_bad_data != "skip":
-                raise
-            skips.add(e.reason, path, places=[str(e)])
+        streams[key] = open_checked(path, vocab_size, data.on_bad_data, skips,
+                                    lambda indexed, bad: DatasetStream(indexed, seed, bad))
     return streams
 
 
