@@ -19,7 +19,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from engine.config_checks import (check_blend, check_directory, check_existing_directory, check_file_name,
-                                  check_long_eval, check_numbers, check_optimizer, check_seeds)
+                                  check_fp8_fusion, check_long_eval, check_numbers, check_optimizer, check_seeds)
 from engine.config_schema import (  # noqa: F401  (re-exported: components import them from here)
     RopeScalingConfig, ModelConfig, ParallelConfig, DatasetConfig, TokenizerConfig, DataConfig, DataStageConfig, OptimConfig,
     ScheduleConfig, TrainConfig, CheckpointConfig, FP8Config, GuardConfig, WatchdogConfig, SlurmConfig, LogConfig,
@@ -419,6 +419,7 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
              f"must be >= 0 (0: hash every file), got {cfg.checkpoint.verify_sample}")
     _require(cfg.fp8.amax_history_len >= 1, "fp8.amax_history_len",
              f"must be at least 1, got {cfg.fp8.amax_history_len}")
+    check_fp8_fusion(cfg.fp8, cfg.parallel.tp, cfg.train.compile)
     check_file_name(cfg.log.name, "log.name")
     check_file_name(cfg.slurm.job_name, "slurm.job_name")
     check_directory(cfg.log.run_dir, "log.run_dir")

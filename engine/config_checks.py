@@ -142,3 +142,26 @@ def check_long_eval(cfg: Any) -> None:
                  f"{length} cannot be cut into 2*cp={2 * p.cp} equal chunks (parallel.cp={p.cp})")
         _require(p.tp == 1 or not p.sequence_parallel or length % (p.cp * p.tp) == 0, key,
                  f"{length} tokens cannot be split over cp*tp={p.cp * p.tp} sequence-parallel ranks")
+
+
+FP8_WEIGHT_RECIPES = ("same", "tensorwise", "delayed")
+
+
+def check_fp8_fusion(fp8: Any, tp: int = 1, compile: bool = False) -> None:
+    """fp8.weight_recipe and the fused casts (engine/fp8/fused_cast.py): the casts need native FP8 layers to feed,
+    the delayed recipe (the scale known before the one pass that writes FP8), no tensor parallelism (it
+    redistributes the norm's output before the projections) and no torch.compile (it would not trace them)."""
+    _require(fp8.weight_recipe in FP8_WEIGHT_RECIPES, "fp8.weight_recipe",
+             f"'{fp8.weight_recipe}' is not one of {', '.join(FP8_WEIGHT_RECIPES)}")
+    for key in ("fuse_norm_cast", "fuse_swiglu_cast"):
+        if not getattr(fp8, key):
+            continue
+        _require(fp8.backend == "native", f"fp8.{key}",
+                 f"needs fp8.backend=native (it writes the input of herd's FP8 layers), got {fp8.backend}")
+        _require(fp8.recipe == "delayed", f"fp8.{key}",
+                 "needs fp8.recipe=delayed: the one fused pass needs the scale before it, and tensorwise scaling "
+                 "takes it from the amax of the tensor being written")
+        _require(tp == 1, f"fp8.{key}", f"needs parallel.tp=1 (tensor parallelism redistributes the activation "
+                                        f"between the op and its FP8 layers), got tp={tp}")
+        _require(not compile, f"fp8.{key}", "cannot run under train.compile (torch.compile does not trace the "
+                                            "fused cast's hand-off to the FP8 layers); turn one of them off")

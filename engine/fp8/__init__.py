@@ -13,6 +13,7 @@ import torch.distributed as dist
 from torch import nn
 
 from engine.config import FP8Config, ParallelConfig
+from engine.config_checks import check_fp8_fusion
 from engine.errors import ConfigError
 
 BACKENDS = ("none", "native", "te")
@@ -29,6 +30,7 @@ def check_fp8_config(cfg: FP8Config, device: torch.device, parallel: Optional[Pa
             raise ConfigError(f"fp8.{key}", f"'{value}' is not one of {', '.join(allowed)}")
     if cfg.amax_history_len < 1:
         raise ConfigError("fp8.amax_history_len", f"{cfg.amax_history_len} must be at least 1")
+    check_fp8_fusion(cfg, parallel.tp if parallel is not None else 1)
     if cfg.backend == "te":
         from engine.fp8 import te
         te.require_te()  # one-line error naming the key when transformer_engine does not import

@@ -25,7 +25,7 @@ process would. Data-parallel ranks hold different tensors and keep their own sca
 
 import contextlib
 import weakref
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -76,9 +76,16 @@ class ScalingState(nn.Module):
         if not self.filled:  # never filled: this one step uses current scaling (a host flag: no GPU sync)
             self.scale.copy_(limit / self.reduce(fp8_amax(t)).clamp(min=FP8_TINY_AMAX))
             self.filled = True
-        out, out_t, amax = fp8_cast(t, self.scale, self.dtype, transpose)
+        return self.cast_delayed(lambda scale: fp8_cast(t, scale, self.dtype, transpose))
+
+    def cast_delayed(self, cast: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+        """The delayed recipe once the window holds a step: `cast(scale)` -> (t_fp8, t_fp8^T or empty, amax of t)
+        quantizes with this step's scale and measures the amax in the same pass (fp8_cast, or an op with the cast
+        fused in: engine/fp8/fused_cast.py); then the window takes the amax. -> (t_fp8, t_fp8^T, 1/scale used)."""
+        out, out_t, amax = cast(self.scale)
         # push amax into the window, count an overflow, set the next scale; returns 1/scale of the one just used
-        inv_used = fp8_delayed_update(self.amax_history, self.scale, self.overflows, self.reduce(amax), limit)
+        inv_used = fp8_delayed_update(self.amax_history, self.scale, self.overflows, self.reduce(amax),
+                                      FP8_MAX[self.dtype])
         return out, out_t, inv_used
 
 
@@ -109,7 +116,12 @@ class InputShare:
         return value
 
     def store(self, x: torch.Tensor, transpose: bool, value: Quantized) -> None:
-        self._key, self._value, self._left = (weakref.ref(x), x._version, transpose), value, self.siblings - 1
+        if self.siblings > 1:  # a lone layer (w2, a fused wqkv) keeps nothing: no sibling would drop it
+            self._key, self._value, self._left = (weakref.ref(x), x._version, transpose), value, self.siblings - 1
+
+    def offer(self, x: torch.Tensor, transpose: bool, value: Quantized) -> None:
+        """The op that produced x quantized it already (engine/fp8/fused_cast.py): every sibling takes it."""
+        self._key, self._value, self._left = (weakref.ref(x), x._version, transpose), value, self.siblings
 
 
 def _gemm_ok(*sizes: int) -> bool:
@@ -157,8 +169,9 @@ class Float8Linear(nn.Linear):
     def __init__(self, in_features: int, out_features: int, cfg: FP8Config, device=None):
         super().__init__(in_features, out_features, bias=False, device=device)
         grad_dtype = E5M2 if cfg.grad_dtype == "e5m2" else E4M3
+        weight_recipe = cfg.recipe if cfg.weight_recipe == "same" else cfg.weight_recipe
         self.input_scaling = ScalingState(E4M3, cfg.recipe, cfg.amax_history_len, device)
-        self.weight_scaling = ScalingState(E4M3, cfg.recipe, cfg.amax_history_len, device)
+        self.weight_scaling = ScalingState(E4M3, weight_recipe, cfg.amax_history_len, device)
         self.grad_scaling = ScalingState(grad_dtype, cfg.recipe, cfg.amax_history_len, device)
         self.input_share: Optional[InputShare] = None  # set by convert() for wq/wk/wv and w1/w3
         self.caching = False  # inside weight_cache
@@ -169,13 +182,17 @@ class Float8Linear(nn.Linear):
             state.groups = list(groups)
 
     def quantized_input(self, x: torch.Tensor, x2d: torch.Tensor, transpose: bool) -> Quantized:
-        """(x_fp8 [M, K], x_t [K, M] or empty, 1/scale) of x2d = x as [M, K]: a sibling's (InputShare) or new."""
+        """(x_fp8 [M, K], x_t [K, M] or empty, 1/scale) of x2d = x as [M, K]: a sibling's or the producing op's
+        (InputShare), or new."""
         share = self.input_share if not x.is_inference() else None  # inference tensors have no version counter
         found = share.lookup(x, transpose) if share is not None else None
         if found is not None:
             return found
+        if is_fp8_carrier(x):
+            raise RuntimeError("herd: an FP8-only activation (fp8.fuse_norm_cast / fuse_swiglu_cast) reached a layer "
+                               "that was not offered its quantization; it holds no values")
         with torch.no_grad():
-            quantized = self.input_scaling.quantize(x2d, transpose=transpose)
+            quantized = self.input_scaling.quantize(x2d.contiguous(), transpose=transpose)
         if share is not None:
             share.store(x, transpose, quantized)
         return quantized
@@ -196,12 +213,26 @@ class Float8Linear(nn.Linear):
         x2d = x.reshape(-1, x.shape[-1])  # [M, K]
         n, k = self.weight.shape
         if x.is_cuda and not _gemm_ok(x2d.shape[0], n, k):  # cuBLASLt FP8 shape rule: fall back to bf16
+            if is_fp8_carrier(x):  # engine/fp8/fused_cast.py checks the shapes first: this is a bug, not data
+                raise RuntimeError("herd: an FP8-only activation reached a GEMM shape that needs its bf16 values")
             return nn.functional.linear(x, self.weight)
-        with torch.autocast(device_type, enabled=False):
-            x2d = x2d.contiguous()
+        with torch.autocast(device_type, enabled=False):  # x2d stays a view: an FP8 carrier has no values to copy
             x_q = self.quantized_input(x, x2d, transpose=self.weight.requires_grad)
             y = _FP8Linear.apply(x2d, self.weight, self, out_dtype, *x_q, *self.quantized_weight())  # [M, N]
         return y.view(*x.shape[:-1], n)
+
+
+def fp8_carrier(like: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+    """The autograd edge of an activation that exists only in FP8 (engine/fp8/fused_cast.py): a [*shape] tensor of
+    `dtype` with all strides 0 over one uninitialized element (no memory, no kernel). Its consumers find the FP8
+    values in their InputShare; its gradient is an ordinary [*shape] tensor."""
+    carrier = torch.empty_strided(tuple(shape), (0,) * len(shape), dtype=dtype, device=like.device)
+    carrier._herd_fp8_carrier = True
+    return carrier
+
+
+def is_fp8_carrier(x: torch.Tensor) -> bool:
+    return getattr(x, "_herd_fp8_carrier", False)
 
 
 def float8_layers(parts: Sequence[nn.Module]) -> List[Float8Linear]:
@@ -261,6 +292,9 @@ def convert(model: nn.Module, cfg: FP8Config, share_inputs: bool = True) -> List
             attention, mlp = block.attention, block.feed_forward
             _share_input([attention.wq, attention.wk, attention.wv])
             _share_input([mlp.w1, mlp.w3])
+        if layer_id not in keep and (cfg.fuse_norm_cast or cfg.fuse_swiglu_cast):
+            from engine.fp8 import fused_cast
+            fused_cast.attach(block, cfg)
     return converted
 
 

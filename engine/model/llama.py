@@ -21,9 +21,12 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.empty(dim))
+        self.fp8_output = None  # engine/fp8/fused_cast.py (fp8.fuse_norm_cast): the output only in FP8
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
         """norm(x), or with `residual`: (norm(residual + x), residual + x) in one fused pass."""
+        if self.fp8_output is not None:
+            return self.fp8_output(x, self.weight, self.eps, residual)
         if residual is None:
             return ops.rms_norm(x, self.weight, self.eps)
         return ops.add_rms_norm(x, residual, self.weight, self.eps)
@@ -91,13 +94,15 @@ class FeedForward(nn.Module):
             self.w1 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # gate
             self.w3 = nn.Linear(cfg.dim, cfg.ffn_dim, bias=False)  # up
         self.w2 = nn.Linear(cfg.ffn_dim, cfg.dim, bias=False)  # down
+        self.fp8_activation = None  # engine/fp8/fused_cast.py (fp8.fuse_swiglu_cast): SwiGLU written in FP8
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused:  # [b, s, 2 ffn] -> gate, up [b, s, ffn] (views)
             gate, up = self.w13(x).split(self.w13.split_sizes, dim=-1)
         else:
             gate, up = self.w1(x), self.w3(x)
-        return self.w2(ops.swiglu(gate, up))
+        activation = ops.swiglu if self.fp8_activation is None else self.fp8_activation
+        return self.w2(activation(gate, up))
 
 
 class TransformerBlock(nn.Module):
