@@ -8,17 +8,30 @@ from typing import List
 import numpy as np
 
 
-def _pyplot():
+def _figure():
+    """pyplot, and a new figure with one axes of the size every sweep plot has."""
     import matplotlib
     matplotlib.use("Agg")  # no display on a training machine
     import matplotlib.pyplot as plt
-    return plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    return plt, fig, ax
+
+
+def _save(plt, fig, ax, path: Path, xlabel: str, ylabel: str, title: str) -> Path:
+    """Label the axes, write the PNG to `path` and free the figure."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def plot_isoflop(path: Path, runs: List[dict], budgets: List[dict]) -> Path:
     """Validation loss against N per budget, the fitted parabolas and their minima."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plt, fig, ax = _figure()
     colors = plt.cm.viridis(np.linspace(0, 0.85, max(1, len(budgets))))
     for color, entry in zip(colors, budgets):
         group = sorted((r for r in runs if r["budget"] == entry["budget"]), key=lambda r: r["params"])
@@ -30,20 +43,13 @@ def plot_isoflop(path: Path, runs: List[dict], budgets: List[dict]) -> Path:
             ax.plot(10 ** x, p["a"] * x ** 2 + p["b"] * x + p["c"], color=color, lw=1)
             ax.scatter([entry["n_opt"]], [p["loss_opt"]], color=color, marker="*", s=160, edgecolor="black")
     ax.set_xscale("log")
-    ax.set_xlabel("parameters N (non-embedding)")
-    ax.set_ylabel("final validation loss")
-    ax.set_title("IsoFLOP curves (stars: parabola minima)")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path, "parameters N (non-embedding)", "final validation loss",
+                 "IsoFLOP curves (stars: parabola minima)")
 
 
 def plot_power_law(path: Path, budgets: List[dict], law, predictions: List[dict]) -> Path:
     """The optimal tokens per budget and D*(C) = A C^alpha through them (with its 95% band), up to the targets."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plt, fig, ax = _figure()
     fitted = [b for b in budgets if "tokens_opt" in b]
     c = np.array([b["budget"] for b in fitted])
     ax.scatter(c, [b["tokens_opt"] for b in fitted], color="black", zorder=3, label="parabola minima")
@@ -59,21 +65,14 @@ def plot_power_law(path: Path, budgets: List[dict], law, predictions: List[dict]
                                                          [p["tokens_95"][1] - p["tokens"]]], fmt="o", color="red")
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("compute C (FLOPs, 6ND)")
-    ax.set_ylabel("compute-optimal training tokens D*")
-    ax.set_title("Optimal tokens against compute")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path, "compute C (FLOPs, 6ND)", "compute-optimal training tokens D*",
+                 "Optimal tokens against compute")
 
 
 def plot_downstream(path: Path, runs: List[dict], downstream: dict) -> Path:
     """Accuracy against the normalized NLL of the correct answer (every run) and the fitted sigmoid."""
     from scaling.fit import sigmoid_accuracy
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    plt, fig, ax = _figure()
     scored = [r for r in runs if "downstream" in r]
     nll = np.array([r["downstream"]["nll_correct"] for r in scored])
     ax.scatter(nll, [r["downstream"]["accuracy"] for r in scored], c=np.log10([r["budget"] for r in scored]),
@@ -82,11 +81,5 @@ def plot_downstream(path: Path, runs: List[dict], downstream: dict) -> Path:
     x = np.linspace(nll.min() - 0.1, nll.max() + 0.1, 200)
     ax.plot(x, sigmoid_accuracy(x, s["midpoint"], s["scale"], s["chance"]), color="black", label="sigmoid fit")
     ax.axhline(s["chance"], ls=":", color="gray", label="chance")
-    ax.set_xlabel("normalized NLL of the correct next line (nats / character)")
-    ax.set_ylabel("accuracy")
-    ax.set_title("Downstream: accuracy from NLL")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, ax, path, "normalized NLL of the correct next line (nats / character)",
+                 "accuracy", "Downstream: accuracy from NLL")
