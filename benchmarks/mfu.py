@@ -11,7 +11,9 @@ master weights, bf16 autocast, fused AdamW and no activation checkpointing. Vari
   herd-fp8-delayed     the same with recipe="delayed"
   herd-<base>-<opts>   herd-bf16, herd-fp8 or herd-fp8-delayed with options, any of (in this order): fused (train.
                        fused_projections: one GEMM for q/k/v, one for gate/up), gaf (train.grad_accum_fusion: weight
-                       grads added into the fp32 grads inside the backward GEMM; not with compile), compile
+                       grads added into the fp32 grads inside the backward GEMM; not with compile), wdelayed (FP8
+                       only: fp8.weight_recipe=delayed, no weight amax pass), fcast (herd-fp8-delayed only, not with
+                       compile: fp8.fuse_norm_cast and fuse_swiglu_cast, engine/fp8/fused_cast.py), compile
                        (train.compile: torch.compile per block, parallel/parallelize.py apply_compile; the warm-up
                        steps pay the compilation). EXTRA_VARIANTS lists the ones measured; the default run leaves
                        them out (--variants names them)
@@ -57,9 +59,10 @@ ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("herd-bf16", "herd-bf16-nokernels", "herd-fp8", "herd-fp8-delayed", "hf-bf16")
 FP8_RECIPES = {"herd-fp8": "tensorwise", "herd-fp8-delayed": "delayed"}
 NO_KERNELS = "herd-bf16-nokernels"
-OPTIONS = ("fused", "gaf", "compile")  # herd variant suffixes, in this order
+OPTIONS = ("fused", "gaf", "wdelayed", "fcast", "compile")  # herd variant suffixes, in this order
 EXTRA_VARIANTS = ("herd-bf16-compile", "herd-bf16-fused", "herd-bf16-fused-compile", "herd-bf16-gaf",
-                  "herd-bf16-fused-gaf", "herd-fp8-compile", "herd-fp8-fused-compile")
+                  "herd-bf16-fused-gaf", "herd-fp8-compile", "herd-fp8-fused-compile", "herd-fp8-wdelayed",
+                  "herd-fp8-delayed-fcast", "herd-fp8-delayed-fused-fcast")
 
 
 def herd_options(variant: str) -> Tuple[str, Tuple[str, ...]]:
@@ -68,10 +71,13 @@ def herd_options(variant: str) -> Tuple[str, Tuple[str, ...]]:
         if variant == base or variant.startswith(base + "-"):
             opts = tuple(variant[len(base) + 1:].split("-")) if variant != base else ()
             if all(o in OPTIONS for o in opts) and list(opts) == sorted(opts, key=OPTIONS.index) \
-                    and len(set(opts)) == len(opts) and not {"gaf", "compile"} <= set(opts):
+                    and len(set(opts)) == len(opts) and not {"gaf", "compile"} <= set(opts) \
+                    and ("wdelayed" not in opts or base in FP8_RECIPES) \
+                    and ("fcast" not in opts or (base == "herd-fp8-delayed" and "compile" not in opts)):
                 return base, opts
     raise ValueError(f"unknown variant {variant!r} (known: {', '.join(VARIANTS + EXTRA_VARIANTS)}, or herd-<base>-"
-                     f"<{'|'.join(OPTIONS)}>... in that order, gaf and compile not together)")
+                     f"<{'|'.join(OPTIONS)}>... in that order, gaf and compile not together, wdelayed with fp8, "
+                     f"fcast with fp8-delayed and without compile)")
 # child options forwarded by the parent: (flag, attribute)
 FORWARDED = (("--steps", "steps"), ("--warmup", "warmup"), ("--seq-len", "seq_len"), ("--batch-size", "batch_size"),
              ("--layers", "layers"), ("--dim", "dim"), ("--ffn-dim", "ffn_dim"), ("--heads", "heads"),
@@ -168,7 +174,9 @@ def build_herd(variant: str, cfg, device, seed: int, info: dict) -> Tuple[object
         from engine.fp8 import apply_fp8, fp8_step_context
         # every block in FP8: the 4-layer proxy stands for the middle of the 32-layer stack (a full 8B run keeps only
         # its first and last blocks in bf16, 2 of 32); the output head stays bf16 as in training
-        fp8_cfg = FP8Config(backend="native", recipe=FP8_RECIPES[base], bf16_first_last_layers=False)
+        fp8_cfg = FP8Config(backend="native", recipe=FP8_RECIPES[base], bf16_first_last_layers=False,
+                            weight_recipe="delayed" if "wdelayed" in opts else "same",
+                            fuse_norm_cast="fcast" in opts, fuse_swiglu_cast="fcast" in opts)
         info["fp8_config"] = dataclasses.asdict(fp8_cfg)
         converted = apply_fp8(model, fp8_cfg)  # in place; returns the converted layer names
         if isinstance(converted, torch.nn.Module):  # (a version that returns the model works too)
@@ -458,8 +466,12 @@ def make_table(rows: List[dict]) -> str:
     for r in rows:
         if r.get("fp8_layers") is not None:
             keep = (r.get("fp8_config") or {}).get("bf16_first_last_layers")
-            notes.append(f"{r['variant']}: {r['fp8_layers']} linear layers in fp8 (recipe "
-                         f"{r['fp8_config']['recipe']}" + ("; first and last blocks kept in bf16)" if keep else ")"))
+            fp8 = r["fp8_config"]
+            extras = [f"weights {fp8['weight_recipe']}"] if fp8.get("weight_recipe", "same") != "same" else []
+            extras += [f"{k} on" for k in ("fuse_norm_cast", "fuse_swiglu_cast") if fp8.get(k)]
+            notes.append(f"{r['variant']}: {r['fp8_layers']} linear layers in fp8 (recipe {fp8['recipe']}"
+                         + "".join(f", {e}" for e in extras)
+                         + ("; first and last blocks kept in bf16)" if keep else ")"))
     profiles = step_profile.markdown(rows)
     return ("\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes)
             + (f"\n\n## One profiled step per variant\n\n{profiles}" if profiles else ""))

@@ -8,7 +8,9 @@
 # baseline; each variant also profiles one step: where its GPU time goes, benchmarks/step_profile.py), accum (herd
 # bf16, FP8 and HF with 8 micro-batches per optimizer step: AdamW amortized as in training), fused (the same with
 # issue 20's options, docs/throughput.md: fused projections with fused gradient accumulation, and with torch.compile
-# per block in bf16 and FP8), peers
+# per block in bf16 and FP8), with FP8 option rows after mfu and fused (mfu-fp8, fused-fp8: issue 20 item 3's
+# switches, docs/throughput.md "FP8 overheads": fp8.weight_recipe=delayed against herd-fp8, the casts fused into
+# RMSNorm/SwiGLU against herd-fp8-delayed, at 1 (profiled) and 8 micro-batches per step), peers
 # (benchmarks/peers.py at the accum stage's settings: HF + torch.compile, HF + Liger-Kernel, torchtitan FSDP2 +
 # compile in bf16 and float8, Megatron-core's local spec; herd's accum rows beside them), kernels
 # (benchmarks/kernels/run.py: each csrc/ kernel against copy bandwidth, eager and torch.compile), liger
@@ -20,7 +22,8 @@
 # The whole script keeps to DEADLINE seconds (default 480): each stage's limit is its own cap or what is left, and a
 # stage with under MIN_STAGE_S (20) seconds left is skipped and says so, so a hang cannot eat the call and the
 # results are always packed. Planned caps (s; benchmarks/README.md has the budget): build 150, tests 90, mfu 110,
-# accum 75, fused 130, peers 170, kernels 75, liger 35, mfu8 45, dryrun 2 x 60, attnmem 60 (attention under
+# accum 75, fused 130, peers 170, kernels 75, liger 35, mfu8 45, dryrun 2 x 60, attnmem 60; the FP8 option rows
+# mfu-fp8 45 and fused-fp8 45 (small: they run only with time left over) (attention under
 # document masks, benchmarks/attention_memory.py). Their sum is over DEADLINE on purpose: a stage
 # that ends early leaves its time to the next, the last ones get what is left.
 # The peers' wheels (wheels/peers, `make gpu-wheels`) go into a folder of their own (PEER_SITE) that only the peers
@@ -33,6 +36,7 @@ OUT=${OUT:-gpu-out}
 W=$(mktemp -d)  # every log here, packed into $OUT at the end
 STAGES=${STAGES:-build tests mfu accum fused peers kernels liger mfu8 dryrun attnmem}
 MFU_VARIANTS=${MFU_VARIANTS:-herd-bf16,herd-fp8,hf-bf16,herd-bf16-nokernels,herd-fp8-delayed}
+FP8_OPTION_VARIANTS=${FP8_OPTION_VARIANTS:-herd-fp8-wdelayed,herd-fp8-delayed-fcast}
 PEERS=${PEERS:-hf-liger,hf-compile,titan-compile,megatron-local,titan-fp8}
 DEADLINE=${DEADLINE:-480}
 MIN_STAGE_S=${MIN_STAGE_S:-20}
@@ -96,6 +100,10 @@ if has mfu; then
   run mfu 110 python -m benchmarks.mfu --steps 10 --warmup 3 --timeout 75 --variants "$MFU_VARIANTS" \
     --profile 1 --log-dir "$W/mfu" --save >"$W/mfu.log" 2>&1
   report "mfu exit $?"
+  # the FP8 switches beside this call's herd-fp8 and herd-fp8-delayed rows (one profiled step each: herd kernels ms)
+  run mfu-fp8 45 python -m benchmarks.mfu --steps 10 --warmup 3 --timeout 30 --variants "$FP8_OPTION_VARIANTS" \
+    --profile 1 --log-dir "$W/mfu-fp8" --results-suffix _fp8_options --save >"$W/mfu_fp8.log" 2>&1
+  report "mfu-fp8 exit $?"
 fi
 
 if has accum; then
@@ -110,6 +118,11 @@ if has fused; then  # issue 20's options (docs/throughput.md), 8 micro-batches p
     --variants herd-bf16-fused-gaf,herd-bf16-fused-compile,herd-fp8-fused-compile --log-dir "$W/fused" \
     --results-suffix _accum8_options --save >"$W/fused.log" 2>&1
   report "fused exit $?"
+  # the fused casts at 8 micro-batches per step, against their unfused base in the same run
+  run fused-fp8 45 python -m benchmarks.mfu --accum 8 --steps 2 --warmup 1 --timeout 20 \
+    --variants herd-fp8-delayed,herd-fp8-delayed-fcast --log-dir "$W/fused-fp8" \
+    --results-suffix _accum8_fp8_options --save >"$W/fused_fp8.log" 2>&1
+  report "fused-fp8 exit $?"
 fi
 
 if has peers; then
@@ -166,8 +179,11 @@ stage "summary"
   [ -f "$W/kernels.log" ] && grep -E "^\| |FAILED|Error" "$W/kernels.log"
   [ -f "$W/liger.log" ] && echo "against Liger-Kernel:" && grep -E "^\| |FAILED|Error" "$W/liger.log"
   [ -f "$W/mfu.log" ] && grep -E "^\| (herd|hf)|^\*\*|FAILED|failed" "$W/mfu.log"
+  [ -f "$W/mfu_fp8.log" ] && echo "FP8 options:" && grep -E "^\| herd|^\*\*|FAILED|failed" "$W/mfu_fp8.log"
   [ -f "$W/mfu8.log" ] && echo "8 layers:" && grep -E "^\| (herd|hf)|^\*\*|FAILED|failed" "$W/mfu8.log"
   [ -f "$W/accum.log" ] && echo "8 micro-batches per step:" && grep -E "^\| (herd|hf)|FAILED|failed" "$W/accum.log"
+  [ -f "$W/fused_fp8.log" ] && echo "FP8 fused casts, 8 micro-batches:" \
+    && grep -E "^\| herd|FAILED|failed" "$W/fused_fp8.log"
   [ -f "$W/peers.log" ] && echo "peers (8 micro-batches per step):" && grep -E "^\| |^- " "$W/peers.log"
   [ -f "$W/dryrun.log" ] && grep -E "^dry run|^  |Error" "$W/dryrun.log"
   [ -f "$W/attnmem.log" ] && echo "attention memory:" && grep -E "^\| [0-9]|Error" "$W/attnmem.log"

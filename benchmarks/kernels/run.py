@@ -14,7 +14,7 @@ import torch
 from benchmarks.kernels.harness import copy_bandwidth_gbs, measure
 from benchmarks.report import publish
 
-OP_MODULES = ["rms_norm", "rope", "swiglu", "fp8_cast", "cross_entropy"]  # benchmarks/kernels/<name>.py
+OP_MODULES = ["rms_norm", "rope", "swiglu", "fp8_cast", "cross_entropy", "fp8_fused"]  # benchmarks/kernels/<name>.py
 
 
 def main() -> None:

@@ -336,6 +336,52 @@ __global__ void delayed_update_kernel(float* __restrict__ history, float* __rest
   }
 }
 
+// ---- transpose of fp8 bytes: in [M, K] -> out [K, M] (the weight-gradient copy of an FP8 tensor written by an op
+// with the cast fused in: csrc/rms_norm, csrc/swiglu) --------------------------------------------------------------
+
+constexpr int kTrTile = 64;       // tile: 64 rows (m) by 64 columns (k) of bytes
+constexpr int kTrThreads = 256;   // each thread moves 16 bytes in and 16 bytes out
+constexpr int kTrStride = kTrTile + 4;  // smem row stride in bytes: a multiple of 4, off the 32-bank period
+
+// Load: thread t reads row m0 + t / 4, bytes 16 (t % 4) .. + 15 of the tile (one 16-byte load when kVecIn: K % 16 ==
+// 0 and `in` 16-byte aligned). Store: thread t writes row k0 + t / 4 of out, bytes m0 + 16 (t % 4) .. + 15, gathered
+// from one smem column (one 16-byte store when kVecOut: M % 16 == 0 and `out` 16-byte aligned).
+template <bool kVecIn, bool kVecOut>
+__global__ void __launch_bounds__(kTrThreads) transpose_bytes_kernel(const uint8_t* __restrict__ in, int64_t M,
+                                                                     int64_t K, uint8_t* __restrict__ out) {
+  __shared__ __align__(16) uint8_t tile[kTrTile * kTrStride];
+  const int64_t m0 = static_cast<int64_t>(blockIdx.x) * kTrTile, k0 = static_cast<int64_t>(blockIdx.y) * kTrTile;
+  const int r = threadIdx.x >> 2, seg = threadIdx.x & 3;
+  {
+    const int64_t m = m0 + r, k = k0 + 16 * seg;
+    uint32_t w[4] = {0u, 0u, 0u, 0u};
+    if (m < M && k < K) {
+      const uint8_t* p = in + m * K + k;
+      if (kVecIn) {
+        const uint4 v = *reinterpret_cast<const uint4*>(p);
+        w[0] = v.x, w[1] = v.y, w[2] = v.z, w[3] = v.w;
+      } else {
+        for (int e = 0; e < 16 && k + e < K; ++e) w[e >> 2] |= static_cast<uint32_t>(p[e]) << (8 * (e & 3));
+      }
+    }
+    uint32_t* row = reinterpret_cast<uint32_t*>(tile + r * kTrStride + 16 * seg);
+    row[0] = w[0], row[1] = w[1], row[2] = w[2], row[3] = w[3];
+  }
+  __syncthreads();
+  const int64_t k = k0 + r, m = m0 + 16 * seg;
+  if (k >= K || m >= M) return;
+  uint32_t w[4] = {0u, 0u, 0u, 0u};
+#pragma unroll
+  for (int e = 0; e < 16; ++e)
+    w[e >> 2] |= static_cast<uint32_t>(tile[(16 * seg + e) * kTrStride + r]) << (8 * (e & 3));
+  uint8_t* p = out + k * M + m;
+  if (kVecOut) {
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+  } else {
+    for (int e = 0; e < 16 && m + e < M; ++e) p[e] = static_cast<uint8_t>(w[e >> 2] >> (8 * (e & 3)));
+  }
+}
+
 }  // namespace
 }  // namespace herd
 
@@ -380,6 +426,23 @@ const char* herd_fp8_delayed_update(void* history, void* scale, void* overflows,
                                 static_cast<cudaStream_t>(stream)>>>(
       static_cast<float*>(history), static_cast<float*>(scale), static_cast<long long*>(overflows),
       static_cast<const float*>(amax), static_cast<float>(limit), static_cast<int>(H), static_cast<float*>(inv_used));
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+// in [M, K] fp8 bytes, row-major -> out [K, M] row-major; M, K >= 1, K <= 65535 * 64 (the grid's y). No sync.
+const char* herd_fp8_transpose(const void* in, int64_t M, int64_t K, void* out, void* stream) {
+  const dim3 grid(static_cast<unsigned int>((M + herd::kTrTile - 1) / herd::kTrTile),
+                  static_cast<unsigned int>((K + herd::kTrTile - 1) / herd::kTrTile));
+  const bool vec_in = K % 16 == 0 && reinterpret_cast<uintptr_t>(in) % 16 == 0;
+  const bool vec_out = M % 16 == 0 && reinterpret_cast<uintptr_t>(out) % 16 == 0;
+  const uint8_t* i = static_cast<const uint8_t*>(in);
+  uint8_t* o = static_cast<uint8_t*>(out);
+  const cudaStream_t s = static_cast<cudaStream_t>(stream);
+  if (vec_in && vec_out) herd::transpose_bytes_kernel<true, true><<<grid, herd::kTrThreads, 0, s>>>(i, M, K, o);
+  else if (vec_in) herd::transpose_bytes_kernel<true, false><<<grid, herd::kTrThreads, 0, s>>>(i, M, K, o);
+  else if (vec_out) herd::transpose_bytes_kernel<false, true><<<grid, herd::kTrThreads, 0, s>>>(i, M, K, o);
+  else herd::transpose_bytes_kernel<false, false><<<grid, herd::kTrThreads, 0, s>>>(i, M, K, o);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

@@ -110,13 +110,60 @@ __device__ __forceinline__ float group_sum(float v, float* scratch, int tpr) {
   return warp_sum(v);
 }
 
+// The FP8 output of the forward (FP8 = true; engine/ops/fp8_fused.py rms_norm_fp8_fwd): y rounded to TO as the
+// plain forward stores it, then q = saturate(y * *scale) in e4m3 (round to nearest even, as csrc/fp8_cast), and
+// max |y| into *amax_bits (fp32 bits; the launcher zeroes them): one atomicMax per block.
+struct Fp8Out {
+  const float* scale;
+  uint8_t* q;  // [rows, dim] e4m3 bytes, 8-byte aligned rows when VEC
+  unsigned int* amax_bits;
+};
+
+// Chunk c of a row as 8 e4m3 bytes at q_row + 8c (one 8-byte store when VEC, else byte by byte up to dim).
+template <bool VEC>
+__device__ __forceinline__ void store_fp8_chunk(uint8_t* __restrict__ q_row, int c, int dim, const float f[8],
+                                                float scale) {
+  uint32_t w[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * i] * scale, f[4 * i + 1] * scale),
+                                                 __NV_SATFINITE, __NV_E4M3);
+    const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * i + 2] * scale, f[4 * i + 3] * scale),
+                                                 __NV_SATFINITE, __NV_E4M3);
+    w[i] = lo | (hi << 16);
+  }
+  if constexpr (VEC) {
+    *reinterpret_cast<uint2*>(q_row + 8 * c) = make_uint2(w[0], w[1]);
+  } else {
+#pragma unroll
+    for (int k = 0; k < 8; ++k)
+      if (8 * c + k < dim) q_row[8 * c + k] = static_cast<uint8_t>(w[k >> 2] >> (8 * (k & 3)));
+  }
+}
+
+// Largest `bits` over the block into *amax_bits (one atomicMax). Every thread of the block must call it; `scratch`
+// (32 words of shared memory) may still be read by a group_sum: the first barrier waits for that.
+__device__ __forceinline__ void block_amax_commit(unsigned int bits, unsigned int* scratch,
+                                                  unsigned int* __restrict__ amax_bits) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+  bits = __reduce_max_sync(0xffffffffu, bits);
+  __syncthreads();
+  if (lane == 0) scratch[warp] = bits;
+  __syncthreads();
+  if (warp == 0) {
+    bits = __reduce_max_sync(0xffffffffu, lane < warps ? scratch[lane] : 0u);
+    if (lane == 0 && bits != 0u) atomicMax(amax_bits, bits);
+  }
+}
+
 // Forward. TN: the dtype of the normalized tensor (h's = TR with the residual add, else x's).
-// x, residual: [rows, dim]; weight: [dim] -> y: [rows, dim] TO, h_out: [rows, dim] TR (ADD only), rstd: [rows].
-template <typename TX, typename TR, typename TW, typename TO, bool ADD, bool VEC>
+// x, residual: [rows, dim]; weight: [dim] -> y: [rows, dim] TO (or with FP8 its e4m3 bytes in fp8.q and the amax,
+// y itself not stored), h_out: [rows, dim] TR (ADD only), rstd: [rows].
+template <typename TX, typename TR, typename TW, typename TO, bool ADD, bool VEC, bool FP8 = false>
 __global__ void __launch_bounds__(kMaxThreads)
 fwd_kernel(const TX* __restrict__ x, const TR* __restrict__ residual, const TW* __restrict__ weight,
            TO* __restrict__ y, TR* __restrict__ h_out, float* __restrict__ rstd, int64_t rows, int dim, int tpr,
-           float eps, float inv_dim) {
+           float eps, float inv_dim, Fp8Out fp8) {
   using TN = std::conditional_t<ADD, TR, TX>;
   __shared__ float scratch[32];
   const int t = threadIdx.x % tpr, nchunks = (dim + 7) / 8;
@@ -147,19 +194,35 @@ fwd_kernel(const TX* __restrict__ x, const TR* __restrict__ residual, const TW* 
   }
   ss = group_sum(ss, scratch, tpr);
   const float r = rsqrtf(ss * inv_dim + eps);  // 1 / sqrt(mean(h^2) + eps)
-  if (!active) return;                          // no barrier follows
-  if (t == 0) rstd[row] = r;
-#pragma unroll
-  for (int i = 0; i < kChunks; ++i) {
-    const int c = t + i * tpr;
-    if (c >= nchunks) continue;
-    float f[8], w[8];
-    to_float8(v[i], f);
-    load_floats<VEC>(weight, c, dim, w);
-#pragma unroll
-    for (int k = 0; k < 8; ++k) f[k] = w[k] * round_to<TN>(f[k] * r);  // weight * normed.type_as(h)
-    store_floats<VEC>(y + base, c, dim, f);
+  if constexpr (!FP8) {
+    if (!active) return;  // no barrier follows
   }
+  unsigned int amax = 0u;  // FP8: max |bits| of this thread's y values (masked elements are 0)
+  const float scale = FP8 ? __ldg(fp8.scale) : 1.f;
+  if (active) {
+    if (t == 0) rstd[row] = r;
+#pragma unroll
+    for (int i = 0; i < kChunks; ++i) {
+      const int c = t + i * tpr;
+      if (c >= nchunks) continue;
+      float f[8], w[8];
+      to_float8(v[i], f);
+      load_floats<VEC>(weight, c, dim, w);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) f[k] = w[k] * round_to<TN>(f[k] * r);  // weight * normed.type_as(h)
+      if constexpr (FP8) {
+#pragma unroll
+        for (int k = 0; k < 8; ++k) {
+          f[k] = round_to<TO>(f[k]);  // the value the plain forward stores, which the unfused cast reads
+          amax = max(amax, __float_as_uint(f[k]) & 0x7fffffffu);
+        }
+        store_fp8_chunk<VEC>(fp8.q + base, c, dim, f, scale);
+      } else {
+        store_floats<VEC>(y + base, c, dim, f);
+      }
+    }
+  }
+  if constexpr (FP8) block_amax_commit(amax, reinterpret_cast<unsigned int*>(scratch), fp8.amax_bits);
 }
 
 // Backward. With n = h * rstd and g = dy * weight, d rstd / dh_j = -rstd^3 h_j / dim gives
@@ -358,7 +421,7 @@ const char* herd_rms_norm_fwd(const void* x, const void* residual, const void* w
       auto kernel = vec ? fwd_kernel<TX, TX, TW, TO, false, true> : fwd_kernel<TX, TX, TW, TO, false, false>;
       kernel<<<grid, block, 0, stream>>>(static_cast<const TX*>(x), nullptr, static_cast<const TW*>(weight),
                                          static_cast<TO*>(y), nullptr, rstd, rows, static_cast<int>(dim), tpr,
-                                         eps_f, inv_dim);
+                                         eps_f, inv_dim, Fp8Out{});
       return;
     }
     with_dtype(residual_dtype, [&](auto tr) {
@@ -367,7 +430,44 @@ const char* herd_rms_norm_fwd(const void* x, const void* residual, const void* w
       kernel<<<grid, block, 0, stream>>>(static_cast<const TX*>(x), static_cast<const TR*>(residual),
                                          static_cast<const TW*>(weight), static_cast<TO*>(y),
                                          static_cast<TR*>(h_out), rstd, rows, static_cast<int>(dim), tpr, eps_f,
-                                         inv_dim);
+                                         inv_dim, Fp8Out{});
+    });
+  }); }); });
+  return launch_error();
+}
+
+// The forward with the FP8 output (Fp8Out): y rounded to out_dtype is cast to e4m3 by *scale into q [rows, dim]
+// (8-byte aligned, `vec` as above) and max |y| goes to *amax (zeroed here first); y is not stored. h_out and rstd
+// as herd_rms_norm_fwd. The same launch shape and arithmetic as herd_rms_norm_fwd, so q is bit for bit the cast
+// of what herd_rms_norm_fwd stores.
+const char* herd_rms_norm_fp8_fwd(const void* x, const void* residual, const void* weight, void* q, void* h_out,
+                                  float* rstd, const float* scale, void* amax, int64_t rows, int64_t dim, double eps,
+                                  int x_dtype, int residual_dtype, int weight_dtype, int out_dtype, bool vec,
+                                  void* stream_ptr) {
+  const cudaStream_t stream = static_cast<cudaStream_t>(stream_ptr);
+  const int tpr = threads_per_row(dim), groups = tpr >= kFwdBlock ? 1 : kFwdBlock / tpr;
+  const dim3 grid(static_cast<unsigned>((rows + groups - 1) / groups)), block(groups * tpr);
+  const float eps_f = static_cast<float>(eps), inv_dim = static_cast<float>(1.0 / static_cast<double>(dim));
+  const Fp8Out fp8{scale, static_cast<uint8_t*>(q), static_cast<unsigned int*>(amax)};
+  cudaMemsetAsync(amax, 0, sizeof(unsigned int), stream);
+  with_dtype(x_dtype, [&](auto tx) { with_dtype(weight_dtype, [&](auto tw) { with_dtype(out_dtype, [&](auto to) {
+    using TX = typename decltype(tx)::type;
+    using TW = typename decltype(tw)::type;
+    using TO = typename decltype(to)::type;
+    if (residual == nullptr) {
+      auto kernel = vec ? fwd_kernel<TX, TX, TW, TO, false, true, true>
+                        : fwd_kernel<TX, TX, TW, TO, false, false, true>;
+      kernel<<<grid, block, 0, stream>>>(static_cast<const TX*>(x), nullptr, static_cast<const TW*>(weight),
+                                         nullptr, nullptr, rstd, rows, static_cast<int>(dim), tpr, eps_f, inv_dim,
+                                         fp8);
+      return;
+    }
+    with_dtype(residual_dtype, [&](auto tr) {
+      using TR = typename decltype(tr)::type;
+      auto kernel = vec ? fwd_kernel<TX, TR, TW, TO, true, true, true> : fwd_kernel<TX, TR, TW, TO, true, false, true>;
+      kernel<<<grid, block, 0, stream>>>(static_cast<const TX*>(x), static_cast<const TR*>(residual),
+                                         static_cast<const TW*>(weight), nullptr, static_cast<TR*>(h_out), rstd,
+                                         rows, static_cast<int>(dim), tpr, eps_f, inv_dim, fp8);
     });
   }); }); });
   return launch_error();

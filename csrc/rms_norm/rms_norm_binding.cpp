@@ -13,12 +13,19 @@
 #include <cstdint>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 // rms_norm.cu
 int64_t herd_rms_norm_max_dim();
 const char* herd_rms_norm_fwd(const void* x, const void* residual, const void* weight, void* y, void* h_out,
                               float* rstd, int64_t rows, int64_t dim, double eps, int x_dtype, int residual_dtype,
                               int weight_dtype, int out_dtype, bool vec, void* stream);
+const char* herd_rms_norm_fp8_fwd(const void* x, const void* residual, const void* weight, void* q, void* h_out,
+                                  float* rstd, const float* scale, void* amax, int64_t rows, int64_t dim, double eps,
+                                  int x_dtype, int residual_dtype, int weight_dtype, int out_dtype, bool vec,
+                                  void* stream);
+// fp8_cast.cu: in [M, K] bytes -> out [K, M] bytes
+const char* herd_fp8_transpose(const void* in, int64_t M, int64_t K, void* out, void* stream);
 int64_t herd_rms_norm_bwd_blocks(int64_t rows, int64_t dim, int dy_dtype, int h_dtype, int weight_dtype, bool vec);
 const char* herd_rms_norm_bwd(const void* dy, const void* h, const void* weight, const float* rstd,
                               const void* dh_extra, void* dx, void* dweight, float* dw_partial, int64_t blocks,
@@ -105,6 +112,58 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> add_rms_norm_fwd(const at::Tensor
   return forward("add_rms_norm_fwd", x, &residual, weight, eps, out_dtype);
 }
 
+// The forward writing y only as e4m3 (engine/ops/fp8_fused.py): (q [rows, dim], q^T [dim, rows] or [0], amax of y,
+// h (residual + x; [0] without residual), rstd). norm_dtype: the dtype the plain forward would store y in.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rms_norm_fp8_fwd(
+    const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in, const at::Tensor& weight_in, double eps,
+    at::ScalarType norm_dtype, const at::Tensor& scale, at::ScalarType dtype, bool transpose) {
+  const char* op = "rms_norm_fp8_fwd";
+  const int64_t dim = check_dim(x_in, weight_in, op, "x");
+  TORCH_CHECK(dim % 16 == 0, op, ": last dim must be a multiple of 16, got ", dim);
+  TORCH_CHECK(dtype == at::kFloat8_e4m3fn, op, ": dtype must be float8_e4m3fn, got ", dtype);
+  check_device(scale, x_in, op, "scale");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() == 1, op, ": scale must be one float32");
+  const int x_code = dtype_code(x_in.scalar_type(), op, "x");
+  const int w_code = dtype_code(weight_in.scalar_type(), op, "weight");
+  const int out_code = dtype_code(norm_dtype, op, "norm_dtype");
+  const at::Tensor x = x_in.contiguous(), weight = weight_in.contiguous(), scale_c = scale.contiguous();
+  const bool add = residual_in.has_value() && residual_in->defined();
+  at::Tensor residual, h;
+  int r_code = x_code;
+  if (add) {
+    check_device(*residual_in, x_in, op, "residual");
+    TORCH_CHECK(residual_in->sizes() == x_in.sizes(), op, ": residual must match x ", x_in.sizes(), ", got ",
+                residual_in->sizes());
+    r_code = dtype_code(residual_in->scalar_type(), op, "residual");
+    residual = residual_in->contiguous();
+    h = at::empty_like(residual, at::MemoryFormat::Contiguous);
+  } else {
+    h = at::empty({0}, x.options());
+  }
+  const int64_t rows = x.numel() / dim;
+  TORCH_CHECK(!transpose || dim <= int64_t{65535} * 64, op, ": dim ", dim, " too large for the transpose grid");
+  at::Tensor q = at::empty({rows, dim}, x.options().dtype(dtype));
+  at::Tensor q_t = at::empty(transpose ? std::vector<int64_t>{dim, rows} : std::vector<int64_t>{0},
+                             x.options().dtype(dtype));
+  at::Tensor amax = at::zeros({}, x.options().dtype(at::kFloat));  // the launcher zeroes it again, async
+  at::Tensor rstd = at::empty({rows}, x.options().dtype(at::kFloat));
+  if (rows == 0) return {q, q_t, amax, h, rstd};  // amax of nothing: 0, as the reference's cast of no rows
+  bool vec = aligned16(x) && aligned16(weight) && aligned16(q);
+  if (add) vec = vec && aligned16(residual) && aligned16(h);
+  const c10::DeviceGuard guard(x.device());
+  void* stream = current_stream(x.device());
+  const char* err = herd_rms_norm_fp8_fwd(x.data_ptr(), add ? residual.data_ptr() : nullptr, weight.data_ptr(),
+                                          q.data_ptr(), add ? h.data_ptr() : nullptr, rstd.data_ptr<float>(),
+                                          scale_c.data_ptr<float>(), amax.data_ptr(), rows, dim, eps, x_code, r_code,
+                                          w_code, out_code, vec, stream);
+  TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
+  if (transpose) {
+    err = herd_fp8_transpose(q.data_ptr(), rows, dim, q_t.data_ptr(), stream);
+    TORCH_CHECK(err == nullptr, op, ": transpose launch failed: ", err);
+  }
+  return {q, q_t, amax, h, rstd};
+}
+
 // dx = d rmsnorm / dh (+ dh_extra), in h's dtype; dweight summed over rows in fp32, in weight's dtype.
 std::tuple<at::Tensor, at::Tensor> rms_norm_bwd(const at::Tensor& dy_in, const at::Tensor& h_in,
                                                 const at::Tensor& weight_in, const at::Tensor& rstd_in,
@@ -150,4 +209,5 @@ TORCH_LIBRARY_IMPL(herd, CUDA, m) {
   m.impl("rms_norm_fwd", &rms_norm_fwd);
   m.impl("add_rms_norm_fwd", &add_rms_norm_fwd);
   m.impl("rms_norm_bwd", &rms_norm_bwd);
+  m.impl("rms_norm_fp8_fwd", &rms_norm_fp8_fwd);
 }

@@ -61,6 +61,66 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// The forward writing e4m3 (engine/ops/fp8_fused.py swiglu_fp8_fwd): each value as swiglu_fwd_kernel stores it
+// (from_float<T>), then q = saturate(value * *scale) in e4m3 (round to nearest even, as csrc/fp8_cast), and the
+// largest |value| into *amax_bits (fp32 bits, zeroed by the launcher; one atomicMax per block). So q is bit for bit
+// the cast of swiglu_fwd's output, which is never stored. VEC values -> VEC bytes of q per vector.
+__device__ __forceinline__ uint32_t fp8_byte(float v, float scale) {
+  return static_cast<uint32_t>(__nv_cvt_float_to_fp8(v * scale, __NV_SATFINITE, __NV_E4M3));
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    swiglu_fp8_kernel(const T* __restrict__ gate, const T* __restrict__ up, const float* __restrict__ scale_ptr,
+                      uint8_t* __restrict__ q, unsigned int* __restrict__ amax_bits, int64_t n) {
+  using P = VecPack<T, VEC>;
+  using Q = VecPack<uint8_t, VEC>;
+  __shared__ unsigned int scratch[32];
+  const float scale = __ldg(scale_ptr);
+  const int64_t nvec = n / VEC;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * (kThreads * kUnroll) + threadIdx.x;
+  P g[kUnroll], u[kUnroll];
+#pragma unroll
+  for (int r = 0; r < kUnroll; ++r) {
+    const int64_t i = first + r * kThreads;
+    if (i < nvec) {
+      g[r] = reinterpret_cast<const P*>(gate)[i];
+      u[r] = reinterpret_cast<const P*>(up)[i];
+    }
+  }
+  unsigned int amax = 0u;
+#pragma unroll
+  for (int r = 0; r < kUnroll; ++r) {
+    const int64_t i = first + r * kThreads;
+    if (i < nvec) {
+      Q o;
+#pragma unroll
+      for (int e = 0; e < VEC; ++e) {
+        const float v = as_float(from_float<T>(swiglu_value(as_float(g[r].v[e]), as_float(u[r].v[e]))));
+        amax = max(amax, __float_as_uint(v) & 0x7fffffffu);
+        o.v[e] = static_cast<uint8_t>(fp8_byte(v, scale));
+      }
+      reinterpret_cast<Q*>(q)[i] = o;
+    }
+  }
+  if (VEC > 1 && blockIdx.x == 0) {  // scalar tail, as in swiglu_fwd_kernel
+    const int64_t i = nvec * VEC + threadIdx.x;
+    if (i < n) {
+      const float v = as_float(from_float<T>(swiglu_value(as_float(gate[i]), as_float(up[i]))));
+      amax = max(amax, __float_as_uint(v) & 0x7fffffffu);
+      q[i] = static_cast<uint8_t>(fp8_byte(v, scale));
+    }
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  amax = __reduce_max_sync(0xffffffffu, amax);
+  if (lane == 0) scratch[warp] = amax;
+  __syncthreads();
+  if (warp == 0) {
+    amax = __reduce_max_sync(0xffffffffu, lane < kThreads / 32 ? scratch[lane] : 0u);
+    if (lane == 0 && amax != 0u) atomicMax(amax_bits, amax);
+  }
+}
+
 // dout, gate, up, dgate, dup: [n] contiguous. For VEC > 1 all five are 16-byte aligned (host check).
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
@@ -130,6 +190,20 @@ void fwd(const void* gate, const void* up, void* out, int64_t n, cudaStream_t st
 }
 
 template <typename T>
+void fwd_fp8(const void* gate, const void* up, const float* scale, void* q, unsigned int* amax, int64_t n,
+             cudaStream_t stream) {
+  constexpr int VEC = 16 / sizeof(T);
+  const T* g = static_cast<const T*>(gate);
+  const T* u = static_cast<const T*>(up);
+  uint8_t* o = static_cast<uint8_t*>(q);
+  if (aligned16(gate) && aligned16(up) && aligned16(q)) {
+    swiglu_fp8_kernel<T, VEC><<<blocks_for<VEC>(n), kThreads, 0, stream>>>(g, u, scale, o, amax, n);
+  } else {
+    swiglu_fp8_kernel<T, 1><<<blocks_for<1>(n), kThreads, 0, stream>>>(g, u, scale, o, amax, n);
+  }
+}
+
+template <typename T>
 void bwd(const void* dout, const void* gate, const void* up, void* dgate, void* dup, int64_t n,
          cudaStream_t stream) {
   constexpr int VEC = 16 / sizeof(T);
@@ -169,6 +243,22 @@ const char* herd_swiglu_bwd(const void* dout, const void* gate, const void* up, 
     herd::swiglu_impl::bwd<__nv_bfloat16>(dout, gate, up, dgate, dup, n, s);
   } else {
     herd::swiglu_impl::bwd<float>(dout, gate, up, dgate, dup, n, s);
+  }
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+// gate, up: n elements (dtype_code as above); scale: one fp32 on the device; q: n e4m3 bytes; amax: one fp32,
+// zeroed here first, gets max |swiglu value|. Returns nullptr, or the launch error's text.
+const char* herd_swiglu_fp8_fwd(const void* gate, const void* up, const float* scale, void* q, void* amax, int64_t n,
+                                int dtype_code, void* stream) {
+  cudaStream_t s = static_cast<cudaStream_t>(stream);
+  cudaMemsetAsync(amax, 0, sizeof(unsigned int), s);
+  unsigned int* bits = static_cast<unsigned int*>(amax);
+  if (dtype_code == 1) {
+    herd::swiglu_impl::fwd_fp8<__nv_bfloat16>(gate, up, scale, q, bits, n, s);
+  } else {
+    herd::swiglu_impl::fwd_fp8<float>(gate, up, scale, q, bits, n, s);
   }
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);

@@ -10,10 +10,15 @@
 #include <torch/extension.h>
 
 #include <tuple>
+#include <vector>
 
 const char* herd_swiglu_fwd(const void* gate, const void* up, void* out, int64_t n, int dtype_code, void* stream);
 const char* herd_swiglu_bwd(const void* dout, const void* gate, const void* up, void* dgate, void* dup, int64_t n,
                             int dtype_code, void* stream);
+const char* herd_swiglu_fp8_fwd(const void* gate, const void* up, const float* scale, void* q, void* amax, int64_t n,
+                                int dtype_code, void* stream);
+// fp8_cast.cu: in [M, K] bytes -> out [K, M] bytes
+const char* herd_fp8_transpose(const void* in, int64_t M, int64_t K, void* out, void* stream);
 
 namespace {
 
@@ -70,9 +75,42 @@ std::tuple<at::Tensor, at::Tensor> swiglu_bwd(const at::Tensor& dout, const at::
   return {dgate, dup};
 }
 
+// swiglu_fwd's output written only as e4m3 (engine/ops/fp8_fused.py): gate, up [..., F] -> (q [M, F], q^T [F, M]
+// or [0], amax fp32 0-dim) with M the product of the leading dims.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> swiglu_fp8_fwd(const at::Tensor& gate, const at::Tensor& up,
+                                                              const at::Tensor& scale, at::ScalarType dtype,
+                                                              bool transpose) {
+  const char* op = "herd::swiglu_fp8_fwd";
+  check_gate(gate, op);
+  check_like(gate, up, op, "up");
+  TORCH_CHECK(gate.dim() >= 1, op, ": gate must have at least one dimension");
+  TORCH_CHECK(dtype == at::kFloat8_e4m3fn, op, ": dtype must be float8_e4m3fn, got ", dtype);
+  TORCH_CHECK(scale.device() == gate.device() && scale.scalar_type() == at::kFloat && scale.numel() == 1, op,
+              ": scale must be one float32 on gate's device");
+  c10::DeviceGuard guard(gate.device());
+  const at::Tensor g = gate.contiguous(), u = up.contiguous(), s = scale.contiguous();
+  const int64_t cols = g.size(-1), rows = cols > 0 ? g.numel() / cols : 0;
+  TORCH_CHECK(!transpose || cols <= int64_t{65535} * 64, op, ": last dim ", cols, " too large for the transpose");
+  at::Tensor q = at::empty({rows, cols}, g.options().dtype(dtype));
+  at::Tensor q_t = at::empty(transpose ? std::vector<int64_t>{cols, rows} : std::vector<int64_t>{0},
+                             g.options().dtype(dtype));
+  at::Tensor amax = at::zeros({}, g.options().dtype(at::kFloat));  // the launcher zeroes it again, async
+  if (g.numel() == 0) return {q, q_t, amax};
+  void* stream = current_stream(g.device());
+  const char* err = herd_swiglu_fp8_fwd(g.data_ptr(), u.data_ptr(), s.data_ptr<float>(), q.data_ptr(),
+                                        amax.data_ptr(), g.numel(), dtype_code(g), stream);
+  TORCH_CHECK(err == nullptr, op, ": kernel launch failed: ", err);
+  if (transpose) {
+    err = herd_fp8_transpose(q.data_ptr(), rows, cols, q_t.data_ptr(), stream);
+    TORCH_CHECK(err == nullptr, op, ": transpose launch failed: ", err);
+  }
+  return {q, q_t, amax};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(herd, CUDA, m) {
   m.impl("swiglu_fwd", &swiglu_fwd);
   m.impl("swiglu_bwd", &swiglu_bwd);
+  m.impl("swiglu_fp8_fwd", &swiglu_fp8_fwd);
 }

@@ -163,17 +163,20 @@ def test_variant_names_parse_and_typos_are_refused():
     name is a ValueError in the child, not a silently different variant."""
     for variant in mfu.EXTRA_VARIANTS:
         base, opts = mfu.herd_options(variant)
-        assert base in ("herd-bf16", "herd-fp8") and opts and variant == "-".join([base, *opts])
+        assert base in ("herd-bf16", "herd-fp8", "herd-fp8-delayed") and opts and variant == "-".join([base, *opts])
     assert mfu.herd_options("herd-fp8-delayed-fused") == ("herd-fp8-delayed", ("fused",))
+    assert mfu.herd_options("herd-fp8-delayed-fused-fcast") == ("herd-fp8-delayed", ("fused", "fcast"))
     for bad in ("herd-bf16-compile-fused", "herd-bf16-fuse", "herd-bf16-gaf-compile", "herd-bf16-fused-fused",
-                "herd-bf17-fused"):
+                "herd-bf17-fused", "herd-bf16-wdelayed", "herd-fp8-fcast", "herd-fp8-delayed-fcast-compile",
+                "herd-fp8-fcast-wdelayed"):
         with pytest.raises(ValueError):
             mfu.herd_options(bad)
     row = mfu.run_child(mfu.parse_args(["--variant", "herd-bf16-compiled", "--steps", "1", *TINY]))
     assert "unknown variant 'herd-bf16-compiled'" in row["error"]
 
 
-@pytest.mark.parametrize("variant", ["herd-bf16-fused-compile", "herd-bf16-fused-gaf", "herd-fp8-fused-compile"])
+@pytest.mark.parametrize("variant", ["herd-bf16-fused-compile", "herd-bf16-fused-gaf", "herd-fp8-fused-compile",
+                                     "herd-fp8-wdelayed", "herd-fp8-delayed-fused-fcast"])
 def test_fused_gaf_and_compile_variants_run_on_cpu(variant):
     """Each option's code path (fused projections, fused gradient accumulation, compile; with FP8) trains a tiny
     model on CPU and reports a valid row, so the GPU check cannot fail on a typo or a missing import."""
@@ -185,3 +188,7 @@ def test_fused_gaf_and_compile_variants_run_on_cpu(variant):
     assert row["options"] == list(mfu.herd_options(variant)[1])
     if "gaf" in variant:
         assert row["grad_accum_fusion_layers"] == 2 * 4 + 1  # wqkv, wo, w13, w2 in each of 2 blocks, the head
+    if variant.startswith("herd-fp8"):  # the switches reached the FP8 config the row reports
+        fp8 = row["fp8_config"]
+        assert fp8["weight_recipe"] == ("delayed" if "wdelayed" in variant else "same")
+        assert fp8["fuse_norm_cast"] == fp8["fuse_swiglu_cast"] == ("fcast" in variant)

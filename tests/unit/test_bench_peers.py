@@ -183,8 +183,11 @@ def _dry(tmp_path, **env):
 def test_check_sh_dry_run_prints_every_stage_in_order_with_its_cap(tmp_path):
     text = _dry(tmp_path)
     stages = [line.split(":")[0].split()[1] for line in text.splitlines() if line.startswith("stage ")]
-    assert stages == ["build", "tests", "mfu", "accum", "fused", "peers", "kernels", "liger", "mfu8", "dryrun-cuda",
-                      "dryrun-cpu", "attnmem"]
+    assert stages == ["build", "tests", "mfu", "mfu-fp8", "accum", "fused", "fused-fp8", "peers", "kernels", "liger",
+                      "mfu8", "dryrun-cuda", "dryrun-cpu", "attnmem"]
+    fp8_rows = [line for line in text.splitlines() if line.startswith(("stage mfu-fp8:", "stage fused-fp8:"))]
+    assert all("cap 45 s" in line for line in fp8_rows) and "herd-fp8-delayed-fcast" in fp8_rows[0] + fp8_rows[1]
+    assert "--accum 8" in fp8_rows[1] and "herd-fp8-delayed," in fp8_rows[1] and "herd-fp8-wdelayed" in fp8_rows[0]
     fused = next(line for line in text.splitlines() if line.startswith("stage fused:"))
     assert "--accum 8" in fused and "herd-bf16-fused-compile" in fused and "herd-fp8-fused-compile" in fused
     assert "DEADLINE=480 s" in text
