@@ -109,3 +109,13 @@ class BlendedDataset:
     def __getitem__(self, sample_id: int) -> np.ndarray:
         d, local = self.locate(sample_id)
         return self.datasets[d][local]
+
+
+def blend_of_usable(datasets: List, weights: List[float], paths: Sequence[str], skips: SkipReport,
+                    where: str = "") -> BlendedDataset:
+    """The blend of the datasets that data.on_bad_data=skip left usable; with none left, the one error naming
+    every path of the blend (`where`: " at seq_len L" for a recipe stage's) and what was skipped."""
+    if not datasets:
+        raise DataError(f"no usable data in {', '.join(paths)}{where}: every dataset was left out under "
+                        f"data.on_bad_data=skip ({skips.summary()})")
+    return BlendedDataset(datasets, weights)

@@ -14,11 +14,10 @@ import numpy as np
 import torch
 
 from engine.config import DataConfig, DatasetConfig
-from engine.data.dataset import BlendedDataset, PackedDataset
+from engine.data.dataset import BlendedDataset, PackedDataset, blend_of_usable
 from engine.data.indexed import open_checked
 from engine.data.skips import SkipReport
 from engine.data.stages import StagedBlend
-from engine.errors import DataError
 from parallel.context_parallel import shard_sequence
 
 
@@ -82,10 +81,7 @@ def build_blend(datasets: List[DatasetConfig], data: DataConfig, vocab_size: int
             continue
         packed.append(dataset)
         weights.append(ds.weight)
-    if not packed:
-        raise DataError(f"no usable data in {', '.join(ds.path for ds in datasets)}: every dataset was left out "
-                        f"under data.on_bad_data=skip ({skips.summary()})")
-    blend = BlendedDataset(packed, weights)
+    blend = blend_of_usable(packed, weights, [ds.path for ds in datasets], skips)
     blend.skips = skips
     return blend
 

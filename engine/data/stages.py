@@ -47,7 +47,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from engine.config import DataConfig, DatasetConfig
-from engine.data.dataset import BlendedDataset, PackedDataset, read_stream
+from engine.data.dataset import BlendedDataset, PackedDataset, blend_of_usable, read_stream
 from engine.data.indexed import BadShard, IndexedDataset, open_checked
 from engine.data.skips import SkipReport
 from engine.errors import DataError
@@ -280,10 +280,7 @@ def _stage_blend(train: List[DatasetConfig], seq_len: int, length: Optional[int]
             continue
         members.append(stream)
         weights.append(ds.weight)
-    if not members:
-        raise DataError(f"no usable data in {', '.join(ds.path for ds in train)} at seq_len {seq_len}: every "
-                        f"dataset was left out under data.on_bad_data=skip ({skips.summary()})")
-    blend = BlendedDataset(members, weights)
+    blend = blend_of_usable(members, weights, [ds.path for ds in train], skips, f" at seq_len {seq_len}")
     counts = _prefix_counts(blend, length) if length is not None else [None] * len(members)
     blend.datasets = [stream.continue_at(seq_len, None if count is None else int(count))
                       for stream, count in zip(members, counts)]

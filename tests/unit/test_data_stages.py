@@ -289,3 +289,7 @@ def test_bad_data_policy_holds_per_dataset(tmp_path, corpus):
     recipe[0].blend = {"A": 1.0}
     with pytest.raises(DataError, match=f"{short}.bin: .* fewer than one sample of data.seq_len \\+ 1 = 129"):
         StagedBlend(stage_config(paths, 1, recipe), VOCAB)  # policy error: the too-short dataset stops it
+    alone = [recipe[0], Stage(128, 4, 6, {"short": 1.0})]  # nothing left of the stage: an error naming its length
+    with pytest.raises(DataError, match=f"no usable data in {short} at seq_len 128: every dataset was left out under "
+                                        "data.on_bad_data=skip \\(1 skipped \\(1 shard_too_short\\)\\)$"):
+        StagedBlend(stage_config(paths, 1, alone, on_bad_data="skip"), VOCAB)
