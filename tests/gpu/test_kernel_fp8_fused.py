@@ -20,7 +20,7 @@ from engine.ops import fp8_fused
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
 E4M3, F32, BF16 = torch.float8_e4m3fn, torch.float32, torch.bfloat16
-NORM_SHAPES = [(8192, 4096), (2, 37, 4096), (3, 4112), (5, 16384), (33, 64)]
+NORM_SHAPES = [(8192, 4096), (2, 37, 4096), (3, 4112), (5, 16384), (33, 64), "unaligned"]
 SWIGLU_SHAPES = [(8192, 14336), (3, 5, 100), (37, 48)]
 
 
@@ -61,7 +61,10 @@ def _scale_saturating(y_amax: float) -> torch.Tensor:
 @pytest.mark.parametrize("transpose", [True, False])
 def test_norm_cast_is_bitwise_the_unfused_kernels(shape, x_dtype, residual_dtype, weight_dtype, norm_dtype,
                                                   transpose):
-    x = (torch.randn(shape, device="cuda") * 3).to(x_dtype)
+    offset = 0
+    if shape == "unaligned":  # x one element into its storage: not 16-byte aligned, the kernel's scalar path
+        shape, offset = (37, 4096), 1
+    x = (torch.randn(torch.Size(shape).numel() + offset, device="cuda") * 3).to(x_dtype)[offset:].view(shape)
     residual = torch.randn(shape, device="cuda").to(residual_dtype) if residual_dtype else None
     weight = (1 + 0.2 * torch.randn(shape[-1], device="cuda")).to(weight_dtype)
     if residual is None:
