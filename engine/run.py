@@ -29,6 +29,7 @@ from engine.errors import ConfigError
 from engine.fp8 import (apply_fp8, check_fp8_config, fp8_forward_context, fp8_step_context, init_fp8_weights,
                         set_amax_groups)
 from engine.flops import device_peak_tflops, flops_per_token, parameter_count
+from engine.host_memory import keep_freed_heap
 from engine.model import build_meta_model, init_weights
 from engine.ops.accum_linear import check_fused_accumulation, use_fused_accumulation
 from engine.optim import build_optimizer, build_scheduler
@@ -115,6 +116,8 @@ def setup_distributed(cfg: JobConfig) -> Tuple[torch.device, Optional[Mesh]]:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     dims = check_parallel(cfg, world_size)
     device = resolve_device(cfg.train.device)
+    if device.type == "cpu":
+        keep_freed_heap()  # a CPU step reallocates what the last one freed (engine/host_memory.py)
     if world_size == 1:
         return device, None
     if device.type == "cuda":
