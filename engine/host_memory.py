@@ -14,7 +14,6 @@ the process's resident size no longer shrinks between steps. Does nothing off gl
 user set either variable: theirs wins."""
 
 import ctypes
-import ctypes.util
 import os
 
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3  # mallopt parameters (glibc malloc.h)
@@ -29,12 +28,10 @@ def keep_freed_heap() -> bool:
     """Sets glibc's trim threshold and top pad for this process; True where it did (glibc, not set by the user)."""
     if any(f"MALLOC_{name}_" in os.environ for name in ("TRIM_THRESHOLD", "TOP_PAD", "MMAP_THRESHOLD")):
         return False
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return False
     try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
+        # the process's own symbols (dlopen(NULL)): libc is loaded already; ctypes.util.find_library would run
+        # `ldconfig -p` in a child process at every run's start (and a herd error must start no process: R20)
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc: no mallopt
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
