@@ -66,6 +66,9 @@ def _train_classifier(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_file():
         raise HerdError(f"--out {out}: is not a file")
+    from curate.models import is_fasttext_model
+    if out.exists() and not is_fasttext_model(str(out)):  # a retrain replaces its model, never a user's file (R21)
+        raise HerdError(f"--out {out}: exists and is not a fastText model; choose another path")
     if not out.parent.is_dir():
         raise HerdError(f"--out {out}: directory {out.parent} does not exist")
     examples, accuracy = train_classifier(classes, str(out), epochs=args.epochs)

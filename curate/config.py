@@ -66,9 +66,12 @@ def _validate_models(cfg: CurateConfig) -> None:
         _require(bool(md.language_model), "models.language_model",
                  "language identification needs a fastText language-id model you supply: set "
                  "models.language_model=PATH (e.g. lid.176.bin from fasttext.cc), or models.language=false")
+    from curate.models import is_fasttext_model
     for key in ("quality_model", "language_model", "domain_model"):
         if getattr(md, key):
             _file(getattr(md, key), f"models.{key}", "a fastText .bin model")
+            _require(is_fasttext_model(getattr(md, key)), f"models.{key}", f"'{getattr(md, key)}' is not a fastText "
+                     f"model (herd curate train-classifier writes one)")
     for key in ("quality_threshold", "language_threshold"):
         _require(0 <= getattr(md, key) <= 1, f"models.{key}", f"must be in [0, 1], got {getattr(md, key)}")
     _require(bool(md.languages), "models.languages", "list the languages kept as general, e.g. [en]")

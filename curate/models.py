@@ -33,6 +33,18 @@ _MATH_TOKEN = re.compile(r"\\(?:frac|sum|int|sqrt|alpha|beta|theta|lambda|pi|cdo
                          r"|[∑∫√≤≥≈≠∞∂∇αβγδθλμπσΩ]|\$[^$\n]+\$")
 
 
+FASTTEXT_MAGIC = (793712314).to_bytes(4, "little")  # the first 4 bytes of every fastText .bin / .ftz (fasttext.cc)
+
+
+def is_fasttext_model(path: str) -> bool:
+    """Whether the file starts as fastText's saved models do (a cheap check before any stage runs)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == FASTTEXT_MAGIC
+    except OSError:
+        return False
+
+
 def load_fasttext(path: str):
     """A fastText model from a local file, loaded directly (datatrove copies models into a cache keyed by path,
     which would keep serving an old model after the user retrains to the same file)."""
@@ -143,7 +155,8 @@ def train_classifier(classes: Dict[str, List[str]], out: str, epochs: int = 25, 
     for label, paths in classes.items():
         texts = _examples(paths)
         if not texts:
-            raise HerdError(f"--class {label}: no example text in {', '.join(paths)}")
+            flag = {"hq": "--positive", "lq": "--negative"}.get(label, f"--class {label}")  # curate/command.py's
+            raise HerdError(f"{flag}: no example text in {', '.join(paths)}")
         rows += [(label, text) for text in texts]
     random.Random(seed).shuffle(rows)
     split = int(len(rows) * held_out) if len(rows) >= 20 else 0

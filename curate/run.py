@@ -48,7 +48,7 @@ def claim_output(cfg: CurateConfig) -> None:
     if root.exists() and not root.is_dir():
         raise HerdError(f"output_dir {root} is a file")
     if record.is_file():
-        old = json.loads(record.read_text())
+        old = _read_json(record, dict)
         difference = _first_difference(old, _settings(cfg))
         if difference:
             raise HerdError(f"output_dir {root} holds a run of another pipeline ({difference}); use a new "
@@ -62,6 +62,18 @@ def claim_output(cfg: CurateConfig) -> None:
     temporary.replace(record)
 
 
+def _read_json(path: Path, kind: type):
+    """A record herd wrote under output_dir; anything else there is one line naming it, never a traceback."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise HerdError(f"{path}: not a record herd curate wrote ({str(e).splitlines()[0]}); use a new output_dir, "
+                        f"or remove it to start over") from None
+    if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
+        raise HerdError(f"{path}: not a record herd curate wrote; use a new output_dir, or remove it to start over")
+    return value
+
+
 def corpus_files(cfg: CurateConfig) -> List[str]:
     """The input files, listed once per output directory: a rerun (resume) uses the same list and sharding even
     if files were added meanwhile."""
@@ -71,7 +83,7 @@ def corpus_files(cfg: CurateConfig) -> List[str]:
         raise HerdError(f"input.paths: no file matching {', '.join(cfg.input.include)} in {', '.join(cfg.input.paths)}")
     claim_output(cfg)  # before anything is written
     if files is None:
-        return json.loads(listing.read_text())
+        return _read_json(listing, list)
     temporary = listing.with_suffix(".tmp")
     temporary.write_text(json.dumps(files))
     temporary.replace(listing)

@@ -345,7 +345,8 @@ def build_parser() -> argparse.ArgumentParser:
     recipe = sub.add_parser("recipe", help="run a staged pretraining recipe (ramps, mix changes, long context with "
                                            "gates, annealing and checkpoint averaging) as one resumable run")
     recipe.add_argument("recipe", help="recipe YAML (configs/recipes/)")
-    recipe.add_argument("overrides", nargs="*", help="recipe overrides, e.g. run_dir=runs/r stages[0].tokens=1e6")
+    recipe.add_argument("overrides", nargs="*", help="recipe overrides, e.g. run_dir=runs/r total_tokens=2e9 (stages "
+                        "are changed in the YAML: an override replaces a whole list)")
     recipe.add_argument("--nproc", type=int, help="run every stage on this many local ranks")
     recipe.add_argument("--print-config", action="store_true", help="print the stage table and exit")
     recipe.add_argument("--world-size", type=int, help="with --print-config: check the stages' layouts for this "

@@ -65,13 +65,15 @@ def _model(args: argparse.Namespace):
 
 def run(args: argparse.Namespace) -> int:
     from plan.hardware import load_hardware
-    from plan.report import dotlist, header, table, write_config
+    from plan.report import check_destination, dotlist, header, table, write_config
     from plan.search import Request, plan
     if args.top < 1:
         raise HerdError(f"--top must be at least 1, got {args.top}")
     if args.memory_limit is not None and not args.memory_limit > 0:
         raise HerdError(f"--memory-limit must be a positive number of GiB, got {args.memory_limit}")
     preset, cfg, config_seq = _model(args)
+    if args.out:
+        check_destination(Path(args.out), preset, args.config)  # before the table is printed (R21)
     seq_len = args.seq_len if args.seq_len is not None else config_seq or 8192  # 0 is refused, not a default
     if seq_len < 1:
         raise HerdError(f"--seq-len must be positive, got {seq_len}")

@@ -79,4 +79,13 @@ def load_hardware(name: str = "h100_sxm") -> Hardware:
                         calibration_files=list(raw["calibration_files"]), copy_source=copy_file,
                         calibration_copy_gbs=measured_copy_gbs(raw["calibration_copy_file"]))
     except (KeyError, TypeError, ValueError, yaml.YAMLError, OSError) as e:
-        raise HerdError(f"{path}: not a valid hardware profile ({type(e).__name__}: {e})") from None
+        raise HerdError(f"{path}: not a valid hardware profile ({_reason(e)})") from None
+
+
+def _reason(error: Exception) -> str:
+    """One line: YAML's problem at its line and column, or the error's first line (YAML's own span several)."""
+    mark = getattr(error, "problem_mark", None)
+    if mark is not None:
+        return f"line {mark.line + 1}, column {mark.column + 1}: {getattr(error, 'problem', None) or 'not valid YAML'}"
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"

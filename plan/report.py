@@ -1,5 +1,6 @@
 """What `herd plan` prints and writes: the table of the best layouts and a config herd train / launch accept."""
 
+import os
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -62,21 +63,40 @@ def include_for(out: Path, preset: Optional[str], config: Optional[str]) -> Opti
     return None
 
 
-def write_config(req: Request, c: Candidate, out: Path, preset: Optional[str], config: Optional[str],
-                 extra: List[str]) -> Path:
-    """A YAML layer holding the chosen layout; never replaces a file that is not an earlier plan."""
+def check_destination(out: Path, preset: Optional[str], config: Optional[str]) -> str:
+    """--out is a new file or an earlier plan, in an existing directory from which herd's include rules reach the
+    config (R21: a user's file is never replaced); checked before the search prints anything. Returns the include."""
+    from engine.config_checks import check_directory
+    check_directory(str(out.parent), "--out")  # not under a file
+    if out.is_dir():
+        raise HerdError(f"--out {out}: is a directory; name the YAML file to write")
+    if not out.parent.is_dir():
+        raise HerdError(f"--out {out}: directory {out.parent} does not exist")
     if out.exists() and not out.read_text(errors="replace").startswith("# herd plan"):
         raise HerdError(f"--out {out} exists and was not written by herd plan; choose another path")
     include = include_for(out, preset, config)
     if include is None:
         raise HerdError(f"--out {out}: herd's include rules cannot reach {config} from there (write it next to "
                         f"the config, or pass the printed overrides to herd train)")
+    return include
+
+
+def write_config(req: Request, c: Candidate, out: Path, preset: Optional[str], config: Optional[str],
+                 extra: List[str]) -> Path:
+    """A YAML layer holding the chosen layout, checked by herd's loader before it takes out's place (atomically);
+    never replaces a file that is not an earlier plan."""
+    include = check_destination(out, preset, config)
     flat = overrides(c.layout, req.seq_len, req.global_tokens // req.seq_len, req.gpus_per_node)
     body = {"include": [include], **_nested(flat)}
     note = (f"# herd plan: {c.layout.describe()} on {c.layout.world} GPUs; predicted {c.time.total:.3f} s/step, "
             f"{c.time.tflops_gpu:.0f} TFLOP/s/GPU, {c.memory.total / GIB:.1f} GiB/GPU\n")
-    out.write_text(note + yaml.safe_dump(body, sort_keys=False))
-    check_config(out, extra, c.layout.world)
+    temporary = out.with_name(f".{out.name}.tmp{os.getpid()}.yaml")  # beside out: its include resolves alike
+    try:
+        temporary.write_text(note + yaml.safe_dump(body, sort_keys=False))
+        check_config(temporary, extra, c.layout.world)
+        os.replace(temporary, out)
+    finally:
+        temporary.unlink(missing_ok=True)
     return out
 
 

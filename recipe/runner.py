@@ -72,6 +72,15 @@ def _dotted(obj, key: str):
     return obj
 
 
+def _well_formed(record) -> bool:
+    """A stage's record as save_state writes it: positions of whole numbers where the runner reads them."""
+    def position(value) -> bool:
+        return isinstance(value, dict) and set(value) == {"step", "tokens", "samples"} and all(
+            isinstance(v, int) and not isinstance(v, bool) for v in value.values())
+    return isinstance(record, dict) and position(record.get("start")) and isinstance(record.get("chunks"), list) \
+        and (not record.get("done") or position(record.get("end")))
+
+
 class RecipeRunner:
     def __init__(self, recipe: RecipeConfig, stream: TextIO = sys.stdout, world_size: Optional[int] = None):
         self.recipe, self.stream = recipe, stream
@@ -106,8 +115,9 @@ class RecipeRunner:
             return {"recipe": self.recipe.name, "stages": {}}
         try:
             state = json.loads(self.state_path.read_text())
-            assert isinstance(state.get("stages"), dict)
-        except (ValueError, AssertionError, AttributeError):
+            if not isinstance(state.get("stages"), dict) or not all(map(_well_formed, state["stages"].values())):
+                raise ValueError(STATE)
+        except (ValueError, AttributeError, RecursionError):
             raise ConfigError("run_dir", f"{self.state_path} is not a recipe state file herd wrote: move it away or "
                                          f"use another run_dir") from None
         if state.get("recipe") != self.recipe.name:

@@ -55,9 +55,13 @@ def run(args: argparse.Namespace) -> int:
     plan = {"job": cfg.job, "overrides": list(cfg.overrides),
             "runs": [{**run.as_dict(), "overrides": run.overrides(cfg)} for run in runs]}
     check_same_sweep(sweep, plan)
-    if not args.fit_only:
+    if args.fit_only:
+        _finished_runs(args, sweep, plan)  # nothing to fit is one line before plan.json is written
+    else:
         from align.inputs import check_job_inputs
         check_job_inputs(job)  # the data every run reads: one line here rather than a failure per run
+    if args.slurm:
+        _script_path(args, sweep)  # a user's file at --out is refused before anything is written (R21)
     write_plan(sweep, plan)
     _print_plan(runs)
     if args.plan_only:
@@ -83,14 +87,12 @@ def _print_plan(runs) -> None:
 
 def _slurm(args: argparse.Namespace, cfg, sweep: Path, plan: dict) -> int:
     from launch.slurm import write_and_submit
-    from scaling.runs import ARRAY_SCRIPT_MARK, pending, render_array
+    from scaling.runs import pending, render_array
     todo = pending(sweep, plan)
     if not todo:
         print("herd scaling: every run is finished; fit them with --fit-only", flush=True)
         return 0
-    out = Path(args.out or sweep / "array.sbatch")
-    if out.is_dir() or (out.exists() and ARRAY_SCRIPT_MARK not in out.read_text(errors="replace").splitlines()[1:2]):
-        raise HerdError(f"--out {out}: exists and is not a herd scaling array script; choose another path")
+    out = _script_path(args, sweep)
     script = render_array(sweep, plan, todo, {"job_name": cfg.name, "partition": args.partition, "time": args.time,
                                               "max_parallel": args.max_parallel, "gpus": args.gpus})
     print(f"herd scaling: an array of {len(todo)} tasks (the unfinished runs); fit them afterwards with "
@@ -98,9 +100,20 @@ def _slurm(args: argparse.Namespace, cfg, sweep: Path, plan: dict) -> int:
     return write_and_submit(script, str(out), args.submit)
 
 
-def _fit(args: argparse.Namespace, cfg, job, sweep: Path, plan: dict) -> int:
-    from scaling.report import fit_sweep, write_results
-    from scaling.runs import final_checkpoint, final_val_loss
+def _script_path(args: argparse.Namespace, sweep: Path) -> Path:
+    """--out (default <sweep>/array.sbatch): new, or an earlier array script, in a directory that can be made."""
+    from engine.config_checks import check_directory
+    from scaling.runs import ARRAY_SCRIPT_MARK
+    out = Path(args.out or sweep / "array.sbatch")
+    if out.is_dir() or (out.exists() and ARRAY_SCRIPT_MARK not in out.read_text(errors="replace").splitlines()[1:2]):
+        raise HerdError(f"--out {out}: exists and is not a herd scaling array script; choose another path")
+    check_directory(str(out.parent), "--out")
+    return out
+
+
+def _finished_runs(args: argparse.Namespace, sweep: Path, plan: dict) -> list:
+    """Every run of the plan with its final validation loss; one line when any is not finished."""
+    from scaling.runs import final_val_loss
     runs = []
     for run in plan["runs"]:
         loss = final_val_loss(sweep, run)
@@ -110,6 +123,13 @@ def _fit(args: argparse.Namespace, cfg, job, sweep: Path, plan: dict) -> int:
     if missing:
         raise HerdError(f"{missing} of {len(plan['runs'])} runs are not finished (no final validation loss and "
                         f"checkpoint under {sweep / 'runs'}); train them first (herd scaling {args.config})")
+    return runs
+
+
+def _fit(args: argparse.Namespace, cfg, job, sweep: Path, plan: dict) -> int:
+    from scaling.report import fit_sweep, write_results
+    from scaling.runs import final_checkpoint
+    runs = _finished_runs(args, sweep, plan)
     if cfg.downstream.enabled:
         from scaling.downstream import prepare_task, score_run
         questions, tokenizer = prepare_task(job, cfg.downstream)

@@ -75,7 +75,7 @@ def check_same_sweep(sweep: Path, plan: dict) -> None:
     """A sweep directory holds one sweep: the runs of an earlier plan.json there must be the ones planned now
     (same names, same overrides), or finished runs would be counted for a different experiment."""
     path = sweep / PLAN_FILE
-    if not path.is_file():
+    if not path.exists():
         return
     try:
         old = json.loads(path.read_text())

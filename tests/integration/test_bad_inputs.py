@@ -4,61 +4,18 @@ for every case: exit code 2, exactly one line of output (`herd: error: ...`), no
 named, no file in the workspace created, changed or removed, and no process started (a child process or a
 process group would fail the case at once)."""
 
-import hashlib
-import io
 import json
 import os
 import subprocess
 from pathlib import Path
-from typing import Callable, List, NamedTuple, Optional
+from typing import List
 
 import pytest
 
-from tests.integration.bad_inputs_fixture import build_workspace, copy_workspace
-
-
-class Case(NamedTuple):
-    id: str
-    argv: List[str]
-    expected: str  # a part of the one error line: the key, file or line at fault
-    setup: Optional[Callable[[Path], None]] = None  # breaks a file of the workspace copy first
-
-
-def _write(name: str, text: str) -> Callable[[Path], None]:
-    def setup(ws: Path) -> None:
-        (ws / name).parent.mkdir(parents=True, exist_ok=True)
-        (ws / name).write_text(text)
-    return setup
-
-
-def _write_bytes(name: str, data: bytes) -> Callable[[Path], None]:
-    def setup(ws: Path) -> None:
-        (ws / name).parent.mkdir(parents=True, exist_ok=True)
-        (ws / name).write_bytes(data)
-    return setup
-
-
-def _edit_json(name: str, edit: Callable[[dict], object]) -> Callable[[Path], None]:
-    """Changes the object in a JSON file in place (edit's return value is ignored)."""
-    def setup(ws: Path) -> None:
-        data = json.loads((ws / name).read_text())
-        edit(data)
-        (ws / name).write_text(json.dumps(data))
-    return setup
-
-
-def _truncate(name: str, keep: int) -> Callable[[Path], None]:
-    def setup(ws: Path) -> None:
-        data = (ws / name).read_bytes()
-        (ws / name).write_bytes(data[:keep] if keep >= 0 else data[:len(data) + keep])
-    return setup
-
-
-def _chain(*setups: Callable[[Path], None]) -> Callable[[Path], None]:
-    def setup(ws: Path) -> None:
-        for s in setups:
-            s(ws)
-    return setup
+from tests.integration.bad_inputs_fixture import (Case, build_workspace, copy_workspace, refused_cleanly,
+                                                  snapshot as _snapshot)
+from tests.integration.bad_inputs_fixture import (chain as _chain, edit_json as _edit_json, replace as _replace,
+                                                  truncate as _truncate, write as _write, write_bytes as _write_bytes)
 
 
 def train(*overrides: str) -> List[str]:
@@ -287,15 +244,7 @@ def align(*args: str) -> List[str]:
     return ["align", *args]
 
 
-def _replace(name: str, old: str, new: str) -> Callable[[Path], None]:
-    def setup(ws: Path) -> None:
-        text = (ws / name).read_text()
-        assert old in text, old
-        (ws / name).write_text(text.replace(old, new))
-    return setup
-
-
-def _stage_line(old: str, new: str) -> Callable[[Path], None]:
+def _stage_line(old: str, new: str):
     return _replace("pipeline.yaml", old, new)
 
 
@@ -394,34 +343,6 @@ def template(tmp_path_factory) -> Path:
     return build_workspace(tmp_path_factory.mktemp("bad-inputs") / "ws")
 
 
-def _snapshot(root: Path) -> dict:
-    """Every path under root with its kind and content hash (directories and symlinks included)."""
-    state = {}
-    for path in sorted(root.rglob("*")):
-        rel = str(path.relative_to(root))
-        if path.is_symlink():
-            state[rel] = ("link", os.readlink(path))
-        elif path.is_dir():
-            state[rel] = ("dir",)
-        else:
-            state[rel] = ("file", hashlib.sha256(path.read_bytes()).hexdigest())
-    return state
-
-
-class ProcessStarted(BaseException):
-    """Raised where a case would start a process or a process group (a BaseException: no handler swallows it)."""
-
-
-def _no_processes(monkeypatch) -> None:
-    import torch.distributed as dist
-
-    def refuse(*args, **kwargs):
-        raise ProcessStarted(f"a process was started: {args[:1]}")
-    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)
-    monkeypatch.setattr(os, "fork", refuse)
-    monkeypatch.setattr(dist, "init_process_group", refuse)
-
-
 def test_cases_are_many_and_distinct():
     ids = [c.id for c in CASES]
     assert len(ids) == len(set(ids))
@@ -432,28 +353,7 @@ def test_cases_are_many_and_distinct():
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_is_refused_cleanly(case, template, tmp_path, monkeypatch, capfd):
-    from launch.cli import main
-    ws = copy_workspace(template, tmp_path / "ws")
-    if case.setup is not None:
-        case.setup(ws)
-    before = _snapshot(ws)
-    monkeypatch.chdir(ws)
-    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
-    _no_processes(monkeypatch)
-    try:
-        code = main(case.argv)
-    except SystemExit as e:  # argparse's usage errors
-        code = e.code
-    out, err = capfd.readouterr()
-    lines = (out + err).strip().splitlines()
-    assert code == 2, f"exit {code}:\n{out}{err}"
-    assert "Traceback" not in out + err
-    assert len(lines) == 1 and lines[0].startswith("herd"), out + err
-    assert "error" in lines[0]
-    assert case.expected in lines[0], lines[0]
-    assert _snapshot(ws) == before, "the workspace changed"
-    print(lines[0])
+    print(refused_cleanly(case, template, tmp_path, monkeypatch, capfd))
 
 
 @pytest.mark.parametrize("argv,expected,setup", [
