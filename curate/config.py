@@ -52,6 +52,7 @@ def validate(cfg: CurateConfig) -> None:
     h = cfg.heuristics
     if h.dirty_words_file:
         _file(h.dirty_words_file, "heuristics.dirty_words_file", "one word or phrase per line")
+        _check_word_list(h.dirty_words_file)
     _require(h.max_dirty_words >= 0, "heuristics.max_dirty_words", "must be >= 0")
     _require(h.max_kl > 0, "heuristics.max_kl", f"must be positive (nats), got {h.max_kl}")
     _require(h.kl_min_words >= 1, "heuristics.kl_min_words", "must be at least 1")
@@ -77,12 +78,33 @@ def _validate_models(cfg: CurateConfig) -> None:
     _require(bool(md.languages), "models.languages", "list the languages kept as general, e.g. [en]")
 
 
+def _check_word_list(path: str) -> None:
+    """The dirty-word list is read here, not first inside a pass after the earlier stages ran."""
+    from curate.filters import read_word_list
+    try:
+        read_word_list(path)
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError("heuristics.dirty_words_file", f"'{path}' is not a UTF-8 word list ({e})") from None
+
+
+def _check_tokenizer_file(path: str) -> None:
+    """An hf tokenizer.json is loaded here (a moment), not first in the tokenize pass at the end of the run."""
+    from engine.config import TokenizerConfig
+    from engine.data.tokenizer import load_tokenizer
+    try:
+        load_tokenizer(TokenizerConfig(kind="hf", path=path))
+    except ConfigError as e:  # keyed data.tokenizer.path by the loader; here the key is ours
+        raise ConfigError("tokenize.tokenizer_path", str(e).removeprefix(f"{e.key}: ")) from None
+
+
 def _validate_tokenize(cfg: CurateConfig) -> None:
     from curate.models import DOMAINS
     t = cfg.tokenize
     _require(t.tokenizer in TOKENIZERS, "tokenize.tokenizer", f"'{t.tokenizer}' is not one of {', '.join(TOKENIZERS)}")
     if t.tokenizer_path:
         _file(t.tokenizer_path, "tokenize.tokenizer_path", "a tokenizer.json")
+        if t.enabled and t.tokenizer == "hf":
+            _check_tokenizer_file(t.tokenizer_path)
     _require(t.vocab_size >= 512, "tokenize.vocab_size", f"must be at least 512, got {t.vocab_size}")
     shares = {domain: getattr(t.mix, domain) for domain in DOMAINS}
     for domain, share in shares.items():

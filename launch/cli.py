@@ -17,7 +17,10 @@ EXIT_USAGE = 2
 
 def _train(args: argparse.Namespace) -> int:
     from engine.config import is_recipe_file, load_config
-    if is_recipe_file(args.config) and not args.dry_run:  # a recipe is one config too: as `herd recipe` would
+    if is_recipe_file(args.config):  # a recipe is one config too: as `herd recipe` would
+        if args.dry_run:
+            raise HerdError(f"--dry-run builds one job; {args.config} is a recipe: herd recipe {args.config} "
+                            f"--print-config --world-size N checks every stage's job for N ranks")
         return _recipe(argparse.Namespace(recipe=args.config, overrides=args.overrides, nproc=None,
                                           print_config=args.print_config, world_size=args.world_size))
     if args.dry_run:
