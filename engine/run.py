@@ -27,7 +27,7 @@ from engine.data.loader import Batch, StepLoader, build_blend, build_train_blend
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 from engine.errors import ConfigError
 from engine.fp8 import (apply_fp8, check_fp8_config, fp8_forward_context, fp8_step_context, init_fp8_weights,
-                        set_amax_groups)
+                        set_amax_groups, set_recording_gate)
 from engine.flops import device_peak_tflops, flops_per_token, parameter_count
 from engine.host_memory import keep_freed_heap
 from engine.model import build_meta_model, init_weights
@@ -189,6 +189,8 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh],
     if mesh is not None and cfg.fp8.backend == "native":  # ranks holding pieces of one tensor share its scale
         set_amax_groups(parallel.parts, [mesh.tp_group if p.tp > 1 else None,
                                          mesh.group("cp") if p.cp > 1 else None])
+    if parallel.pipeline is not None and cfg.fp8.backend == "native":  # not from torch's shape-inference pass
+        set_recording_gate(parallel.parts, parallel.pipeline.gate)
     with materialize():
         for part in parallel.parts:
             part.to_empty(device=device)

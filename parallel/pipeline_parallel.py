@@ -14,6 +14,7 @@ which exists only on the last stage, over pp so every rank reports it. Forward-o
 plain stage-by-stage send/recv chain, which works for any number of microbatches.
 """
 
+import contextlib
 import copy
 from typing import Callable, Dict, List, Optional
 
@@ -98,6 +99,48 @@ def stage_module(model: nn.Module, layers: List[int], first: bool, last: bool) -
     return stage
 
 
+class ScheduleGate:
+    """Open while the computation running is one of the step's micro-batches or outside a schedule step (evaluation
+    walks the stages itself). torch's pipelining initializes a schedule inside its first step by running each stage
+    once more (forward, and a backward with ones as gradients): on the first micro-batch for the first stage, on
+    uninitialized tensors shaped like it for the others. State that a forward records (FP8 delayed-scaling windows,
+    engine/fp8 set_recording_gate) must not take that pass. The gate is closed inside the step except within a
+    stage's forward_one_chunk / backward_one_chunk / backward_weight_one_chunk, which run the real micro-batches."""
+
+    CHUNK_METHODS = ("forward_one_chunk", "backward_one_chunk", "backward_weight_one_chunk")
+
+    def __init__(self):
+        self.in_step, self.in_chunk = False, 0
+
+    @property
+    def open(self) -> bool:
+        return not self.in_step or self.in_chunk > 0
+
+    def wrap(self, stage) -> None:
+        """Open the gate around the stage's micro-batch methods (instance attributes over the class's)."""
+        for name in self.CHUNK_METHODS:
+            method = getattr(stage, name, None)
+            if method is not None:
+                setattr(stage, name, self._opened(method))
+
+    def _opened(self, method: Callable) -> Callable:
+        def run(*args, **kwargs):
+            self.in_chunk += 1
+            try:
+                return method(*args, **kwargs)
+            finally:
+                self.in_chunk -= 1
+        return run
+
+    @contextlib.contextmanager
+    def step(self):
+        self.in_step = True
+        try:
+            yield
+        finally:
+            self.in_step = False
+
+
 class Pipeline:
     """The stages of this pp rank and the schedule that runs them."""
 
@@ -107,6 +150,9 @@ class Pipeline:
         self.group, self.device, self.n_microbatches = group, device, n_microbatches
         self.stages = [pipelining.PipelineStage(part, sid, n_stages, device, group=group)
                        for part, sid in zip(parts, stage_ids)]
+        self.gate = ScheduleGate()  # closed while torch runs the stages for shape inference
+        for stage in self.stages:
+            self.gate.wrap(stage)
         self._loss: Optional[Callable] = None
         self.current_micro = 0  # index of the micro-batch whose loss is being computed (for per-batch state)
         cls = getattr(pipelining, _CLASSES[schedule])
@@ -131,7 +177,8 @@ class Pipeline:
         self._loss = loss
         inputs, targets, kwargs = _stack(micro_batches)
         losses: List[torch.Tensor] = []
-        self.schedule.step(inputs, target=targets, losses=losses, **kwargs)
+        with self.gate.step():
+            self.schedule.step(inputs, target=targets, losses=losses, **kwargs)
         total = torch.stack([l.detach().float() for l in losses]).sum() if losses else \
             torch.zeros((), device=self.device)
         dist.all_reduce(total, group=self.group)

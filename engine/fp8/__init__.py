@@ -62,6 +62,12 @@ def set_amax_groups(parts: Sequence[nn.Module], groups: Sequence[Optional[dist.P
     return sum(native.set_amax_groups(part, groups) for part in parts)
 
 
+def set_recording_gate(parts: Sequence[nn.Module], gate) -> int:
+    """Native FP8 layers of `parts` record amaxes only while `gate.open` (the pipeline's ScheduleGate)."""
+    from engine.fp8 import native
+    return native.set_recording_gate(parts, gate)
+
+
 def init_fp8_weights(part: nn.Module, cfg: FP8Config, seed: int) -> None:
     """After init_weights on a materialized part: TE blocks take herd's initial values under TE's names."""
     if cfg.backend == "te":

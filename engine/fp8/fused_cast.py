@@ -129,7 +129,8 @@ class _FusedCast:
     def applies(self, x: torch.Tensor) -> bool:
         """The fused path may run on x (the op's main input, [..., K]); see the module docstring for the others."""
         if (torch.is_inference_mode_enabled() or x.is_inference() or torch.compiler.is_compiling()
-                or self.state.recipe != "delayed" or not self.state.filled):
+                or self.state.recipe != "delayed" or not self.state.filled
+                or not self.state.recording):
             return False
         rows = x.numel() // x.shape[-1] if x.dim() and x.shape[-1] else 0
         return not x.is_cuda or all(native._gemm_ok(rows, *layer.weight.shape) for layer in self.consumers)

@@ -51,6 +51,7 @@ class ScalingState(nn.Module):
         self.register_buffer("overflows", torch.zeros((), dtype=torch.int64, device=device), persistent=False)
         self.groups: List[dist.ProcessGroup] = []
         self.filled = False  # has a step recorded its amax yet
+        self.gate = None  # an object with `open` (set_recording_gate): while it is closed nothing is recorded
 
     @torch.no_grad()
     def reset_tables(self) -> None:
@@ -65,10 +66,16 @@ class ScalingState(nn.Module):
             dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)
         return amax
 
+    @property
+    def recording(self) -> bool:
+        """False while a computation that is not one of the step's (torch's pipeline shape inference) runs."""
+        return self.gate is None or self.gate.open
+
     def quantize(self, t: torch.Tensor, transpose: bool):
-        """t [M, K] -> (t_fp8 [M, K], t_fp8^T [K, M] or empty, 1/scale fp32 scalar)."""
+        """t [M, K] -> (t_fp8 [M, K], t_fp8^T [K, M] or empty, 1/scale fp32 scalar). While not `recording`, t is
+        scaled by its own amax and the window, scale and counters are left as they are."""
         limit = FP8_MAX[self.dtype]
-        if self.recipe == "tensorwise":
+        if self.recipe == "tensorwise" or not self.recording:
             amax = self.reduce(fp8_amax(t))
             scale = limit / amax.clamp(min=FP8_TINY_AMAX)
             out, out_t, _ = fp8_cast(t, scale, self.dtype, transpose)
@@ -203,7 +210,7 @@ class Float8Linear(nn.Linear):
             return self._step_weight
         with torch.no_grad():  # a cast for the FP8 GEMMs; the weight's gradient comes from _FP8Linear.backward
             quantized = self.weight_scaling.quantize(self.weight, transpose=True)
-        if self.caching:
+        if self.caching and self.weight_scaling.recording:  # a shape-inference pass's copy must not serve the step
             self._step_weight = quantized
         return quantized
 
@@ -296,6 +303,18 @@ def convert(model: nn.Module, cfg: FP8Config, share_inputs: bool = True) -> List
             from engine.fp8 import fused_cast
             fused_cast.attach(block, cfg)
     return converted
+
+
+def set_recording_gate(parts: Sequence[nn.Module], gate) -> int:
+    """Every ScalingState of the parts' Float8Linears records only while `gate.open` (parallel/pipeline_parallel.py
+    ScheduleGate: closed while torch's pipelining runs a stage on the first micro-batch or on uninitialized tensors
+    to infer shapes; a delayed window filled from that pass differed between two identical runs, step-1 loss nan
+    in one). Returns how many layers got it."""
+    layers = float8_layers(parts)
+    for layer in layers:
+        for state in (layer.input_scaling, layer.weight_scaling, layer.grad_scaling):
+            state.gate = gate
+    return len(layers)
 
 
 def set_amax_groups(model: nn.Module, groups: Sequence[Optional[dist.ProcessGroup]]) -> int:
