@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _train_classifier(args: argparse.Namespace) -> int:
-    from curate.models import train_classifier
+    from curate.models import example_flag, train_classifier
     if args.overrides:
         raise HerdError(f"train-classifier takes no overrides, got {' '.join(args.overrides)}")
     if not args.out:
@@ -60,7 +60,7 @@ def _train_classifier(args: argparse.Namespace) -> int:
     for label, paths in classes.items():
         for path in paths:
             if not Path(path).exists():
-                raise HerdError(f"{label} examples: '{path}' does not exist")
+                raise HerdError(f"{example_flag(label)}: '{path}' does not exist")
     if args.epochs < 1:
         raise HerdError(f"--epochs must be at least 1, got {args.epochs}")
     out = Path(args.out)

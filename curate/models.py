@@ -146,6 +146,11 @@ def _examples(paths: List[str], text_key: str = "text") -> List[str]:
     return [" ".join(t.split()) for t in texts if t.strip()]
 
 
+def example_flag(label: str) -> str:
+    """The option of `herd curate train-classifier` that gave a label's examples (its errors name it)."""
+    return {"hq": "--positive", "lq": "--negative"}.get(label, f"--class {label}")
+
+
 def train_classifier(classes: Dict[str, List[str]], out: str, epochs: int = 25, seed: int = 0,
                      held_out: float = 0.1) -> Tuple[int, float]:
     """Trains a fastText classifier (labels __label__<class>) on the example files of each class, holding out
@@ -155,8 +160,7 @@ def train_classifier(classes: Dict[str, List[str]], out: str, epochs: int = 25, 
     for label, paths in classes.items():
         texts = _examples(paths)
         if not texts:
-            flag = {"hq": "--positive", "lq": "--negative"}.get(label, f"--class {label}")  # curate/command.py's
-            raise HerdError(f"{flag}: no example text in {', '.join(paths)}")
+            raise HerdError(f"{example_flag(label)}: no example text in {', '.join(paths)}")
         rows += [(label, text) for text in texts]
     random.Random(seed).shuffle(rows)
     split = int(len(rows) * held_out) if len(rows) >= 20 else 0
