@@ -191,11 +191,12 @@ class RecipeRunner:
             end = min(start.step + (len(record["chunks"]) + 1) * plan.chunk_steps, budget_end)
             job = position_job(plan, start, end, history, horizon, warmup, anneal_tokens, self.world_size,
                                first_chunk=not record["chunks"])
+            from engine.run import build_trainer
+            trainer = build_trainer(job, self.stream)  # a refusal of the job (its checkpoint directory) is one line
             self.say(f"stage {plan.stage.name} ({plan.stage.kind}): steps {start.step} to {end} of {budget_end}, "
                      f"{tokens_per_step(job):,} tokens per step ({job.data.global_batch_size} x {job.data.seq_len}), "
                      f"starting at {start.tokens:,} tokens")
-            from engine.run import train
-            trainer = train(job, self.stream)
+            trainer.fit()
             if trainer.state.preempted:
                 from engine.callbacks import PREEMPTED_EXIT_CODE
                 raise SystemExit(PREEMPTED_EXIT_CODE)

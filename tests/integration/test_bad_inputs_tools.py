@@ -25,6 +25,8 @@ def _recipe_line(old: str, new: str):
     return replace("recipe.yaml", old, new)
 
 
+A, B = "ckpt/a", "ckpt/b"  # two imports of hf/ (bad_inputs_fixture.build_tools_workspace)
+STEP = "step_00000000"
 STATE = "runs/recipe/recipe_state.json"
 _DONE_SHORT = {"start": {"step": 0, "tokens": 0, "samples": 0}, "end": {"step": 2, "tokens": 128, "samples": 8},
                "chunks": [{"end_step": 2, "gate": None}], "done": True, "tokens_per_step": 64, "seq_len": 16}
@@ -32,6 +34,13 @@ _DONE_SHORT = {"start": {"step": 0, "tokens": 0, "samples": 0}, "end": {"step": 
 
 def _state(stages: object, name: str = "tiny-recipe"):
     return write(STATE, json.dumps({"recipe": name, "stages": stages}))
+
+
+def _copy(src: str, dest: str):
+    def setup(ws: Path) -> None:
+        import shutil
+        shutil.copytree(ws / src, ws / dest)
+    return setup
 
 
 RECIPE = [
@@ -104,6 +113,9 @@ RECIPE = [
     Case("recipe_earlier_stage_moved", recipe(), "stages.long",
          _state({"short": _DONE_SHORT, "long": {"start": {"step": 5, "tokens": 1, "samples": 1}, "chunks": [],
                                                 "done": False}})),
+    Case("recipe_checkpoints_of_an_import", recipe(), "weights-only",
+         _copy(A, "runs/recipe/train/checkpoints")),
+    Case("recipe_train_dir_is_a_file", recipe(), "runs/recipe/train", write("runs/recipe/train", "mine\n")),
     Case("train_recipe_dry_run", ["train", "recipe.yaml", "--dry-run", "--world-size", "2"], "--print-config"),
     Case("train_recipe_bad_override", ["train", "recipe.yaml", "total_tokens=-5"], "total_tokens"),
     Case("launch_recipe_data_missing", ["launch", "--nproc", "2", "recipe.yaml"], "data/nope.bin",
@@ -131,15 +143,6 @@ def _marked(step_dir: str, edit):
     return setup
 
 
-def _copy(src: str, dest: str):
-    def setup(ws: Path) -> None:
-        import shutil
-        shutil.copytree(ws / src, ws / dest)
-    return setup
-
-
-A, B = "ckpt/a", "ckpt/b"
-STEP = "step_00000000"
 
 AVERAGE = [
     Case("avg_one_checkpoint", average(A, "--out", "avg"), "at least 2"),
