@@ -1,5 +1,6 @@
 """Loading and checking a curation pipeline YAML: every mistake is one ConfigError naming the key."""
 
+import math
 from pathlib import Path
 from typing import List, Optional
 
@@ -33,6 +34,9 @@ def validate(cfg: CurateConfig) -> None:
     for i, path in enumerate(cfg.input.paths):
         _require(Path(path).exists(), f"input.paths[{i}]", f"'{path}' does not exist")
     _require(bool(cfg.input.include), "input.include", "give at least one file name pattern, e.g. '*.jsonl'")
+    timeout = cfg.input.html_timeout_s
+    _require(math.isfinite(timeout) and timeout > 0, "input.html_timeout_s",
+             f"must be a positive number of seconds, got {timeout}")
     _require(bool(cfg.output_dir), "output_dir", "name the directory the stages write to")
     ex = cfg.executor
     _require(ex.kind in EXECUTORS, "executor.kind", f"'{ex.kind}' is not one of {', '.join(EXECUTORS)}")

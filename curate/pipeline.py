@@ -204,7 +204,7 @@ def build_stages(cfg: CurateConfig, files: List[str]) -> List[Stage]:
     i = cfg.input
     stages = [Stage("read", "", str(lay.data("read")), [Pass("read", tasks, lambda: [
         CorpusReader(files, _writer(lay.removed("read", "malformed")), i.text_key, i.id_key, i.url_key, i.date_key),
-        HtmlMainContent(_writer(lay.removed("read", "html"))), _writer(lay.data("read"))])])]
+        HtmlMainContent(_writer(lay.removed("read", "html")), i.html_timeout_s), _writer(lay.data("read"))])])]
     wanted = [("url_dedup", cfg.url_dedup), ("exact_dedup", cfg.exact_dedup), ("minhash", cfg.minhash.enabled),
               ("line_dedup", cfg.line_dedup.enabled), ("heuristics", cfg.heuristics.enabled)]
     for name, enabled in wanted:

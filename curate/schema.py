@@ -17,6 +17,10 @@ class CurateInputConfig:
     id_key: str = "id"  # JSONL field holding the document id (default: FILE:LINE)
     url_key: str = "url"  # JSONL field holding the source URL (default: file:// of the file)
     date_key: str = "date"  # JSONL field holding the crawl date (ISO 8601); a file's mtime otherwise
+    html_timeout_s: float = 5.0  # seconds one HTML page's main-content extraction may take (datatrove's sandbox);
+    #                              a page past it is removed as html_timeout. It bounds a page trafilatura hangs
+    #                              on; on a loaded machine a large page may exceed a small limit, so the counts
+    #                              then depend on load (docs/data_curation.md)
 
 
 @dataclass

@@ -2,16 +2,22 @@
 
 import gzip
 import json
+import multiprocessing
 import random
+import threading
 
 import pytest
 from datatrove.data import Document
 from datatrove.pipeline.filters import GopherRepetitionFilter
 from datatrove.pipeline.writers import JsonlWriter
 
+from curate.config import validate
 from curate.filters import DirtyWordsFilter, KLDivergenceFilter, TokenCountMerge, TokenCountSignature
 from curate.models import DomainLabel, heuristic_domain, load_fasttext, train_classifier
+from curate.pipeline import build_stages
 from curate.read import CorpusReader, HtmlMainContent
+from curate.schema import CurateConfig, CurateInputConfig
+from engine.errors import ConfigError
 
 PROSE = ("The committee met on Tuesday to discuss the budget for the coming year. Members agreed that the library "
          "needs new shelves, and that the park should be cleaned before the summer festival begins. ")
@@ -102,6 +108,95 @@ def test_html_main_content_drops_boilerplate_and_passes_text_through(tmp_path):
     assert "library needs new shelves" in kept[0].text and "Menu item" not in kept[0].text
     assert kept[1].text == "plain <b>kept</b>"
     assert [r["metadata"]["filter_reason"] for r in removed_records(tmp_path / "removed")] == ["html_no_main_content"]
+
+
+class SandboxClock:
+    """Stands in for the `time` module of datatrove's extractor sandbox: every reading advances TICK seconds, so
+    the sandbox's deadline passes after a known number of its own readings, whatever the machine's load."""
+
+    TICK = 10.0
+
+    def __init__(self):
+        self.now = 0.0
+        self.read = threading.Condition()
+
+    def monotonic(self) -> float:
+        with self.read:
+            self.now += self.TICK
+            self.read.notify_all()
+            return self.now
+
+    def wait_past(self, when: float) -> None:
+        with self.read:
+            assert self.read.wait_for(lambda: self.now > when, timeout=HANG_GUARD_S), f"clock still {self.now}"
+
+
+HANG_GUARD_S = 600  # turns a hang into a failure; every wait here is for a state
+
+
+class BlockingExtractor(HtmlMainContent):
+    """An extraction that says it started and returns only once released; the events are shared with the
+    sandbox's worker process (forked)."""
+
+    def __init__(self, removed_writer, timeout):
+        super().__init__(removed_writer, timeout)
+        self.started, self.release = multiprocessing.Event(), multiprocessing.Event()
+
+    def extract(self, text):
+        if not text:
+            return ""  # the sandbox's warm-up call
+        self.started.set()
+        self.release.wait()
+        return "main content"
+
+
+def test_html_page_past_the_timeout_is_counted_and_within_it_extracted(tmp_path, monkeypatch):
+    """input.html_timeout_s is the sandbox's deadline per page, read on the sandbox's own clock: a page whose
+    extraction has not returned when the clock passes it is removed as html_timeout, while with a larger limit the
+    same extraction, released only after that point, is kept."""
+    from datatrove.pipeline.extractors import base
+
+    def page():
+        return Document("<html><body><p>page</p></body></html>", "page", metadata={"format": "html"})
+
+    clock = SandboxClock()
+    monkeypatch.setattr(base, "time", clock)
+    small = BlockingExtractor(JsonlWriter(str(tmp_path / "small")), timeout=5.0)  # never released
+    assert run(small, [page(), Document("text", "t", metadata={"format": "text"})])[0].id == "t"
+    assert [r["metadata"]["filter_reason"] for r in removed_records(tmp_path / "small")] == ["html_timeout"]
+    assert small.stats.stats["html_timeout"].total == 1
+
+    start = clock.now
+    large = BlockingExtractor(JsonlWriter(str(tmp_path / "large")), timeout=1e5)
+
+    def release_past_the_small_limit():
+        assert large.started.wait(HANG_GUARD_S)
+        clock.wait_past(start + clock.TICK + 5.0)  # its first reading set the deadline; 5 s have passed since
+        large.release.set()
+
+    releaser = threading.Thread(target=release_past_the_small_limit)
+    releaser.start()
+    kept = run(large, [page()])
+    large.started.set()  # frees the releaser if the page ended without its extraction starting (a timeout)
+    releaser.join()
+    assert [d.text for d in kept] == ["main content"] and removed_records(tmp_path / "large") == []
+    assert "html_timeout" not in large.stats.stats and large.stats.stats["html_pages"].total == 1
+
+
+@pytest.mark.parametrize("seconds", [0.0, -1.0, float("nan"), float("inf")])
+def test_html_timeout_must_be_a_positive_number_of_seconds(tmp_path, seconds):
+    cfg = CurateConfig(input=CurateInputConfig(paths=[str(tmp_path)], html_timeout_s=seconds))
+    with pytest.raises(ConfigError, match=r"^input\.html_timeout_s: must be a positive number of seconds, got"):
+        validate(cfg)
+
+
+def test_html_timeout_reaches_the_read_pass(tmp_path):
+    cfg = CurateConfig(output_dir=str(tmp_path / "out"),
+                       input=CurateInputConfig(paths=[str(tmp_path)], html_timeout_s=42.5))
+    validate(cfg)
+    read = build_stages(cfg, [])[0]
+    assert read.name == "read"
+    assert [step.timeout for step in read.passes[0].steps() if isinstance(step, HtmlMainContent)] == [42.5]
 
 
 CODE = "def add(a, b):\n    return a + b\n\nclass Point:\n    x = 1;\n    y = 2;\n"
