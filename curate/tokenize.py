@@ -39,12 +39,17 @@ def blend_yaml(paths: Dict[str, str], mix: Dict[str, float], tokenizer: Dict[str
     total = sum(present.values())
     lines = ["# herd curate: the curated domains as a blend; include it or copy data.train into a job config",
              "data:", "  train:"]
-    lines += [f"    - {{path: {paths[d]}, weight: {present[d] / total:.4f}}}  # {d}: target {mix[d]:g}"
+    lines += [f"    - {{path: {json.dumps(paths[d])}, weight: {present[d] / total:.4f}}}  # {d}: target {mix[d]:g}"
               for d in present]
-    lines += [f"  tokenizer: {{kind: {tokenizer['kind']}, path: {tokenizer['path']}}}"]
+    # JSON strings are YAML strings: an empty path (llama3's shipped tokenizer) stays '' instead of YAML's null
+    lines += [f"  tokenizer: {{kind: {tokenizer['kind']}, path: {json.dumps(tokenizer['path'] or '')}}}"]
     missing = [d for d in mix if d not in paths]
     if missing:
         lines.insert(1, f"# no documents reached: {', '.join(missing)} (their share is spread over the others)")
+    unmixed = [d for d in paths if d not in mix]
+    if unmixed:  # e.g. a label of `herd curate train-classifier --class NAME=...` that tokenize.mix does not name
+        lines.insert(1, f"# tokenized but not in tokenize.mix, so not in this blend: {', '.join(unmixed)} "
+                        f"(give them a share in tokenize.mix to train on them)")
     return "\n".join(lines) + "\n"
 
 
