@@ -62,8 +62,16 @@ def build_task(texts: List[str], tokenizer, cfg: DownstreamTaskConfig) -> List[Q
     if len(places) < cfg.items or len({d for d, _ in pool}) < 2:
         raise HerdError(f"downstream.items: the held-out documents have {len(places)} lines to ask about, fewer than "
                         f"{cfg.items} (or a single document); lower downstream.items or min_line_chars")
+    distinct = _distinct_lines(pool)
     questions = []
     for d, offset, line in rng.sample(places, cfg.items):
+        # the draws below end only when the other documents hold choices - 1 distinct lines besides this one
+        available = distinct(d, line.strip())
+        if available < cfg.choices - 1:
+            raise HerdError(f"downstream.choices: the held-out documents other than the one asked about hold "
+                            f"{available} distinct lines of at least min_line_chars={cfg.min_line_chars} "
+                            f"characters besides its answer, fewer than choices - 1 = {cfg.choices - 1}; lower "
+                            f"downstream.choices or min_line_chars, or hold out more documents (data.valid)")
         before = texts[d][max(0, offset - 8 * cfg.context_tokens):offset]  # enough characters for the context's tokens
         context = tokenizer.encode_batch([before])[0][-cfg.context_tokens:]
         indent = line[:len(line) - len(line.lstrip())]
@@ -76,6 +84,23 @@ def build_task(texts: List[str], tokenizer, cfg: DownstreamTaskConfig) -> List[Q
         rng.shuffle(candidates)
         questions.append(Question(context, [c + "\n" for c in candidates], candidates.index(line)))
     return questions
+
+
+def _distinct_lines(pool: List[tuple]):
+    """A function (document d, stripped line) -> how many distinct stripped lines of the pool lie in a document
+    other than d and differ from that line: the distractors a question of d can get."""
+    owners: dict = {}  # stripped line -> the documents holding it
+    for d, line in pool:
+        owners.setdefault(line.strip(), set()).add(d)
+    only_in: dict = {}  # document -> lines no other document holds
+    for docs in owners.values():
+        if len(docs) == 1:
+            only_in[next(iter(docs))] = only_in.get(next(iter(docs)), 0) + 1
+
+    def count(d: int, line: str) -> int:
+        elsewhere = bool(owners.get(line, set()) - {d})  # the answer's own text in another document is no distractor
+        return len(owners) - only_in.get(d, 0) - elsewhere
+    return count
 
 
 def task_fingerprint(questions: List[Question]) -> str:

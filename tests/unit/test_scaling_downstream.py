@@ -74,3 +74,31 @@ def test_batched_candidate_nll_equals_each_row_alone():
     assert result["nll_correct"] == pytest.approx(per_choice[1], rel=1e-6)
     assert result["accuracy"] == float(per_choice[1] < per_choice[0]) and result["choices"] == 2
     assert math.isfinite(result["nll_correct"])
+
+
+def test_too_few_distractors_is_one_error_not_an_endless_draw(monkeypatch):
+    """The other held-out documents hold one usable line; 4 choices need 3 distractors. build_task must say so
+    (naming downstream.choices) instead of drawing forever. Should the check regress, the draws are capped here, so
+    the test fails instead of hanging."""
+    import random
+    import types
+    import scaling.downstream as downstream
+    from engine.errors import HerdError
+
+    class CappedRandom(random.Random):
+        draws = 0
+
+        def randrange(self, *args, **kwargs):
+            CappedRandom.draws += 1
+            assert CappedRandom.draws < 100_000, "build_task is drawing distractors without end"
+            return super().randrange(*args, **kwargs)
+    monkeypatch.setattr(downstream, "random", types.SimpleNamespace(Random=CappedRandom))  # this module's draws only
+    long_doc = "\n".join(f"    line number {i} of the long document" for i in range(200))
+    short_doc = "    a single other line of text here"
+    cfg = DownstreamTaskConfig(items=10, choices=4, context_tokens=8, min_line_chars=16, seed=0)
+    with pytest.raises(HerdError, match=r"^downstream\.choices: .* hold 1 distinct lines .* choices - 1 = 3"):
+        build_task([long_doc, short_doc], CharTokenizer(), cfg)
+    # two choices need one distractor: the same documents are enough, every question gets the other document's line
+    questions = build_task([long_doc, short_doc], CharTokenizer(), DownstreamTaskConfig(
+        items=10, choices=2, context_tokens=8, min_line_chars=16, seed=0))
+    assert all(sorted(q.candidates)[0] == "    a single other line of text here\n" for q in questions)
