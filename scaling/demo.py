@@ -47,16 +47,15 @@ def main() -> int:
         return code
     from engine.config import load_scaling
     from scaling.plan import load_job, plan_runs, sweep_dir
-    from scaling.runs import pending
     cfg = load_scaling(CONFIG, sys.argv[1:])
     sweep = Path(sweep_dir(cfg))
-    plan_path = sweep / "plan.json"
-    before = len(pending(sweep, json.loads(plan_path.read_text()))) if plan_path.is_file() else \
-        len(plan_runs(cfg, load_job(cfg)))
+    runs = [run.as_dict() for run in plan_runs(cfg, load_job(cfg))]  # this invocation's sweep, not an older plan's
+    finished_before = _finished(sweep, runs)
     load_start, started, cpu_start = os.getloadavg(), time.monotonic(), _cpu_seconds()
     code = herd(["scaling", CONFIG, *sys.argv[1:]])
     if code:
         return code
+    trained = _finished(sweep, runs) - finished_before
     seconds, load_end, cpu = time.monotonic() - started, os.getloadavg(), _cpu_seconds() - cpu_start
     RESULTS.mkdir(parents=True, exist_ok=True)
     for source, target in FILES.items():
@@ -64,20 +63,26 @@ def main() -> int:
             shutil.copyfile(sweep / source, RESULTS / target)
     command = " ".join(["make scaling-demo"] if not sys.argv[1:] else ["python -m scaling.demo", *sys.argv[1:]])
     note = (f"\nMeasured with `{command}` (= `herd scaling {CONFIG}` after preparing the corpus) on a machine with "
-            f"{os.cpu_count()} CPU cores shared with other jobs: {before} runs trained in this invocation, wall time "
-            f"{seconds / 60:.1f} min including downstream scoring and fits; 1-minute load average "
+            f"{os.cpu_count()} CPU cores shared with other jobs: {trained} runs trained in this invocation, wall "
+            f"time {seconds / 60:.1f} min including downstream scoring and fits; 1-minute load average "
             f"{load_start[0]:.1f} at the start and {load_end[0]:.1f} at the end (2.0 would be this sweep alone). "
             f"CPU time of this process and its runs: {cpu / 60:.1f} core-minutes, i.e. at least "
             f"{cpu / 60 / (os.cpu_count() or 1):.1f} min of wall time on {os.cpu_count()} idle cores.\n")
     with open(RESULTS / FILES["scaling.md"], "a") as f:
         f.write(note)
     document = json.loads((RESULTS / FILES["scaling.json"]).read_text())
-    document["measured"] = {"command": command, "runs_trained": before, "wall_s": round(seconds, 1),
+    document["measured"] = {"command": command, "runs_trained": trained, "wall_s": round(seconds, 1),
                             "cpu_count": os.cpu_count(), "cpu_s": round(cpu, 1), "load_average_start": load_start[0],
                             "load_average_end": load_end[0]}
     (RESULTS / FILES["scaling.json"]).write_text(json.dumps(document, indent=1) + "\n")
     print(note.strip(), f"\nresults: {', '.join(str(RESULTS / t) for t in FILES.values())}", flush=True)
     return 0
+
+
+def _finished(sweep: Path, runs: list) -> int:
+    """How many of the runs are finished (the difference before and after is what an invocation trained)."""
+    from scaling.runs import final_val_loss
+    return sum(final_val_loss(sweep, run) is not None for run in runs)
 
 
 def _cpu_seconds() -> float:
