@@ -42,18 +42,20 @@ def run(args: argparse.Namespace) -> int:
     _check_flags(args)
     from engine.config import load_config, load_scaling
     from scaling.plan import load_job, plan_runs, sweep_dir
-    from scaling.runs import check_same_sweep, write_plan
+    from scaling.runs import LOCK_FILE, check_same_sweep, config_fields, config_hash, holding_lock
     cfg = load_scaling(args.config, args.overrides)
     job = load_job(cfg)
     runs = plan_runs(cfg, job)
+    hashes = []
     for run in runs:  # each run's job as herd train will load it: one line naming the run before anything starts
         try:
-            load_config(cfg.job, list(cfg.overrides) + run.overrides(cfg))
+            hashes.append(config_hash(load_config(cfg.job, list(cfg.overrides) + run.overrides(cfg))))
         except ConfigError as e:
             raise HerdError(f"run {run.name}: {e}") from None
     sweep = Path(sweep_dir(cfg))
-    plan = {"job": cfg.job, "overrides": list(cfg.overrides),
-            "runs": [{**run.as_dict(), "overrides": run.overrides(cfg)} for run in runs]}
+    plan = {"job": cfg.job, "overrides": list(cfg.overrides), "job_config": config_fields(job),
+            "runs": [{**run.as_dict(), "overrides": run.overrides(cfg), "config_hash": digest}
+                     for run, digest in zip(runs, hashes)]}
     check_same_sweep(sweep, plan)
     if args.fit_only:
         _finished_runs(args, sweep, plan)  # nothing to fit is one line before plan.json is written
@@ -62,6 +64,14 @@ def run(args: argparse.Namespace) -> int:
         check_job_inputs(job)  # the data every run reads: one line here rather than a failure per run
     if args.slurm:
         _script_path(args, sweep)  # a user's file at --out is refused before anything is written (R21)
+    with holding_lock(sweep / LOCK_FILE, f"working on the sweep {sweep} (herd scaling)"):
+        check_same_sweep(sweep, plan)  # again: another invocation may have planned it before this one locked it
+        return _run_locked(args, cfg, job, sweep, plan, runs)
+
+
+def _run_locked(args: argparse.Namespace, cfg, job, sweep: Path, plan: dict, runs: list) -> int:
+    """Everything that writes to the sweep directory, under its lock."""
+    from scaling.runs import write_plan
     write_plan(sweep, plan)
     _print_plan(runs)
     if args.plan_only:
@@ -74,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
         failed = run_local(sweep, plan, cfg.jobs)
         if failed:
             raise HerdError(f"{failed} run(s) failed (logs under {sweep / 'runs'}); run the same command again to "
-                            f"retry them (finished runs are kept)")
+                            f"retry them (finished runs are kept; a diverged run is not retried)")
     return _fit(args, cfg, job, sweep, plan)
 
 
@@ -93,8 +103,9 @@ def _slurm(args: argparse.Namespace, cfg, sweep: Path, plan: dict) -> int:
         print("herd scaling: every run is finished; fit them with --fit-only", flush=True)
         return 0
     out = _script_path(args, sweep)
-    script = render_array(sweep, plan, todo, {"job_name": cfg.name, "partition": args.partition, "time": args.time,
-                                              "max_parallel": args.max_parallel, "gpus": args.gpus})
+    script = render_array(sweep, [plan["runs"][i]["name"] for i in todo],
+                          {"job_name": cfg.name, "partition": args.partition, "time": args.time,
+                           "max_parallel": args.max_parallel, "gpus": args.gpus})
     print(f"herd scaling: an array of {len(todo)} tasks (the unfinished runs); fit them afterwards with "
           f"herd scaling {args.config} --fit-only", flush=True)
     return write_and_submit(script, str(out), args.submit)
@@ -112,13 +123,19 @@ def _script_path(args: argparse.Namespace, sweep: Path) -> Path:
 
 
 def _finished_runs(args: argparse.Namespace, sweep: Path, plan: dict) -> list:
-    """Every run of the plan with its final validation loss; one line when any is not finished."""
-    from scaling.runs import final_val_loss
-    runs = []
+    """Every run of the plan with its final validation loss; one line when any is not finished or diverged."""
+    from scaling.runs import diverged, final_val_loss
+    runs, failed = [], []
     for run in plan["runs"]:
         loss = final_val_loss(sweep, run)
-        if loss is not None:
-            runs.append({k: v for k, v in run.items() if k != "overrides"} | {"val_loss": loss})
+        if diverged(loss):
+            failed.append(f"{run['name']} ({loss})")
+        elif loss is not None:
+            runs.append({k: v for k, v in run.items() if k not in ("overrides", "config_hash")} | {"val_loss": loss})
+    if failed:
+        raise HerdError(f"{len(failed)} run(s) diverged (final validation loss not finite: {', '.join(failed[:3])}); "
+                        f"a fit needs every run: lower their lrs, or leave their widths out in a sweep of another "
+                        f"name")
     missing = len(plan["runs"]) - len(runs)
     if missing:
         raise HerdError(f"{missing} of {len(plan['runs'])} runs are not finished (no final validation loss and "

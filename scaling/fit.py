@@ -38,11 +38,14 @@ class Parabola:
 
 
 def fit_parabola(params: Sequence[float], losses: Sequence[float]) -> Parabola:
-    """Least-squares parabola of the losses in log10 N. A curve opening downward has no minimum: ValueError."""
+    """Least-squares parabola of the losses in log10 N. A curve opening downward has no minimum, and a non-finite
+    loss or size gives no curve: ValueError."""
     x = np.log10(np.asarray(params, dtype=float))
     y = np.asarray(losses, dtype=float)
     if len(x) < 3:
         raise ValueError(f"a parabola needs at least 3 sizes, got {len(x)}")
+    if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):  # one nan makes every coefficient nan, and
+        raise ValueError("a loss or size is not finite (a diverged run)")  # `a <= 0` is false for nan
     a, b, c = np.polyfit(x, y, 2)
     if a <= 0:
         raise ValueError("the losses do not curve upward around a minimum (the fitted parabola opens downward): "

@@ -103,7 +103,7 @@ def write_results(sweep: Path, runs: List[dict], fits: dict, command: str) -> Li
     law: Optional[PowerLaw] = fits.pop("_law", None)
     document = {"command": command, "runs": runs, **fits}
     paths = [sweep / "scaling.json", sweep / "scaling.md"]
-    paths[0].write_text(json.dumps(document, indent=1) + "\n")
+    paths[0].write_text(json.dumps(_json_safe(document), indent=1, allow_nan=False) + "\n")
     paths[1].write_text(_markdown(document, command))
     from scaling.plots import plot_downstream, plot_isoflop, plot_power_law
     paths.append(plot_isoflop(sweep / "isoflop.png", runs, fits["budgets"]))
@@ -112,6 +112,18 @@ def write_results(sweep: Path, runs: List[dict], fits: dict, command: str) -> Li
     if "downstream" in fits and "sigmoid" in fits["downstream"]:
         paths.append(plot_downstream(sweep / "downstream.png", runs, fits["downstream"]))
     return paths
+
+
+def _json_safe(value):
+    """The document with every non-finite number as null: JSON has no nan or inf (a standard error of a two-budget
+    fit is nan), and a bare NaN makes the file unreadable to strict parsers."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def _markdown(doc: dict, command: str) -> str:

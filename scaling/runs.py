@@ -1,6 +1,12 @@
 """Launching a sweep's runs and reading what they left: locally (one after another, or `jobs` at a time) or as a
-SLURM job array whose task i trains run i. Both go through `python -m scaling.task PLAN INDEX`, which returns at once
-for a finished run, so a sweep killed at any point resumes where it stopped: finished runs are never redone.
+SLURM job array whose task i trains the i-th run named in its script. Both go through `python -m scaling.task PLAN
+NAME`, which returns at once for a finished run, so a sweep killed at any point resumes where it stopped: finished
+runs are never redone. Runs are found by name, never by position: plan.json is rewritten by every `herd scaling`
+(a budget added later renumbers the runs), while an array submitted earlier may still have tasks pending.
+
+Locks (fcntl.flock, released when the process ends, however it ends): `herd scaling` holds <sweep>/scaling.lock
+while it plans, trains and fits, so two invocations never work on one sweep at once; each task holds
+runs/<run>.lock while it trains, so an array task and a local sweep never write one run directory together.
 
 A run is finished when its metrics.jsonl holds the validation loss of its last step and its final checkpoint is
 complete (the downstream task reads it). An unfinished run resumes from its newest checkpoint (herd's
@@ -8,12 +14,16 @@ checkpoint.resume=auto: a stopped run saved one at its last step boundary), or s
 """
 
 import contextlib
+import fcntl
+import hashlib
 import json
+import math
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import List, Optional
@@ -21,6 +31,7 @@ from typing import List, Optional
 from engine.errors import HerdError
 
 PLAN_FILE = "plan.json"
+LOCK_FILE = "scaling.lock"
 ARRAY_SCRIPT_MARK = "# herd sbatch script, scaling array"  # second line of the rendered script (launch/slurm.py)
 
 
@@ -30,7 +41,8 @@ def run_path(sweep: Path, name: str) -> Path:
 
 def final_val_loss(sweep: Path, run: dict) -> Optional[float]:
     """The validation loss after the run's last step, or None while the run is not finished (no such record, or no
-    complete checkpoint of that step)."""
+    complete checkpoint of that step). A non-finite loss (nan, inf: the run diverged) is returned as it is: the run
+    is over (training it again gives the same loss) but failed; see `diverged`."""
     metrics = run_path(sweep, run["name"]) / "metrics.jsonl"
     if not metrics.is_file() or final_checkpoint(sweep, run) is None:
         return None
@@ -47,6 +59,11 @@ def final_val_loss(sweep: Path, run: dict) -> Optional[float]:
     return loss
 
 
+def diverged(loss: Optional[float]) -> bool:
+    """A finished run whose final validation loss is nan or inf: a failed run, never fitted."""
+    return loss is not None and not math.isfinite(loss)
+
+
 def final_checkpoint(sweep: Path, run: dict) -> Optional[Path]:
     """The checkpoint root holding a complete checkpoint of the run's last step, or None."""
     from engine.checkpoint.store import CheckpointStore
@@ -61,32 +78,121 @@ def train_args(plan: dict, run: dict) -> List[str]:
     return ["train", plan["job"], *plan["overrides"], *run["overrides"]]
 
 
+def config_fields(cfg) -> dict:
+    """A job config as {dotted key: value} (lists kept whole), secret values redacted (plan.json is shared)."""
+    from omegaconf import OmegaConf
+    from engine.config import secret_fields
+    from engine.secrets import redact_tree
+    marked = secret_fields()
+    tree = redact_tree(OmegaConf.to_container(OmegaConf.structured(cfg)), lambda path: ".".join(path) in marked,
+                       values=[])  # no scrubbing of the environment's secrets: the same config, the same fields
+    fields = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                fields[f"{prefix}{key}"] = _plain(value)
+    walk(tree, "")
+    return fields
+
+
+def _plain(value):
+    """A config value as strict JSON holds it: inf, nan and any non-JSON object as its text."""
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if value is None or isinstance(value, (str, bool, int)) or isinstance(value, float) and math.isfinite(value):
+        return value
+    return str(value)
+
+
+def config_hash(cfg) -> str:
+    """Identifies a run's resolved job config (the job YAML's contents, includes and every override)."""
+    text = json.dumps(config_fields(cfg), sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def write_plan(sweep: Path, plan: dict) -> Path:
-    """plan.json, atomically (array tasks read it while a later `herd scaling` may rewrite it with the same runs)."""
+    """plan.json, atomically (array tasks read it while a later `herd scaling` may rewrite it). Runs of the earlier
+    plan that this one leaves out are kept under "retired", so planning them again differently is still refused."""
     sweep.mkdir(parents=True, exist_ok=True)
     path = sweep / PLAN_FILE
+    names = {r["name"] for r in plan["runs"]}
+    retired = [r for r in _planned_before(path).values() if r["name"] not in names]
+    plan = {**plan, "retired": retired} if retired else plan
     temporary = path.with_name(f".{PLAN_FILE}.tmp{os.getpid()}")
-    temporary.write_text(json.dumps(plan, indent=1) + "\n")
+    temporary.write_text(json.dumps(plan, indent=1, allow_nan=False) + "\n")
     os.replace(temporary, path)
     return path
 
 
-def check_same_sweep(sweep: Path, plan: dict) -> None:
-    """A sweep directory holds one sweep: the runs of an earlier plan.json there must be the ones planned now
-    (same names, same overrides), or finished runs would be counted for a different experiment."""
-    path = sweep / PLAN_FILE
+def _planned_before(path: Path) -> dict:
+    """{name: run} of every run an existing plan.json holds (planned now or retired); {} when there is none."""
     if not path.exists():
+        return {}
+    try:
+        old = json.loads(path.read_text())
+        return {r["name"]: r for r in [*old["runs"], *old.get("retired", [])]}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise HerdError(f"{path}: not a herd scaling plan; choose another name or run_dir") from None
+
+
+def check_same_sweep(sweep: Path, plan: dict) -> None:
+    """A sweep directory holds one sweep: the job of an earlier plan.json there, and its runs (planned or retired)
+    that are planned again, must be the same (job and overrides, each run's overrides and resolved job config), or
+    finished runs would be counted for a different experiment. Runs added or left out are fine."""
+    path = sweep / PLAN_FILE
+    before = _planned_before(path)
+    if not before:
         return
     try:
         old = json.loads(path.read_text())
-        before = {r["name"]: r["overrides"] for r in old["runs"]} | {"@job": [old["job"], *old["overrides"]]}
-    except (OSError, ValueError, KeyError, TypeError):
+        same_job = [old["job"], *old["overrides"]] == [plan["job"], *plan["overrides"]]
+        again = [(before[r["name"]], r) for r in plan["runs"] if r["name"] in before]
+        changed = sorted(now["name"] for then, now in again if then["overrides"] != now["overrides"])
+        rehashed = sorted(now["name"] for then, now in again
+                          if then.get("config_hash", now.get("config_hash")) != now.get("config_hash"))
+    except (ValueError, KeyError, TypeError, AttributeError):
         raise HerdError(f"{path}: not a herd scaling plan; choose another name or run_dir") from None
-    now = {r["name"]: r["overrides"] for r in plan["runs"]} | {"@job": [plan["job"], *plan["overrides"]]}
-    changed = sorted(k for k in before.keys() & now.keys() if before[k] != now[k])
-    if changed:
-        raise HerdError(f"{path}: the sweep there planned {changed[0]} differently (job, overrides or schedule "
-                        f"changed); use another name, or remove {sweep} to start over")
+    if not same_job or changed:
+        what = f"planned {changed[0]} differently" if changed else "planned its job differently"
+        raise HerdError(f"{path}: the sweep there {what} (job, overrides or schedule changed); use another name, or "
+                        f"remove {sweep} to start over")
+    if rehashed:  # an old plan.json without hashes is taken as it is (and gets them now)
+        keys = _changed_fields(old.get("job_config"), plan.get("job_config"))
+        raise HerdError(f"{path}: run {rehashed[0]} was planned from a different job config ({plan['job']}: "
+                        f"{keys or 'its resolved contents'} changed); use another name, or remove {sweep} to start "
+                        f"over")
+
+
+def _changed_fields(before, now) -> str:
+    """The dotted keys whose values differ between two config_fields (the first three), or '' when unknown."""
+    if not isinstance(before, dict) or not isinstance(now, dict):
+        return ""
+    keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+@contextlib.contextmanager
+def holding_lock(path: Path, what: str):
+    """An exclusive flock on `path` (created, holding this pid) for the block; a second holder gets one line naming
+    the file. The file stays: removing a lock file another process has open would let two holders in."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip()
+            raise HerdError(f"{path} is locked: another process{f' (pid {holder})' if holder.isdigit() else ''} "
+                            f"is {what}; wait for it to end, or stop it") from None
+        f.truncate(0)
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        yield
 
 
 def pending(sweep: Path, plan: dict) -> List[int]:
@@ -96,7 +202,8 @@ def pending(sweep: Path, plan: dict) -> List[int]:
 def run_local(sweep: Path, plan: dict, jobs: int) -> int:
     """Every unfinished run on this machine, `jobs` at a time, each `python -m scaling.task` in its own process
     (its console output in runs/<run>.log). SIGTERM or Ctrl-C is passed to the running runs, which save at their
-    next step boundary and stop (herd's preemption); no new run starts. Returns the number of runs not finished."""
+    next step boundary and stop (herd's preemption); no new run starts. Returns the number of runs that failed,
+    were stopped or diverged."""
     from concurrent.futures import ThreadPoolExecutor, as_completed
     todo = pending(sweep, plan)
     print(f"herd scaling: {len(plan['runs'])} runs, {len(plan['runs']) - len(todo)} finished already, {len(todo)} "
@@ -104,7 +211,7 @@ def run_local(sweep: Path, plan: dict, jobs: int) -> int:
     threads = str(max(1, (os.cpu_count() or 1) // jobs))  # jobs x threads = the machine's cores
     children = _Children()
     with children.forwarding_signals(), ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(_train_one, sweep, plan["runs"][index]["name"], index, threads, children): index
+        futures = {pool.submit(_train_one, sweep, plan["runs"][index]["name"], threads, children): index
                    for index in todo}
         failed = sum(_report(sweep, plan["runs"][futures[f]], *f.result()) for f in as_completed(futures))
     if children.stopped:
@@ -114,17 +221,31 @@ def run_local(sweep: Path, plan: dict, jobs: int) -> int:
 
 
 class _Children:
-    """The run processes alive now, and the signal that stopped the sweep (0: none)."""
+    """The run processes alive now, and the signal that stopped the sweep (0: none). The lock makes "register a
+    process" and "stop every registered process" exclusive, so a signal cannot fall between a worker's check of
+    `stopped` and its registration of a new process (that run would never be told to stop). Reentrant: a second
+    signal may interrupt the handler in the same (main) thread."""
 
     def __init__(self):
         self.alive: set = set()
         self.stopped = 0
+        self.lock = threading.RLock()
+
+    def register(self, process) -> None:
+        """Add a started process; stop it at once when the sweep was stopped meanwhile."""
+        with self.lock:
+            self.alive.add(process)
+            stop = self.stopped
+        if stop:
+            process.send_signal(signal.SIGTERM)
 
     @contextlib.contextmanager
     def forwarding_signals(self):
         def forward(signum, frame):
-            self.stopped = signum
-            for process in list(self.alive):
+            with self.lock:
+                self.stopped = signum
+                running = list(self.alive)
+            for process in running:
                 process.send_signal(signal.SIGTERM)  # herd train saves at the step boundary and exits 75
         previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
@@ -134,8 +255,8 @@ class _Children:
                 signal.signal(s, handler)
 
 
-def _train_one(sweep: Path, name: str, index: int, threads: str, children: _Children) -> tuple:
-    """(exit code, seconds, log path) of `python -m scaling.task PLAN index` in a child process."""
+def _train_one(sweep: Path, name: str, threads: str, children: _Children) -> tuple:
+    """(exit code, seconds, log path) of `python -m scaling.task PLAN name` in a child process."""
     log_path = sweep / "runs" / f"{name}.log"  # beside the run's directory; appended to when it resumes
     log_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
@@ -143,10 +264,10 @@ def _train_one(sweep: Path, name: str, index: int, threads: str, children: _Chil
         return -children.stopped, 0.0, str(log_path)
     with open(log_path, "a") as log:
         # its own session: a Ctrl-C reaches the run only through forward() (as SIGTERM, which herd train handles)
-        process = subprocess.Popen([sys.executable, "-m", "scaling.task", str(sweep / PLAN_FILE), str(index)],
+        process = subprocess.Popen([sys.executable, "-m", "scaling.task", str(sweep / PLAN_FILE), name],
                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                    env={**os.environ, "OMP_NUM_THREADS": threads})
-        children.alive.add(process)
+        children.register(process)
         code = process.wait()
         children.alive.discard(process)
     return code, time.monotonic() - started, str(log_path)
@@ -154,6 +275,10 @@ def _train_one(sweep: Path, name: str, index: int, threads: str, children: _Chil
 
 def _report(sweep: Path, run: dict, code: int, seconds: float, log: str) -> int:
     loss = final_val_loss(sweep, run)
+    if code == 0 and diverged(loss):
+        print(f"  {run['name']}: FAILED: it diverged (final validation loss {loss}) after {seconds:.0f} s; it is not "
+              f"trained again (log {log})", flush=True)
+        return 1
     if code == 0 and loss is not None:
         print(f"  {run['name']}: N={run['params']:,} D={run['tokens']:,} ({run['steps']} steps) -> "
               f"validation loss {loss:.4f} in {seconds:.0f} s", flush=True)
@@ -168,13 +293,15 @@ def _report(sweep: Path, run: dict, code: int, seconds: float, log: str) -> int:
     return 1
 
 
-def render_array(sweep: Path, plan: dict, indices: List[int], slurm: dict, python: str = sys.executable) -> str:
-    """An sbatch script of a job array over the unfinished runs: task i runs `python -m scaling.task PLAN i`
-    (one process, the job's device: one GPU or CPU). Conventions of launch/slurm.py: the marked second line, logs
-    %x-%A_%a, --signal before the time limit (herd saves at a step boundary, exits 75 and the task is requeued)."""
+def render_array(sweep: Path, names: List[str], slurm: dict, python: str = sys.executable) -> str:
+    """An sbatch script of a job array over the unfinished runs, whose names it holds: task i runs `python -m
+    scaling.task PLAN <the i-th name>` (one process, the job's device: one GPU or CPU). The names are fixed at
+    submission (SLURM keeps the script), so a plan.json rewritten later with other runs cannot send a pending or
+    requeued task to another run. Conventions of launch/slurm.py: the marked second line, logs %x-%A_%a, --signal
+    before the time limit (herd saves at a step boundary, exits 75 and the task is requeued)."""
     from engine.callbacks.preemption import PREEMPTED_EXIT_CODE
     task = " ".join(shlex.quote(a) for a in [python, "-m", "scaling.task", str((sweep / PLAN_FILE).resolve())])
-    options = [f"#SBATCH --job-name={slurm['job_name']}", f"#SBATCH --array={_ranges(indices)}"
+    options = [f"#SBATCH --job-name={slurm['job_name']}", f"#SBATCH --array={_ranges(list(range(len(names))))}"
                + (f"%{slurm['max_parallel']}" if slurm.get("max_parallel") else ""),
                "#SBATCH --ntasks=1", f"#SBATCH --cpus-per-task={slurm.get('cpus_per_task') or 1}",
                f"#SBATCH --signal=B:USR1@{slurm.get('signal_seconds', 300)}", "#SBATCH --requeue",
@@ -186,9 +313,11 @@ def render_array(sweep: Path, plan: dict, indices: List[int], slurm: dict, pytho
         "#!/bin/bash", ARRAY_SCRIPT_MARK,
         f"# Rendered by `herd scaling --slurm` for {sweep}: one array task per unfinished run (docs/scaling.md).",
         *options, "",
+        "RUNS=(" + " ".join(shlex.quote(name) for name in names) + ")  # task i trains ${RUNS[i]}",
         f"PREEMPTED_EXIT_CODE={PREEMPTED_EXIT_CODE}",
-        'echo "herd scaling: array task $SLURM_ARRAY_TASK_ID (job $SLURM_JOB_ID) on $SLURMD_NODENAME"',
-        f'{task} "$SLURM_ARRAY_TASK_ID" &',
+        'run="${RUNS[$SLURM_ARRAY_TASK_ID]}"',
+        'echo "herd scaling: array task $SLURM_ARRAY_TASK_ID (job $SLURM_JOB_ID) on $SLURMD_NODENAME: run $run"',
+        f'{task} "$run" &',
         "step=$!",
         'trap \'kill -s USR1 "$step" 2>/dev/null\' USR1',
         "trap 'kill -s TERM \"$step\" 2>/dev/null' TERM",

@@ -104,3 +104,12 @@ def test_sigmoid_recovered():
     fit = fit_sigmoid(nll, accuracy, chance=0.25)
     assert fit.midpoint == pytest.approx(1.2, abs=0.05) and fit.scale == pytest.approx(0.15, abs=0.05)
     assert fit(np.array([0.0]))[0] > 0.95 and fit(np.array([3.0]))[0] == pytest.approx(0.25, abs=0.01)
+
+
+def test_parabola_refuses_a_non_finite_loss():
+    """One nan loss makes every coefficient nan, and `a <= 0` is false for nan: without the check the budget would
+    get a nan optimum, and the power law and its predictions with it."""
+    with pytest.raises(ValueError, match="not finite"):
+        fit_parabola([1e4, 2e4, 4e4, 8e4], [4.0, 3.8, float("nan"), 3.9])
+    with pytest.raises(ValueError, match="not finite"):
+        fit_parabola([1e4, 2e4, 4e4], [4.0, float("inf"), 3.9])

@@ -52,19 +52,21 @@ def test_finished_run_is_not_trained_again(corpus, capsys):
     plan, sweep = load_plan(corpus, "resume"), corpus / "runs" / "resume"
     assert pending(sweep, plan) == list(range(len(plan["runs"])))
     last = len(plan["runs"]) - 1  # the largest model of the largest budget: a few steps
-    assert task([str(sweep / "plan.json"), str(last)]) == 0
+    name = plan["runs"][last]["name"]
+    assert task([str(sweep / "plan.json"), name]) == 0
     loss = final_val_loss(sweep, plan["runs"][last])
     assert loss is not None and 0 < loss < 7  # trained: below ln(512) = 6.24 plus noise of a fresh model
     assert last not in pending(sweep, plan)
     metrics = sweep / "runs" / plan["runs"][last]["name"] / "metrics.jsonl"
     before = metrics.read_bytes()
     capsys.readouterr()
-    assert task([str(sweep / "plan.json"), str(last)]) == 0
+    assert task([str(sweep / "plan.json"), name]) == 0
     assert "is finished" in capsys.readouterr().out and metrics.read_bytes() == before
-    # the array over the unfinished runs leaves the finished one out
-    script = render_array(sweep, plan, pending(sweep, plan), {"job_name": "resume"})
-    assert f"#SBATCH --array={_ranges(pending(sweep, plan))}" in script and str(last) not in _ranges(
-        pending(sweep, plan)).split(",")[-1].split("-")
+    # the array over the unfinished runs leaves the finished one out: one task per unfinished run, named in the script
+    unfinished = [plan["runs"][i]["name"] for i in pending(sweep, plan)]
+    script = render_array(sweep, unfinished, {"job_name": "resume"})
+    assert f"#SBATCH --array=0-{len(plan['runs']) - 2}\n" in script
+    assert f"RUNS=({' '.join(unfinished)})" in script and name not in script
     # a run whose final checkpoint is gone is not finished (the downstream task needs it)
     checkpoints = sweep / "runs" / plan["runs"][last]["name"] / "checkpoints"
     from engine.checkpoint.store import MARKER
@@ -138,3 +140,75 @@ def test_minima_beyond_the_grid_are_flagged_and_fitted_without(tmp_path):
     assert fits["power_law"]["extrapolated_minima"] == 1 and fits["power_law"]["budgets_fitted"] == 4
     only = fits["power_law_interior_only"]
     assert only["budgets_fitted"] == 3 and only["alpha"] == pytest.approx(ALPHA, abs=0.01)
+
+
+def test_a_stop_signal_while_a_run_starts_reaches_that_run(tmp_path, monkeypatch):
+    """A SIGTERM that lands after _train_one checked `stopped` but before it registered the new process (here: the
+    handler runs while the process starts) must still stop that run, exactly once."""
+    import signal
+    import scaling.runs as runs
+    children = runs._Children()
+
+    class Process:  # the run's process: its exit code says whether it was told to stop
+        def __init__(self, *args, **kwargs):
+            self.signals = []
+            signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)  # the signal arrives now
+
+        def send_signal(self, signum):
+            self.signals.append(signum)
+
+        def wait(self):
+            return -self.signals[0] if self.signals else 0
+
+    started = []
+    monkeypatch.setattr(runs.subprocess, "Popen", lambda *a, **k: started.append(Process()) or started[-1])
+    with children.forwarding_signals():
+        code, _, _ = runs._train_one(tmp_path, "c1e09-d16", "1", children)
+    assert children.stopped == signal.SIGTERM and started[0].signals == [signal.SIGTERM]
+    assert code == -signal.SIGTERM
+
+
+def test_a_diverged_run_is_a_failed_run_and_never_fitted(tmp_path, monkeypatch, capsys):
+    """A final validation loss of nan: the run is over (not pending: training it again gives the same), reported
+    as FAILED, and the fit refuses the sweep with one line naming it."""
+    import argparse
+    import math
+    import scaling.runs as runs
+    from engine.errors import HerdError
+    from scaling.command import _finished_runs
+    plan = {"runs": [{"name": f"c1e09-d{dim}", "steps": 5, "params": 1000, "tokens": 640} for dim in (16, 32)]}
+    for run, loss in zip(plan["runs"], ("NaN", "3.5")):
+        (tmp_path / "runs" / run["name"]).mkdir(parents=True)
+        (tmp_path / "runs" / run["name"] / "metrics.jsonl").write_text(f'{{"step": 5, "val_loss": {loss}}}\n')
+    monkeypatch.setattr(runs, "final_checkpoint", lambda sweep, run: sweep)  # complete checkpoints: not under test
+    assert math.isnan(final_val_loss(tmp_path, plan["runs"][0])) and pending(tmp_path, plan) == []
+    with pytest.raises(HerdError, match=r"^1 run\(s\) diverged \(final validation loss not finite: c1e09-d16 "
+                                        r"\(nan\)"):
+        _finished_runs(argparse.Namespace(config="sweep.yaml"), tmp_path, plan)
+    assert runs._report(tmp_path, plan["runs"][0], 0, 2.0, "c1e09-d16.log") == 1
+    assert "c1e09-d16: FAILED: it diverged" in capsys.readouterr().out
+    assert runs._report(tmp_path, plan["runs"][1], 0, 2.0, "c1e09-d32.log") == 0
+
+
+def test_results_are_strict_json(tmp_path):
+    """scaling.json never holds a bare NaN (not JSON): a two-budget power law has no standard error, written as
+    null; a budget with a diverged run's loss gets no parabola instead of a nan one."""
+    from scaling.report import fit_sweep, write_results
+    from tests.unit.test_scaling_fit import ALPHA, K, law
+    runs = []
+    for budget in (1e18, 1e19, 1e20):
+        n_opt = budget / (6 * K * budget ** ALPHA)
+        for n in n_opt * 10 ** np.linspace(-0.5, 0.5, 5):
+            runs.append({"name": f"r{len(runs)}", "budget": budget, "params": float(n), "dim": 64, "n_layers": 2,
+                         "tokens": budget / (6 * n), "steps": 10, "val_loss": float(law(n, budget / (6 * n)))})
+    runs[7]["val_loss"] = float("nan")  # the middle budget
+    fits = fit_sweep(runs, [1e21])
+    write_results(tmp_path, runs, fits, "test")
+
+    def refuse(constant):
+        raise AssertionError(f"scaling.json holds {constant}")
+    document = json.loads((tmp_path / "scaling.json").read_text(), parse_constant=refuse)
+    assert "not finite" in document["budgets"][1]["error"] and document["runs"][7]["val_loss"] is None
+    assert document["power_law"]["budgets_fitted"] == 2 and document["power_law"]["alpha_stderr"] is None
+    assert document["predictions"][0]["tokens_95"] == [None, None]
+    assert document["power_law"]["alpha"] == pytest.approx(ALPHA, abs=0.01)
