@@ -11,7 +11,7 @@ inside the process). The arithmetic is untouched: only where the bytes come from
 
 The memory kept is what the run already used at its peak (the heap does not grow past the peak because of this);
 the process's resident size no longer shrinks between steps. Does nothing off glibc (macOS, musl) and where the
-user set either variable: theirs wins."""
+user set any of these (MALLOC_*_ variables or glibc.malloc tunables in GLIBC_TUNABLES): theirs win."""
 
 import ctypes
 import os
@@ -26,7 +26,8 @@ MMAP_THRESHOLD = 32 << 20
 
 def keep_freed_heap() -> bool:
     """Sets glibc's trim threshold and top pad for this process; True where it did (glibc, not set by the user)."""
-    if any(f"MALLOC_{name}_" in os.environ for name in ("TRIM_THRESHOLD", "TOP_PAD", "MMAP_THRESHOLD")):
+    if any(f"MALLOC_{name}_" in os.environ for name in ("TRIM_THRESHOLD", "TOP_PAD", "MMAP_THRESHOLD")) \
+            or "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):
         return False
     try:
         # the process's own symbols (dlopen(NULL)): libc is loaded already; ctypes.util.find_library would run
