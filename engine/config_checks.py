@@ -153,6 +153,9 @@ def check_fp8_fusion(fp8: Any, tp: int = 1, compile: bool = False) -> None:
     redistributes the norm's output before the projections) and no torch.compile (it would not trace them)."""
     _require(fp8.weight_recipe in FP8_WEIGHT_RECIPES, "fp8.weight_recipe",
              f"'{fp8.weight_recipe}' is not one of {', '.join(FP8_WEIGHT_RECIPES)}")
+    _require(fp8.weight_recipe == "same" or fp8.backend == "native", "fp8.weight_recipe",
+             f"'{fp8.weight_recipe}' needs fp8.backend=native (herd's FP8 layers scale the weights; "
+             f"backend {fp8.backend} would ignore it)")
     for key in ("fuse_norm_cast", "fuse_swiglu_cast"):
         if not getattr(fp8, key):
             continue

@@ -3,7 +3,7 @@
 Every consumer of a block's attention norm (wq/wk/wv or wqkv), of its MLP norm (w1/w3 or w13) and of its SwiGLU (w2)
 is a Float8Linear that reads one quantization of that activation (native.InputShare). With these switches the
 producing op quantizes instead: RMSNorm (with the residual add) or SwiGLU writes the e4m3 tensor, its transposed
-copy and its amax in one pass (herd::rms_norm_fp8_fwd, herd::swiglu_fp8_fwd; csrc/fp8_fused) and offers them to
+copy and its amax in one pass (herd::rms_norm_fp8_fwd, herd::swiglu_fp8_fwd; csrc/rms_norm, csrc/swiglu) and offers them to
 the consumers' InputShare. The bf16 activation is never written nor read again: autograd gets a carrier in its
 place (native.fp8_carrier: the activation's shape and dtype, no memory), whose gradient is the ordinary one.
 The backward of the norm and of SwiGLU is unchanged (it reads the norm's input and rstd, SwiGLU's gate and up).

@@ -231,9 +231,12 @@ class Float8Linear(nn.Linear):
 
 def fp8_carrier(like: torch.Tensor, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
     """The autograd edge of an activation that exists only in FP8 (engine/fp8/fused_cast.py): a [*shape] tensor of
-    `dtype` with all strides 0 over one uninitialized element (no memory, no kernel). Its consumers find the FP8
+    `dtype` with all strides 0 over one NaN element (one element of memory). Its consumers find the FP8
     values in their InputShare; its gradient is an ordinary [*shape] tensor."""
-    carrier = torch.empty_strided(tuple(shape), (0,) * len(shape), dtype=dtype, device=like.device)
+    # one NaN element seen at every index: anything other than a Float8Linear that reads it (a hook, a stray
+    # consumer) gets NaN, not the garbage of uninitialized memory
+    carrier = torch.full((1,), float("nan"), dtype=dtype, device=like.device).as_strided(tuple(shape),
+                                                                                        (0,) * len(shape))
     carrier._herd_fp8_carrier = True
     return carrier
 

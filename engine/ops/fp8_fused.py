@@ -1,6 +1,6 @@
 """FP8 casts fused into the op that produces the FP8 layer's input: herd::rms_norm_fp8_fwd (RMSNorm, optionally with
 the pre-norm block's residual add, writing e4m3) and herd::swiglu_fp8_fwd (SwiGLU writing e4m3). CUDA kernels:
-csrc/fp8_fused.
+csrc/rms_norm (the FP8 epilogue of its forward), csrc/swiglu (swiglu_fp8_kernel), csrc/fp8_cast (the transposed copy).
 
 Unfused, the norm writes its bf16 output y, then the FP8 layer reads y again for the cast (and, with current
 scaling, once more for the amax). Fused, y is computed in registers, rounded to the dtype the unfused op would have

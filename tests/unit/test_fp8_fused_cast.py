@@ -256,6 +256,8 @@ def test_delayed_weights_keep_tensorwise_inputs_and_skip_the_weight_amax_pass(mo
     ({"recipe": "delayed", "fuse_swiglu_cast": True, "tp": 2}, "fp8.fuse_swiglu_cast", "needs parallel.tp=1"),
     ({"recipe": "delayed", "fuse_norm_cast": True, "compile": True}, "fp8.fuse_norm_cast", "train.compile"),
     ({"weight_recipe": "rowwise"}, "fp8.weight_recipe", "'rowwise' is not one of same, tensorwise, delayed"),
+    ({"backend": "none", "weight_recipe": "delayed"}, "fp8.weight_recipe", "needs fp8.backend=native"),
+    ({"backend": "te", "weight_recipe": "tensorwise"}, "fp8.weight_recipe", "needs fp8.backend=native"),
 ])
 def test_fusion_settings_that_cannot_run_are_refused_in_one_line(changes, key, message):
     changes = dict(changes)
