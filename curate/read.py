@@ -126,7 +126,9 @@ class CorpusReader(BaseReader):
                 problem = "bad_json" if not isinstance(record, dict) else "no_text"
                 yield None, (problem, where, line[:SNIPPET].decode("utf-8", "replace"), len(line))
                 continue
-            metadata = dict(meta, format="jsonl")
+            # a record's URL and date are its own: the file's URL would make every URL-less record of the file one
+            # URL for URL dedup (all but one removed), and the file's mtime would rank an undated record newest
+            metadata = {"source": meta["source"], "format": "jsonl"}
             for key, field in ((self.url_key, "url"), (self.date_key, "date")):
                 if isinstance(record.get(key), str) and record[key]:
                     metadata[field] = record[key]
