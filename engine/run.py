@@ -27,7 +27,7 @@ from engine.data.loader import Batch, StepLoader, build_blend, build_train_blend
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 from engine.errors import ConfigError
 from engine.fp8 import (apply_fp8, check_fp8_config, fp8_forward_context, fp8_step_context, init_fp8_weights,
-                        set_amax_groups, set_recording_gate)
+                        recompute_contexts, set_amax_groups, set_recording_gate)
 from engine.flops import device_peak_tflops, flops_per_token, parameter_count
 from engine.host_memory import keep_freed_heap
 from engine.model import build_meta_model, init_weights
@@ -184,7 +184,11 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh],
                                  pp_virtual_stages=p.pp_virtual_stages, pp_layers=tuple(p.pp_layers),
                                  pp_embedding_cost=p.pp_embedding_cost, pp_head_cost=p.pp_head_cost,
                                  pp_microbatches=grad_accum_steps(cfg), cp_attention=p.cp_attention,
-                                 compile=cfg.train.compile)
+                                 compile=cfg.train.compile,
+                                 # dynamo supports no context_fn but selective checkpointing's: compiled blocks
+                                 # keep the old recompute (it records its amaxes again; docs/fp8_and_kernels.md)
+                                 recompute_contexts=recompute_contexts if cfg.fp8.backend == "native"
+                                 and not cfg.train.compile else None)
     parallel = parallelize(model, mesh, options, reference_loss_sum=ops.cross_entropy_sum)
     if mesh is not None and cfg.fp8.backend == "native":  # ranks holding pieces of one tensor share its scale
         set_amax_groups(parallel.parts, [mesh.tp_group if p.tp > 1 else None,

@@ -49,6 +49,9 @@ class ParallelizeOptions:
     pp_microbatches: int = 1  # microbatches per step on each rank (the schedule's n_microbatches)
     cp_attention: str = "all_gather"
     compile: bool = False  # torch.compile each transformer block (step 6)
+    # block -> torch.utils.checkpoint context_fn or None: what a recomputed forward must repeat of its forward
+    # (engine/fp8 recompute_contexts: the delayed FP8 scales it used); the engine passes it, parallel/ knows no FP8
+    recompute_contexts: Optional[Callable[[nn.Module], Optional[Callable]]] = None
 
 
 def recomputed(index: int, mode: str, every: int) -> bool:
@@ -56,12 +59,16 @@ def recomputed(index: int, mode: str, every: int) -> bool:
     return mode == "full" or (mode == "selective" and index % every == 0)
 
 
-def apply_activation_checkpointing(model: nn.Module, mode: str, every: int) -> None:
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int,
+                                   recompute_contexts: Optional[Callable[[nn.Module], Optional[Callable]]] = None
+                                   ) -> None:
     """Recompute a block's activations in backward instead of storing them (keeps parameter names). Selective
     picks blocks by global layer index, so the same blocks recompute under any pipeline split."""
     for index, block in model.layers.items():
         if recomputed(int(index), mode, every):
-            block.forward = partial(checkpoint, block.forward, use_reentrant=False)
+            contexts = recompute_contexts(block) if recompute_contexts is not None else None
+            block.forward = partial(checkpoint, block.forward, use_reentrant=False,
+                                    **({"context_fn": contexts} if contexts is not None else {}))
 
 
 def apply_compile(model: nn.Module) -> None:
@@ -360,7 +367,8 @@ def parallelize(model: nn.Module, mesh: Optional[Mesh], options: ParallelizeOpti
             # the loss from this rank's vocabulary shard (engine/ops cross_entropy_sum with a group)
             loss_sum = partial(reference_loss_sum, vocab_size=model.cfg.vocab_size, group=mesh.tp_group)
         if options.activation_checkpointing != "none":
-            apply_activation_checkpointing(part, options.activation_checkpointing, options.ac_every)
+            apply_activation_checkpointing(part, options.activation_checkpointing, options.ac_every,
+                                           options.recompute_contexts)
         if options.compile:
             apply_compile(part)
         if fsdp:  # under pp, parameters stay gathered across the step's microbatches (Llama 3)

@@ -68,6 +68,13 @@ def set_recording_gate(parts: Sequence[nn.Module], gate) -> int:
     return native.set_recording_gate(parts, gate)
 
 
+def recompute_contexts(block: nn.Module):
+    """activation checkpointing's context_fn for a block with native FP8 layers (the recomputation quantizes as
+    its forward did and records no amax), or None."""
+    from engine.fp8 import native
+    return native.recompute_contexts(block)
+
+
 def init_fp8_weights(part: nn.Module, cfg: FP8Config, seed: int) -> None:
     """After init_weights on a materialized part: TE blocks take herd's initial values under TE's names."""
     if cfg.backend == "te":

@@ -115,7 +115,7 @@ def _cast_into(box: dict, state: native.ScalingState, fused_op):
         out, out_t, amax, *rest = fused_op(scale)
         extras.extend(rest)
         return out, out_t, amax
-    box["quantized"] = state.cast_delayed(cast)
+    box["quantized"] = state.cast_delayed(cast, fused=True)
     return tuple(extras)
 
 
@@ -127,7 +127,10 @@ class _FusedCast:
         self.state, self.share = consumers[0].input_scaling, consumers[0].input_share
 
     def applies(self, x: torch.Tensor) -> bool:
-        """The fused path may run on x (the op's main input, [..., K]); see the module docstring for the others."""
+        """The fused path may run on x (the op's main input, [..., K]); see the module docstring for the others.
+        A recomputation (activation checkpointing) takes the path its forward took."""
+        if self.state.replay is not None:
+            return self.state.replays_fused()
         if (torch.is_inference_mode_enabled() or x.is_inference() or torch.compiler.is_compiling()
                 or self.state.recipe != "delayed" or not self.state.filled
                 or not self.state.recording):
@@ -147,7 +150,7 @@ class _FusedCast:
         """y computed by the unfused op (with its autograd) -> its carrier, y quantized as the consumers would."""
         with torch.no_grad():
             quantized = self.state.cast_delayed(
-                lambda scale: fp8_cast(y.reshape(-1, y.shape[-1]), scale, E4M3, self.transpose))
+                lambda scale: fp8_cast(y.reshape(-1, y.shape[-1]), scale, E4M3, self.transpose), fused=True)
         return self.offer(_Carrier.apply(y), quantized)
 
 

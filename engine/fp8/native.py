@@ -23,9 +23,10 @@ that holds a piece of the same logical tensor then uses the same scale, so a sha
 process would. Data-parallel ranks hold different tensors and keep their own scales.
 """
 
+import collections
 import contextlib
 import weakref
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Deque, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -37,6 +38,14 @@ from engine.config import FP8Config
 from engine.ops.reference import FP8_MAX, FP8_TINY_AMAX
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
+
+
+class Used(NamedTuple):
+    """What one quantization of a checkpointed forward used: the delayed scale (None: the tensor's own amax) and
+    whether a fused op (engine/fp8/fused_cast.py) cast it."""
+
+    scale: Optional[torch.Tensor]
+    fused: bool
 
 
 class ScalingState(nn.Module):
@@ -52,6 +61,10 @@ class ScalingState(nn.Module):
         self.groups: List[dist.ProcessGroup] = []
         self.filled = False  # has a step recorded its amax yet
         self.gate = None  # an object with `open` (set_recording_gate): while it is closed nothing is recorded
+        # activation checkpointing (recompute_contexts): the forward appends what each quantization used, the
+        # recomputation takes it back in the same order; None outside those two contexts
+        self.capture: Optional[Deque[Used]] = None
+        self.replay: Optional[Deque[Used]] = None
 
     @torch.no_grad()
     def reset_tables(self) -> None:
@@ -68,27 +81,50 @@ class ScalingState(nn.Module):
 
     @property
     def recording(self) -> bool:
-        """False while a computation that is not one of the step's (torch's pipeline shape inference) runs."""
-        return self.gate is None or self.gate.open
+        """False while a computation that is not one of the training step's runs: torch's pipeline shape
+        inference (the gate) and evaluation (the layer in eval mode): their amaxes would shift the next steps'
+        scales."""
+        return (self.gate is None or self.gate.open) and self.training
 
     def quantize(self, t: torch.Tensor, transpose: bool):
         """t [M, K] -> (t_fp8 [M, K], t_fp8^T [K, M] or empty, 1/scale fp32 scalar). While not `recording`, t is
-        scaled by its own amax and the window, scale and counters are left as they are."""
-        limit = FP8_MAX[self.dtype]
-        if self.recipe == "tensorwise" or not self.recording:
-            amax = self.reduce(fp8_amax(t))
-            scale = limit / amax.clamp(min=FP8_TINY_AMAX)
-            out, out_t, _ = fp8_cast(t, scale, self.dtype, transpose)
-            return out, out_t, scale.reciprocal()
-        if not self.filled:  # never filled: this one step uses current scaling (a host flag: no GPU sync)
-            self.scale.copy_(limit / self.reduce(fp8_amax(t)).clamp(min=FP8_TINY_AMAX))
-            self.filled = True
-        return self.cast_delayed(lambda scale: fp8_cast(t, scale, self.dtype, transpose))
+        scaled by its own amax and the window, scale and counters are left as they are. A recomputation
+        (`replay`) quantizes as its forward did and records nothing."""
+        if self.replay is not None:
+            used = self.replay.popleft()
+            if used.scale is not None:
+                out, out_t, _ = fp8_cast(t, used.scale, self.dtype, transpose)
+                return out, out_t, used.scale.reciprocal()
+        elif self.recipe == "tensorwise" or not self.recording:
+            if self.capture is not None:
+                self.capture.append(Used(None, fused=False))
+        else:
+            if not self.filled:  # never filled: this one step uses current scaling (a host flag: no GPU sync)
+                self.scale.copy_(FP8_MAX[self.dtype] / self.reduce(fp8_amax(t)).clamp(min=FP8_TINY_AMAX))
+                self.filled = True
+            return self.cast_delayed(lambda scale: fp8_cast(t, scale, self.dtype, transpose))
+        amax = self.reduce(fp8_amax(t))
+        scale = FP8_MAX[self.dtype] / amax.clamp(min=FP8_TINY_AMAX)
+        out, out_t, _ = fp8_cast(t, scale, self.dtype, transpose)
+        return out, out_t, scale.reciprocal()
 
-    def cast_delayed(self, cast: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]):
+    def replays_fused(self) -> bool:
+        """In a recomputation: whether its forward's next quantization ran in a fused op (fused_cast.py), which the
+        recomputation must repeat: it saves other tensors for backward than the unfused ops."""
+        return bool(self.replay) and self.replay[0].fused
+
+    def cast_delayed(self, cast: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                     fused: bool = False):
         """The delayed recipe once the window holds a step: `cast(scale)` -> (t_fp8, t_fp8^T or empty, amax of t)
         quantizes with this step's scale and measures the amax in the same pass (fp8_cast, or an op with the cast
-        fused in: engine/fp8/fused_cast.py); then the window takes the amax. -> (t_fp8, t_fp8^T, 1/scale used)."""
+        fused in: engine/fp8/fused_cast.py); then the window takes the amax. -> (t_fp8, t_fp8^T, 1/scale used).
+        In a recomputation the forward's scale is used and nothing recorded."""
+        if self.replay is not None:
+            scale = self.replay.popleft().scale
+            out, out_t, _ = cast(scale)
+            return out, out_t, scale.reciprocal()
+        if self.capture is not None:  # the scale this quantization uses; the update below overwrites self.scale
+            self.capture.append(Used(self.scale.clone(), fused))
         out, out_t, amax = cast(self.scale)
         # push amax into the window, count an overflow, set the next scale; returns 1/scale of the one just used
         inv_used = fp8_delayed_update(self.amax_history, self.scale, self.overflows, self.reduce(amax),
@@ -318,6 +354,35 @@ def set_recording_gate(parts: Sequence[nn.Module], gate) -> int:
         for state in (layer.input_scaling, layer.weight_scaling, layer.grad_scaling):
             state.gate = gate
     return len(layers)
+
+
+def recompute_contexts(block: nn.Module) -> Optional[Callable[[], Tuple[contextlib.AbstractContextManager,
+                                                                         contextlib.AbstractContextManager]]]:
+    """torch.utils.checkpoint's `context_fn` for a checkpointed block holding native FP8 layers, else None. Each
+    call (one checkpointed forward) gives the forward a context in which every quantization of the block records
+    what it used (Used: the delayed scale, or None for the tensor's own amax), and the recomputation a context in
+    which each quantization takes those back in order: the recomputed activations are bitwise the forward's
+    (the delayed scale moved on when the forward recorded its amax), and the windows get each amax once per
+    forward, not twice. TransformerEngine keeps the forward's FP8 scaling for the recompute the same way."""
+    states = [state for layer in float8_layers([block])
+              for state in (layer.input_scaling, layer.weight_scaling, layer.grad_scaling)]
+    if not states:
+        return None
+
+    @contextlib.contextmanager
+    def attach(field: str, queues: List[Deque[Used]]) -> Iterator[None]:
+        for state, queue in zip(states, queues):
+            setattr(state, field, queue)
+        try:
+            yield
+        finally:
+            for state in states:
+                setattr(state, field, None)
+
+    def contexts():
+        queues = [collections.deque() for _ in states]
+        return attach("capture", queues), attach("replay", queues)
+    return contexts
 
 
 def set_amax_groups(model: nn.Module, groups: Sequence[Optional[dist.ProcessGroup]]) -> int:

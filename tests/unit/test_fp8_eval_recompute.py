@@ -1,0 +1,67 @@
+"""Delayed FP8 scaling's windows hold the training step's amaxes and nothing else: an evaluation forward (module in
+eval mode) quantizes with its own amax and records nothing, and activation checkpointing's recomputed forward
+quantizes with the scales its original forward used and records nothing (TransformerEngine keeps the forward's
+FP8 scaling for the recompute the same way). Both shown on the CPU with runs that must equal, bitwise, the run
+without the evaluation or without the recomputation."""
+
+import io
+
+import pytest
+import torch
+
+from engine.config import FP8Config
+from engine.fp8 import native
+from engine.fp8.native import Float8Linear
+from tests.unit.test_fp8_native import debug_model
+
+DELAYED = ["fp8.backend=native", "fp8.recipe=delayed", "fp8.bf16_first_last_layers=false", "train.dtype=bf16"]
+
+
+def windows(model: torch.nn.Module) -> dict:
+    return {f"{name}.{role}": (getattr(layer, role).amax_history.clone(), getattr(layer, role).scale.clone())
+            for name, layer in model.named_modules() if isinstance(layer, Float8Linear)
+            for role in ("input_scaling", "weight_scaling", "grad_scaling")}
+
+
+def same(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(x, y) for k in a for x, y in zip(a[k], b[k]))
+
+
+def test_an_eval_forward_leaves_the_windows_as_they_were():
+    model = debug_model(n_layers=2)
+    native.convert(model, FP8Config(backend="native", recipe="delayed", bf16_first_last_layers=False))
+    tokens = torch.randint(0, 256, (2, 64), generator=torch.Generator().manual_seed(0))
+    for _ in range(2):  # fill the windows
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(tokens).float().logsumexp(-1).mean().backward()
+    before = windows(model)
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens * 3 % 256)
+    assert same(windows(model), before)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(tokens).float().logsumexp(-1).mean().backward()
+    assert not same(windows(model), before)  # a training step does record
+
+
+@pytest.mark.parametrize("extra,reference", [
+    (["train.eval_every=1"], ["train.eval_every=0"]),  # an evaluation after every step (and before the first)
+    (["parallel.activation_checkpointing=full"], ["parallel.activation_checkpointing=none"]),
+    (["parallel.activation_checkpointing=full", "fp8.cache_weights=false"],
+     ["parallel.activation_checkpointing=none", "fp8.cache_weights=false"]),
+    (["parallel.activation_checkpointing=full", "fp8.fuse_norm_cast=true", "fp8.fuse_swiglu_cast=true"],
+     ["parallel.activation_checkpointing=none", "fp8.fuse_norm_cast=true", "fp8.fuse_swiglu_cast=true"]),
+], ids=["eval", "recompute", "recompute-uncached", "recompute-fused"])
+def test_delayed_fp8_run_is_bitwise_the_run_without_eval_or_recompute(tmp_path, extra, reference):
+    """4 steps of 2 micro-batches on the delayed recipe: losses, parameters and every window equal."""
+    from engine.run import train
+    from tests.helpers import make_corpus, tiny_config
+    corpus = make_corpus(tmp_path / "c")
+    runs = [train(tiny_config(corpus, tmp_path / name, ["train.steps=4", *DELAYED, *overrides]),
+                  stream=io.StringIO()) for name, overrides in (("a", extra), ("b", reference))]
+    (a, b) = runs
+    assert a.last_metrics["loss"] == b.last_metrics["loss"]
+    params_a, params_b = dict(a.module.model.named_parameters()), dict(b.module.model.named_parameters())
+    assert all(torch.equal(params_a[n], params_b[n]) for n in params_b)
+    assert same(windows(a.module.model), windows(b.module.model))
