@@ -55,3 +55,25 @@ def test_fp8_training_on_cuda_learns_like_bf16(tmp_path):
             assert any(isinstance(m, Float8Linear) for m in trainer.module.model.modules())
             assert trainer.last_metrics["val_loss"] < trainer.initial_val_loss - 0.5
     assert abs(losses["native"] - losses["none"]) < 0.03 * losses["none"], losses
+
+
+@pytest.mark.parametrize("fused", ["false", "true"])
+def test_delayed_fp8_with_full_recompute_is_bitwise_the_run_without_on_cuda(tmp_path, fused):
+    """The recomputation replays its forward's delayed scales (engine/fp8 recompute_contexts) on the device path
+    too, with and without the fused norm/SwiGLU casts (csrc kernels): 4 steps of 2 micro-batches with full
+    activation checkpointing equal the run without, losses, parameters and windows bitwise. Not yet run on a GPU
+    when written (the CPU twin is tests/unit/test_fp8_eval_recompute.py)."""
+    from engine.run import train
+    from tests.helpers import make_corpus, tiny_config
+    from tests.unit.test_fp8_eval_recompute import same, windows
+    corpus = make_corpus(tmp_path / "c")
+    runs = [train(tiny_config(corpus, tmp_path / ac, [
+        "train.device=cuda", "train.dtype=bf16", "train.steps=4", "train.eval_every=1", "fp8.backend=native",
+        "fp8.recipe=delayed", "fp8.bf16_first_last_layers=false", f"fp8.fuse_norm_cast={fused}",
+        f"fp8.fuse_swiglu_cast={fused}", f"parallel.activation_checkpointing={ac}"]), stream=io.StringIO())
+        for ac in ("full", "none")]
+    a, b = runs
+    assert (a.last_metrics["loss"], a.last_metrics["val_loss"]) == (b.last_metrics["loss"], b.last_metrics["val_loss"])
+    params_b = dict(b.module.model.named_parameters())
+    assert all(torch.equal(p, params_b[n]) for n, p in a.module.model.named_parameters())
+    assert same(windows(a.module.model), windows(b.module.model))
