@@ -41,10 +41,11 @@ E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
 
 class Used(NamedTuple):
-    """What one quantization of a checkpointed forward used: the delayed scale (None: the tensor's own amax) and
-    whether a fused op (engine/fp8/fused_cast.py) cast it."""
+    """What one quantization of a checkpointed forward used: the delayed scale and the 1/scale its GEMM took (None:
+    the tensor's own amax), and whether a fused op (engine/fp8/fused_cast.py) cast it."""
 
     scale: Optional[torch.Tensor]
+    inv: Optional[torch.Tensor]
     fused: bool
 
 
@@ -94,10 +95,10 @@ class ScalingState(nn.Module):
             used = self.replay.popleft()
             if used.scale is not None:
                 out, out_t, _ = fp8_cast(t, used.scale, self.dtype, transpose)
-                return out, out_t, used.scale.reciprocal()
+                return out, out_t, used.inv
         elif self.recipe == "tensorwise" or not self.recording:
             if self.capture is not None:
-                self.capture.append(Used(None, fused=False))
+                self.capture.append(Used(None, None, fused=False))
         else:
             if not self.filled:  # never filled: this one step uses current scaling (a host flag: no GPU sync)
                 self.scale.copy_(FP8_MAX[self.dtype] / self.reduce(fp8_amax(t)).clamp(min=FP8_TINY_AMAX))
@@ -120,15 +121,16 @@ class ScalingState(nn.Module):
         fused in: engine/fp8/fused_cast.py); then the window takes the amax. -> (t_fp8, t_fp8^T, 1/scale used).
         In a recomputation the forward's scale is used and nothing recorded."""
         if self.replay is not None:
-            scale = self.replay.popleft().scale
-            out, out_t, _ = cast(scale)
-            return out, out_t, scale.reciprocal()
-        if self.capture is not None:  # the scale this quantization uses; the update below overwrites self.scale
-            self.capture.append(Used(self.scale.clone(), fused))
-        out, out_t, amax = cast(self.scale)
+            used = self.replay.popleft()
+            out, out_t, _ = cast(used.scale)
+            return out, out_t, used.inv
+        scale = self.scale.clone() if self.capture is not None else self.scale  # the update overwrites self.scale
+        out, out_t, amax = cast(scale)
         # push amax into the window, count an overflow, set the next scale; returns 1/scale of the one just used
         inv_used = fp8_delayed_update(self.amax_history, self.scale, self.overflows, self.reduce(amax),
                                       FP8_MAX[self.dtype])
+        if self.capture is not None:
+            self.capture.append(Used(scale, inv_used, fused))
         return out, out_t, inv_used
 
 
@@ -366,7 +368,7 @@ def recompute_contexts(block: nn.Module) -> Optional[Callable[[], Tuple[contextl
     forward, not twice. TransformerEngine keeps the forward's FP8 scaling for the recompute the same way."""
     states = [state for layer in float8_layers([block])
               for state in (layer.input_scaling, layer.weight_scaling, layer.grad_scaling)]
-    if not states:
+    if not any(state.recipe == "delayed" for state in states):  # current scaling recomputes the same by itself
         return None
 
     @contextlib.contextmanager
