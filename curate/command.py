@@ -29,8 +29,13 @@ def run(args: argparse.Namespace) -> int:
     cfg = load(args.pipeline, args.overrides)
     if cfg.executor.kind == "slurm":
         ids = submit_slurm(cfg)
-        print(f"herd curate: submitted {len(ids)} job arrays (last {ids[-1]}); the report will be "
-              f"{Path(cfg.output_dir).resolve() / 'report.md'}", flush=True)
+        submitted = [job for job in ids if job != "-1"]  # -1: a pass complete in an earlier run, not submitted
+        report = Path(cfg.output_dir).resolve() / "report.md"
+        if not submitted:
+            print(f"herd curate: every pass is complete; the report is {report}", flush=True)
+            return 0
+        print(f"herd curate: submitted {len(submitted)} job arrays (last {submitted[-1]}; {len(ids) - len(submitted)} "
+              f"passes already complete); the report will be {report}", flush=True)
         return 0
     run_local(cfg)
     report = Path(cfg.output_dir).resolve() / "report.md"

@@ -35,7 +35,9 @@ from curate.models import DomainLabel, LanguageLabel, LocalFastTextFilter
 from curate.read import CorpusReader, HtmlMainContent
 from curate.schema import CurateConfig
 
-FAULT_ENV = "HERD_CURATE_FAULT"  # "PASS:RANK": that task kills its run (SIGKILL) once its outputs are written
+FAULT_ENV = "HERD_CURATE_FAULT"  # "PASS:RANK": that task kills its run (SIGKILL) once its outputs are written;
+#                                   "PASS:RANK:hold": it marks that state and waits to be killed (scancel)
+HOLD = "hold"
 
 
 @dataclass
@@ -53,23 +55,39 @@ class Stage:
     passes: List[Pass]
 
 
+def fault_is_hold() -> bool:
+    return os.environ.get(FAULT_ENV, "").split(":")[2:] == [HOLD]
+
+
 class FaultPoint(PipelineStep):
     """Fault injection for the resume tests: when FAULT_ENV names this pass and rank, the task has written its
-    outputs but not yet its completion; it kills its whole process group, as a scheduler or an OOM killer would."""
+    outputs but not yet its completion. It then kills its whole process group, as a scheduler or an OOM killer
+    would; or, with `:hold` (the SLURM test, which cancels the jobs itself), it creates
+    OUT/logs/<pass>/held/<rank> and waits until a signal ends it."""
 
     name = "💥 fault point"
 
-    def __init__(self, pass_name: str):
+    def __init__(self, pass_name: str, logging_dir: str = ""):
         super().__init__()
         self.pass_name = pass_name
+        self.logging_dir = logging_dir
 
     def run(self, data, rank: int = 0, world_size: int = 1):
         for doc in data or ():
             yield doc
-        if os.environ.get(FAULT_ENV) == f"{self.pass_name}:{rank}":
-            print(f"herd curate: fault injection: killing the run in pass {self.pass_name}, task {rank}",
-                  file=sys.stderr, flush=True)
-            os.killpg(os.getpgid(0), signal.SIGKILL)
+        if os.environ.get(FAULT_ENV, "").split(":")[:2] != [self.pass_name, str(rank)]:
+            return
+        if fault_is_hold():
+            held = Path(self.logging_dir) / "held" / f"{rank:05d}"
+            held.parent.mkdir(parents=True, exist_ok=True)
+            held.touch()
+            print(f"herd curate: fault injection: pass {self.pass_name}, task {rank} holds", file=sys.stderr,
+                  flush=True)
+            while True:
+                signal.pause()  # SIGTERM (scancel) ends the process: its default action
+        print(f"herd curate: fault injection: killing the run in pass {self.pass_name}, task {rank}",
+              file=sys.stderr, flush=True)
+        os.killpg(os.getpgid(0), signal.SIGKILL)
 
 
 def _writer(folder: Path, name: str = "${rank}.jsonl.gz") -> JsonlWriter:

@@ -9,7 +9,7 @@ from typing import List
 
 from datatrove.executor import LocalPipelineExecutor, SlurmPipelineExecutor
 
-from curate.pipeline import FAULT_ENV, FaultPoint, Layout, build_stages
+from curate.pipeline import FAULT_ENV, HOLD, FaultPoint, Layout, build_stages, fault_is_hold
 from curate.read import list_corpus
 from curate.schema import CurateConfig
 from engine.errors import HerdError
@@ -93,13 +93,16 @@ def corpus_files(cfg: CurateConfig) -> List[str]:
 def run_local(cfg: CurateConfig) -> None:
     """Every pass in order, each on a local multi-process executor; finished tasks are skipped."""
     lay = Layout(cfg.output_dir)
+    if fault_is_hold():
+        raise HerdError(f"{FAULT_ENV}=PASS:RANK:{HOLD} waits to be cancelled: it is for the slurm executor")
     if os.environ.get(FAULT_ENV) and os.getpgid(0) != os.getpid():
         raise HerdError(f"{FAULT_ENV} kills the run's process group: start herd curate in a session of its own")
     stages = build_stages(cfg, corpus_files(cfg))
     for stage in stages:
         for p in stage.passes:
             print(f"herd curate: {stage.name} / {p.name} ({p.tasks} task{'s' if p.tasks > 1 else ''})", flush=True)
-            executor = LocalPipelineExecutor(p.steps() + [FaultPoint(p.name)], tasks=p.tasks,
+            fault = FaultPoint(p.name, str(lay.logs(p.name)))
+            executor = LocalPipelineExecutor(p.steps() + [fault], tasks=p.tasks,
                                              workers=max(1, min(cfg.executor.workers if cfg.executor.workers > 0
                                                                 else p.tasks, p.tasks)),
                                              logging_dir=str(lay.logs(p.name)), start_method="fork")
@@ -136,8 +139,9 @@ def submit_slurm(cfg: CurateConfig) -> List[str]:
     previous, executors = None, []
     for stage in build_stages(cfg, corpus_files(cfg)):
         for p in stage.passes:
+            fault = FaultPoint(p.name, str(lay.logs(p.name)))
             previous = _HerdSlurmExecutor(
-                p.steps() + [FaultPoint(p.name)], tasks=p.tasks, time=ex.time, partition=ex.partition,
+                p.steps() + [fault], tasks=p.tasks, time=ex.time, partition=ex.partition,
                 cpus_per_task=ex.cpus_per_task, mem_per_cpu_gb=ex.mem_per_cpu_gb, workers=ex.workers,
                 job_name=f"{cfg.name}-{p.name}", qos="", venv_path=venv, logging_dir=str(lay.logs(p.name)),
                 depends=previous, requeue_signals=None)

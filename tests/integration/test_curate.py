@@ -152,6 +152,98 @@ def test_pipeline_runs_on_the_slurm_cluster(reference, slurm_cluster):  # noqa: 
     assert all((out / "logs" / name / "launch_script.slurm").is_file() for name in ("read", "minhash_filter"))
 
 
+def jobs_named(cluster, prefix: str) -> list:
+    """(array job id, state, reason) of every job in the queue whose name starts with prefix."""
+    rows = [line.split("|") for line in cluster.run("squeue", "-h", "-o", "%F|%j|%T|%r").stdout.splitlines()]
+    return [(job, state, reason) for job, name, state, reason in rows if name.startswith(prefix)]
+
+
+def files_under(out: Path) -> dict:
+    return {p: (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size) for p in out.rglob("*") if p.is_file()}
+
+
+@pytest.mark.slow  # two SLURM submissions of 20 and 7 job arrays: minutes on the 2-core machine
+def test_cancelled_slurm_run_resumes_without_redoing_finished_tasks(reference, slurm_cluster):  # noqa: F811
+    """Every job of a SLURM run is cancelled (scancel) once task 0 of the line-dedup filter has finished while its
+    task 1 still runs (held by HERD_CURATE_FAULT=line_dedup_filter:1:hold after writing its outputs, before its
+    completion); herd curate run again submits only task 1 of that pass and the passes after it, rewrites no file
+    of a finished task, and ends with the uninterrupted run's report."""
+    root, corpus, (table, _) = reference
+    out, prefix = root / "slurm-cancelled", "curate-cancel-"
+    args = pipeline(root, corpus, "slurm-cancelled", kind="slurm", partition="debug", tasks=2, workers=2,
+                    mem_per_cpu_gb=0) + [f"name={prefix[:-1]}"]
+    held = herd(*args, env={**slurm_cluster.env, "HERD_CURATE_FAULT": "line_dedup_filter:1:hold"})
+    assert held.returncode == 0, held.stderr[-3000:]
+    filter_logs = out / "logs" / "line_dedup_filter"
+
+    def failed() -> list:
+        return [job for job in jobs_named(slurm_cluster, prefix) if job[2] == "DependencyNeverSatisfied"]
+
+    wait_until(lambda: ((filter_logs / "completions/00000").is_file() and (filter_logs / "held/00001").is_file())
+               or bool(failed()), lambda: f"task 0 of line_dedup_filter done and task 1 held in {out}")
+    assert not failed(), failed()
+    assert not (filter_logs / "completions/00001").exists()
+    slurm_cluster.run("scancel", *sorted({job for job, _, _ in jobs_named(slurm_cluster, prefix)}))
+    wait_until(lambda: not jobs_named(slurm_cluster, prefix),
+               lambda: f"the cancelled jobs to leave the queue ({jobs_named(slurm_cluster, prefix)})")
+    assert not (filter_logs / "completions/00001").exists() and not (out / "report.json").exists()
+    unfinished = [d for d in (out / "logs").iterdir() if not (d / "completions").is_dir()
+                  or len(list((d / "completions").iterdir())) < len(json.loads((d / "ranks_to_run.json").read_text()))]
+    assert sorted(d.name for d in unfinished) == sorted(["line_dedup_filter", "heuristics_token_counts",
+                                                         "heuristics_distribution", "heuristics_filter", "models",
+                                                         "tokenize", "report"])
+    finished = {p: v for p, v in files_under(out).items()
+                if not any(d in p.parents and "completions" not in p.parts for d in unfinished)
+                and not (p.parent.name == "line_dedup" and p.name.startswith("00001"))}  # task 1's outputs
+
+    resumed = herd(*args, env=slurm_cluster.env)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "submitted 7 job arrays" in resumed.stdout and "13 passes already complete" in resumed.stdout
+    wait_until(lambda: (out / "report.json").is_file() or bool(failed()),
+               lambda: f"the report of the resumed SLURM run in {out}")
+    assert not failed(), failed()
+    assert {p: v for p, v in files_under(out).items() if p in finished} == finished  # nothing finished redone
+    assert json.loads((filter_logs / "ranks_to_run.json").read_text()) == [1]  # only task 1 ran again
+    assert stage_table(out)[0] == table
+
+
+def comparable(report: dict) -> dict:
+    """A report without its paths: per stage documents and bytes in, kept and removed by reason, and per domain
+    documents and tokens."""
+    stages = []
+    for row in report["stages"]:
+        reasons = {reason: {k: v for k, v in counts.items() if k != "examples"}
+                   for reason, counts in row["removed_by_reason"].items()}
+        stages.append({**{k: v for k, v in row.items() if k != "removed_by_reason"}, "reasons": reasons})
+    return {"stages": stages, "domains": report["domains"],
+            "tokens": {d: (t["documents"], t["tokens"]) for d, t in report["tokens"].items()}}
+
+
+@pytest.mark.slow  # the demo corpus (about 1,500 Debian documentation files) twice: about 15 minutes on 2 cores
+def test_demo_corpus_on_slurm_gives_the_local_report(tmp_path, slurm_cluster):  # noqa: F811
+    """configs/curate/demo.yaml end to end on this machine's /usr/share/doc, once on the local executor and once
+    as SLURM job arrays on the test cluster: the same documents and bytes kept and removed per stage and reason,
+    the same domains and token counts."""
+    local = herd(str(ROOT / "configs/curate/demo.yaml"), f"output_dir={tmp_path / 'local'}")
+    assert local.returncode == 0, local.stderr[-3000:]
+    out = tmp_path / "slurm"
+    submitted = herd(str(ROOT / "configs/curate/demo.yaml"), f"output_dir={out}", "executor.kind=slurm",
+                     "executor.partition=debug", "executor.mem_per_cpu_gb=0", "name=curate-demo-slurm",
+                     env=slurm_cluster.env)
+    assert submitted.returncode == 0 and "submitted 20 job arrays" in submitted.stdout, submitted.stderr[-3000:]
+
+    def failed() -> list:
+        return [job for job in jobs_named(slurm_cluster, "curate-demo-slurm-")
+                if job[2] == "DependencyNeverSatisfied"]
+
+    wait_until(lambda: (out / "report.json").is_file() or bool(failed()),
+               lambda: f"the report of the SLURM run in {out}")
+    assert not failed(), failed()
+    expected = comparable(json.loads((tmp_path / "local" / "report.json").read_text()))
+    assert expected["stages"][0]["documents_in"] > 100  # the demo corpus, not an empty folder
+    assert comparable(json.loads((out / "report.json").read_text())) == expected
+
+
 @pytest.mark.parametrize("overrides,expected", [
     (["models.language=true"], "models.language_model: language identification needs a fastText language-id "
                                "model you supply"),
@@ -161,6 +253,7 @@ def test_pipeline_runs_on_the_slurm_cluster(reference, slurm_cluster):  # noqa: 
     (["tokenize.mix.prose=1.0"], "tokenize.mix.prose"),
     (["tokenize.mix.code=-1"], "tokenize.mix.code: must be >= 0"),
     (["minhash.bands=3"], "minhash.bands"),
+    (["input.html_timeout_s=0"], "input.html_timeout_s: must be a positive number of seconds, got 0.0"),
 ])
 def test_bad_pipeline_is_one_line(tmp_path, overrides, expected):
     result = herd(str(ROOT / "configs/curate/demo.yaml"), f"output_dir={tmp_path / 'out'}", *overrides)
