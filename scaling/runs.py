@@ -153,26 +153,36 @@ def check_same_sweep(sweep: Path, plan: dict) -> None:
         same_job = [old["job"], *old["overrides"]] == [plan["job"], *plan["overrides"]]
         again = [(before[r["name"]], r) for r in plan["runs"] if r["name"] in before]
         changed = sorted(now["name"] for then, now in again if then["overrides"] != now["overrides"])
-        rehashed = sorted(now["name"] for then, now in again
-                          if then.get("config_hash", now.get("config_hash")) != now.get("config_hash"))
+        if isinstance(old.get("job_config"), dict):  # the job's resolved fields: compare those that shape results
+            keys = _changed_fields(old["job_config"], plan["job_config"])
+            rehashed = (sorted(now["name"] for _, now in again) or sorted(before)) if keys else []
+        else:  # an older plan.json: its runs' hashes (none: taken as it is, and gets them now)
+            keys = ""
+            rehashed = sorted(now["name"] for then, now in again
+                              if then.get("config_hash", now.get("config_hash")) != now.get("config_hash"))
     except (ValueError, KeyError, TypeError, AttributeError):
         raise HerdError(f"{path}: not a herd scaling plan; choose another name or run_dir") from None
     if not same_job or changed:
         what = f"planned {changed[0]} differently" if changed else "planned its job differently"
         raise HerdError(f"{path}: the sweep there {what} (job, overrides or schedule changed); use another name, or "
                         f"remove {sweep} to start over")
-    if rehashed:  # an old plan.json without hashes is taken as it is (and gets them now)
-        keys = _changed_fields(old.get("job_config"), plan.get("job_config"))
+    if rehashed:
         raise HerdError(f"{path}: run {rehashed[0]} was planned from a different job config ({plan['job']}: "
                         f"{keys or 'its resolved contents'} changed); use another name, or remove {sweep} to start "
                         f"over")
 
 
-def _changed_fields(before, now) -> str:
-    """The dotted keys whose values differ between two config_fields (the first three), or '' when unknown."""
-    if not isinstance(before, dict) or not isinstance(now, dict):
-        return ""
-    keys = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+# job config keys that cannot change a run's losses: how it logs and where a job script sends it. Editing them
+# between invocations of one sweep is allowed.
+NOT_RESULTS = ("log.every", "log.tensorboard", "log.peak_tflops")
+NOT_RESULTS_UNDER = ("watchdog.", "slurm.")
+
+
+def _changed_fields(before: dict, now: dict) -> str:
+    """The dotted keys, present in both (a key herd added or dropped since is not an edit of the user's), whose
+    values differ and can change results (the first three), or '' when none."""
+    keys = sorted(k for k in before.keys() & now.keys() if before[k] != now[k]
+                  and k not in NOT_RESULTS and not k.startswith(NOT_RESULTS_UNDER))
     return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
 
 

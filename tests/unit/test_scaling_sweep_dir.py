@@ -1,7 +1,8 @@
 """One sweep directory over time: plan.json is rewritten by every `herd scaling` (a budget added renumbers the
 runs), so an array task submitted earlier finds its run by the name written into its script; two `herd scaling`
 processes, or two processes training one run, are kept apart by locks; a job YAML edited between invocations is
-refused by the runs' config hashes, also for runs a later plan left out."""
+refused by the job's resolved config, also for runs a later plan left out, unless the edit cannot change results
+(log.every) or the keys changed with herd's config schema."""
 
 import fcntl
 import json
@@ -123,3 +124,31 @@ def test_runs_left_out_of_a_plan_are_still_checked(corpus, capsys):  # noqa: F81
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "planned c1e09-d16 differently" in err[0], err
     assert json.loads((corpus / "runs" / "shrunk" / "plan.json").read_text()) == plan  # nothing written
+
+
+def test_edits_that_cannot_change_results_and_schema_changes_are_not_refused(corpus, capsys):  # noqa: F811
+    """log.every edited in the job file, and a plan.json written by a herd whose config schema had a key this one
+    lacks and lacked one this one has (its runs' hashes then all differ): the same sweep. A value that shapes the
+    results (optim.grad_clip) is still refused."""
+    root = corpus / "benign"
+    root.mkdir()
+    job = root / "job.yaml"
+    job.write_text("include: [demo.yaml]\nlog: {every: 1}\n")
+    config = write_sweep(corpus, "benign", extra={"job": str(job)})
+    assert herd(["scaling", str(config), "--plan-only"]) == 0
+    job.write_text("include: [demo.yaml]\nlog: {every: 5, tensorboard: false}\n")
+    assert herd(["scaling", str(config), "--plan-only"]) == 0
+    path = corpus / "runs" / "benign" / "plan.json"
+    plan = json.loads(path.read_text())
+    plan["job_config"]["train.a_key_herd_dropped"] = 3
+    del plan["job_config"]["optim.grad_clip"]
+    plan["runs"] = [{**run, "config_hash": "0" * 16} for run in plan["runs"]]
+    path.write_text(json.dumps(plan))
+    assert herd(["scaling", str(config), "--plan-only"]) == 0
+    assert all(run["config_hash"] != "0" * 16 for run in load_plan(corpus, "benign")["runs"])  # written anew
+    job.write_text("include: [demo.yaml]\nlog: {every: 5}\noptim: {grad_clip: 0.5}\n")
+    capsys.readouterr()
+    assert herd(["scaling", str(config), "--plan-only"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "was planned from a different job config" in err[0], err
+    assert "optim.grad_clip changed" in err[0] and "log.every" not in err[0], err
