@@ -74,11 +74,18 @@ def train_layouts(rank: int, world_size: int, corpus: str, run_dir: str, layouts
     import io
     from pathlib import Path
 
+    from engine.fp8.native import ScalingState
     from engine.run import build_trainer
     from tests.helpers import parity_config, parity_eval
-    results = []
+    results, fused_casts = [], [0]
+    cast_delayed = ScalingState.cast_delayed
+
+    def counting(state, cast, fused=False):  # this rank process only: how many casts a fused op made (fp8 tests)
+        fused_casts[0] += int(fused)
+        return cast_delayed(state, cast, fused)
+    ScalingState.cast_delayed = counting
     for index, overrides in enumerate(layouts):
-        started = time.perf_counter()
+        started, fused_casts[0] = time.perf_counter(), 0
         overrides = overrides + (parity_eval(Path(corpus)) if evaluate else [])
         cfg = parity_config(Path(corpus), Path(run_dir) / f"layout{index}", overrides, world_size)
         trainer = build_trainer(cfg, stream=io.StringIO())
@@ -90,12 +97,13 @@ def train_layouts(rank: int, world_size: int, corpus: str, run_dir: str, layouts
         local_numel = sum((p.to_local() if hasattr(p, "to_local") else p).numel()
                           for p in trainer.module.parallel.parameters())
         grad_norms = [m["grad_norm"] for m in recorder.steps]
-        out = {"losses": losses, "local_numel": local_numel}
+        out = {"losses": losses, "local_numel": local_numel, "fused_casts": fused_casts[0]}
         if evaluate:
             out.update(eval=logged_eval(trainer, recorder), eval_ids=eval_sample_ids(trainer))
         if rank == 0:
             out.update(grad_norms=grad_norms, params=params, seconds=time.perf_counter() - started)
         results.append(out)
+    ScalingState.cast_delayed = cast_delayed
     return results
 
 

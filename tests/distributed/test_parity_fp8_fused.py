@@ -29,5 +29,6 @@ def test_fused_casts_under_fsdp2_and_pp2_are_bitwise_the_unfused_layouts(corpus,
         fused, plain = results[0][2 * index], results[0][2 * index + 1]
         print(f"{' '.join(layout)}: losses {fused['losses']}")
         assert len(fused["losses"]) == 5 and fused["losses"] == plain["losses"], (layout, fused, plain)
+        assert fused["fused_casts"] > 0 and plain["fused_casts"] == 0, layout  # the fused ops did run
         assert fused["params"].keys() == plain["params"].keys()
         assert all(torch.equal(fused["params"][k], v) for k, v in plain["params"].items()), layout
