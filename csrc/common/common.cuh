@@ -82,4 +82,13 @@ __device__ __forceinline__ float from_float<float>(float x) { return x; }
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
+// saturate(v[k] * scale) for k < 4 as 4 fp8 bytes of format kFmt packed little-endian (byte k = element k).
+// SATFINITE clamps +-inf and finite overflow to +-max like the references' clamp; cvt.rn rounds to nearest even.
+template <__nv_fp8_interpretation_t kFmt>
+__device__ __forceinline__ uint32_t fp8x4(const float* v, float scale) {
+  const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(v[0] * scale, v[1] * scale), __NV_SATFINITE, kFmt);
+  const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(v[2] * scale, v[3] * scale), __NV_SATFINITE, kFmt);
+  return lo | (hi << 16);
+}
+
 }  // namespace herd

@@ -78,19 +78,13 @@ __device__ __forceinline__ void load16_scalar(const T* p, int64_t n, float v[16]
   for (int e = 0; e < 16; ++e) v[e] = e < n ? load_scalar(p + e) : 0.f;
 }
 
-// saturate(v * scale) as 16 fp8 bytes packed little-endian in 4 words (byte e of the chunk = element e). SATFINITE
-// clamps +-inf and finite overflow to +-max like the reference's clamp; cvt.rn rounds to nearest even.
+// saturate(v * scale) as 16 fp8 bytes packed little-endian in 4 words (byte e of the chunk = element e; common.cuh
+// fp8x4: SATFINITE clamps like the reference, round to nearest even).
 template <__nv_fp8_interpretation_t kFmt>
 __device__ __forceinline__ uint4 to_fp8x16(const float v[16], float scale) {
   uint32_t w[4];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(v[4 * i] * scale, v[4 * i + 1] * scale),
-                                                 __NV_SATFINITE, kFmt);
-    const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(v[4 * i + 2] * scale, v[4 * i + 3] * scale),
-                                                 __NV_SATFINITE, kFmt);
-    w[i] = lo | (hi << 16);
-  }
+  for (int i = 0; i < 4; ++i) w[i] = fp8x4<kFmt>(v + 4 * i, scale);
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 

@@ -125,13 +125,7 @@ __device__ __forceinline__ void store_fp8_chunk(uint8_t* __restrict__ q_row, int
                                                 float scale) {
   uint32_t w[2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const uint32_t lo = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * i] * scale, f[4 * i + 1] * scale),
-                                                 __NV_SATFINITE, __NV_E4M3);
-    const uint32_t hi = __nv_cvt_float2_to_fp8x2(make_float2(f[4 * i + 2] * scale, f[4 * i + 3] * scale),
-                                                 __NV_SATFINITE, __NV_E4M3);
-    w[i] = lo | (hi << 16);
-  }
+  for (int i = 0; i < 2; ++i) w[i] = fp8x4<__NV_E4M3>(f + 4 * i, scale);
   if constexpr (VEC) {
     *reinterpret_cast<uint2*>(q_row + 8 * c) = make_uint2(w[0], w[1]);
   } else {

@@ -66,6 +66,18 @@ void* current_stream(const c10::Device& device) {
   return c10::impl::VirtualGuardImpl(c10::DeviceType::CUDA).getStream(device).native_handle();
 }
 
+// An add+norm op's residual: checked against x (device, shape), made contiguous into `residual`, and `h` (the sum,
+// residual's dtype) allocated; returns the residual's dtype code.
+int take_residual(const at::Tensor& residual_in, const at::Tensor& x_in, const char* op, at::Tensor& residual,
+                  at::Tensor& h) {
+  check_device(residual_in, x_in, op, "residual");
+  TORCH_CHECK(residual_in.sizes() == x_in.sizes(), op, ": residual must match x ", x_in.sizes(), ", got ",
+              residual_in.sizes());
+  residual = residual_in.contiguous();
+  h = at::empty_like(residual, at::MemoryFormat::Contiguous);
+  return dtype_code(residual_in.scalar_type(), op, "residual");
+}
+
 // y = rmsnorm(residual + x or x) * weight; h (the sum, residual's dtype) is undefined without a residual.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const char* op, const at::Tensor& x_in,
                                                        const at::Tensor* residual_in, const at::Tensor& weight_in,
@@ -78,12 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> forward(const char* op, const at:
   at::Tensor residual, h;
   int r_code = x_code;
   if (residual_in != nullptr) {
-    check_device(*residual_in, x_in, op, "residual");
-    TORCH_CHECK(residual_in->sizes() == x_in.sizes(), op, ": residual must match x ", x_in.sizes(), ", got ",
-                residual_in->sizes());
-    r_code = dtype_code(residual_in->scalar_type(), op, "residual");
-    residual = residual_in->contiguous();
-    h = at::empty_like(residual, at::MemoryFormat::Contiguous);
+    r_code = take_residual(*residual_in, x_in, op, residual, h);
   }
   const int64_t rows = x.numel() / dim;
   at::Tensor y = at::empty(x.sizes(), x.options().dtype(out_dtype));
@@ -131,12 +138,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> rms_norm_
   at::Tensor residual, h;
   int r_code = x_code;
   if (add) {
-    check_device(*residual_in, x_in, op, "residual");
-    TORCH_CHECK(residual_in->sizes() == x_in.sizes(), op, ": residual must match x ", x_in.sizes(), ", got ",
-                residual_in->sizes());
-    r_code = dtype_code(residual_in->scalar_type(), op, "residual");
-    residual = residual_in->contiguous();
-    h = at::empty_like(residual, at::MemoryFormat::Contiguous);
+    r_code = take_residual(*residual_in, x_in, op, residual, h);
   } else {
     h = at::empty({0}, x.options());
   }

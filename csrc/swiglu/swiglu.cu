@@ -29,14 +29,11 @@ __device__ __forceinline__ void swiglu_grads(float d, float g, float u, float& d
   du = d * (g * sg);
 }
 
-// gate, up, out: [n] contiguous. For VEC > 1 all three are 16-byte aligned (host check).
-template <typename T, int VEC>
-__global__ void __launch_bounds__(kThreads)
-    swiglu_fwd_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out, int64_t n) {
-  using P = VecPack<T, VEC>;
-  const int64_t nvec = n / VEC;
-  const int64_t first = static_cast<int64_t>(blockIdx.x) * (kThreads * kUnroll) + threadIdx.x;
-  P g[kUnroll], u[kUnroll];
+// This thread's kUnroll vectors of gate and up (vector i = first + r * kThreads for r < kUnroll, those below
+// nvec), every load issued before any math.
+template <typename P>
+__device__ __forceinline__ void load_vectors(const void* gate, const void* up, int64_t first, int64_t nvec,
+                                             P (&g)[kUnroll], P (&u)[kUnroll]) {
 #pragma unroll
   for (int r = 0; r < kUnroll; ++r) {
     const int64_t i = first + r * kThreads;
@@ -45,6 +42,17 @@ __global__ void __launch_bounds__(kThreads)
       u[r] = reinterpret_cast<const P*>(up)[i];
     }
   }
+}
+
+// gate, up, out: [n] contiguous. For VEC > 1 all three are 16-byte aligned (host check).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(kThreads)
+    swiglu_fwd_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out, int64_t n) {
+  using P = VecPack<T, VEC>;
+  const int64_t nvec = n / VEC;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * (kThreads * kUnroll) + threadIdx.x;
+  P g[kUnroll], u[kUnroll];
+  load_vectors(gate, up, first, nvec, g, u);
 #pragma unroll
   for (int r = 0; r < kUnroll; ++r) {
     const int64_t i = first + r * kThreads;
@@ -80,14 +88,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t nvec = n / VEC;
   const int64_t first = static_cast<int64_t>(blockIdx.x) * (kThreads * kUnroll) + threadIdx.x;
   P g[kUnroll], u[kUnroll];
-#pragma unroll
-  for (int r = 0; r < kUnroll; ++r) {
-    const int64_t i = first + r * kThreads;
-    if (i < nvec) {
-      g[r] = reinterpret_cast<const P*>(gate)[i];
-      u[r] = reinterpret_cast<const P*>(up)[i];
-    }
-  }
+  load_vectors(gate, up, first, nvec, g, u);
   unsigned int amax = 0u;
 #pragma unroll
   for (int r = 0; r < kUnroll; ++r) {
