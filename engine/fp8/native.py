@@ -92,7 +92,7 @@ class ScalingState(nn.Module):
         scaled by its own amax and the window, scale and counters are left as they are. A recomputation
         (`replay`) quantizes as its forward did and records nothing."""
         if self.replay is not None:
-            used = self.replay.popleft()
+            used = self.replayed()
             if used.scale is not None:
                 out, out_t, _ = fp8_cast(t, used.scale, self.dtype, transpose)
                 return out, out_t, used.inv
@@ -109,6 +109,13 @@ class ScalingState(nn.Module):
         out, out_t, _ = fp8_cast(t, scale, self.dtype, transpose)
         return out, out_t, scale.reciprocal()
 
+    def replayed(self) -> Used:
+        """The next of what the forward being recomputed used."""
+        if not self.replay:
+            raise RuntimeError("herd: a recomputed forward quantized a tensor its forward did not (activation "
+                               "checkpointing with delayed FP8: the two passes took different paths)")
+        return self.replay.popleft()
+
     def replays_fused(self) -> bool:
         """In a recomputation: whether its forward's next quantization ran in a fused op (fused_cast.py), which the
         recomputation must repeat: it saves other tensors for backward than the unfused ops."""
@@ -121,7 +128,7 @@ class ScalingState(nn.Module):
         fused in: engine/fp8/fused_cast.py); then the window takes the amax. -> (t_fp8, t_fp8^T, 1/scale used).
         In a recomputation the forward's scale is used and nothing recorded."""
         if self.replay is not None:
-            used = self.replay.popleft()
+            used = self.replayed()
             out, out_t, _ = cast(used.scale)
             return out, out_t, used.inv
         scale = self.scale.clone() if self.capture is not None else self.scale  # the update overwrites self.scale
@@ -358,32 +365,41 @@ def set_recording_gate(parts: Sequence[nn.Module], gate) -> int:
     return len(layers)
 
 
-def recompute_contexts(block: nn.Module) -> Optional[Callable[[], Tuple[contextlib.AbstractContextManager,
-                                                                         contextlib.AbstractContextManager]]]:
-    """torch.utils.checkpoint's `context_fn` for a checkpointed block holding native FP8 layers, else None. Each
-    call (one checkpointed forward) gives the forward a context in which every quantization of the block records
-    what it used (Used: the delayed scale, or None for the tensor's own amax), and the recomputation a context in
-    which each quantization takes those back in order: the recomputed activations are bitwise the forward's
-    (the delayed scale moved on when the forward recorded its amax), and the windows get each amax once per
-    forward, not twice. TransformerEngine keeps the forward's FP8 scaling for the recompute the same way."""
-    states = [state for layer in float8_layers([block])
-              for state in (layer.input_scaling, layer.weight_scaling, layer.grad_scaling)]
+class _Attached:
+    """Sets `field` ("capture" or "replay") of each state to its queue on entry and back to None on exit. Entered
+    once per use, and again for every recomputation of the same checkpointed forward (zero-bubble pipeline
+    schedules recompute a block for the input gradient and again for the weight gradient): a replay gets a fresh
+    copy of what the forward captured each time."""
+
+    def __init__(self, states: List[ScalingState], queues: List[Deque[Used]], field: str):
+        self.states, self.queues, self.field = states, queues, field
+
+    def __enter__(self) -> None:
+        for state, queue in zip(self.states, self.queues):
+            setattr(state, self.field, collections.deque(queue) if self.field == "replay" else queue)
+
+    def __exit__(self, *exc) -> bool:
+        for state in self.states:
+            setattr(state, self.field, None)
+        return False
+
+
+def recompute_contexts(block: nn.Module) -> Optional[Callable[[], Tuple[_Attached, _Attached]]]:
+    """torch.utils.checkpoint's `context_fn` for a checkpointed block holding native delayed-scaling FP8 layers,
+    else None. Each call (one checkpointed forward) gives the forward a context in which every quantization of the
+    block records what it used (Used: the delayed scale and 1/scale, or None for the tensor's own amax), and the
+    recomputation a context in which each quantization takes those back in order: the recomputed activations are
+    bitwise the forward's (the delayed scale moved on when the forward recorded its amax), and the windows get each
+    forward amax once, not once more per recomputation. TransformerEngine keeps the forward's FP8 scaling for the
+    recompute the same way."""
+    states = list({id(state): state for layer in float8_layers([block])  # siblings share one input state
+                   for state in (layer.input_scaling, layer.weight_scaling, layer.grad_scaling)}.values())
     if not any(state.recipe == "delayed" for state in states):  # current scaling recomputes the same by itself
         return None
 
-    @contextlib.contextmanager
-    def attach(field: str, queues: List[Deque[Used]]) -> Iterator[None]:
-        for state, queue in zip(states, queues):
-            setattr(state, field, queue)
-        try:
-            yield
-        finally:
-            for state in states:
-                setattr(state, field, None)
-
-    def contexts():
+    def contexts() -> Tuple[_Attached, _Attached]:
         queues = [collections.deque() for _ in states]
-        return attach("capture", queues), attach("replay", queues)
+        return _Attached(states, queues, "capture"), _Attached(states, queues, "replay")
     return contexts
 
 

@@ -65,3 +65,35 @@ def test_delayed_fp8_run_is_bitwise_the_run_without_eval_or_recompute(tmp_path, 
     params_a, params_b = dict(a.module.model.named_parameters()), dict(b.module.model.named_parameters())
     assert all(torch.equal(params_a[n], params_b[n]) for n in params_b)
     assert same(windows(a.module.model), windows(b.module.model))
+
+
+def split_backward_run(checkpointed: bool) -> tuple:
+    """3 steps of a 2-block delayed-FP8 stage (no embedding: it takes activations) whose backward is split as the
+    zero-bubble pipeline schedules split it: input gradients, then weight gradients, each in its own autograd pass,
+    so a checkpointed block is recomputed twice per forward."""
+    from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
+    from parallel.parallelize import apply_activation_checkpointing
+    model = debug_model(n_layers=2)
+    native.convert(model, FP8Config(backend="native", recipe="delayed", bf16_first_last_layers=False))
+    if checkpointed:
+        apply_activation_checkpointing(model, "full", 1, native.recompute_contexts)
+    model.tok_embeddings = None
+    positions = torch.arange(64).expand(2, 64)
+    losses = []
+    for step in range(3):
+        x = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(step), requires_grad=True)  # [b, s, dim]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, positions).float().logsumexp(-1).mean()
+        _, groups = stage_backward_input([loss], None, [x], model.parameters())
+        stage_backward_weight(model.parameters(), groups)
+        losses.append(loss.item())
+    return losses, {n: p.grad.clone() for n, p in model.named_parameters()}, windows(model)
+
+
+def test_a_block_recomputed_twice_replays_its_forward_both_times():
+    """Before the replay context could be entered again, the second recomputation failed (a generator context
+    manager entered twice) in ZBVZeroBubble, InterleavedZeroBubble and DualPipeV with full checkpointing."""
+    (losses_ac, grads_ac, windows_ac), (losses, grads, windows_plain) = split_backward_run(True), split_backward_run(False)
+    assert losses_ac == losses
+    assert all(torch.equal(grads_ac[n], grads[n]) for n in grads)
+    assert same(windows_ac, windows_plain)
