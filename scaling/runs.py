@@ -317,7 +317,7 @@ def render_array(sweep: Path, names: List[str], slurm: dict, python: str = sys.e
                f"#SBATCH --signal=B:USR1@{slurm.get('signal_seconds', 300)}", "#SBATCH --requeue",
                "#SBATCH --output=%x-%A_%a.out", "#SBATCH --error=%x-%A_%a.err", "#SBATCH --open-mode=append",
                f"#SBATCH --chdir={Path.cwd().resolve()}"]
-    options += [f"#SBATCH --gpus-per-task=1"] if slurm.get("gpus") else []
+    options += ["#SBATCH --gpus-per-task=1"] if slurm.get("gpus") else []
     options += [f"#SBATCH --{k}={slurm[k]}" for k in ("partition", "account", "qos", "time") if slurm.get(k)]
     return "\n".join([
         "#!/bin/bash", ARRAY_SCRIPT_MARK,
