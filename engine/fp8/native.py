@@ -191,20 +191,38 @@ class _FP8Linear(torch.autograd.Function):
         # x: [M, K]; weight: [N, K]; x_t: [K, M] (empty without a weight gradient); w_t: [K, N]
         y = torch._scaled_mm(x_fp8, w_fp8.t(), scale_a=x_inv, scale_b=w_inv, out_dtype=out_dtype)  # [M, N]
         ctx.save_for_backward(x_t, x_inv, w_t, w_inv)
-        ctx.layer, ctx.x_dtype, ctx.w_dtype = layer, x.dtype, weight.dtype
+        ctx.layer, ctx.x_dtype, ctx.w_dtype, ctx.dy_quantized = layer, x.dtype, weight.dtype, None
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x_t, x_inv, w_t, w_inv = ctx.saved_tensors
-        dy_fp8, dy_t, dy_inv = ctx.layer.grad_scaling.quantize(dy.contiguous(), transpose=x_t.numel() > 0)
-        # dgrad: [M, N] @ [N, K]; the second operand is W^T's row-major copy seen as column-major W
-        dx = torch._scaled_mm(dy_fp8, w_t.t(), scale_a=dy_inv, scale_b=w_inv, out_dtype=dy.dtype).to(ctx.x_dtype)
-        dw = None
-        if ctx.needs_input_grad[1]:  # wgrad: [N, M] @ [M, K], fp32 out so accumulation stays fp32
+        want_dx, want_dw = (ctx.needs_input_grad[i] and _pass_reaches(ctx.next_functions[i][0]) for i in (0, 1))
+        # Zero-bubble pipeline schedules split a backward into an input-gradient pass and a weight-gradient pass that
+        # both run this node: dy is quantized (its amax recorded) once, in the first, and kept for the second.
+        quantized = ctx.dy_quantized or ctx.layer.grad_scaling.quantize(dy.contiguous(), transpose=x_t.numel() > 0)
+        dy_fp8, dy_t, dy_inv = quantized
+        later = ctx.needs_input_grad[1] and not want_dw  # the weight gradient comes in a later pass
+        ctx.dy_quantized = quantized if later else None
+        dx = dw = None
+        if want_dx:  # dgrad: [M, N] @ [N, K]; the second operand is W^T's row-major copy seen as column-major W
+            dx = torch._scaled_mm(dy_fp8, w_t.t(), scale_a=dy_inv, scale_b=w_inv,
+                                  out_dtype=dy.dtype).to(ctx.x_dtype)
+        if want_dw:  # wgrad: [N, M] @ [M, K], fp32 out so accumulation stays fp32
             dw = torch._scaled_mm(dy_t, x_t.t(), scale_a=dy_inv, scale_b=x_inv,
                                   out_dtype=torch.float32).to(ctx.w_dtype)
         return dx, dw, None, None, None, None, None, None, None, None
+
+
+def _pass_reaches(node) -> bool:
+    """Whether the running backward pass needs the gradient flowing into `node` (torch's engine knows which nodes it
+    will run). Asked about a leaf's accumulator that autograd.grad is collecting, the engine raises: needed."""
+    if node is None:
+        return False
+    try:
+        return torch._C._will_engine_execute_node(node)
+    except RuntimeError:
+        return True
 
 
 class Float8Linear(nn.Linear):

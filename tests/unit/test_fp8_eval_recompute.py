@@ -67,10 +67,11 @@ def test_delayed_fp8_run_is_bitwise_the_run_without_eval_or_recompute(tmp_path, 
     assert same(windows(a.module.model), windows(b.module.model))
 
 
-def split_backward_run(checkpointed: bool) -> tuple:
+def split_backward_run(checkpointed: bool, split: bool = True) -> tuple:
     """3 steps of a 2-block delayed-FP8 stage (no embedding: it takes activations) whose backward is split as the
     zero-bubble pipeline schedules split it: input gradients, then weight gradients, each in its own autograd pass,
-    so a checkpointed block is recomputed twice per forward."""
+    so a checkpointed block is recomputed twice per forward and every FP8 GEMM's backward node runs twice (or, not
+    `split`, one plain backward)."""
     from torch.distributed.pipelining._backward import stage_backward_input, stage_backward_weight
     from parallel.parallelize import apply_activation_checkpointing
     model = debug_model(n_layers=2)
@@ -84,16 +85,25 @@ def split_backward_run(checkpointed: bool) -> tuple:
         x = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(step), requires_grad=True)  # [b, s, dim]
         with torch.autocast("cpu", dtype=torch.bfloat16):
             loss = model(x, positions).float().logsumexp(-1).mean()
-        _, groups = stage_backward_input([loss], None, [x], model.parameters())
-        stage_backward_weight(model.parameters(), groups)
+        if split:
+            _, groups = stage_backward_input([loss], None, [x], model.parameters())
+            stage_backward_weight(model.parameters(), groups)
+        else:
+            loss.backward()
         losses.append(loss.item())
     return losses, {n: p.grad.clone() for n, p in model.named_parameters()}, windows(model)
 
 
-def test_a_block_recomputed_twice_replays_its_forward_both_times():
-    """Before the replay context could be entered again, the second recomputation failed (a generator context
-    manager entered twice) in ZBVZeroBubble, InterleavedZeroBubble and DualPipeV with full checkpointing."""
-    (losses_ac, grads_ac, windows_ac), (losses, grads, windows_plain) = split_backward_run(True), split_backward_run(False)
+@pytest.mark.parametrize("checkpointed", [True, False], ids=["recomputed", "stored"])
+def test_the_zero_bubble_split_backward_is_bitwise_one_backward(checkpointed):
+    """The split backward with or without recomputation equals one plain backward without: losses, gradients and
+    windows. Each output gradient is quantized once, in the input pass, and the weight pass takes that quantization
+    (before, it quantized again: every gradient amax recorded twice, the weight gradient made with the next scale);
+    each pass computes only the GEMMs it needs. And a block recomputed twice replays its forward both times (before
+    the replay context could be entered again, ZBVZeroBubble, InterleavedZeroBubble and DualPipeV failed with full
+    checkpointing and delayed FP8)."""
+    (losses_ac, grads_ac, windows_ac), (losses, grads, windows_plain) = (split_backward_run(checkpointed),
+                                                                         split_backward_run(False, split=False))
     assert losses_ac == losses
     assert all(torch.equal(grads_ac[n], grads[n]) for n in grads)
     assert same(windows_ac, windows_plain)
