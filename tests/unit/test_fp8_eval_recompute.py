@@ -67,7 +67,7 @@ def test_delayed_fp8_run_is_bitwise_the_run_without_eval_or_recompute(tmp_path, 
     assert same(windows(a.module.model), windows(b.module.model))
 
 
-def split_backward_run(checkpointed: bool, split: bool = True) -> tuple:
+def split_backward_run(checkpointed: bool, split: bool = True, device: str = "cpu") -> tuple:
     """3 steps of a 2-block delayed-FP8 stage (no embedding: it takes activations) whose backward is split as the
     zero-bubble pipeline schedules split it: input gradients, then weight gradients, each in its own autograd pass,
     so a checkpointed block is recomputed twice per forward and every FP8 GEMM's backward node runs twice (or, not
@@ -76,14 +76,16 @@ def split_backward_run(checkpointed: bool, split: bool = True) -> tuple:
     from parallel.parallelize import apply_activation_checkpointing
     model = debug_model(n_layers=2)
     native.convert(model, FP8Config(backend="native", recipe="delayed", bf16_first_last_layers=False))
+    model.to(device)
     if checkpointed:
         apply_activation_checkpointing(model, "full", 1, native.recompute_contexts)
     model.tok_embeddings = None
-    positions = torch.arange(64).expand(2, 64)
+    positions = torch.arange(64, device=device).expand(2, 64)
     losses = []
     for step in range(3):
-        x = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(step), requires_grad=True)  # [b, s, dim]
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        x = torch.randn(2, 64, 64, generator=torch.Generator().manual_seed(step))  # [b, s, dim]
+        x = x.to(device).requires_grad_()
+        with torch.autocast(device, dtype=torch.bfloat16):
             loss = model(x, positions).float().logsumexp(-1).mean()
         if split:
             _, groups = stage_backward_input([loss], None, [x], model.parameters())
