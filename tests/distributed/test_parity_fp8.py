@@ -81,7 +81,8 @@ def test_fp8_delayed_with_recompute_under_zero_bubble_trains_like_interleaved_1f
     InterleavedZeroBubble, 1.3e-8 for ZBVZeroBubble, whose stages sit on the ranks in a V). Before: the second
     recomputation crashed; without recomputation the split backward recorded each gradient amax twice. (Against one
     process this 4-block split differs by about 1e-5 in the loss with either recipe and any of these schedules, as
-    plain 1F1B does: that is not the split backward's doing.)"""
+    plain 1F1B does, against 7.8e-8 without FP8: the split's fp32 reordering moves a value across an FP8 rounding
+    boundary now and then, as the module docstring's tolerances expect; it is not the split backward's doing.)"""
     delayed = FP8 + ["fp8.recipe=delayed", "model.n_layers=4", "parallel.pp=2", "parallel.pp_virtual_stages=2"]
     layouts = [delayed + ["parallel.pp_schedule=Interleaved1F1B"]] + [
         delayed + [f"parallel.pp_schedule={schedule}", "parallel.activation_checkpointing=full"]
