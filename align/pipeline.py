@@ -101,6 +101,21 @@ class PipelineRunner:
                 extra = self._align_overrides(stage.kind, stage.data, stage.valid)
                 check_job_inputs(self.job(stage, f"r1-{stage.name}", extra))
 
+    def check_checkpoints(self) -> None:
+        """Every training stage still to run, its checkpoint directory as its run will claim it (another run's,
+        or a live run holding it: one line before `herd align --nproc` starts any rank)."""
+        from engine.checkpoint.checkpointer import check_job_checkpoints
+        placeholder = (lambda value: f"rows-of-{value[1:]}.jsonl" if value.startswith("@") else value)
+        for round_index in range(1, self.pipeline.rounds + 1):
+            for stage in self.pipeline.stages:
+                stage_id = f"r{round_index}-{stage.name}"
+                if stage.kind == "rejection_sampling" or (self.run_dir / stage_id / DONE).is_file():
+                    continue
+                cfg = self.job(stage, stage_id, self._align_overrides(stage.kind, placeholder(stage.data),
+                                                                      placeholder(stage.valid)))
+                cfg.checkpoint.every = cfg.checkpoint.every if cfg.checkpoint.every > 0 else cfg.train.steps
+                check_job_checkpoints(cfg)  # every training stage saves, as _run_stage makes it
+
     def _check_prompts(self, stage: StageConfig) -> None:
         check_prompts(self.job(stage, f"r1-{stage.name}", []), stage.prompts, stage.max_new_tokens,
                       key=f"stages.{stage.name}.prompts")

@@ -74,6 +74,7 @@ def _align(args: argparse.Namespace) -> int:
         runner = PipelineRunner(pipeline, world_size=args.nproc)  # every stage's job as its ranks will load it
         runner.check()
         runner.check_inputs()  # and every input file
+        runner.check_checkpoints()  # and every stage's checkpoint directory: refused here, before any rank starts
         from launch.local import run_local
         herd_args = ["align", args.pipeline, *args.overrides]
         print(scrub(f"herd align: {args.nproc} ranks of herd " + " ".join(herd_args)), flush=True)
@@ -199,6 +200,8 @@ def _launch_slurm(args: argparse.Namespace) -> int:
     script = render(cfg, args.config, overrides)  # checks the env file and the template
     if not args.no_data_check:
         check_job_inputs(cfg)
+    from engine.checkpoint.checkpointer import check_job_checkpoints
+    check_job_checkpoints(cfg, test_lock=False)  # another run's checkpoints, seen from here, refuse before the queue
     return write_and_submit(script, out, args.submit)
 
 
@@ -220,6 +223,8 @@ def _launch(args: argparse.Namespace) -> int:
     check_parallel(cfg, args.nproc)
     from align.inputs import check_job_inputs
     check_job_inputs(cfg)  # what every rank reads first: one line here instead of a traceback per rank
+    from engine.checkpoint.checkpointer import check_job_checkpoints
+    check_job_checkpoints(cfg)  # another run's directory, or a live run's: refused before any rank starts
     from launch.local import run_local
     herd_args = ["train", args.config, *args.overrides]
     print(scrub(f"herd launch: {args.nproc} ranks of herd " + " ".join(herd_args)), flush=True)

@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from engine.callbacks.guards import assert_finite_state
 from engine.checkpoint.manifest import check_train_meta, model_config_of, saved_model_config
-from engine.checkpoint.ownership import Claim, claim_directory, probe_writable
+from engine.checkpoint.ownership import Claim, check_before_launch, claim_directory, probe_writable
 from engine.checkpoint.sharded import Box, load_sharded, param_key, save_sharded, sharded_state
 from engine.checkpoint.store import MANIFEST, CheckpointError, CheckpointStore, describe_files
 
@@ -287,3 +287,12 @@ def _restore_rng(rng_file: Path) -> None:
 
 def checkpoint_root(checkpoint_dir: str, run_dir: Path) -> Path:
     return Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoints"
+
+
+def check_job_checkpoints(cfg, test_lock: bool = True) -> None:
+    """A launcher's check of the job's checkpoint directory before any rank starts (ownership.check_before_launch):
+    the root and lineage as engine/run.py's build_trainer claims them."""
+    c = cfg.checkpoint
+    store = CheckpointStore(checkpoint_root(c.dir, Path(cfg.log.run_dir) / cfg.log.name), c.keep_last,
+                            lineage=cfg.log.name)
+    check_before_launch(store, c.on_foreign, c.resume, c.every > 0, bool(c.dir), test_lock)

@@ -24,7 +24,7 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from engine.checkpoint.store import CheckpointError, CheckpointStore, step_name
 
@@ -167,6 +167,46 @@ def _refuse_foreign(root: Path, foreign: Dict[int, Optional[str]], lineage: str)
                           f"{root / LINEAGES / lineage}")
 
 
+def _placement(store: CheckpointStore, foreign: Dict[int, Optional[str]],
+               on_foreign: str) -> Tuple[CheckpointStore, bool, List[int]]:
+    """Where this run's checkpoints go (its lineage beside another run's?) and the complete steps it has there."""
+    beside = CheckpointStore(store.root / LINEAGES / store.lineage, store.keep_last, lineage=store.lineage)
+    # beside the other run's checkpoints, or (new_lineage) where this run saved them before, once the other
+    # run's are gone: the same command keeps resuming its own
+    use_beside = bool(foreign) or (on_foreign == "new_lineage" and bool(beside.complete_steps())
+                                   and not store.complete_steps())
+    return beside, use_beside, beside.complete_steps() if use_beside else store.complete_steps()
+
+
+def _refuse_fresh_start(root: Path, lineage: str, own: List[int]) -> None:
+    raise CheckpointError(f"{root}: holds checkpoints of this run '{lineage}' (steps {own[0]}-{own[-1]}) and "
+                          f"checkpoint.resume=never would train over them from step 0; resume them "
+                          f"(checkpoint.resume=auto) or choose another checkpoint.dir")
+
+
+def check_before_launch(store: CheckpointStore, on_foreign: str, resume: str, writes: bool, explicit: bool,
+                        test_lock: bool = True) -> None:
+    """A launcher, before it starts any rank: the refusals `claim_directory` would give on rank 0 that need
+    nothing written (a symlinked root, a live run holding the directory, another run's checkpoints, a fresh
+    start over this run's own in an explicit `checkpoint.dir`), so that a refused run is one line from the
+    launcher instead of N ranks starting, meeting and stopping. Reads only (the lock is taken for an instant,
+    as a run that does not save tests it); rank 0's claim still decides, since the directory can change in
+    between. `test_lock=False` for a job that starts later (a SLURM submission)."""
+    root = store.root
+    if root.is_symlink():
+        raise CheckpointError(f"{root}: is a symlink; a checkpoint directory must be a plain directory")
+    if not root.is_dir():
+        return
+    if test_lock:
+        DirectoryLock(root).test()  # a warning (no locks here) is the run's to give
+    foreign = _foreign(store)
+    if foreign and on_foreign != "new_lineage":
+        _refuse_foreign(root, foreign, store.lineage)
+    beside, use_beside, own = _placement(store, foreign, on_foreign)
+    if explicit and writes and resume == "never" and own:  # a default root is moved aside with its run directory
+        _refuse_fresh_start(beside.root if use_beside else root, store.lineage, own)
+
+
 def claim_directory(store: CheckpointStore, on_foreign: str, resume: str, writes: bool,
                     run_dir: Optional[Path] = None, move_aside: Optional[Callable[[Path], None]] = None) -> Claim:
     """Rank 0, before anything reads or moves the directory: lock it (a run that saves) or test its lock (one
@@ -187,12 +227,7 @@ def claim_directory(store: CheckpointStore, on_foreign: str, resume: str, writes
         foreign = _foreign(store)
         if foreign and on_foreign != "new_lineage":
             _refuse_foreign(root, foreign, store.lineage)
-        beside = CheckpointStore(root / LINEAGES / store.lineage, store.keep_last, lineage=store.lineage)
-        # beside the other run's checkpoints, or (new_lineage) where this run saved them before, once the other
-        # run's are gone: the same command keeps resuming its own
-        use_beside = bool(foreign) or (on_foreign == "new_lineage" and bool(beside.complete_steps())
-                                       and not store.complete_steps())
-        own = beside.complete_steps() if use_beside else store.complete_steps()
+        beside, use_beside, own = _placement(store, foreign, on_foreign)
         if writes and run_dir is not None:  # the run directory is prepared here, before the root is made in it
             claim.run_dir_prepared = True
             if not (resume == "auto" and own) and run_dir.exists() and any(run_dir.iterdir()) and move_aside:
@@ -202,9 +237,7 @@ def claim_directory(store: CheckpointStore, on_foreign: str, resume: str, writes
         if use_beside:
             store.root = claim.root = beside.root
         if writes and resume == "never" and own:
-            raise CheckpointError(f"{store.root}: holds checkpoints of this run '{store.lineage}' (steps "
-                                  f"{own[0]}-{own[-1]}) and checkpoint.resume=never would train over them from "
-                                  f"step 0; resume them (checkpoint.resume=auto) or choose another checkpoint.dir")
+            _refuse_fresh_start(store.root, store.lineage, own)
         if writes:
             probe_writable(root)
             probe_writable(store.root)

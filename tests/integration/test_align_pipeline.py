@@ -158,3 +158,23 @@ def test_the_pipeline_on_two_ranks_under_tp_matches_one_process(files, uninterru
                                ("val_rewards/margins", 5e-4)):
             if key in single:
                 assert abs(ours[key] - single[key]) <= tolerance * max(1.0, abs(single[key])), (stage, key)
+
+
+def test_a_stage_saving_into_another_runs_directory_is_refused_before_any_rank_starts(files, tmp_path):
+    """`herd align --nproc 2` whose DPO stage would save into another run's checkpoint directory: one line naming it,
+    exit 2, before the launcher starts a rank (the first stage never ran)."""
+    import hashlib
+    theirs = tmp_path / "theirs" / "step_00000002"
+    theirs.mkdir(parents=True)
+    raw = b'{"lineage": "other"}'
+    (theirs / "manifest.json").write_bytes(raw)
+    (theirs / "COMMITTED").write_text(hashlib.sha256(raw).hexdigest())
+    run_dir = tmp_path / "run"
+    pipeline = write_pipeline(files, run_dir, stages_extra=f", overrides: [checkpoint.dir={theirs.parent}]")
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    done = subprocess.run([sys.executable, "-m", "launch", "align", str(pipeline), "--nproc", "2"], cwd=ROOT,
+                          env=dict(env, PYTHONPATH=str(ROOT)), capture_output=True, text=True, timeout=300)
+    print(done.stderr)
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1 and done.stdout == "", done
+    assert "of run 'other'" in done.stderr and "not of this run 'r1-dpo'" in done.stderr
+    assert not (run_dir / "r1-sft").exists()

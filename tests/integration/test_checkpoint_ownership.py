@@ -333,3 +333,75 @@ def test_a_filesystem_without_locks_warns_once_and_leaves_no_lock_file(tmp_path,
         assert len(claim.notes) == 1 and "cannot lock" in claim.notes[0], claim.notes
         claim.lock.release()
         assert not (root / LOCK).exists()
+
+
+def _one_line_before_any_rank(argv, capsys, monkeypatch) -> str:
+    """A launcher's refusal: one line, exit 2, and no rank started (the launcher never printed 'N ranks of herd',
+    the line it prints just before it starts them)."""
+    line = cli(argv, capsys, monkeypatch)
+    assert "ranks of herd" not in line, line
+    return line
+
+
+def test_launchers_refuse_before_any_rank_starts(corpus, tmp_path, capsys, monkeypatch):
+    """`herd launch --nproc 2` refuses another run's directory, a fresh start over the run's own checkpoints and a
+    directory a live run holds, in one line from the launcher before it starts a rank; `--slurm` refuses another
+    run's directory before it writes or submits a script. The directory is left as it was."""
+    runs, ckpt = tmp_path / "runs", tmp_path / "shared"
+    train(corpus, runs, "a", 2, f"checkpoint.dir={ckpt}")
+    before = snapshot(ckpt)
+    configs = {}
+    for name in ("a", "b"):
+        configs[name] = tmp_path / f"{name}.yaml"
+        configs[name].write_text(to_yaml(tiny_config(corpus, runs, [*BASE, f"log.name={name}",
+                                                                    f"checkpoint.dir={ckpt}"], world_size=2)))
+    line = _one_line_before_any_rank(["launch", str(configs["b"]), "--nproc", "2"], capsys, monkeypatch)
+    print(f"launch, foreign: {line}")
+    assert "of run 'a'" in line and "not of this run 'b'" in line
+    line = _one_line_before_any_rank(["launch", str(configs["a"]), "--nproc", "2", "checkpoint.resume=never"],
+                                     capsys, monkeypatch)
+    assert "checkpoint.resume=never would train over them" in line and "steps 2-2" in line
+    script = tmp_path / "b.sbatch"
+    line = cli(["launch", str(configs["b"]), "--slurm", "--cpu", "--gpus-per-node", "2", "--out", str(script)],
+               capsys, monkeypatch)
+    assert "of run 'a'" in line and not script.exists()
+    assert snapshot(ckpt) == before
+    holder = _start_holder(corpus, runs, [*BASE, "log.name=a", f"checkpoint.dir={ckpt}", "train.steps=4"])
+    try:
+        line = _one_line_before_any_rank(["launch", str(configs["a"]), "--nproc", "2"], capsys, monkeypatch)
+        print(f"launch, held: {line}")
+        assert f"another run is using this checkpoint directory (held by pid {holder.pid}" in line
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.communicate()
+
+
+def _committed_foreign_checkpoint(root: Path, lineage: str) -> None:
+    """A committed checkpoint of another run, as far as a claim reads one: its marker and its manifest's lineage."""
+    step = root / "step_00000002"
+    step.mkdir(parents=True)
+    raw = f'{{"lineage": "{lineage}"}}'.encode()
+    (step / "manifest.json").write_bytes(raw)
+    (step / "COMMITTED").write_text(hashlib.sha256(raw).hexdigest())
+
+
+def test_a_recipe_on_local_ranks_refuses_before_any_rank_starts(corpus, tmp_path, capsys, monkeypatch):
+    """`herd recipe --nproc 2` whose second stage saves into another run's directory: one line naming that stage's
+    directory, no rank started, nothing of the recipe's run directory made."""
+    ckpt = tmp_path / "theirs"
+    _committed_foreign_checkpoint(ckpt, "other")
+    before = snapshot(ckpt)
+    job = tmp_path / "job.yaml"
+    job.write_text(to_yaml(tiny_config(corpus, tmp_path / "unused", ["train.eval_every=0"], world_size=2)))
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"""name: tiny
+config: {job}
+run_dir: {tmp_path / 'recipe-run'}
+stages:
+  - {{name: first, tokens: 512}}
+  - {{name: second, tokens: 512, overrides: [checkpoint.dir={ckpt}]}}
+""")
+    line = _one_line_before_any_rank(["recipe", str(recipe), "--nproc", "2"], capsys, monkeypatch)
+    print(f"recipe: {line}")
+    assert f"{ckpt}: holds 1 checkpoint(s) of run 'other'" in line and "not of this run 'train'" in line
+    assert not (tmp_path / "recipe-run").exists() and snapshot(ckpt) == before
