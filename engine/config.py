@@ -19,7 +19,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from engine.config_checks import (check_blend, check_directory, check_existing_directory, check_file_name,
-                                  check_fp8_fusion, check_long_eval, check_numbers, check_optimizer, check_seeds)
+                                  check_fp8_fusion, check_guards, check_long_eval, check_numbers, check_optimizer,
+                                  check_seeds, check_slurm, check_watchdog)
 from engine.config_schema import (  # noqa: F401  (re-exported: components import them from here)
     RopeScalingConfig, ModelConfig, ParallelConfig, DatasetConfig, TokenizerConfig, DataConfig, DataStageConfig, OptimConfig,
     ScheduleConfig, TrainConfig, CheckpointConfig, FP8Config, GuardConfig, WatchdogConfig, SlurmConfig, LogConfig,
@@ -51,12 +52,41 @@ def _load_structured(schema: Any, path: Optional[str], overrides: Optional[List[
     if path is not None:
         for layer_source, layer in _yaml_layers(Path(path), chain=()):
             merged = _merge(merged, layer, layer_source)
-    if overrides:
-        merged = _merge(merged, _parse_overrides(overrides), "command line")
+    staged = [o for o in overrides or [] if o.startswith("stages.")] if "stages" in merged else []
+    general = [o for o in overrides or [] if o not in staged]
+    if general:
+        merged = _merge(merged, _parse_overrides(general), "command line")
+    for item in staged:  # after the rest: a stage is picked by its name in the stages the file and overrides made
+        _override_stage(merged, item)
     try:
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as e:
         raise _as_config_error(e, source) from None
+
+
+def _override_stage(merged: DictConfig, item: str) -> None:
+    """`stages.NAME.KEY=VALUE` (or `stages.INDEX.KEY=VALUE`): one stage's field from the command line, e.g.
+    `stages.anneal.tokens=4e9` or `stages.long.overrides=[data.seq_len=8192]` (a stage's job overrides, replaced
+    whole as in the file). A dotlist cannot address a list element by its name, so herd picks the stage here."""
+    names = [str(stage.get("name", "")) for stage in merged.stages]
+    rest = item[len("stages."):]
+    chosen = [(i, n) for i, n in enumerate(names) if n and rest.startswith(f"{n}.")]
+    index_key = re.match(r"(\d+)\.", rest)
+    if chosen:
+        i, selector = max(chosen, key=lambda c: len(c[1]))  # names may hold dots: the longest that matches
+    elif index_key and int(index_key.group(1)) < len(names):
+        i, selector = int(index_key.group(1)), index_key.group(1)
+    else:
+        head = rest.split("=", 1)[0].rsplit(".", 1)[0]
+        raise ConfigError(f"stages.{head}", f"override '{item}' names no stage (stages: {', '.join(names) or 'none'}; "
+                                            f"give stages.NAME.KEY=VALUE)")
+    key = f"stages.{selector}"
+    try:
+        merged.stages[i] = _merge(merged.stages[i], _parse_overrides([rest[len(selector) + 1:]]), "command line")
+    except ConfigError as e:  # OmegaConf names the element by its index (stages[3].tokens): name it as given
+        inner = e.key[len(f"stages[{i}]"):].lstrip(".") if e.key.startswith(f"stages[{i}]") else e.key
+        message = str(e)[len(e.key) + 2:] if e.key else str(e)
+        raise ConfigError(f"{key}.{inner}" if inner else key, message) from None
 
 
 STAGE_KINDS = ("sft", "rm", "dpo", "rejection_sampling")
@@ -426,9 +456,9 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     check_directory(cfg.checkpoint.dir, "checkpoint.dir")
     check_existing_directory(cfg.checkpoint.load_weights, "checkpoint.load_weights")
     check_existing_directory(cfg.align.reference, "align.reference")
-    _validate_watchdog(cfg.watchdog)
-    _validate_guards(cfg)
-    _validate_slurm(cfg.slurm)
+    check_watchdog(cfg.watchdog)
+    check_guards(cfg)
+    check_slurm(cfg.slurm)
     _validate_align(cfg)
     check_long_eval(cfg)
 
@@ -441,54 +471,6 @@ def _validate_align(cfg: JobConfig) -> None:
     _require(a.dpo_beta > 0, "align.dpo_beta", f"must be positive, got {a.dpo_beta}")
     _require(a.dpo_nll_alpha >= 0, "align.dpo_nll_alpha", f"must be >= 0, got {a.dpo_nll_alpha}")
     _require(0 <= a.dpo_label_smoothing < 0.5, "align.dpo_label_smoothing", "must be in [0, 0.5)")
-
-
-def _validate_slurm(s: SlurmConfig) -> None:
-    """Only what would make a broken sbatch script; the rendered script is checked again by sbatch itself."""
-    _require(s.nodes >= 1, "slurm.nodes", f"must be at least 1, got {s.nodes}")
-    _require(s.gpus_per_node >= 1, "slurm.gpus_per_node", f"must be at least 1, got {s.gpus_per_node}")
-    _require(s.cpus_per_task >= 0, "slurm.cpus_per_task", f"must be >= 0 (0: SLURM's default), got {s.cpus_per_task}")
-    _require(s.signal_seconds >= 0, "slurm.signal_seconds", f"must be >= 0, got {s.signal_seconds}")
-    _require(s.master_port == 0 or 1024 <= s.master_port <= 65535, "slurm.master_port",
-             f"must be 0 (from the job id) or a port in 1024-65535, got {s.master_port}")
-    for key in ("job_name", "partition", "account", "qos"):
-        value = getattr(s, key)
-        _require(re.fullmatch(r"[A-Za-z0-9_.,+-]*", value) is not None, f"slurm.{key}",
-                 f"'{value}' may hold only letters, digits and . , _ + -")
-    # only [D-]HH:MM:SS: YAML reads an unquoted 4:00:00 as the number 14400, which SLURM would take as minutes
-    _require(re.fullmatch(r"(\d+-)?\d\d:\d\d:\d\d|", s.time) is not None, "slurm.time",
-             f"'{s.time}' is not a time limit of the form HH:MM:SS or D-HH:MM:SS (two-digit hours, e.g. 04:00:00)")
-    for i, arg in enumerate(s.sbatch_args):
-        _require(re.fullmatch(r"--[a-z][a-z-]*(=[^\s'\"`$;&|<>]+)?", arg) is not None, f"slurm.sbatch_args[{i}]",
-                 f"'{arg}' must be one sbatch option like --exclusive or --constraint=h100 (no spaces or quotes)")
-
-
-def _validate_guards(cfg: JobConfig) -> None:
-    g = cfg.guards
-    for key in ("nonfinite", "spike"):
-        value = getattr(g, key)
-        _require(value in ("skip", "rollback", "stop"), f"guards.{key}",
-                 f"'{value}' is not one of skip, rollback, stop")
-        _require(value != "rollback" or cfg.checkpoint.every > 0, f"guards.{key}",
-                 "rollback needs checkpoints to roll back to: set checkpoint.every > 0")
-    _require(g.spike_factor == 0 or g.spike_factor > 1, "guards.spike_factor",
-             f"must be 0 (off) or above 1, got {g.spike_factor}")
-    _require(g.spike_window >= 3, "guards.spike_window", f"must be at least 3 (a median), got {g.spike_window}")
-    _require(g.max_consecutive_skips >= 1, "guards.max_consecutive_skips", "must be at least 1")
-    _require(g.max_rollbacks >= 0, "guards.max_rollbacks", "must be >= 0")
-    _require(g.straggler_every >= 0, "guards.straggler_every", "must be >= 0 (0: off)")
-    _require(g.straggler_threshold > 0, "guards.straggler_threshold",
-             f"must be positive (a fraction of the median step time), got {g.straggler_threshold}")
-    _require(g.straggler_patience >= 1, "guards.straggler_patience", "must be at least 1")
-    _require(g.telemetry_every >= 0, "guards.telemetry_every", "must be >= 0 (0: off)")
-
-
-def _validate_watchdog(w: WatchdogConfig) -> None:
-    for key in ("collective_timeout", "timeout", "heartbeat_every", "dump_wait"):
-        _require(getattr(w, key) > 0, f"watchdog.{key}", f"must be positive (seconds), got {getattr(w, key)}")
-    _require(w.heartbeat_every < w.timeout, "watchdog.heartbeat_every",
-             f"{w.heartbeat_every:g} s must be shorter than watchdog.timeout={w.timeout:g} s")
-    _require(w.trace_buffer >= 0, "watchdog.trace_buffer", f"must be >= 0 (0: off), got {w.trace_buffer}")
 
 
 def validate_model(m: ModelConfig) -> None:

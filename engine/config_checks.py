@@ -10,6 +10,7 @@ seed), blend weights, names that become file names, and directories that already
 import dataclasses
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Iterator, List, Tuple
 
@@ -168,3 +169,51 @@ def check_fp8_fusion(fp8: Any, tp: int = 1, compile: bool = False) -> None:
                                         f"between the op and its FP8 layers), got tp={tp}")
         _require(not compile, f"fp8.{key}", "cannot run under train.compile (torch.compile does not trace the "
                                             "fused cast's hand-off to the FP8 layers); turn one of them off")
+
+
+def check_slurm(s: Any) -> None:
+    """Only what would make a broken sbatch script; the rendered script is checked again by sbatch itself."""
+    _require(s.nodes >= 1, "slurm.nodes", f"must be at least 1, got {s.nodes}")
+    _require(s.gpus_per_node >= 1, "slurm.gpus_per_node", f"must be at least 1, got {s.gpus_per_node}")
+    _require(s.cpus_per_task >= 0, "slurm.cpus_per_task", f"must be >= 0 (0: SLURM's default), got {s.cpus_per_task}")
+    _require(s.signal_seconds >= 0, "slurm.signal_seconds", f"must be >= 0, got {s.signal_seconds}")
+    _require(s.master_port == 0 or 1024 <= s.master_port <= 65535, "slurm.master_port",
+             f"must be 0 (from the job id) or a port in 1024-65535, got {s.master_port}")
+    for key in ("job_name", "partition", "account", "qos"):
+        value = getattr(s, key)
+        _require(re.fullmatch(r"[A-Za-z0-9_.,+-]*", value) is not None, f"slurm.{key}",
+                 f"'{value}' may hold only letters, digits and . , _ + -")
+    # only [D-]HH:MM:SS: YAML reads an unquoted 4:00:00 as the number 14400, which SLURM would take as minutes
+    _require(re.fullmatch(r"(\d+-)?\d\d:\d\d:\d\d|", s.time) is not None, "slurm.time",
+             f"'{s.time}' is not a time limit of the form HH:MM:SS or D-HH:MM:SS (two-digit hours, e.g. 04:00:00)")
+    for i, arg in enumerate(s.sbatch_args):
+        _require(re.fullmatch(r"--[a-z][a-z-]*(=[^\s'\"`$;&|<>]+)?", arg) is not None, f"slurm.sbatch_args[{i}]",
+                 f"'{arg}' must be one sbatch option like --exclusive or --constraint=h100 (no spaces or quotes)")
+
+
+def check_guards(cfg: Any) -> None:
+    g = cfg.guards
+    for key in ("nonfinite", "spike"):
+        value = getattr(g, key)
+        _require(value in ("skip", "rollback", "stop"), f"guards.{key}",
+                 f"'{value}' is not one of skip, rollback, stop")
+        _require(value != "rollback" or cfg.checkpoint.every > 0, f"guards.{key}",
+                 "rollback needs checkpoints to roll back to: set checkpoint.every > 0")
+    _require(g.spike_factor == 0 or g.spike_factor > 1, "guards.spike_factor",
+             f"must be 0 (off) or above 1, got {g.spike_factor}")
+    _require(g.spike_window >= 3, "guards.spike_window", f"must be at least 3 (a median), got {g.spike_window}")
+    _require(g.max_consecutive_skips >= 1, "guards.max_consecutive_skips", "must be at least 1")
+    _require(g.max_rollbacks >= 0, "guards.max_rollbacks", "must be >= 0")
+    _require(g.straggler_every >= 0, "guards.straggler_every", "must be >= 0 (0: off)")
+    _require(g.straggler_threshold > 0, "guards.straggler_threshold",
+             f"must be positive (a fraction of the median step time), got {g.straggler_threshold}")
+    _require(g.straggler_patience >= 1, "guards.straggler_patience", "must be at least 1")
+    _require(g.telemetry_every >= 0, "guards.telemetry_every", "must be >= 0 (0: off)")
+
+
+def check_watchdog(w: Any) -> None:
+    for key in ("collective_timeout", "timeout", "heartbeat_every", "dump_wait"):
+        _require(getattr(w, key) > 0, f"watchdog.{key}", f"must be positive (seconds), got {getattr(w, key)}")
+    _require(w.heartbeat_every < w.timeout, "watchdog.heartbeat_every",
+             f"{w.heartbeat_every:g} s must be shorter than watchdog.timeout={w.timeout:g} s")
+    _require(w.trace_buffer >= 0, "watchdog.trace_buffer", f"must be >= 0 (0: off), got {w.trace_buffer}")

@@ -112,6 +112,37 @@ def test_a_bad_stage_override_names_the_stage(tmp_path):
     assert e.value.key == "warmup_steps"
 
 
+def test_one_stage_is_overridden_from_the_command_line_by_name_or_index(tmp_path):
+    """`stages.NAME.KEY=VALUE` (or `stages.INDEX.KEY=VALUE`) changes that stage alone, after the file; names with
+    dots and dashes are found whole; an unknown stage, key or value is one error naming the stage as given."""
+    path = tmp_path / "r.yaml"
+    path.write_text("config: configs/demo.yaml\nstages: [{name: v1.0-a, tokens: 4096, overrides: [optim.lr=1e-3]},"
+                    " {name: v1, tokens: 4096}, {name: end, kind: anneal, tokens: 2048}]\n")
+    recipe = load_recipe(str(path), ["stages.v1.0-a.overrides=[optim.lr=2e-3]", "stages.v1.tokens=8192",
+                                     "stages.2.average=true", "warmup_steps=3"])
+    assert [(s.name, s.tokens, s.overrides, s.average) for s in recipe.stages] == [
+        ("v1.0-a", 4096, ["optim.lr=2e-3"], False), ("v1", 8192, [], False), ("end", 2048, [], True)]
+    assert recipe.warmup_steps == 3
+    assert static_plan(recipe, 1)[0].job.optim.lr == 2e-3
+    for override, key, words in (("stages.v2.tokens=1", "stages.v2", "names no stage (stages: v1.0-a, v1, end"),
+                                 ("stages.3.tokens=1", "stages.3", "names no stage"),
+                                 ("stages.v1.tokns=1", "stages.v1.tokns", "unknown key"),
+                                 ("stages.end.tokens=many", "stages.end.tokens", "wrong type"),
+                                 ("stages.v1.tokens=0", "stages[1].tokens", "at least 1 token")):
+        with pytest.raises(ConfigError) as e:
+            load_recipe(str(path), [override])
+        assert e.value.key == key and words in str(e.value) and "\n" not in str(e.value), (override, str(e.value))
+
+
+def test_one_alignment_stage_is_overridden_from_the_command_line():
+    from engine.config import load_pipeline
+    pipeline = load_pipeline("configs/align_demo.yaml", ["stages.dpo.overrides=[optim.lr=1e-6]",
+                                                         "stages.rs.samples=2"])
+    stages = {s.name: s for s in pipeline.stages}
+    assert stages["dpo"].overrides == ["optim.lr=1e-6"] and stages["rs"].samples == 2
+    assert stages["sft"].overrides == ["train.steps=80"]  # the others as the file has them
+
+
 def test_cli_refuses_in_one_line(tmp_path, capsys):
     from launch.cli import main
     bad = tmp_path / "r.yaml"
