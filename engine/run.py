@@ -185,10 +185,9 @@ def build_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh],
                                  pp_embedding_cost=p.pp_embedding_cost, pp_head_cost=p.pp_head_cost,
                                  pp_microbatches=grad_accum_steps(cfg), cp_attention=p.cp_attention,
                                  compile=cfg.train.compile,
-                                 # dynamo supports no context_fn but selective checkpointing's: compiled blocks
-                                 # keep the old recompute (it records its amaxes again; docs/fp8_and_kernels.md)
-                                 recompute_contexts=recompute_contexts if cfg.fp8.backend == "native"
-                                 and not cfg.train.compile else None)
+                                 # the recomputation replays its forward's delayed FP8 scales, compiled or not
+                                 # (a compiled block is compiled inside its eager checkpoint: apply_compile)
+                                 recompute_contexts=recompute_contexts if cfg.fp8.backend == "native" else None)
     parallel = parallelize(model, mesh, options, reference_loss_sum=ops.cross_entropy_sum)
     if mesh is not None and cfg.fp8.backend == "native":  # ranks holding pieces of one tensor share its scale
         set_amax_groups(parallel.parts, [mesh.tp_group if p.tp > 1 else None,

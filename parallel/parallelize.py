@@ -67,13 +67,20 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int,
     for index, block in model.layers.items():
         if recomputed(int(index), mode, every):
             contexts = recompute_contexts(block) if recompute_contexts is not None else None
-            block.forward = partial(checkpoint, block.forward, use_reentrant=False,
-                                    **({"context_fn": contexts} if contexts is not None else {}))
+            block.forward = _checkpointed(block.forward, {"context_fn": contexts} if contexts is not None else {})
+
+
+def _checkpointed(forward: Callable, options: dict) -> Callable:
+    """The block's forward under non-reentrant checkpointing; apply_compile finds `forward` and `options` on it."""
+    def checkpointed_forward(*args, **kwargs):
+        return checkpoint(forward, *args, use_reentrant=False, **options, **kwargs)
+    checkpointed_forward.herd_checkpointed = (forward, options)
+    return checkpointed_forward
 
 
 def apply_compile(model: nn.Module) -> None:
-    """torch.compile every transformer block of `model` in place (nn.Module.compile: the block stays in its
-    ModuleDict, so parameter names get no `_orig_mod.` prefix and checkpoints are unchanged).
+    """torch.compile every transformer block of `model` in place (the block stays in its ModuleDict, so parameter
+    names get no `_orig_mod.` prefix and checkpoints are unchanged).
 
     Per block, as torchtitan does, not the whole model: the blocks run the same code, so dynamo compiles the block
     once and reuses the graph for every layer (compile time does not grow with depth), and FSDP's per-block
@@ -81,9 +88,22 @@ def apply_compile(model: nn.Module) -> None:
     block are autograd Functions calling c10d: where dynamo cannot trace one it splits the graph there and runs
     it eagerly, which costs speed, never correctness. Compiled kernels fuse and reorder float operations, so
     results equal eager ones to rounding, not bitwise (tests/distributed/test_parity_compile.py states the bound).
+
+    A checkpointed block (apply_activation_checkpointing) is compiled inside its checkpoint: the checkpoint stays
+    eager around the compiled forward and the recomputation runs the same compiled graphs. Compiled around the
+    checkpoint, dynamo would take it as a higher-order op that cannot hold a graph break, and a block holds some
+    (document-masked attention, native FP8's GEMMs): such blocks would run wholly eager. (`block.compile()` over a
+    forward that calls checkpoint directly compiles nothing at all: dynamo starts at the first frame below the
+    module call, torch.utils.checkpoint's, which it does not trace.) Eager, the checkpoint also keeps its
+    `context_fn` (the delayed FP8 replay), which dynamo refuses.
     """
     for block in model.layers.values():
-        block.compile()
+        checkpointed = getattr(block.forward, "herd_checkpointed", None)
+        if checkpointed is None:
+            block.compile()
+        else:
+            forward, options = checkpointed
+            block.forward = _checkpointed(torch.compile(forward), options)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
