@@ -77,15 +77,19 @@ def _override_stage(merged: DictConfig, item: str) -> None:
     elif index_key and int(index_key.group(1)) < len(names):
         i, selector = int(index_key.group(1)), index_key.group(1)
     else:
-        head = rest.split("=", 1)[0].rsplit(".", 1)[0]
-        raise ConfigError(f"stages.{head}", f"override '{item}' names no stage (stages: {', '.join(names) or 'none'}; "
-                                            f"give stages.NAME.KEY=VALUE)")
-    key = f"stages.{selector}"
+        target = rest.split("=", 1)[0]
+        whole = target in names or target.isdigit()
+        raise ConfigError(f"stages.{target if whole else target.rsplit('.', 1)[0]}",
+                          f"override '{item}' " + ("sets a whole stage" if whole else "names no stage") +
+                          f" (stages: {', '.join(names) or 'none'}); give stages.NAME.KEY=VALUE")
+    key, field_override = f"stages.{selector}", rest[len(selector) + 1:]
+    if not _OVERRIDE.match(field_override):
+        raise ConfigError(key, f"override '{item}' is not of the form stages.NAME.KEY=VALUE")
     try:
-        merged.stages[i] = _merge(merged.stages[i], _parse_overrides([rest[len(selector) + 1:]]), "command line")
+        merged.stages[i] = _merge(merged.stages[i], _parse_overrides([field_override]), "command line")
     except ConfigError as e:  # OmegaConf names the element by its index (stages[3].tokens): name it as given
         inner = e.key[len(f"stages[{i}]"):].lstrip(".") if e.key.startswith(f"stages[{i}]") else e.key
-        message = str(e)[len(e.key) + 2:] if e.key else str(e)
+        message = (str(e)[len(e.key) + 2:] if e.key else str(e)).replace(f" in {field_override}:", f" in {item}:")
         raise ConfigError(f"{key}.{inner}" if inner else key, message) from None
 
 
