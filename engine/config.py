@@ -74,6 +74,9 @@ def _override_stage(merged: DictConfig, item: str) -> None:
     index_key = re.match(r"(\d+)\.", rest)
     if chosen:
         i, selector = max(chosen, key=lambda c: len(c[1]))  # names may hold dots: the longest that matches
+        if selector.isdigit() and int(selector) != i and int(selector) < len(names):
+            raise ConfigError(f"stages.{selector}", f"override '{item}' is ambiguous: '{selector}' is the name of "
+                                                    f"stage {i} and the index of stage '{names[int(selector)]}'")
     elif index_key and int(index_key.group(1)) < len(names):
         i, selector = int(index_key.group(1)), index_key.group(1)
     else:
@@ -89,6 +92,7 @@ def _override_stage(merged: DictConfig, item: str) -> None:
         merged.stages[i] = _merge(merged.stages[i], _parse_overrides([field_override]), "command line")
     except ConfigError as e:  # OmegaConf names the element by its index (stages[3].tokens): name it as given
         inner = e.key[len(f"stages[{i}]"):].lstrip(".") if e.key.startswith(f"stages[{i}]") else e.key
+        inner = inner or field_override.split("=", 1)[0]  # a value YAML cannot read: the key it was for
         message = (str(e)[len(e.key) + 2:] if e.key else str(e)).replace(f" in {field_override}:", f" in {item}:")
         raise ConfigError(f"{key}.{inner}" if inner else key, message) from None
 

@@ -28,8 +28,8 @@ def recipe_command(path: str, overrides: List[str], nproc: Optional[int] = None,
             raise HerdError(f"--nproc must be at least 1, got {nproc}")
         runner = RecipeRunner(recipe, world_size=nproc)
         plans = runner.plan()
-        runner.check_state(plans)  # every stage's job as its ranks will load it, and an earlier run's state
-        check_stage_checkpoints(plans)  # another run's directory, or a live run's: before any rank starts
+        state = runner.check_state(plans)  # every stage's job as its ranks will load it, and an earlier run's state
+        check_stage_checkpoints(plans, state)  # another run's directory, or a live run's: before any rank starts
         from launch.local import run_local
         herd_args = ["recipe", path, *overrides]
         print(scrub(f"herd recipe: {nproc} ranks of herd " + " ".join(herd_args)), flush=True)
@@ -37,12 +37,15 @@ def recipe_command(path: str, overrides: List[str], nproc: Optional[int] = None,
     return _run_here(recipe)
 
 
-def check_stage_checkpoints(plans, test_lock: bool = True) -> None:
-    """Each stage's checkpoint directory as its runs will claim it (every run of a stage saves: recipe/plan.py
-    position_job), once per directory."""
+def check_stage_checkpoints(plans, state: dict, test_lock: bool = True) -> None:
+    """The checkpoint directory of each stage still to run (`state`: the runner's check_state; a finished stage is
+    skipped by the runner and claims nothing), as its runs will claim it (every run of a stage saves:
+    recipe/plan.py position_job), once per directory and claim."""
     import copy
     from engine.checkpoint.checkpointer import check_job_checkpoints
-    for plan in {(p.job.checkpoint.dir, p.job.checkpoint.on_foreign): p for p in plans}.values():
+    to_run = [p for p in plans if not state["stages"].get(p.stage.name, {}).get("done")]
+    claims = {(p.job.checkpoint.dir, p.job.checkpoint.on_foreign, p.job.checkpoint.resume): p for p in to_run}
+    for plan in claims.values():
         job = copy.deepcopy(plan.job)
         job.checkpoint.every = max(1, job.checkpoint.every)
         check_job_checkpoints(job, test_lock)
@@ -91,8 +94,8 @@ def launch_recipe(args: argparse.Namespace) -> int:
     world = probe.nodes * probe.gpus_per_node
     runner = RecipeRunner(recipe, world_size=world)
     plans = runner.plan(check_files=False)
-    runner.check_state(plans)
-    check_stage_checkpoints(plans, test_lock=False)  # the SLURM job starts later: its lock is tested then
+    state = runner.check_state(plans)
+    check_stage_checkpoints(plans, state, test_lock=False)  # the SLURM job starts later: its lock is tested then
     first = plans[0].job
     out = args.out or f"{first.slurm.job_name or recipe.name}.sbatch"
     check_script_destination(out, args.config)

@@ -405,3 +405,11 @@ stages:
     print(f"recipe: {line}")
     assert f"{ckpt}: holds 1 checkpoint(s) of run 'other'" in line and "not of this run 'train'" in line
     assert not (tmp_path / "recipe-run").exists() and snapshot(ckpt) == before
+    # a finished stage is skipped by the runner and claims nothing: its directory is not checked
+    from engine.config import load_recipe
+    from recipe.command import check_stage_checkpoints
+    from recipe.runner import RecipeRunner
+    plans = RecipeRunner(load_recipe(str(recipe)), world_size=2).plan(check_files=False)
+    check_stage_checkpoints(plans, {"stages": {"second": {"done": True}}})
+    with pytest.raises(CheckpointError):
+        check_stage_checkpoints(plans, {"stages": {"first": {"done": True}}})

@@ -131,10 +131,15 @@ def test_one_stage_is_overridden_from_the_command_line_by_name_or_index(tmp_path
                                  ("stages.v1.tokens=0", "stages[1].tokens", "at least 1 token"),
                                  ("stages.v1=3", "stages.v1", "sets a whole stage"),
                                  ("stages.v1.tokens", "stages.v1", "not of the form stages.NAME.KEY=VALUE"),
-                                 ("stages.v1.tokens=@x", "stages.v1", "bad override in stages.v1.tokens=@x")):
+                                 ("stages.v1.tokens=@x", "stages.v1.tokens", "bad override in stages.v1.tokens=@x")):
         with pytest.raises(ConfigError) as e:
             load_recipe(str(path), [override])
         assert e.value.key == key and words in str(e.value) and "\n" not in str(e.value), (override, str(e.value))
+    path.write_text("config: configs/demo.yaml\nstages: [{name: a, tokens: 4096}, {name: b, tokens: 4096},"
+                    " {name: '1', tokens: 4096}]\n")
+    with pytest.raises(ConfigError) as e:  # '1' names stage 2 and indexes stage 'b'
+        load_recipe(str(path), ["stages.1.tokens=8192"])
+    assert "ambiguous" in str(e.value) and e.value.key == "stages.1"
 
 
 def test_one_alignment_stage_is_overridden_from_the_command_line():
