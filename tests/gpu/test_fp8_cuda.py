@@ -57,12 +57,14 @@ def test_fp8_training_on_cuda_learns_like_bf16(tmp_path):
     assert abs(losses["native"] - losses["none"]) < 0.03 * losses["none"], losses
 
 
-@pytest.mark.parametrize("fused", ["false", "true"])
-def test_delayed_fp8_with_full_recompute_is_bitwise_the_run_without_on_cuda(tmp_path, fused):
+@pytest.mark.parametrize("fused,compile", [("false", "false"), ("true", "false"), ("false", "true")],
+                         ids=["unfused", "fused", "compiled"])
+def test_delayed_fp8_with_full_recompute_is_bitwise_the_run_without_on_cuda(tmp_path, fused, compile):
     """The recomputation replays its forward's delayed scales (engine/fp8 recompute_contexts) on the device path
-    too, with and without the fused norm/SwiGLU casts (csrc kernels): 4 steps of 2 micro-batches with full
-    activation checkpointing equal the run without, losses, parameters and windows bitwise. Not yet run on a GPU
-    when written (the CPU twin is tests/unit/test_fp8_eval_recompute.py)."""
+    too, with and without the fused norm/SwiGLU casts (csrc kernels), and under train.compile (a checkpointed block
+    compiled inside its eager checkpoint; the fused casts are off while compiling): 4 steps of 2 micro-batches with
+    full activation checkpointing equal the run without, losses, parameters and windows bitwise. Not yet run on a
+    GPU when written (the CPU twins are in tests/unit/test_fp8_eval_recompute.py)."""
     from engine.run import train
     from tests.helpers import make_corpus, tiny_config
     from tests.unit.test_fp8_eval_recompute import same, windows
@@ -70,8 +72,8 @@ def test_delayed_fp8_with_full_recompute_is_bitwise_the_run_without_on_cuda(tmp_
     runs = [train(tiny_config(corpus, tmp_path / ac, [
         "train.device=cuda", "train.dtype=bf16", "train.steps=4", "train.eval_every=1", "fp8.backend=native",
         "fp8.recipe=delayed", "fp8.bf16_first_last_layers=false", f"fp8.fuse_norm_cast={fused}",
-        f"fp8.fuse_swiglu_cast={fused}", f"parallel.activation_checkpointing={ac}"]), stream=io.StringIO())
-        for ac in ("full", "none")]
+        f"fp8.fuse_swiglu_cast={fused}", f"parallel.activation_checkpointing={ac}", f"train.compile={compile}"]),
+        stream=io.StringIO()) for ac in ("full", "none")]
     a, b = runs
     assert (a.last_metrics["loss"], a.last_metrics["val_loss"]) == (b.last_metrics["loss"], b.last_metrics["val_loss"])
     params_b = dict(b.module.model.named_parameters())
