@@ -51,6 +51,9 @@ def _train_classifier(args: argparse.Namespace) -> int:
     if not args.out:
         raise HerdError("train-classifier needs --out MODEL.bin")
     classes = {}
+    if (args.positive or args.negative) and args.classes:
+        raise HerdError("give --positive and --negative (a quality classifier) or --class LABEL=PATH (a domain "
+                        "classifier), not both")
     if args.positive or args.negative:
         if not (args.positive and args.negative):
             raise HerdError("a quality classifier needs both --positive and --negative examples")
@@ -61,19 +64,31 @@ def _train_classifier(args: argparse.Namespace) -> int:
             raise HerdError(f"--class {item}: write LABEL=PATH with a label of letters, digits and _")
         classes.setdefault(label, []).append(path)
     if len(classes) < 2:
-        raise HerdError("train-classifier needs --positive and --negative, or at least two --class LABEL=PATH")
+        got = f" (got only label '{next(iter(classes))}')" if classes else ""
+        raise HerdError(f"train-classifier needs --positive and --negative, or --class LABEL=PATH for at least two "
+                        f"labels{got}")
+    seen = {}
     for label, paths in classes.items():
         for path in paths:
             if not Path(path).exists():
                 raise HerdError(f"{example_flag(label)}: '{path}' does not exist")
+            other = next((seen[p] for p in _overlaps(Path(path), seen) if seen[p] != label), None)
+            if other is not None:  # one text under two labels teaches the classifier nothing but noise
+                raise HerdError(f"{example_flag(label)}: '{path}' overlaps the examples of {example_flag(other)}")
+            seen[Path(path).resolve()] = label
     if args.epochs < 1:
         raise HerdError(f"--epochs must be at least 1, got {args.epochs}")
     out = Path(args.out)
     if out.exists() and not out.is_file():
         raise HerdError(f"--out {out}: is not a file")
-    from curate.models import is_fasttext_model
+    from curate.models import is_fasttext_model, model_labels
     if out.exists() and not is_fasttext_model(str(out)):  # a retrain replaces its model, never a user's file (R21)
         raise HerdError(f"--out {out}: exists and is not a fastText model; choose another path")
+    labels = model_labels(str(out)) if out.exists() else sorted(classes)
+    if labels != sorted(classes):  # another model (a language identifier's, say), not an earlier run of this one
+        shown = ", ".join(labels[:5]) + (f" and {len(labels) - 5} more" if len(labels) > 5 else "")
+        raise HerdError(f"--out {out}: holds a fastText model of other labels ({shown}); a retrain replaces only a "
+                        f"model of the same labels: choose another path")
     if not out.parent.is_dir():
         raise HerdError(f"--out {out}: directory {out.parent} does not exist")
     examples, accuracy = train_classifier(classes, str(out), epochs=args.epochs)
@@ -81,3 +96,9 @@ def _train_classifier(args: argparse.Namespace) -> int:
     print(f"herd curate: trained a fastText classifier of {len(classes)} labels ({', '.join(classes)}) on "
           f"{examples} examples; held-out accuracy {held}: {out}", flush=True)
     return 0
+
+
+def _overlaps(path: Path, seen: dict) -> list:
+    """The example paths already given that are `path`, lie under it, or hold it."""
+    path = path.resolve()
+    return [p for p in seen if p == path or p in path.parents or path in p.parents]

@@ -38,6 +38,7 @@ def validate(cfg: CurateConfig) -> None:
     _require(math.isfinite(timeout) and timeout > 0, "input.html_timeout_s",
              f"must be a positive number of seconds, got {timeout}")
     _require(bool(cfg.output_dir), "output_dir", "name the directory the stages write to")
+    _check_output_apart(cfg)
     ex = cfg.executor
     _require(ex.kind in EXECUTORS, "executor.kind", f"'{ex.kind}' is not one of {', '.join(EXECUTORS)}")
     _require(ex.tasks >= 1, "executor.tasks", f"must be at least 1, got {ex.tasks}")
@@ -114,3 +115,16 @@ def _validate_tokenize(cfg: CurateConfig) -> None:
     for domain, share in shares.items():
         _require(share >= 0, f"tokenize.mix.{domain}", f"must be >= 0, got {share}")
     _require(sum(shares.values()) > 0, "tokenize.mix", "give at least one domain a positive share")
+
+
+def _check_output_apart(cfg: CurateConfig) -> None:
+    """The output directory neither inside an input directory (a later run would read its outputs, the report
+    included, as corpus, and exact dedup would keep those copies over the originals) nor holding an input."""
+    out = Path(cfg.output_dir).resolve()
+    for i, path in enumerate(cfg.input.paths):
+        source = Path(path).resolve()
+        _require(not (source.is_dir() and (out == source or source in out.parents)), "output_dir",
+                 f"'{cfg.output_dir}' lies inside input.paths[{i}] '{path}': later runs would read it as corpus; "
+                 f"choose a directory outside the inputs")
+        _require(out not in source.parents, f"input.paths[{i}]",
+                 f"'{path}' lies inside output_dir '{cfg.output_dir}'; keep the raw corpus outside the outputs")

@@ -55,6 +55,11 @@ def load_fasttext(path: str):
         raise HerdError(f"{path}: not a fastText model ({e})") from None
 
 
+def model_labels(path: str) -> List[str]:
+    """The labels of a fastText model, sorted, without the __label__ prefix."""
+    return sorted(label.replace("__label__", "", 1) for label in load_fasttext(path).labels)
+
+
 def heuristic_domain(text: str) -> str:
     lines = [line for line in text.splitlines() if line.strip()]
     if lines and sum(1 for line in lines if _CODE_LINE.search(line)) / len(lines) >= CODE_LINE_SHARE:
@@ -127,23 +132,36 @@ class DomainLabel(PipelineStep):
 # ---------------------------------------------------------------------------------------------- training
 
 def _examples(paths: List[str], text_key: str = "text") -> List[str]:
-    """Texts of the example files: a .jsonl gives one per line (its `text`), any other file is one text."""
-    from curate.read import list_corpus
+    """Texts of the example files: a .jsonl gives one per line (its `text`), any other file is one text. What is
+    not an example is left out, as the curation reader counts it: anything but a regular file (a FIFO would block),
+    a binary file, a JSONL line that is not a JSON object with a text, and text that is not UTF-8 (a JSON \\ud800
+    escape included)."""
+    import json
+    import os
+    import stat
+    from curate.read import BINARY_PROBE, list_corpus, printable
     texts = []
     for file in list_corpus(paths, ["*"]):
-        raw = Path(file).read_text(encoding="utf-8", errors="replace")
+        try:
+            if printable(file) != file or not stat.S_ISREG(os.stat(file).st_mode):
+                continue
+            data = Path(file).read_bytes()
+        except OSError:  # unreadable, or gone since it was listed
+            continue
+        if b"\0" in data[:BINARY_PROBE]:
+            continue
+        raw = data.decode("utf-8", errors="replace")
         if file.endswith(".jsonl"):
-            import json
             for line in raw.splitlines():
                 try:
                     record = json.loads(line)
-                except ValueError:
+                except (ValueError, RecursionError):
                     continue
                 if isinstance(record, dict) and isinstance(record.get(text_key), str):
                     texts.append(record[text_key])
         else:
             texts.append(raw)
-    return [" ".join(t.split()) for t in texts if t.strip()]
+    return [" ".join(t.split()) for t in texts if t.strip() and printable(t) == t]
 
 
 def example_flag(label: str) -> str:

@@ -2,7 +2,7 @@
 
 datatrove's JsonlReader warns and drops a bad JSON line without counting it, and stops reading a file at its first
 invalid UTF-8 byte; herd's reader instead counts every malformed input by reason (bad_utf8, bad_json, no_text,
-empty_file, binary_file, bad_gzip, unreadable) and writes one record per problem to the stage's removed/ folder,
+empty_file, binary_file, bad_gzip, unreadable, not_regular_file, bad_file_name) and writes one record per problem to the stage's removed/ folder,
 so the report names the file and line. Every document carries `url`, `date` (ISO 8601) and `source` metadata: from
 the JSONL record's keys when present, else file://PATH and the file's modification time.
 """
@@ -12,6 +12,7 @@ import fnmatch
 import gzip
 import json
 import os
+import stat
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
@@ -75,13 +76,19 @@ class CorpusReader(BaseReader):
                         reason, where, snippet, size = problem
                         self.stat_update(f"malformed_{reason}")
                         malformed.write(Document(text=snippet, id=where, metadata={
-                            "filter_reason": reason, "bytes": size, "source": path}), rank)
+                            "filter_reason": reason, "bytes": size, "source": printable(path)}), rank)
                         continue
                     self.update_doc_stats(document)
                     yield document
 
     def _read_file(self, path: str) -> Iterator[Tuple[Optional[Document], Optional[tuple]]]:
+        if printable(path) != path:  # a name that is not UTF-8: no record could carry it as the document's source
+            yield None, ("bad_file_name", printable(path), "", _size(path))
+            return
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):  # a FIFO would block the task, /dev/zero never end
+                yield None, ("not_regular_file", path, "a FIFO, device or socket, not a file", 0)
+                return
             raw = Path(path).read_bytes()
             if path.endswith(".gz"):
                 raw = gzip.decompress(raw)
@@ -126,6 +133,10 @@ class CorpusReader(BaseReader):
                 problem = "bad_json" if not isinstance(record, dict) else "no_text"
                 yield None, (problem, where, line[:SNIPPET].decode("utf-8", "replace"), len(line))
                 continue
+            kept = [text] + [record.get(k) for k in (self.url_key, self.date_key, self.id_key)]
+            if any(isinstance(v, str) and printable(v) != v for v in kept):  # a lone surrogate escape (\ud800)
+                yield None, ("bad_utf8", where, line[:SNIPPET].decode("utf-8", "replace"), len(line))
+                continue
             # a record's URL and date are its own: the file's URL would make every URL-less record of the file one
             # URL for URL dedup (all but one removed), and the file's mtime would rank an undated record newest
             metadata = {"source": meta["source"], "format": "jsonl"}
@@ -134,6 +145,22 @@ class CorpusReader(BaseReader):
                     metadata[field] = record[key]
             doc_id = record.get(self.id_key)
             yield Document(text=text, id=str(doc_id) if doc_id is not None else where, metadata=metadata), None
+
+
+def printable(text: str) -> str:
+    """`text` if it encodes as UTF-8; else with its undecodable bytes (a file name's, os.fsdecode's surrogate
+    escapes) or lone surrogates (a JSON \\ud800 escape) written as backslash escapes."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape" if _escaped_bytes(text) else "backslashreplace").decode(
+            "utf-8", "backslashreplace")
+
+
+def _escaped_bytes(text: str) -> bool:
+    """Whether every surrogate in `text` is one of os.fsdecode's escapes of a byte (U+DC80..U+DCFF)."""
+    return all(not 0xD800 <= ord(c) <= 0xDFFF or 0xDC80 <= ord(c) <= 0xDCFF for c in text)
 
 
 def _size(path: str) -> int:
