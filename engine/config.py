@@ -265,7 +265,7 @@ def _parse_overrides(overrides: List[str]) -> DictConfig:
         layer = OmegaConf.from_dotlist(list(overrides))
     except Exception as e:  # omegaconf's own errors, and YAML's for a value like `@x` that YAML cannot read
         raise ConfigError("", f"bad override in {' '.join(overrides)}: {str(e).splitlines()[0]} "
-                              f"(quote values that start with @, `, %, ! or a quote)") from None
+                              f"(quote values that start with @, `, %, !, *, &, | or a quote)") from None
     _reject_resolvers(layer, "command line")
     return layer
 
