@@ -57,6 +57,9 @@ def run(args: argparse.Namespace) -> int:
             "runs": [{**run.as_dict(), "overrides": run.overrides(cfg), "config_hash": digest}
                      for run, digest in zip(runs, hashes)]}
     check_same_sweep(sweep, plan)
+    if not args.plan_only and not args.slurm:  # results are written last: a directory in their place is refused first
+        from scaling.report import check_outputs
+        check_outputs(sweep)
     if args.fit_only:
         _finished_runs(args, sweep, plan)  # nothing to fit is one line before plan.json is written
     else:
@@ -116,10 +119,23 @@ def _script_path(args: argparse.Namespace, sweep: Path) -> Path:
     from engine.config_checks import check_directory
     from scaling.runs import ARRAY_SCRIPT_MARK
     out = Path(args.out or sweep / "array.sbatch")
-    if out.is_dir() or (out.exists() and ARRAY_SCRIPT_MARK not in out.read_text(errors="replace").splitlines()[1:2]):
+    if out.exists() and not _is_array_script(out, ARRAY_SCRIPT_MARK):
         raise HerdError(f"--out {out}: exists and is not a herd scaling array script; choose another path")
     check_directory(str(out.parent), "--out")
     return out
+
+
+def _is_array_script(path: Path, mark: str) -> bool:
+    """A regular file whose second line is the mark. Only a regular file is opened (a FIFO at --out would block the
+    read forever, a device never end it), and only its first two lines are read (--out may name any big file)."""
+    if not path.is_file():
+        return False
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            f.readline(4096)
+            return f.readline(4096).rstrip("\r\n") == mark
+    except OSError:  # unreadable: not known to be ours, so never replaced
+        return False
 
 
 def _finished_runs(args: argparse.Namespace, sweep: Path, plan: dict) -> list:

@@ -164,6 +164,8 @@ def load_final_model(checkpoint_root: Path) -> torch.nn.Module:
 
 def score_run(checkpoint_root: Path, questions: List[Question], tokenizer, cache: Path) -> dict:
     """The run's score, from its cache file when it was scored on the same questions before."""
+    from scaling.runs import check_regular_file
+    check_regular_file(cache, "a downstream score cache", "move it away (herd caches the run's score there)")
     fingerprint = task_fingerprint(questions)
     cached = _read_cache(cache)
     if cached is not None and cached.get("task") == fingerprint:
@@ -176,7 +178,7 @@ def score_run(checkpoint_root: Path, questions: List[Question], tokenizer, cache
 def _read_cache(path: Path) -> Optional[dict]:
     try:
         value = json.loads(path.read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # cut, or nested too deeply: herd's own cache, scored again
         return None
     return value if isinstance(value, dict) else None
 

@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from typing import List
 
 from engine.config import JobConfig, ModelConfig, ScalingConfig, load_config
+from engine.config_checks import INT64_MAX
 from engine.errors import ConfigError
 from engine.flops import flops_per_token, parameter_count
 
@@ -149,6 +150,9 @@ def plan_runs(cfg: ScalingConfig, job: JobConfig) -> List[RunSpec]:
             model = model_shape(dim, cfg, job.model)
             n = parameter_count(model, include_embedding=False)
             steps = round(budget / (6 * n) / (batch * seq_len))
+            _require(steps <= INT64_MAX, f"budgets[{b}]",  # else train.steps fails naming a run, in 300 digits
+                     f"{budget:.3g} FLOPs is too large for the grid: the model of dim {dim} ({n:,} parameters) would "
+                     f"train {steps:.3g} steps, more than a 64-bit step count holds (about 9.2e18); lower the budget")
             if steps < cfg.min_steps:
                 _require(bool(kept) or dim != min(cfg.dims), f"budgets[{b}]",
                          f"{budget:.3g} FLOPs gives the smallest model (dim {dim}, {n:,} parameters) {steps} steps of "

@@ -8,9 +8,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from engine.errors import HerdError
 from scaling.fit import (Parabola, PowerLaw, fit_line, fit_parabola, fit_power_law, fit_sigmoid)
 
 LLAMA3 = {"alpha": 0.53, "A": 0.29}  # the paper's fit (section 3.2.1)
+OUTPUTS = ("scaling.json", "scaling.md", "isoflop.png", "power_law.png", "downstream.png")
 
 
 def fit_sweep(runs: List[dict], targets: List[float]) -> dict:
@@ -98,19 +100,31 @@ def _predict_accuracy(downstream: dict, compute: float) -> dict:
             "accuracy": float(sigmoid_accuracy(np.array([nll]), s["midpoint"], s["scale"], s["chance"])[0])}
 
 
+def check_outputs(sweep: Path) -> None:
+    """Each result file is absent or a regular file (an earlier fit's, replaced): a directory there cannot be
+    written, and a FIFO would block the write until something reads it. One line naming it, before any work."""
+    from scaling.runs import check_regular_file
+    for name in OUTPUTS:
+        check_regular_file(sweep / name, "a result file", "move it away (herd scaling writes its results there)")
+
+
 def write_results(sweep: Path, runs: List[dict], fits: dict, command: str) -> List[Path]:
     """scaling.json (everything), scaling.md (a summary) and the plots; returns the paths written."""
+    check_outputs(sweep)  # again: the fit may have run for hours since the command checked them
     law: Optional[PowerLaw] = fits.pop("_law", None)
     document = {"command": command, "runs": runs, **fits}
     paths = [sweep / "scaling.json", sweep / "scaling.md"]
-    paths[0].write_text(json.dumps(_json_safe(document), indent=1, allow_nan=False) + "\n")
-    paths[1].write_text(_markdown(document, command))
-    from scaling.plots import plot_downstream, plot_isoflop, plot_power_law
-    paths.append(plot_isoflop(sweep / "isoflop.png", runs, fits["budgets"]))
-    if law is not None:
-        paths.append(plot_power_law(sweep / "power_law.png", fits["budgets"], law, fits.get("predictions", [])))
-    if "downstream" in fits and "sigmoid" in fits["downstream"]:
-        paths.append(plot_downstream(sweep / "downstream.png", runs, fits["downstream"]))
+    try:
+        paths[0].write_text(json.dumps(_json_safe(document), indent=1, allow_nan=False) + "\n")
+        paths[1].write_text(_markdown(document, command))
+        from scaling.plots import plot_downstream, plot_isoflop, plot_power_law
+        paths.append(plot_isoflop(sweep / "isoflop.png", runs, fits["budgets"]))
+        if law is not None:
+            paths.append(plot_power_law(sweep / "power_law.png", fits["budgets"], law, fits.get("predictions", [])))
+        if "downstream" in fits and "sigmoid" in fits["downstream"]:
+            paths.append(plot_downstream(sweep / "downstream.png", runs, fits["downstream"]))
+    except OSError as e:  # a full disk, a file made read-only: one line naming the file
+        raise HerdError(f"{e.filename or sweep}: cannot write the results ({e.strerror or e})") from None
     return paths
 
 

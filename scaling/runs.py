@@ -35,6 +35,26 @@ LOCK_FILE = "scaling.lock"
 ARRAY_SCRIPT_MARK = "# herd sbatch script, scaling array"  # second line of the rendered script (launch/slurm.py)
 
 
+def check_regular_file(path: Path, what: str, advice: str) -> None:
+    """`path` is absent or a regular file (or a link to one): a directory there can be neither read nor replaced,
+    and opening a FIFO or device blocks or never ends. Anything else is one line naming it, never a traceback or a
+    hang; it is left as it is (it may be the user's)."""
+    if path.exists() and not path.is_file():
+        kind = "a directory" if path.is_dir() else "a FIFO, device or socket"
+        raise HerdError(f"{path}: {kind}, not {what}; {advice}")
+
+
+def read_json_file(path: Path, what: str, advice: str):
+    """The content of a JSON file herd wrote; one that is not (not a regular file, unreadable, not UTF-8, not JSON,
+    or nested beyond the parser's recursion limit, a RecursionError) is one line naming it."""
+    check_regular_file(path, what, advice)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        reason = "nested too deeply" if isinstance(e, RecursionError) else (str(e).splitlines() or [""])[0]
+        raise HerdError(f"{path}: not {what} ({reason}); {advice}") from None
+
+
 def run_path(sweep: Path, name: str) -> Path:
     return sweep / "runs" / name
 
@@ -48,11 +68,14 @@ def final_val_loss(sweep: Path, run: dict) -> Optional[float]:
         return None
     loss = None
     with open(metrics, encoding="utf-8", errors="replace") as f:
-        for line in f:
+        for number, line in enumerate(f, 1):
             try:
                 record = json.loads(line)
             except ValueError:  # a line cut by a kill: the run is not finished anyway unless a later one says so
                 continue
+            except RecursionError:  # herd writes flat records: no line of its own, whole or cut, nests at all
+                raise HerdError(f"{metrics}:{number}: not a metrics record (JSON nested too deeply); remove that "
+                                f"line, or the run's directory to train the run again") from None
             if isinstance(record, dict) and record.get("step") == run["steps"] and \
                     isinstance(record.get("val_loss"), (int, float)):
                 loss = float(record["val_loss"])
@@ -129,14 +152,23 @@ def write_plan(sweep: Path, plan: dict) -> Path:
     return path
 
 
-def _planned_before(path: Path) -> dict:
-    """{name: run} of every run an existing plan.json holds (planned now or retired); {} when there is none."""
+def _read_plan(path: Path) -> Optional[dict]:
+    """An existing plan.json as parsed (None when there is none); a FIFO, a directory or a file that is no JSON
+    there is one line naming it."""
     if not path.exists():
+        return None
+    return read_json_file(path, "a herd scaling plan", "choose another name or run_dir")
+
+
+def _planned_before(path: Path, old: Optional[dict] = None) -> dict:
+    """{name: run} of every run an existing plan.json (`old`, its content when read already) holds (planned now or
+    retired); {} when there is none."""
+    old = _read_plan(path) if old is None else old
+    if old is None:
         return {}
     try:
-        old = json.loads(path.read_text())
         return {r["name"]: r for r in [*old["runs"], *old.get("retired", [])]}
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    except (KeyError, TypeError, AttributeError):
         raise HerdError(f"{path}: not a herd scaling plan; choose another name or run_dir") from None
 
 
@@ -145,11 +177,11 @@ def check_same_sweep(sweep: Path, plan: dict) -> None:
     that are planned again, must be the same (job and overrides, each run's overrides and resolved job config), or
     finished runs would be counted for a different experiment. Runs added or left out are fine."""
     path = sweep / PLAN_FILE
-    before = _planned_before(path)
+    old = _read_plan(path)
+    before = _planned_before(path, old)
     if not before:
         return
     try:
-        old = json.loads(path.read_text())
         same_job = [old["job"], *old["overrides"]] == [plan["job"], *plan["overrides"]]
         again = [(before[r["name"]], r) for r in plan["runs"] if r["name"] in before]
         changed = sorted(now["name"] for then, now in again if then["overrides"] != now["overrides"])
@@ -191,7 +223,12 @@ def holding_lock(path: Path, what: str):
     """An exclusive flock on `path` (created, holding this pid) for the block; a second holder gets one line naming
     the file. The file stays: removing a lock file another process has open would let two holders in."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as f:
+    check_regular_file(path, "a lock file", "move it away (herd creates its lock file there)")
+    try:
+        f = open(path, "a+")
+    except OSError as e:  # a file made read-only, say
+        raise HerdError(f"{path}: cannot open the lock file ({e.strerror or e})") from None
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

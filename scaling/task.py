@@ -27,8 +27,9 @@ def main(argv) -> int:
         print(f"herd scaling: error: {plan_path}: no run {name} (the sweep was planned again without it)",
               file=sys.stderr)
         return 2
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        print(f"herd scaling: error: {plan_path}: not a readable plan ({type(e).__name__}: {e})", file=sys.stderr)
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # RecursionError: nested too deeply
+        print(f"herd scaling: error: {plan_path}: not a readable plan ({type(e).__name__}: "
+              f"{str(e).splitlines()[0] if str(e) else ''})", file=sys.stderr)
         return 2
     sweep = plan_path.parent
     try:
