@@ -113,10 +113,21 @@ def check_script_destination(out: str, config_path: str) -> Path:
         raise HerdError(f"--out {out}: that is the config the script is rendered from; choose another path")
     if path.is_dir():
         raise HerdError(f"--out {out}: is a directory; name the script file")
-    if path.exists() and SCRIPT_MARK not in path.read_text(errors="replace").splitlines()[1:2]:
+    if path.exists() and not path.is_file():  # a FIFO would block the read below, a device never end it
+        raise HerdError(f"--out {out}: exists and is not a file; choose another path")
+    if path.exists() and not any(line.startswith(SCRIPT_MARK) for line in _first_lines(path, 2)[1:2]):
         raise HerdError(f"--out {out}: exists and is not a herd sbatch script; choose another path or remove it")
     check_directory(str(path.parent), "--out")
     return path
+
+
+def _first_lines(path: Path, count: int) -> list:
+    """The first `count` lines of a file, reading no more than 64 KiB (a user's large file is not ours to read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(65536).decode("utf-8", "replace").splitlines()[:count]
+    except OSError as e:
+        raise HerdError(f"--out {path}: cannot be read ({e.strerror})") from None
 
 
 def write_and_submit(script: str, out: str, submit: bool) -> int:
