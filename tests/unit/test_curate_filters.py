@@ -191,8 +191,9 @@ def test_html_timeout_must_be_a_positive_number_of_seconds(tmp_path, seconds):
 
 
 def test_html_timeout_reaches_the_read_pass(tmp_path):
+    (tmp_path / "raw").mkdir()
     cfg = CurateConfig(output_dir=str(tmp_path / "out"),
-                       input=CurateInputConfig(paths=[str(tmp_path)], html_timeout_s=42.5))
+                       input=CurateInputConfig(paths=[str(tmp_path / "raw")], html_timeout_s=42.5))
     validate(cfg)
     read = build_stages(cfg, [])[0]
     assert read.name == "read"

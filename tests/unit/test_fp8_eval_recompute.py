@@ -5,6 +5,7 @@ FP8 scaling for the recompute the same way). Both shown on the CPU with runs tha
 without the evaluation or without the recomputation."""
 
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,6 +112,29 @@ def test_the_zero_bubble_split_backward_is_bitwise_one_backward(checkpointed):
     assert same(windows_ac, windows_plain)
 
 
+def compiled_checkpointing_vs_none(rank: int, world: int, root: str, fp8: bool) -> dict:
+    """In a process of its own (run_on_ranks): inductor's compile thread pool outlives the compilation, and the test
+    process must not keep threads (tests/conftest.py)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from engine.run import train
+    from tests.helpers import make_corpus, tiny_config
+    root = Path(root)
+    corpus = make_corpus(root / "c")
+    base = ["train.steps=3", "train.eval_every=0", "train.compile=true"] + (DELAYED if fp8 else ["train.dtype=bf16"])
+    torch._dynamo.reset()
+    counters.clear()
+    checkpointed = train(tiny_config(corpus, root / "ac", [*base, "parallel.activation_checkpointing=full"]),
+                         stream=io.StringIO())
+    graphs = counters["stats"]["unique_graphs"]
+    stored = train(tiny_config(corpus, root / "none", [*base, "parallel.activation_checkpointing=none"]),
+                   stream=io.StringIO())
+    params_a, params_b = (dict(t.module.model.named_parameters()) for t in (checkpointed, stored))
+    return {"graphs": graphs, "losses": (checkpointed.last_metrics["loss"], stored.last_metrics["loss"]),
+            "params_equal": all(torch.equal(params_a[n], params_b[n]) for n in params_b),
+            "windows_equal": same(windows(checkpointed.module.model), windows(stored.module.model))}
+
+
 @pytest.mark.parametrize("fp8", [True, False], ids=["delayed-fp8", "bf16"])
 def test_compiled_checkpointed_blocks_are_compiled_and_recompute_exactly(tmp_path, fp8):
     """Under train.compile a checkpointed block is compiled inside its checkpoint (parallel/parallelize.py
@@ -118,20 +142,8 @@ def test_compiled_checkpointed_blocks_are_compiled_and_recompute_exactly(tmp_pat
     trace torch.utils.checkpoint's frame), the recomputation runs the same compiled graphs, and with delayed FP8 it
     replays its forward's scales (before, it quantized with the next scale and recorded every amax twice): the run
     with full checkpointing is bitwise the run without, windows included."""
-    import torch._dynamo
-    from torch._dynamo.utils import counters
-    from engine.run import train
-    from tests.helpers import make_corpus, tiny_config
-    corpus = make_corpus(tmp_path / "c")
-    base = ["train.steps=3", "train.eval_every=0", "train.compile=true"] + (DELAYED if fp8 else ["train.dtype=bf16"])
-    torch._dynamo.reset()
-    counters.clear()
-    checkpointed = train(tiny_config(corpus, tmp_path / "ac", [*base, "parallel.activation_checkpointing=full"]),
-                         stream=io.StringIO())
-    assert counters["stats"]["unique_graphs"] > 0  # the checkpointed blocks were compiled
-    stored = train(tiny_config(corpus, tmp_path / "none", [*base, "parallel.activation_checkpointing=none"]),
-                   stream=io.StringIO())
-    assert checkpointed.last_metrics["loss"] == stored.last_metrics["loss"]
-    params_a, params_b = (dict(t.module.model.named_parameters()) for t in (checkpointed, stored))
-    assert all(torch.equal(params_a[n], params_b[n]) for n in params_b)
-    assert same(windows(checkpointed.module.model), windows(stored.module.model))
+    from parallel.multiprocess import run_on_ranks
+    result = run_on_ranks(compiled_checkpointing_vs_none, 1, str(tmp_path), fp8, timeout=900)[0]
+    assert result["graphs"] > 0  # the checkpointed blocks were compiled
+    assert result["losses"][0] == result["losses"][1]
+    assert result["params_equal"] and result["windows_equal"]
