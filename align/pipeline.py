@@ -113,8 +113,7 @@ class PipelineRunner:
                     continue
                 cfg = self.job(stage, stage_id, self._align_overrides(stage.kind, placeholder(stage.data),
                                                                       placeholder(stage.valid)))
-                cfg.checkpoint.every = cfg.checkpoint.every if cfg.checkpoint.every > 0 else cfg.train.steps
-                check_job_checkpoints(cfg)  # every training stage saves, as _run_stage makes it
+                check_job_checkpoints(cfg, saves=True)  # every training stage saves, as _run_stage makes it
 
     def _check_prompts(self, stage: StageConfig) -> None:
         check_prompts(self.job(stage, f"r1-{stage.name}", []), stage.prompts, stage.max_new_tokens,

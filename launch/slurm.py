@@ -115,19 +115,24 @@ def check_script_destination(out: str, config_path: str) -> Path:
         raise HerdError(f"--out {out}: is a directory; name the script file")
     if path.exists() and not path.is_file():  # a FIFO would block the read below, a device never end it
         raise HerdError(f"--out {out}: exists and is not a file; choose another path")
-    if path.exists() and not any(line.startswith(SCRIPT_MARK) for line in _first_lines(path, 2)[1:2]):
+    if path.exists() and not is_rendered_script(path, SCRIPT_MARK):
         raise HerdError(f"--out {out}: exists and is not a herd sbatch script; choose another path or remove it")
     check_directory(str(path.parent), "--out")
     return path
 
 
-def _first_lines(path: Path, count: int) -> list:
-    """The first `count` lines of a file, reading no more than 64 KiB (a user's large file is not ours to read)."""
+def is_rendered_script(path: Path, mark: str) -> bool:
+    """A regular file whose second line starts with `mark` (the line herd's templates begin with it). Only a
+    regular file is opened (a FIFO would block the read forever, a device never end it), and only its first two
+    lines are read (the path may name any big file of the user's); an unreadable file is not known to be ours."""
+    if not path.is_file():
+        return False
     try:
-        with open(path, "rb") as f:
-            return f.read(65536).decode("utf-8", "replace").splitlines()[:count]
-    except OSError as e:
-        raise HerdError(f"--out {path}: cannot be read ({e.strerror})") from None
+        with open(path, encoding="utf-8", errors="replace") as f:
+            f.readline(4096)
+            return f.readline(4096).startswith(mark)
+    except OSError:
+        return False
 
 
 def write_and_submit(script: str, out: str, submit: bool) -> int:

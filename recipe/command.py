@@ -41,14 +41,11 @@ def check_stage_checkpoints(plans, state: dict, test_lock: bool = True) -> None:
     """The checkpoint directory of each stage still to run (`state`: the runner's check_state; a finished stage is
     skipped by the runner and claims nothing), as its runs will claim it (every run of a stage saves:
     recipe/plan.py position_job), once per directory and claim."""
-    import copy
     from engine.checkpoint.checkpointer import check_job_checkpoints
     to_run = [p for p in plans if not state["stages"].get(p.stage.name, {}).get("done")]
     claims = {(p.job.checkpoint.dir, p.job.checkpoint.on_foreign, p.job.checkpoint.resume): p for p in to_run}
     for plan in claims.values():
-        job = copy.deepcopy(plan.job)
-        job.checkpoint.every = max(1, job.checkpoint.every)
-        check_job_checkpoints(job, test_lock)
+        check_job_checkpoints(plan.job, test_lock, saves=True)
 
 
 def _run_here(recipe) -> int:

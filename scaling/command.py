@@ -117,25 +117,13 @@ def _slurm(args: argparse.Namespace, cfg, sweep: Path, plan: dict) -> int:
 def _script_path(args: argparse.Namespace, sweep: Path) -> Path:
     """--out (default <sweep>/array.sbatch): new, or an earlier array script, in a directory that can be made."""
     from engine.config_checks import check_directory
+    from launch.slurm import is_rendered_script
     from scaling.runs import ARRAY_SCRIPT_MARK
     out = Path(args.out or sweep / "array.sbatch")
-    if out.exists() and not _is_array_script(out, ARRAY_SCRIPT_MARK):
+    if out.exists() and not is_rendered_script(out, ARRAY_SCRIPT_MARK):
         raise HerdError(f"--out {out}: exists and is not a herd scaling array script; choose another path")
     check_directory(str(out.parent), "--out")
     return out
-
-
-def _is_array_script(path: Path, mark: str) -> bool:
-    """A regular file whose second line is the mark. Only a regular file is opened (a FIFO at --out would block the
-    read forever, a device never end it), and only its first two lines are read (--out may name any big file)."""
-    if not path.is_file():
-        return False
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            f.readline(4096)
-            return f.readline(4096).rstrip("\r\n") == mark
-    except OSError:  # unreadable: not known to be ours, so never replaced
-        return False
 
 
 def _finished_runs(args: argparse.Namespace, sweep: Path, plan: dict) -> list:

@@ -289,10 +289,12 @@ def checkpoint_root(checkpoint_dir: str, run_dir: Path) -> Path:
     return Path(checkpoint_dir) if checkpoint_dir else run_dir / "checkpoints"
 
 
-def check_job_checkpoints(cfg, test_lock: bool = True) -> None:
+def check_job_checkpoints(cfg, test_lock: bool = True, saves: Optional[bool] = None) -> None:
     """A launcher's check of the job's checkpoint directory before any rank starts (ownership.check_before_launch):
-    the root and lineage as engine/run.py's build_trainer claims them."""
+    the root and lineage as engine/run.py's build_trainer claims them. `saves`: whether the run will save, where a
+    runner makes every stage save whatever checkpoint.every says (default: checkpoint.every > 0)."""
     c = cfg.checkpoint
     store = CheckpointStore(checkpoint_root(c.dir, Path(cfg.log.run_dir) / cfg.log.name), c.keep_last,
                             lineage=cfg.log.name)
-    check_before_launch(store, c.on_foreign, c.resume, c.every > 0, bool(c.dir), test_lock)
+    check_before_launch(store, c.on_foreign, c.resume, c.every > 0 if saves is None else saves, bool(c.dir),
+                        test_lock)

@@ -178,6 +178,11 @@ def _placement(store: CheckpointStore, foreign: Dict[int, Optional[str]],
     return beside, use_beside, beside.complete_steps() if use_beside else store.complete_steps()
 
 
+def _refuse_symlink(root: Path) -> None:
+    if root.is_symlink():
+        raise CheckpointError(f"{root}: is a symlink; a checkpoint directory must be a plain directory")
+
+
 def _refuse_fresh_start(root: Path, lineage: str, own: List[int]) -> None:
     raise CheckpointError(f"{root}: holds checkpoints of this run '{lineage}' (steps {own[0]}-{own[-1]}) and "
                           f"checkpoint.resume=never would train over them from step 0; resume them "
@@ -193,8 +198,7 @@ def check_before_launch(store: CheckpointStore, on_foreign: str, resume: str, wr
     as a run that does not save tests it); rank 0's claim still decides, since the directory can change in
     between. `test_lock=False` for a job that starts later (a SLURM submission)."""
     root = store.root
-    if root.is_symlink():
-        raise CheckpointError(f"{root}: is a symlink; a checkpoint directory must be a plain directory")
+    _refuse_symlink(root)
     if not root.is_dir():
         return
     if test_lock:
@@ -215,8 +219,7 @@ def claim_directory(store: CheckpointStore, on_foreign: str, resume: str, writes
     refuse a fresh start among the run's own checkpoints. Changes `store.root` to the claimed root; raises
     CheckpointError (one line)."""
     root = store.root
-    if root.is_symlink():
-        raise CheckpointError(f"{root}: is a symlink; a checkpoint directory must be a plain directory")
+    _refuse_symlink(root)
     claim = Claim(root)
     lock = DirectoryLock(root)
     try:
