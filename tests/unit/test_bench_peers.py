@@ -191,6 +191,11 @@ def test_check_sh_dry_run_prints_every_stage_in_order_with_its_cap(tmp_path):
     fused = next(line for line in text.splitlines() if line.startswith("stage fused:"))
     assert "--accum 8" in fused and "herd-bf16-fused-compile" in fused and "herd-fp8-fused-compile" in fused
     assert "DEADLINE=480 s" in text
+    tests_line = next(line for line in text.splitlines() if line.startswith("stage tests:"))
+    files = [word.rsplit("/", 1)[1] for word in tests_line.split() if word.startswith("tests/gpu/")]
+    assert len(files) == len(list((ROOT / "tests" / "gpu").glob("test_*.py")))  # every GPU test file, once
+    kernel_files = [name.startswith("test_kernel_") for name in files]
+    assert kernel_files == sorted(kernel_files, reverse=True)  # the csrc kernels' tests before the training runs
     peers_line = next(line for line in text.splitlines() if line.startswith("stage peers:"))
     assert "cap 170 s" in peers_line and "benchmarks.peers" in peers_line and "--accum 8" in peers_line
     assert "--peers hf-liger,hf-compile,titan-compile,megatron-local,titan-fp8" in peers_line
