@@ -346,15 +346,16 @@ def build_parser() -> argparse.ArgumentParser:
     align = sub.add_parser("align", help="run a post-training pipeline (SFT, reward model, rejection sampling, "
                                          "DPO; docs/alignment.md); finished stages are skipped on a rerun")
     align.add_argument("pipeline", help="pipeline YAML (configs/align_demo.yaml)")
-    align.add_argument("overrides", nargs="*", help="pipeline overrides, e.g. rounds=2 run_dir=runs/a")
+    align.add_argument("overrides", nargs="*", help="pipeline overrides, e.g. rounds=2 run_dir=runs/a, or one "
+                       "stage's field: stages.NAME.KEY=VALUE (docs/alignment.md)")
     align.add_argument("--nproc", type=int, help="run every stage on this many local ranks (docs/launch.md)")
     align.set_defaults(func=_align)
 
     recipe = sub.add_parser("recipe", help="run a staged pretraining recipe (ramps, mix changes, long context with "
                                            "gates, annealing and checkpoint averaging) as one resumable run")
     recipe.add_argument("recipe", help="recipe YAML (configs/recipes/)")
-    recipe.add_argument("overrides", nargs="*", help="recipe overrides, e.g. run_dir=runs/r total_tokens=2e9 (stages "
-                        "are changed in the YAML: an override replaces a whole list)")
+    recipe.add_argument("overrides", nargs="*", help="recipe overrides, e.g. run_dir=runs/r total_tokens=2e9, or one "
+                        "stage's field: stages.NAME.KEY=VALUE (or stages.INDEX.KEY=VALUE; docs/recipe.md)")
     recipe.add_argument("--nproc", type=int, help="run every stage on this many local ranks")
     recipe.add_argument("--print-config", action="store_true", help="print the stage table and exit")
     recipe.add_argument("--world-size", type=int, help="with --print-config: check the stages' layouts for this "
