@@ -77,6 +77,11 @@ def check_prepared_with(datasets: List[DatasetConfig], tokenizer: Tokenizer) -> 
             raise ConfigError("data.tokenizer", f"{ds.path} was prepared with {meta.get('tokenizer')} "
                               f"(vocab {meta.get('vocab_size')}, end-of-document id {meta.get('eod_id')}) but the "
                               f"config loads {tokenizer.name} (vocab {tokenizer.vocab_size}, id {tokenizer.eod_id})")
+        # the same sizes, other tokens (a BPE trained on other text): summaries since 2026-12-07 record the mapping
+        if "vocab_sha256" in meta and meta["vocab_sha256"] != tokenizer.vocab_fingerprint:
+            raise ConfigError("data.tokenizer", f"{ds.path} was prepared with {meta.get('tokenizer')}, whose "
+                              f"tokens differ from those of {tokenizer.name} (same vocabulary size "
+                              f"{tokenizer.vocab_size}, another token -> id mapping: vocab_sha256 in {ds.path}.json)")
 
 
 def check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:

@@ -9,7 +9,7 @@ import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from engine.errors import HerdError
+from engine.errors import ConfigError, HerdError
 from engine.secrets import scrub
 
 EXIT_USAGE = 2
@@ -94,8 +94,22 @@ def _recipe(args: argparse.Namespace) -> int:
 
 
 def _prepare_data(args: argparse.Namespace) -> int:
+    try:
+        return _prepare_data_checked(args)
+    except OSError as e:  # a name too long, a path under /proc, ...: the file and the system's reason, one line
+        where = e.filename if e.filename is not None else "--out"
+        raise HerdError(f"{os.fsdecode(where)}: {e.strerror or e}") from None
+    except ConfigError as e:  # the tokenizer's checks name the training key; here the flag is what was given
+        flag = {"data.tokenizer.path": "--tokenizer-path", "data.tokenizer.kind": "--tokenizer"}.get(e.key)
+        if flag is None:
+            raise
+        raise HerdError(flag + str(e)[len(e.key):]) from None
+
+
+def _prepare_data_checked(args: argparse.Namespace) -> int:
     from engine.config import TokenizerConfig
-    from engine.data.prepare import DEFAULT_PATTERNS, PrepareReport, list_inputs, prepare_data, read_documents
+    from engine.data.prepare import (DEFAULT_PATTERNS, PrepareReport, list_inputs, output_files, prepare_data,
+                                     read_documents)
     from engine.data.tokenizer import load_tokenizer
     _check_prepare_args(args)
     patterns = tuple(args.include) if args.include else DEFAULT_PATTERNS
@@ -103,7 +117,7 @@ def _prepare_data(args: argparse.Namespace) -> int:
                   patterns=patterns, exclude=tuple(args.exclude))
     if args.train_tokenizer:
         report = PrepareReport()
-        files = list_inputs(args.inputs, patterns, tuple(args.exclude))
+        files = list_inputs(args.inputs, patterns, tuple(args.exclude), output_files(args.out, args.valid_fraction))
         documents = list(read_documents(files, args.text_key, args.on_bad_data, report))
         if not documents:
             raise HerdError(f"no documents with text in {', '.join(args.inputs)}")
@@ -153,24 +167,28 @@ def _check_prepare_args(args: argparse.Namespace) -> None:
                             f"prepared with it would no longer match it): choose a new path or remove it")
     elif args.tokenizer == "hf" and not args.tokenizer_path:
         raise HerdError("--tokenizer hf needs --tokenizer-path TOKENIZER.json (or --train-tokenizer to make one)")
+    if os.path.basename(args.out) in ("", ".", ".."):  # out/ would write out.bin beside the directory
+        raise HerdError(f"--out {args.out}: expected a file-name prefix (PREFIX gives PREFIX.bin, PREFIX.idx and "
+                        f"PREFIX.json), not a directory")
     check_directory(str(Path(args.out).parent), "--out")
     if args.train_tokenizer:
         check_directory(str(Path(args.tokenizer_path).parent), "--tokenizer-path")
-    for prefix in ([f"{args.out}.train", f"{args.out}.valid"] if args.valid_fraction > 0 else [args.out]):
+    from engine.data.prepare import output_prefixes
+    for prefix in output_prefixes(args.out, args.valid_fraction):
         _check_prefix_is_ours(prefix)
 
 
 def _check_prefix_is_ours(prefix: str) -> None:
     """PREFIX.bin/.idx/.json may be replaced only when they are an earlier `herd prepare-data` output (its
     sidecar PREFIX.json says so); any other file there is the user's (R21)."""
-    import json
     paths = [Path(f"{prefix}{ext}") for ext in (".bin", ".idx", ".json")]
     if not any(p.exists() or p.is_symlink() for p in paths):
         return
-    try:
-        meta = json.loads(paths[2].read_text())
-        ours = isinstance(meta, dict) and {"tokenizer", "vocab_size", "eod_id"} <= set(meta)
-    except (OSError, ValueError):
+    from engine.data.indexed import read_sidecar
+    try:  # the summary training reads, with the fields only prepare-data writes
+        meta = read_sidecar(prefix)
+        ours = meta is not None and isinstance(meta.get("inputs"), list)
+    except HerdError:
         ours = False
     if not ours or any(p.is_symlink() or (p.exists() and not p.is_file()) for p in paths):
         taken = next(p for p in paths if p.exists() or p.is_symlink())

@@ -12,7 +12,9 @@ mismatched pair is never read as garbage.
 
 import json
 import os
+import re
 import struct
+import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, TypeVar
 
@@ -47,23 +49,36 @@ def _code_of(dtype: type) -> int:
     return next(code for code, dt in _DTYPE_CODES.items() if dt == dtype)
 
 
-def _fsync_write(path: Path, chunks: List[bytes]) -> None:
-    with open(path, "wb") as f:
-        for chunk in chunks:
-            f.write(chunk)
-        f.flush()
-        os.fsync(f.fileno())
+def _fsync_write(file, chunks: List[bytes]) -> None:
+    for chunk in chunks:
+        file.write(chunk)
+    file.flush()
+    os.fsync(file.fileno())
+
+
+def _exclusive_temporary(final: Path):
+    """A new file beside `final` under a name no one else holds (O_EXCL: never an existing file, never through a
+    symlink), opened for binary writing; (open file, its path)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
+    except OSError as e:  # said of the file being written, not of a random temporary name
+        raise OSError(e.errno, e.strerror, str(final)) from None
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would keep the data from the rest of a cluster's users
+    return os.fdopen(fd, "wb"), Path(name)
 
 
 class IndexedWriter:
-    """Appends documents, then writes both files at once (temp names, fsync, rename: never a half pair)."""
+    """Appends documents, then writes both files at once (temp names, fsync, rename: never a half pair). The
+    temporary files are created exclusively under fresh names, so a file or symlink the user keeps beside the
+    output is never written through or removed (R21)."""
 
     def __init__(self, prefix: str, dtype: type):
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype).type
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
-        self._bin_tmp = self.prefix.with_name(self.prefix.name + ".bin.tmp")
-        self._bin = open(self._bin_tmp, "wb")
+        self._bin, self._bin_tmp = _exclusive_temporary(Path(f"{self.prefix}.bin"))
         self.sizes: List[int] = []
 
     def add_document(self, tokens: np.ndarray) -> None:
@@ -75,19 +90,53 @@ class IndexedWriter:
         self._bin.close()
         self._bin_tmp.unlink(missing_ok=True)
 
-    def finalize(self) -> None:
-        self._bin.flush()
-        os.fsync(self._bin.fileno())
-        self._bin.close()
-        sizes = np.asarray(self.sizes, dtype=np.int32)
-        pointers = np.zeros(len(sizes), dtype=np.int64)
-        pointers[1:] = np.cumsum(sizes[:-1], dtype=np.int64) * np.dtype(self.dtype).itemsize
-        doc_index = np.arange(len(sizes) + 1, dtype=np.int64)
-        header = _HEADER.pack(_MAGIC, 1, _code_of(self.dtype), len(sizes), len(doc_index))
-        idx_tmp = self.prefix.with_name(self.prefix.name + ".idx.tmp")
-        _fsync_write(idx_tmp, [header, sizes.tobytes(), pointers.tobytes(), doc_index.tobytes()])
-        os.replace(self._bin_tmp, f"{self.prefix}.bin")
-        os.replace(idx_tmp, f"{self.prefix}.idx")
+    def finalize(self, sidecar: Optional[Dict[str, Any]] = None) -> None:
+        """Write the index (and `sidecar` as PREFIX.json, the summary training checks the pair against), then move
+        them into place: an old summary is removed first, so a crash between the renames leaves a pair without
+        a summary, never a new pair described by an old one."""
+        temporaries = [self._bin_tmp]
+        try:
+            _fsync_write(self._bin, [])
+            self._bin.close()
+            sizes = np.asarray(self.sizes, dtype=np.int32)
+            pointers = np.zeros(len(sizes), dtype=np.int64)
+            pointers[1:] = np.cumsum(sizes[:-1], dtype=np.int64) * np.dtype(self.dtype).itemsize
+            doc_index = np.arange(len(sizes) + 1, dtype=np.int64)
+            header = _HEADER.pack(_MAGIC, 1, _code_of(self.dtype), len(sizes), len(doc_index))
+            idx, idx_tmp = _exclusive_temporary(Path(f"{self.prefix}.idx"))
+            temporaries.append(idx_tmp)
+            with idx:
+                _fsync_write(idx, [header, sizes.tobytes(), pointers.tobytes(), doc_index.tobytes()])
+            if sidecar is not None:
+                meta, meta_tmp = _exclusive_temporary(Path(f"{self.prefix}.json"))
+                temporaries.append(meta_tmp)
+                with meta:
+                    _fsync_write(meta, [(json.dumps(sidecar, indent=2, allow_nan=False) + "\n").encode()])
+                Path(f"{self.prefix}.json").unlink(missing_ok=True)
+            os.replace(self._bin_tmp, f"{self.prefix}.bin")
+            os.replace(idx_tmp, f"{self.prefix}.idx")
+            if sidecar is not None:
+                os.replace(meta_tmp, f"{self.prefix}.json")
+        finally:
+            self._bin.close()
+            for path in temporaries:
+                path.unlink(missing_ok=True)
+
+
+def require_file(path: Path, hint: str) -> None:
+    """A DataError naming `path` unless it is a regular file (or a symlink to one): missing, a directory, a FIFO or
+    device (which a read would block on or never finish), or a name the system refuses (too long, say)."""
+    try:
+        if path.is_file():
+            return
+        exists = path.exists()
+    except OSError as e:  # Path.is_file re-raises ENAMETOOLONG and the like
+        raise DataError(f"{path}: {e.strerror or e}") from None
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a file ({hint})")
+    if exists:
+        raise DataError(f"{path}: not a regular file (a FIFO, device or socket; {hint})")
+    raise DataError(f"{path}: file not found ({hint})")
 
 
 class IndexedDataset:
@@ -97,8 +146,7 @@ class IndexedDataset:
         self.prefix = str(prefix)
         self.idx_path, self.bin_path = Path(f"{prefix}.idx"), Path(f"{prefix}.bin")
         for path in (self.idx_path, self.bin_path):
-            if not path.is_file():
-                raise DataError(f"{path}: file not found (write it with `herd prepare-data`)")
+            require_file(path, "write it with `herd prepare-data`")
         self._read_index()
         try:
             self.tokens = np.memmap(self.bin_path, dtype=self.dtype, mode="r")
@@ -208,8 +256,12 @@ def read_sidecar(prefix: str) -> Optional[Dict[str, Any]]:
     """PREFIX.json as a checked dictionary, or None when there is none (token files from elsewhere). Anything
     malformed is one DataError naming the file and the key."""
     path = Path(f"{prefix}.json")
-    if not path.is_file():
-        return None
+    try:
+        if not path.exists():
+            return None
+    except OSError as e:
+        raise DataError(f"{path}: {e.strerror or e}") from None
+    require_file(path, "expected the JSON summary that `herd prepare-data` writes")
     try:
         meta = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
@@ -236,6 +288,9 @@ def read_sidecar(prefix: str) -> Optional[Dict[str, Any]]:
         if key in meta and (type(meta[key]) is not int or meta[key] < 0):
             raise DataError(f"{path}: {key}: expected a non-negative integer, got {json_type(meta[key])} "
                             f"{json.dumps(meta[key])[:40]}")
+    if "vocab_sha256" in meta and not (isinstance(meta["vocab_sha256"], str)
+                                       and re.fullmatch("[0-9a-f]{64}", meta["vocab_sha256"])):
+        raise DataError(f"{path}: vocab_sha256: expected 64 hex digits, got {json.dumps(meta['vocab_sha256'])[:70]}")
     if meta["eod_id"] >= meta["vocab_size"]:
         raise DataError(f"{path}: eod_id: {meta['eod_id']} is outside vocab_size {meta['vocab_size']}")
     return meta

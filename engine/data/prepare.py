@@ -11,12 +11,13 @@ is stable when files are added.
 
 import fnmatch
 import json
+import os
 import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -55,19 +56,43 @@ class PrepareReport:
         return "; ".join(parts) + f"; skipped: {skipped}{where}"
 
 
-def list_inputs(inputs: List[str], patterns=DEFAULT_PATTERNS, exclude: Tuple[str, ...] = ()) -> List[Path]:
-    """Files named directly, plus files under named directories matching `patterns`; sorted, deterministic."""
+def output_prefixes(out_prefix: str, valid_fraction: float) -> List[str]:
+    """The pairs a run writes: PREFIX, or PREFIX.train and PREFIX.valid."""
+    return [f"{out_prefix}.train", f"{out_prefix}.valid"] if valid_fraction > 0 else [out_prefix]
+
+
+def output_files(out_prefix: str, valid_fraction: float) -> Tuple[str, ...]:
+    return tuple(f"{prefix}{ext}" for prefix in output_prefixes(out_prefix, valid_fraction)
+                 for ext in (".bin", ".idx", ".json"))
+
+
+def list_inputs(inputs: List[str], patterns=DEFAULT_PATTERNS, exclude: Tuple[str, ...] = (),
+                outputs: Tuple[str, ...] = ()) -> List[Path]:
+    """Files named directly, plus files under named directories matching `patterns`; sorted, deterministic. A
+    FIFO, device or socket under a directory is listed too (read_documents counts it, never opens it); the files
+    of `outputs` (the run's own PREFIX.bin/.idx/.json, e.g. from an earlier run into an input directory) are left
+    out; a file named twice (also through its directory) is refused, as it would be tokenized twice."""
     files: List[Path] = []
-    for item in inputs:
+    named: Dict[str, int] = {}  # a file's real path -> the index of the input that named it
+    skip = {os.path.abspath(out) for out in outputs}
+    for index, item in enumerate(inputs):
         path = Path(item)
         if path.is_file():
-            files.append(path)
+            found = [path]
         elif path.is_dir():
-            files += sorted(p for p in path.rglob("*") if p.is_file()
-                            and any(fnmatch.fnmatch(p.name, pat) for pat in patterns)
-                            and not any(fnmatch.fnmatch(str(p.relative_to(path)), ex) for ex in exclude))
+            found = sorted(p for p in path.rglob("*") if not p.is_dir() and os.path.abspath(p) not in skip
+                           and any(fnmatch.fnmatch(p.name, pat) for pat in patterns)
+                           and not any(fnmatch.fnmatch(str(p.relative_to(path)), ex) for ex in exclude))
+        elif path.exists():
+            raise DataError(f"{path}: input is not a regular file or directory (a FIFO, device or socket)")
         else:
             raise DataError(f"{path}: input not found")
+        for file in found:
+            first = named.setdefault(os.path.realpath(file), index)
+            if first != index:
+                raise DataError(f"{file}: input named twice (by {inputs[first]} and by {item}); its documents "
+                                f"would be tokenized twice")
+        files += found
     if not files:
         raise DataError(f"no input files matching {', '.join(patterns)} under {', '.join(inputs)}")
     return files
@@ -102,6 +127,10 @@ def _read(path: Path) -> bytes:
 
 def read_documents(files: List[Path], text_key: str, on_bad_data: str, report: PrepareReport) -> Iterator[Document]:
     for path in files:
+        if not path.is_file():  # found under a directory: reading a FIFO would block, a device never end
+            kind = "a broken symlink" if not path.exists() else "not a regular file (a FIFO, device or socket)"
+            _bad(f"{path}: {kind}", on_bad_data, report, "not_regular_file", path)
+            continue
         raw = _read(path)
         if path.suffix == ".jsonl":
             yield from _jsonl_documents(path, raw, text_key, on_bad_data, report)
@@ -161,30 +190,38 @@ def split_of(source: str, valid_fraction: float) -> str:
     """'valid' for a stable ~valid_fraction share of documents (by CRC of their name), else 'train'."""
     if valid_fraction <= 0:
         return ""
-    return "valid" if zlib.crc32(source.encode()) % 100_000 < valid_fraction * 100_000 else "train"
+        # a file name that is not UTF-8 arrives with surrogate escapes (its raw bytes, as os.fsencode gives them)
+    name = source.encode("utf-8", "surrogateescape")
+    return "valid" if zlib.crc32(name) % 100_000 < valid_fraction * 100_000 else "train"
 
 
 def write_indexed(documents: List[Document], out_prefix: str, tokenizer: Tokenizer, valid_fraction: float,
-                  report: PrepareReport, batch_size: int = 256) -> None:
+                  report: PrepareReport, batch_size: int = 256,
+                  sidecar: Optional[Callable[[str], Dict[str, Any]]] = None) -> None:
+    """Tokenize into PREFIX (or PREFIX.train/.valid) with `sidecar(split)` as each pair's PREFIX.json. Any failure,
+    an interrupt included, leaves none of the outputs changed and no temporary file behind."""
     dtype = token_dtype(tokenizer.vocab_size)
     writers: Dict[str, IndexedWriter] = {}
-    for start in range(0, len(documents), batch_size):
-        batch = documents[start:start + batch_size]
-        for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
-            split = split_of(doc.source, valid_fraction)
-            if split not in writers:
-                writers[split] = IndexedWriter(f"{out_prefix}.{split}" if split else out_prefix, dtype)
-            tokens = np.asarray(ids + [tokenizer.eod_id], dtype=np.int64)
-            writers[split].add_document(tokens)
-            report.documents[split or "all"] = report.documents.get(split or "all", 0) + 1
-            report.tokens[split or "all"] = report.tokens.get(split or "all", 0) + len(tokens)
-    if valid_fraction > 0 and set(writers) != {"train", "valid"}:
+    try:
+        for start in range(0, len(documents), batch_size):
+            batch = documents[start:start + batch_size]
+            for doc, ids in zip(batch, tokenizer.encode_batch([d.text for d in batch])):
+                split = split_of(doc.source, valid_fraction)
+                if split not in writers:
+                    writers[split] = IndexedWriter(f"{out_prefix}.{split}" if split else out_prefix, dtype)
+                tokens = np.asarray(ids + [tokenizer.eod_id], dtype=np.int64)
+                writers[split].add_document(tokens)
+                report.documents[split or "all"] = report.documents.get(split or "all", 0) + 1
+                report.tokens[split or "all"] = report.tokens.get(split or "all", 0) + len(tokens)
+        if valid_fraction > 0 and set(writers) != {"train", "valid"}:
+            raise DataError(f"{out_prefix}: the split left '{'train' if 'train' not in writers else 'valid'}' "
+                            f"empty; use more documents or another --valid-fraction")
+    except BaseException:
         for writer in writers.values():
             writer.abort()
-        raise DataError(f"{out_prefix}: the split left '{'train' if 'train' not in writers else 'valid'}' empty; "
-                        f"use more documents or another --valid-fraction")
+        raise
     for split, writer in sorted(writers.items()):
-        writer.finalize()
+        writer.finalize(sidecar(split or "all") if sidecar is not None else None)
         report.outputs.append(str(writer.prefix))
 
 
@@ -200,14 +237,14 @@ def prepare_data(inputs: List[str], out_prefix: str, tokenizer: Tokenizer, *, te
     """
     report = report or PrepareReport()
     if documents is None:
-        documents = list(read_documents(list_inputs(inputs, patterns, exclude), text_key, on_bad_data, report))
+        files = list_inputs(inputs, patterns, exclude, output_files(out_prefix, valid_fraction))
+        documents = list(read_documents(files, text_key, on_bad_data, report))
     if not documents:
         raise DataError(f"no documents with text in {', '.join(inputs)}")
-    write_indexed(documents, out_prefix, tokenizer, valid_fraction, report)
-    for prefix in report.outputs:  # one summary beside each pair; training checks the tokenizer against it
-        split = prefix[len(out_prefix) + 1:] or "all"
-        meta = {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id,
-                "documents": report.documents[split], "tokens": report.tokens[split],
+
+    def sidecar(split: str) -> Dict[str, Any]:  # one summary per pair; training checks the tokenizer against it
+        return {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id,
+                "vocab_sha256": tokenizer.vocab_fingerprint, "documents": report.documents[split], "tokens": report.tokens[split],
                 "skipped": report.skips.as_dict(), "inputs": list(inputs)}
-        Path(f"{prefix}.json").write_text(json.dumps(meta, indent=2, allow_nan=False) + "\n")
+    write_indexed(documents, out_prefix, tokenizer, valid_fraction, report, sidecar=sidecar)
     return report

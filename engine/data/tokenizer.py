@@ -5,7 +5,9 @@ The Llama 3 tokenizer is the tiktoken BPE file that the `llama-models` wheel shi
 copies it into the repository.
 """
 
+import hashlib
 import importlib.util
+import json
 from pathlib import Path
 from typing import Iterable, List, Protocol
 
@@ -27,6 +29,7 @@ LLAMA3_VOCAB_SIZE = 128256
 
 class Tokenizer(Protocol):
     name: str
+    vocab_fingerprint: str  # sha256 of the token -> id mapping (PREFIX.json vocab_sha256)
     vocab_size: int
     bos_id: int
     eod_id: int
@@ -41,8 +44,12 @@ class HFTokenizer:
 
     def __init__(self, path: str):
         from tokenizers import Tokenizer as _Tok
-        if not Path(path).is_file():
-            raise ConfigError("data.tokenizer.path", f"{path}: tokenizer file not found")
+        from engine.data.indexed import require_file
+        try:  # missing, a directory, a FIFO, a name too long: each said as such
+            require_file(Path(path), "expected a tokenizers tokenizer.json")
+        except DataError as e:
+            raise ConfigError("data.tokenizer.path", str(e).replace(": file not found", ": tokenizer file not found")
+                              ) from None
         try:
             self._tok = _Tok.from_file(str(path))
         except Exception as e:
@@ -54,6 +61,12 @@ class HFTokenizer:
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
         self.bos_id = self._required_id("<|begin_of_text|>", path)
         self.eod_id = self._required_id("<|end_of_text|>", path)
+
+    @property
+    def vocab_fingerprint(self) -> str:
+        """sha256 of the token -> id mapping: what token files prepared with this tokenizer mean. Files that
+        merely differ in formatting or normalization settings share it; a BPE trained on other text does not."""
+        return _fingerprint(sorted(self._tok.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1]))
 
     def _required_id(self, token: str, path: str) -> int:
         token_id = self._tok.token_to_id(token)
@@ -109,11 +122,18 @@ class Llama3Tokenizer:
                     for i in range(LLAMA3_VOCAB_SIZE - len(ranks))}
         self._enc = tiktoken.Encoding(name="llama3", pat_str=_LLAMA3_PATTERN, mergeable_ranks=ranks,
                                       special_tokens=specials)
-        self.specials = specials
+        self.specials, self._ranks = specials, ranks
         self.name = "llama3"
         self.vocab_size = len(ranks) + len(specials)
         self.bos_id = specials["<|begin_of_text|>"]
         self.eod_id = specials["<|end_of_text|>"]
+
+    @property
+    def vocab_fingerprint(self) -> str:
+        """sha256 of the token -> id mapping (the byte strings as Latin-1 text, then the special tokens)."""
+        ranks = sorted(self._ranks.items(), key=lambda item: item[1])
+        return _fingerprint([(token.decode("latin-1"), rank) for token, rank in ranks] +
+                            sorted(self.specials.items(), key=lambda item: item[1]))
 
     def encode_batch(self, texts: List[str]) -> List[List[int]]:
         return self._enc.encode_ordinary_batch(texts, num_threads=2)
@@ -123,6 +143,10 @@ class Llama3Tokenizer:
 
     def token_id(self, token: str) -> int:
         return self.specials[token]
+
+
+def _fingerprint(pairs: List) -> str:
+    return hashlib.sha256(json.dumps(pairs, ensure_ascii=True).encode()).hexdigest()
 
 
 def load_tokenizer(cfg: TokenizerConfig) -> "Tokenizer":

@@ -139,7 +139,7 @@ def test_sigterm_saves_and_exits_with_the_requeue_code(tmp_path):
     assert "resumed from" in again.stdout
 
 
-@pytest.mark.slow  # failed once of three runs (the relaunch's rank 0 aborted, exit -6; not yet understood)
+@pytest.mark.slow  # ~100 s; aborted once (exit -6) before end_rank_process, 7 of 7 since (docs/checkpointing.md)
 def test_rank_killed_between_backward_and_step_resumes_bitwise(tmp_path):
     """R2: SIGKILL one of two ranks after its backward of step 3, before the optimizer step: the job ends (no
     hang), and launching it again resumes from the step-2 checkpoint with per-step losses bitwise equal to an
