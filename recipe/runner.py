@@ -27,7 +27,7 @@ from engine.config import RecipeConfig
 from engine.errors import ConfigError
 from engine.secrets import scrub
 from engine.train_module import fault_point
-from recipe.averaging import anneal_steps
+from recipe.averaging import HF, AVERAGED, anneal_save_count
 from recipe.plan import (TRAIN_NAME, Position, StagePlan, anneal_span, data_stage, effective_every, position_job,
                          schedule_horizon, static_plan, tokens_per_step, warmup_tokens)
 from recipe import gates
@@ -56,14 +56,17 @@ def _from_rank0(work):
 # What the data stream of every stage must share: the stream replays earlier stages with today's values
 # (engine/data/stages.py), and which documents a tokenizer or vocabulary leaves out changes the stream.
 FIXED_DATA_KEYS = ("data.seed", "data.on_bad_data", "data.tokenizer.kind", "data.tokenizer.path", "model.vocab_size")
+# What every stage's checkpoint must fit: the model's shape (RoPE and its length may change: long context)
+FIXED_MODEL_KEYS = tuple(f"model.{k}" for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps"))
 
 
 def check_fixed_data(first: StagePlan, plan: StagePlan) -> None:
-    for key in FIXED_DATA_KEYS:
+    for key in FIXED_DATA_KEYS + FIXED_MODEL_KEYS:
         ours, theirs = _dotted(plan.job, key), _dotted(first.job, key)
         if ours != theirs:
+            why = "reads one data stream" if key in FIXED_DATA_KEYS else "trains one model (its checkpoints)"
             raise ConfigError(f"stages.{plan.stage.name}", f"{key}={ours} differs from stage {first.stage.name}'s "
-                              f"{theirs}: every stage of a recipe reads one data stream, keep it the same")
+                              f"{theirs}: every stage of a recipe {why}, keep it the same")
 
 
 def _dotted(obj, key: str):
@@ -98,7 +101,7 @@ class RecipeRunner:
         plans = static_plan(self.recipe, self.world_size)
         for plan in plans:
             gates.check_stage(plan)
-            saves = len(anneal_steps(0, plan.steps, effective_every(plan)))
+            saves = anneal_save_count(plan.steps, effective_every(plan))
             if plan.stage.average and saves < 2:
                 raise ConfigError(f"stages.{plan.stage.name}.average", f"the stage saves {saves} checkpoint(s) in "
                                   f"its {plan.steps} steps (checkpoint.every={plan.job.checkpoint.every}); an average "
@@ -111,13 +114,15 @@ class RecipeRunner:
         return plans
 
     def load_state(self) -> dict:
-        if not self.state_path.is_file():
+        if not (self.state_path.exists() or self.state_path.is_symlink()):
             return {"recipe": self.recipe.name, "stages": {}}
         try:
+            if not self.state_path.is_file():  # a directory, a FIFO (a read would block), a device, a broken link
+                raise ValueError(STATE)
             state = json.loads(self.state_path.read_text())
             if not isinstance(state.get("stages"), dict) or not all(map(_well_formed, state["stages"].values())):
                 raise ValueError(STATE)
-        except (ValueError, AttributeError, RecursionError):
+        except (ValueError, AttributeError, RecursionError, OSError):
             raise ConfigError("run_dir", f"{self.state_path} is not a recipe state file herd wrote: move it away or "
                                          f"use another run_dir") from None
         if state.get("recipe") != self.recipe.name:
@@ -144,8 +149,10 @@ class RecipeRunner:
                 self.say(f"stage {plan.stage.name}: finished earlier (steps {record['start']['step']} to "
                          f"{record['end']['step']}), skipped")
             else:
-                record = record or {"start": asdict(position), "chunks": [], "done": False}
-                state["stages"][plan.stage.name] = record
+                if record is None:  # on disk before the stage's first checkpoint: the run directory is this recipe's
+                    record = {"start": asdict(position), "chunks": [], "done": False}
+                    state["stages"][plan.stage.name] = record
+                    self.save_state(state)
                 self.run_stage(plan, state, record, history, horizon, warmup)
             history.append(data_stage(plan.job, Position(**record["start"])))
             position = Position(**record["end"])
@@ -153,8 +160,10 @@ class RecipeRunner:
         return state
 
     def check_state(self, plans: List[StagePlan]) -> dict:
-        """The state file of an earlier run of this recipe, checked against today's plan (one line if it differs)."""
+        """The state file of an earlier run of this recipe, checked against today's plan (one line if it differs),
+        and the run directory's other contents: nothing of another run may be resumed or replaced."""
         state, position = self.load_state(), Position()
+        self.check_run_dir(plans, state)
         for plan in plans:
             record = state["stages"].get(plan.stage.name)
             self.check_unchanged(plan, record, position)
@@ -162,6 +171,29 @@ class RecipeRunner:
                 break
             position = Position(**record["end"])
         return state
+
+    def check_run_dir(self, plans: List[StagePlan], state: dict) -> None:
+        """Before any stage runs: a state naming stages the recipe no longer has (renamed: its new name would
+        start over at step 0 on the old checkpoints), checkpoints without this recipe's state (a plain run saved
+        as `train` there, or a state file removed), and an `averaged` or `hf` directory this recipe did not write
+        (the end of the recipe replaces its own)."""
+        gone = sorted(set(state["stages"]) - {plan.stage.name for plan in plans})
+        if gone:
+            raise ConfigError("stages", f"{self.state_path} records stage(s) {', '.join(gone)}, which the recipe no "
+                                        f"longer names (renamed or removed): use another run_dir")
+        if not state["stages"]:
+            from engine.checkpoint.store import CheckpointStore
+            root = checkpoint_root(plans[0].job.checkpoint.dir, self.run_dir / TRAIN_NAME)
+            steps = CheckpointStore(root, lineage=TRAIN_NAME).complete_steps() if root.is_dir() else []
+            if steps:
+                raise ConfigError("run_dir", f"{root} holds checkpoints (step {steps[-1]}) but {self.run_dir} has "
+                                             f"no {STATE}: not this recipe's run; use another run_dir")
+        for name, wanted in ((AVERAGED, plans[-1].stage.average), (HF, self.recipe.export_hf)):
+            out = self.run_dir / name
+            if wanted and name not in state and state.get("writing") != name and (out.exists() or out.is_symlink()):
+                raise ConfigError("run_dir", f"{out} exists and this recipe did not write it (it writes its "
+                                             f"{'average' if name == AVERAGED else 'export'} there): move it away "
+                                             f"or use another run_dir")
 
     def check_unchanged(self, plan: StagePlan, record: Optional[dict], position: Position) -> None:
         """A recipe edited after its stages ran would continue from positions another plan made: refuse it."""
@@ -171,6 +203,10 @@ class RecipeRunner:
         if Position(**record["start"]) != position:
             raise ConfigError(key, f"{self.state_path} has this stage starting at {record['start']}, the recipe "
                                    f"now at {asdict(position)}: an earlier stage changed; use another run_dir")
+        if record.get("done") and "blend" in record and record["blend"] != blend_of(plan.job):
+            raise ConfigError(f"{key}.overrides", f"finished on the blend {record['blend']}; the recipe now says "
+                                                  f"{blend_of(plan.job)} (later stages replay this stage's data "
+                                                  f"from it): use another run_dir")
         if record.get("done") and (record.get("tokens_per_step"), record.get("seq_len")) != (
                 tokens_per_step(plan.job), plan.job.data.seq_len):
             raise ConfigError(key, f"finished with {record.get('tokens_per_step')} tokens per step at sequence length "
@@ -206,6 +242,7 @@ class RecipeRunner:
             if end >= budget_end or (plan.stage.gate.enabled and passed):
                 record["end"], record["done"] = asdict(start.after(end - start.step, job)), True
                 record["tokens_per_step"], record["seq_len"] = tokens_per_step(job), job.data.seq_len
+                record["blend"] = blend_of(job)
             if gate is not None:
                 self.say(gates.describe(plan.stage, gate, record["done"]))
             self.save_state(state)
@@ -213,25 +250,45 @@ class RecipeRunner:
             if record["done"]:
                 return
 
+    def mark_writing(self, state: dict, name: str) -> None:
+        """Record that <run_dir>/NAME is being written (a kill before its result is recorded leaves it to be
+        replaced by the rerun); check_run_dir refused one that was there before, and one appearing since is
+        refused now."""
+        out = self.run_dir / name
+        if state.get("writing") != name and _from_rank0(lambda: out.exists() or out.is_symlink()):
+            raise ConfigError("run_dir", f"{out} exists and this recipe did not write it: move it away or use "
+                                         f"another run_dir")
+        state["writing"] = name
+        self.save_state(state)
+
     def finish(self, plans: List[StagePlan], state: dict) -> None:
         """The anneal stage's average (and the HF export), once; then the table of what each stage did."""
         last = plans[-1]
         record = state["stages"][last.stage.name]
         ckpt_root = checkpoint_root(last.job.checkpoint.dir, self.run_dir / TRAIN_NAME)
-        if last.stage.average and "averaged" not in state:
+        if last.stage.average and AVERAGED not in state:
             from recipe.averaging import average_stage
-            state["averaged"] = average_stage(self.run_dir, ckpt_root, Position(**record["start"]).step,
-                                              Position(**record["end"]).step, effective_every(last))
+            self.mark_writing(state, AVERAGED)  # from here <run_dir>/averaged is this recipe's to replace
+            state[AVERAGED] = average_stage(self.run_dir, ckpt_root, Position(**record["start"]).step,
+                                            Position(**record["end"]).step, effective_every(last))
+            state.pop("writing")
             self.save_state(state)
-            self.say(f"averaged {len(state['averaged']['sources'])} annealing checkpoints into "
-                     f"{state['averaged']['root']}")
-        if self.recipe.export_hf and "hf" not in state:
+            self.say(f"averaged {len(state[AVERAGED]['sources'])} annealing checkpoints into "
+                     f"{state[AVERAGED]['root']}")
+        if self.recipe.export_hf and HF not in state:
             from recipe.averaging import export_final
-            state["hf"] = export_final(self.run_dir, state.get("averaged"), ckpt_root)
+            self.mark_writing(state, HF)
+            state[HF] = export_final(self.run_dir, state.get(AVERAGED), ckpt_root)
+            state.pop("writing")
             self.save_state(state)
-            self.say(f"exported {state['hf']} (transformers: AutoModelForCausalLM.from_pretrained)")
+            self.say(f"exported {state[HF]} (transformers: AutoModelForCausalLM.from_pretrained)")
         for line in gates.summary(plans, state, self.run_dir / TRAIN_NAME):
             self.say(line)
+
+
+def blend_of(job) -> list:
+    """A stage's training blend as the state records it: [[path, weight], ...]."""
+    return [[ds.path, ds.weight] for ds in job.data.train]
 
 
 def run_recipe(recipe: RecipeConfig, stream: Optional[TextIO] = None) -> dict:

@@ -1,0 +1,129 @@
+"""What `herd recipe` refuses in its run directory before any stage runs (found by a bad-input hunt, helper H34):
+a user's `averaged`/`hf` directory there (the recipe's end used to delete it), another run's checkpoints without
+the recipe's state (they were resumed as the first stage), a state file that is a directory, FIFO or device, a
+state naming a stage the recipe no longer has (a rename started over on the old checkpoints), a finished stage's
+blend edited (later stages replay its data), a model shape that changes between stages; and a stage budget of
+1e13 tokens is planned without a set of every step (it hung). The recipe's own outputs are still replaced."""
+
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import pytest
+
+from engine.config import load_recipe
+from engine.errors import ConfigError
+from recipe.plan import tokens_per_step
+from recipe.runner import STATE, RecipeRunner
+
+DEMO = str(Path(__file__).resolve().parents[2] / "configs" / "recipes" / "demo.yaml")
+
+
+def runner_for(run_dir: Path, *overrides: str) -> RecipeRunner:
+    return RecipeRunner(load_recipe(DEMO, [f"run_dir={run_dir}", *overrides]), world_size=2)
+
+
+def finished_state(runner: RecipeRunner, plans, done: int) -> dict:
+    """The state the runner writes after `done` stages, as save_state would."""
+    stages, position = {}, plans[0].start
+    for plan in plans[:done]:
+        end = position.after(plan.steps, plan.job)
+        stages[plan.stage.name] = {"start": asdict(position), "end": asdict(end), "done": True,
+                                   "chunks": [{"end_step": end.step, "gate": None}],
+                                   "tokens_per_step": tokens_per_step(plan.job), "seq_len": plan.job.data.seq_len,
+                                   "blend": [[ds.path, ds.weight] for ds in plan.job.data.train]}
+        position = end
+    return {"recipe": runner.recipe.name, "stages": stages}
+
+
+def write_state(runner: RecipeRunner, state: dict) -> None:
+    runner.run_dir.mkdir(parents=True, exist_ok=True)
+    runner.state_path.write_text(json.dumps(state))
+
+
+def check(runner: RecipeRunner) -> dict:
+    return runner.check_state(runner.plan(check_files=False))
+
+
+@pytest.mark.parametrize("name", ["averaged", "hf"])
+def test_a_users_directory_where_the_recipe_writes_its_end_is_refused_before_any_stage(tmp_path, name):
+    runner = runner_for(tmp_path / "run")
+    (runner.run_dir / name).mkdir(parents=True)
+    (runner.run_dir / name / "notes.txt").write_text("precious\n")
+    with pytest.raises(ConfigError, match=rf"run_dir: .*/run/{name} exists and this recipe did not write it"):
+        check(runner)
+    assert (runner.run_dir / name / "notes.txt").read_text() == "precious\n"
+
+
+def test_the_recipes_own_unfinished_average_is_still_its_to_replace(tmp_path):
+    runner = runner_for(tmp_path / "run")
+    plans = runner.plan(check_files=False)
+    state = finished_state(runner, plans, len(plans))
+    state["writing"] = "averaged"  # killed while averaging: the rerun replaces it
+    write_state(runner, state)
+    (runner.run_dir / "averaged").mkdir()
+    check(runner)
+    runner.mark_writing(state, "averaged")  # and the end of the recipe takes it again
+    state.pop("writing")
+    with pytest.raises(ConfigError, match="averaged exists and this recipe did not write it"):
+        runner.mark_writing(state, "averaged")  # one that appeared without the mark is not
+
+
+def test_checkpoints_without_the_recipes_state_are_not_resumed(tmp_path):
+    from engine.run import build_trainer
+    from tests.helpers import make_corpus, tiny_config
+    corpus = make_corpus(tmp_path / "corpus")
+    run_dir = tmp_path / "run"
+    build_trainer(tiny_config(corpus, run_dir, ["log.name=train", "train.steps=2", "checkpoint.every=2",
+                                                "train.eval_every=0"])).fit()  # a plain run named like the recipe's
+    with pytest.raises(ConfigError, match=r"run_dir: .*/run/train/checkpoints holds checkpoints \(step 2\) but "
+                                          r".*/run has no recipe_state.json: not this recipe's run"):
+        check(runner_for(run_dir))
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "device"])
+def test_a_state_file_that_is_not_a_file_is_refused_without_reading_it(tmp_path, kind):
+    import os
+    runner = runner_for(tmp_path / "run")
+    runner.run_dir.mkdir(parents=True)
+    {"directory": runner.state_path.mkdir, "fifo": lambda: os.mkfifo(runner.state_path),
+     "device": lambda: runner.state_path.symlink_to("/dev/zero")}[kind]()
+    with pytest.raises(ConfigError, match=rf"run_dir: .*/{STATE} is not a recipe state file herd wrote"):
+        check(runner)
+
+
+def test_a_renamed_finished_stage_is_refused(tmp_path):
+    runner = runner_for(tmp_path / "run")
+    write_state(runner, finished_state(runner, runner.plan(check_files=False), 2))
+    check(runner)  # as it was: fine
+    renamed = runner_for(tmp_path / "run", "stages.ramp-128.name=first")
+    with pytest.raises(ConfigError, match=r"stages: .* records stage\(s\) ramp-128, which the recipe no longer "
+                                          r"names"):
+        check(renamed)
+
+
+def test_a_finished_stages_blend_edited_is_refused(tmp_path):
+    runner = runner_for(tmp_path / "run")
+    write_state(runner, finished_state(runner, runner.plan(check_files=False), 2))
+    edited = runner_for(tmp_path / "run", "stages.ramp-256.overrides=[data.seq_len=256, data.global_batch_size=16, "
+                                          "'data.train=[{path: data/stdlib.train, weight: 0.5}, "
+                                          "{path: data/licenses.train, weight: 0.5}]']")
+    with pytest.raises(ConfigError, match=r"stages\.ramp-256\.overrides: finished on the blend "
+                                          r"\[\['data/stdlib.train', 0.9\], \['data/licenses.train', 0.1\]\]"):
+        check(edited)
+
+
+def test_a_model_shape_change_between_stages_is_refused_when_planned(tmp_path):
+    runner = runner_for(tmp_path / "run", "stages.mix.overrides=[data.seq_len=256, data.global_batch_size=32, "
+                                          "model.ffn_dim=512]")
+    with pytest.raises(ConfigError, match=r"stages\.mix: model\.ffn_dim=512 differs from stage ramp-128's \d+: "
+                                          r"every stage of a recipe trains one model"):
+        runner.plan(check_files=False)
+
+
+def test_a_huge_stage_budget_is_planned_without_listing_its_steps(tmp_path):
+    runner = runner_for(tmp_path / "run", "stages.anneal.tokens=1e15", "stages.anneal.overrides=[data.seq_len=1024, "
+                        "data.global_batch_size=4, data.micro_batch_size=2, parallel.cp=2, parallel.dp_shard=1, "
+                        "checkpoint.every=100000000000]")
+    plans = runner.plan(check_files=False)  # used to build a set of every one of its ~2.4e11 steps
+    assert plans[-1].steps > 10 ** 11
