@@ -14,6 +14,9 @@ def recipe_command(path: str, overrides: List[str], nproc: Optional[int] = None,
                    world_size: Optional[int] = None) -> int:
     from engine.config import load_recipe
     from recipe.runner import RecipeRunner
+    for flag, value in (("--world-size", world_size), ("--nproc", nproc)):
+        if value is not None and value < 1:
+            raise HerdError(f"{flag} must be at least 1, got {value}")
     recipe = load_recipe(path, overrides)
     if print_config:
         from recipe.plan import plan_table
@@ -24,8 +27,6 @@ def recipe_command(path: str, overrides: List[str], nproc: Optional[int] = None,
     if world_size is not None:
         raise HerdError("--world-size goes with --print-config (use --nproc to run on local ranks)")
     if nproc is not None and "WORLD_SIZE" not in os.environ:
-        if nproc < 1:
-            raise HerdError(f"--nproc must be at least 1, got {nproc}")
         runner = RecipeRunner(recipe, world_size=nproc)
         plans = runner.plan()
         state = runner.check_state(plans)  # every stage's job as its ranks will load it, and an earlier run's state

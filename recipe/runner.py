@@ -107,6 +107,8 @@ class RecipeRunner:
                                   f"its {plan.steps} steps (checkpoint.every={plan.job.checkpoint.every}); an average "
                                   f"needs at least 2: set a smaller checkpoint.every in its overrides")
             check_fixed_data(plans[0], plan)
+            if not plan.job.data.train:
+                raise ConfigError(f"stages.{plan.stage.name}", "data.train is empty: the stage has nothing to train on")
             for ds in (plan.job.data.train + plan.job.data.valid) if check_files else []:
                 for suffix in (".bin", ".idx"):
                     if not Path(ds.path + suffix).is_file():

@@ -127,3 +127,12 @@ def test_a_huge_stage_budget_is_planned_without_listing_its_steps(tmp_path):
                         "checkpoint.every=100000000000]")
     plans = runner.plan(check_files=False)  # used to build a set of every one of its ~2.4e11 steps
     assert plans[-1].steps > 10 ** 11
+
+
+def test_print_config_refuses_what_the_run_would_refuse(tmp_path, capfd):
+    from tests.helpers import run_herd
+    assert run_herd(["recipe", DEMO, "--print-config", "--world-size", "0"], capfd) == (
+        2, ["herd: error: --world-size must be at least 1, got 0"])  # was taken as 1
+    code, lines = run_herd(["recipe", DEMO, "--print-config", "--world-size", "2",
+                                "stages.mix.overrides=['data.train=[]']"], capfd)
+    assert (code, lines) == (2, ["herd: error: stages.mix: data.train is empty: the stage has nothing to train on"])
