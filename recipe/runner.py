@@ -151,10 +151,8 @@ class RecipeRunner:
                 self.say(f"stage {plan.stage.name}: finished earlier (steps {record['start']['step']} to "
                          f"{record['end']['step']}), skipped")
             else:
-                if record is None:  # on disk before the stage's first checkpoint: the run directory is this recipe's
-                    record = {"start": asdict(position), "chunks": [], "done": False}
-                    state["stages"][plan.stage.name] = record
-                    self.save_state(state)
+                record = record or {"start": asdict(position), "chunks": [], "done": False}
+                state["stages"][plan.stage.name] = record
                 self.run_stage(plan, state, record, history, horizon, warmup)
             history.append(data_stage(plan.job, Position(**record["start"])))
             position = Position(**record["end"])
@@ -231,6 +229,8 @@ class RecipeRunner:
                                first_chunk=not record["chunks"])
             from engine.run import build_trainer
             trainer = build_trainer(job, self.stream)  # a refusal of the job (its checkpoint directory) is one line
+            if not record["chunks"]:  # on disk before the stage's first checkpoint: the run directory is this recipe's
+                self.save_state(state)
             self.say(f"stage {plan.stage.name} ({plan.stage.kind}): steps {start.step} to {end} of {budget_end}, "
                      f"{tokens_per_step(job):,} tokens per step ({job.data.global_batch_size} x {job.data.seq_len}), "
                      f"starting at {start.tokens:,} tokens")

@@ -116,7 +116,7 @@ RECIPE = [
     Case("recipe_earlier_stage_moved", recipe(), "stages.long",
          _state({"short": _DONE_SHORT, "long": {"start": {"step": 5, "tokens": 1, "samples": 1}, "chunks": [],
                                                 "done": False}})),
-    Case("recipe_checkpoints_of_an_import", recipe(), "weights-only",
+    Case("recipe_checkpoints_of_an_import", recipe(), "no recipe_state.json: not this recipe's run",
          _copy(A, "runs/recipe/train/checkpoints")),
     Case("recipe_train_dir_is_a_file", recipe(), "runs/recipe/train", write("runs/recipe/train", "mine\n")),
     Case("train_recipe_dry_run", ["train", "recipe.yaml", "--dry-run", "--world-size", "2"], "--print-config"),

@@ -74,8 +74,9 @@ def test_checkpoints_without_the_recipes_state_are_not_resumed(tmp_path):
     from tests.helpers import make_corpus, tiny_config
     corpus = make_corpus(tmp_path / "corpus")
     run_dir = tmp_path / "run"
+    import io
     build_trainer(tiny_config(corpus, run_dir, ["log.name=train", "train.steps=2", "checkpoint.every=2",
-                                                "train.eval_every=0"])).fit()  # a plain run named like the recipe's
+                                                "train.eval_every=0"]), io.StringIO()).fit()  # named as the recipe's
     with pytest.raises(ConfigError, match=r"run_dir: .*/run/train/checkpoints holds checkpoints \(step 2\) but "
                                           r".*/run has no recipe_state.json: not this recipe's run"):
         check(runner_for(run_dir))
