@@ -11,7 +11,7 @@ Preference rows (reward model and DPO; Llama 3 paper section 4.1.2):
                       rejected).
 A plain-string prompt is one user message; a plain-string completion/response one assistant message. Keys other
 than these are ignored (TRL data often carries ids and scores). A malformed row (bad UTF-8 or JSON, a lone
-surrogate, a missing, null or wrong-typed field, SFT turns that do not alternate) stops the load with
+surrogate, a missing, null or wrong-typed field, turns that do not alternate) stops the load with
 "file:line: what" under on_bad_data="error" (the engine's data.on_bad_data), or is skipped and counted under
 "skip"; rows with nothing to learn are always skipped and counted. SkipCounts keeps the counts per reason and the
 first line numbers; skip_report() turns them into the run's report (engine/data/skips.py).
@@ -20,6 +20,7 @@ first line numbers; skip_report() turns them into the run's report (engine/data/
 import json
 import os
 import re
+import stat
 import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
@@ -158,8 +159,9 @@ def read_jsonl(path, on_bad_data: str = "error",
     holds a lone surrogate raises "path:line: what", or with on_bad_data="skip" is counted in `counts` (as a row
     read and skipped). A missing file, or one without any non-blank line, always raises."""
     _check_bad_data(on_bad_data)
-    if not Path(path).is_file():
-        raise AlignDataError(f"{path}: no such file")
+    problem = file_problem(path)
+    if problem:
+        raise AlignDataError(f"{path}: {'no such file' if not os.path.lexists(path) else problem}")
     found = False
     try:
         stream = open(path, "rb")
@@ -181,6 +183,25 @@ def read_jsonl(path, on_bad_data: str = "error",
                 yield number, row
     if not found:
         raise _error(path, 1, "empty file: no JSON objects", "")
+
+
+def file_problem(path) -> Optional[str]:
+    """Why `path` cannot be read as a file of rows, or None for a regular file (or a symlink to one). A FIFO would
+    block the reader and a device (/dev/zero) never ends, so each is named for what it is, not called missing."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"is a symlink to {os.readlink(path)}, which does not exist" if os.path.islink(path) else \
+            "does not exist"
+    except OSError as e:
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    what = next((name for test, name in kinds if test(mode)), "not a regular file")
+    link = f"a symlink to {os.readlink(path)}, " if os.path.islink(path) else ""
+    return f"is {link}{what}, not a regular file"
 
 
 def write_jsonl(path, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -240,7 +261,8 @@ def _sft_dialog(path, line: int, row: Mapping, train_on: str) -> Tuple[List[Dict
 
 
 def _check_turns(path, line: int, messages: Sequence[Mapping[str, str]], name) -> None:
-    """An SFT dialog's turns alternate (align/chat.py alternation_problem); `name(i)` names message i's field."""
+    """A dialog's turns (an SFT row, or a preference row's prompt + one response) alternate (align/chat.py
+    alternation_problem); `name(i)` names message i's field."""
     problem = alternation_problem(messages)
     if problem:
         index, what = problem
@@ -387,6 +409,12 @@ def _preference_parts(path, line: int, row: Mapping) -> Tuple[List[Dict[str, str
         if messages and messages[0]["role"] != "assistant":
             raise _error(path, line, f"{key}[{offset}].role: a response must start with an assistant message, "
                                      f"got '{messages[0]['role']}'", "bad_preference")
+    # each response continues the prompt as one dialog, checked as SFT rows are: the model must never learn
+    # from two answers in a row, a prompt without a user turn, or a system message mid-dialog
+    shared = "prompt" if offset == 0 else "chosen"  # an implicit prompt is the messages chosen starts with
+    for key, messages in responses.items():
+        _check_turns(path, line, prompt + messages, lambda i, key=key: f"{shared}[{i}]" if i < len(prompt)
+                     else f"{key}[{i - len(prompt) + offset}]")
     return prompt, responses
 
 
@@ -402,6 +430,10 @@ def _usable_responses(responses: Dict[str, List[Dict[str, str]]], counts: SkipCo
     edited = responses.get("edited")
     if edited is not None and (_nothing_to_learn(edited, 0) or _same_list(edited, responses["chosen"])):
         counts.note("edited_dropped_empty_or_same_as_chosen")
+        del responses["edited"]
+    elif edited is not None and _same_list(edited, responses["rejected"]):
+        # edited > chosen > rejected with edited == rejected contradicts itself: the row keeps chosen > rejected
+        counts.note("edited_dropped_same_as_rejected")
         del responses["edited"]
     return True
 

@@ -2,37 +2,54 @@
 SFT, DPO, repeated) as stages of one engine, each a normal run under the job's 4D layout.
 
 Stage r<round>-<name> runs in <run_dir>/r<round>-<name>/ and, when it has finished, writes DONE.json there
-(atomically, after its checkpoints or rows are complete). Running the pipeline again skips every stage with a
-DONE.json and continues with the first without one: a stage killed midway resumes from its own newest checkpoint
-(checkpoint.resume=auto) or, for rejection sampling, starts over (its rows are written in one atomic rename at the
-end). So the runner is idempotent: killed anywhere, rerun, it ends where an uninterrupted run ends.
+(atomically, after its checkpoints or rows are complete), recording its kind, the pipeline's name and what it
+trained (its fingerprint). Running the pipeline again skips every stage whose DONE.json matches it (one that does
+not, or that herd did not write, is refused before anything runs) and continues with the first without one: a
+stage killed midway resumes from its own newest checkpoint (checkpoint.resume=auto) or, for rejection sampling,
+starts over (its rows are written in one atomic rename at the end). So the runner is idempotent: killed anywhere,
+rerun, it ends where an uninterrupted run ends.
 
 Weights flow by rule unless a stage names them: a training stage starts from the latest policy (the last sft or
 dpo stage that finished), or the pipeline's init; rejection sampling uses the latest policy and the latest reward
 model; DPO's reference is the weights it starts from.
 """
 
+import hashlib
 import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, TextIO
+from typing import Any, Dict, List, Optional, TextIO
 
 import torch.distributed as dist
+from omegaconf import OmegaConf
 
 from engine.checkpoint.checkpointer import checkpoint_root
-from engine.config import PipelineConfig, StageConfig, load_config
+from engine.checkpoint.store import CheckpointStore
+from engine.config import PipelineConfig, StageConfig, load_config, secret_fields
 from engine.errors import ConfigError
-from engine.secrets import scrub
+from engine.secrets import redact_tree, scrub
 from engine.train_module import fault_point
 
+from align.formats import file_problem
 from align.generate import SamplingConfig
 from align.inputs import check_job_inputs, check_prompts
 from engine.config_checks import check_existing_directory
 
 DONE = "DONE.json"
+DONE_MAX_BYTES = 1 << 20  # a DONE.json herd writes is a few KiB; anything far larger is not one
 POLICY_KINDS = ("sft", "dpo")
+# job keys the pipeline sets from a stage's own fields (and its run directory): an override of one would silently
+# replace the stage's kind or data (or be silently ignored), so overrides may not name them
+STAGE_KEYS = {"align.kind": "the stage's kind", "align.train_file": "the stage's data",
+              "align.valid_file": "the stage's valid", "checkpoint.load_weights": "the stage's init",
+              "log.run_dir": "the pipeline's run_dir", "log.name": "the stage's name and round"}
+# what does not change what a stage trains, left out of its fingerprint: the layout (a stage finished on one
+# process is finished on four), where logs and checkpoints go, and the device
+NOT_FINGERPRINTED = ("parallel", "log", "checkpoint", "watchdog", "slurm", "train.device", "data.micro_batch_size")
+# model fields that shape the weights every stage hands on to the next
+SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size")
 
 
 def _rank() -> int:
@@ -54,11 +71,12 @@ class Outputs:
     latest_reward: str = ""
 
     def record(self, stage: StageConfig, done: dict) -> None:
+        kind = done.get("kind", stage.kind)  # what the stage was finished as (checked equal to its kind now)
         if done.get("checkpoints"):
             self.checkpoints[stage.name] = done["checkpoints"]
-            if stage.kind in POLICY_KINDS:
+            if kind in POLICY_KINDS:
                 self.latest_policy = done["checkpoints"]
-            elif stage.kind == "rm":
+            elif kind == "rm":
                 self.latest_reward = done["checkpoints"]
         if done.get("rows"):
             self.rows[stage.name] = done["rows"]
@@ -72,6 +90,8 @@ class PipelineRunner:
         self.world_size = int(os.environ.get("WORLD_SIZE", "1")) if world_size is None else world_size
         self.run_dir = Path(pipeline.run_dir)
         self.outputs = Outputs(latest_policy=pipeline.init)
+        self._trained_on: Dict[str, Dict[str, Any]] = {}  # stage name -> what it trains (see trained_on)
+        self._file_hashes: Dict[str, str] = {}
 
     def say(self, line: str) -> None:
         if _rank() == 0:
@@ -80,39 +100,86 @@ class PipelineRunner:
     def check(self) -> None:
         """Load every stage's job once before anything runs, so a bad override or layout in the last stage is a
         one-line error now, not after hours of the first ones ("@stage" inputs stand in as placeholders)."""
+        self._check_overrides()
+        shapes = {}
         for stage in self.pipeline.stages:
-            placeholder = (lambda value: f"rows-of-{value[1:]}.jsonl" if value.startswith("@") else value)
-            extra = [] if stage.kind == "rejection_sampling" else self._align_overrides(
-                stage.kind, placeholder(stage.data), placeholder(stage.valid))
             try:
-                self.job(stage, f"r1-{stage.name}", extra)
+                cfg = self._checked_job(stage)
             except ConfigError as e:  # name the stage whose job (its overrides) is wrong
                 raise ConfigError(f"stages.{stage.name}", str(e)) from None
+            shapes[stage.name] = {key: getattr(cfg.model, key) for key in SHAPE_KEYS}
+        self._check_shapes(shapes)
+
+    def _checked_job(self, stage: StageConfig, stage_id: str = ""):
+        """The stage's job as its run will load it, "@stage" inputs as placeholders."""
+        placeholder = (lambda value: f"rows-of-{value[1:]}.jsonl" if value.startswith("@") else value)
+        extra = [] if stage.kind == "rejection_sampling" else self._align_overrides(
+            stage.kind, placeholder(stage.data), placeholder(stage.valid))
+        return self.job(stage, stage_id or f"r1-{stage.name}", extra)
+
+    def _check_overrides(self) -> None:
+        """No override names a key the stage's own fields set (align.kind=rm in a dpo stage's overrides trained
+        a reward model and recorded it as the policy)."""
+        where = [("overrides", item) for item in self.pipeline.overrides]
+        where += [(f"stages.{s.name}.overrides", item) for s in self.pipeline.stages for item in s.overrides]
+        for key, item in where:
+            try:
+                layer = OmegaConf.from_dotlist([item])
+            except Exception:  # noqa: BLE001 - not an override at all: loading the job says so in one line
+                continue
+            for job_key, owner in STAGE_KEYS.items():
+                try:
+                    found = OmegaConf.select(layer, job_key, default=None, throw_on_missing=False)
+                except Exception:  # noqa: BLE001 - e.g. `align=x`: not a section; loading the job refuses it
+                    found = None
+                if found is not None:
+                    raise ConfigError(key, f"'{item}' sets {job_key}, which the pipeline sets itself from {owner}")
+
+    def _check_shapes(self, shapes: Dict[str, Dict[str, int]]) -> None:
+        """Every stage starts from weights another stage (or the pipeline's init) left, and rejection sampling
+        builds policy and reward model from one job: one model shape for all, or the load fails mid-pipeline."""
+        first, reference = next(iter(shapes.items()))
+        for name, shape in shapes.items():
+            for key in SHAPE_KEYS:
+                if shape[key] != reference[key]:
+                    raise ConfigError(f"stages.{name}", f"model.{key} is {shape[key]} here but {reference[key]} in "
+                                                        f"stage {first}: the stages hand one model's weights on")
 
     def check_inputs(self) -> None:
         """Read every file input of every stage as the stage will (tokenizer, rows, prompts), so a malformed row
         in the last stage's file is a one-line error before the first stage trains. "@stage" inputs are made
-        by the pipeline itself and checked where they are read. Also the pipeline's first policy, if named."""
+        by the pipeline itself and checked where they are read; a stage's other, real file is read now. Also the
+        pipeline's first policy, if named, and every DONE.json the run would skip a stage for."""
         check_existing_directory(self.pipeline.init, "init")
         for stage in self.pipeline.stages:
+            fields = ("prompts",) if stage.kind == "rejection_sampling" else ("data", "valid")
+            real = [(name, getattr(stage, name)) for name in fields
+                    if getattr(stage, name) and not getattr(stage, name).startswith("@")]
+            for name, value in real:  # a FIFO or /dev/zero would hang the reader: say what it is, and whose
+                problem = file_problem(value)
+                if problem:
+                    raise ConfigError(f"stages.{stage.name}.{name}", f"{value} {problem}")
             if stage.kind == "rejection_sampling":
                 self._check_prompts(stage)  # "@stage" prompts do not exist: load_pipeline refuses them
-            elif not stage.data.startswith("@") and not stage.valid.startswith("@"):
-                extra = self._align_overrides(stage.kind, stage.data, stage.valid)
-                check_job_inputs(self.job(stage, f"r1-{stage.name}", extra))
+            elif real:  # the real file(s) in the job's places; an "@stage" one is left out
+                files = [value for _, value in real] + [""]
+                try:
+                    check_job_inputs(self.job(stage, f"r1-{stage.name}",
+                                              self._align_overrides(stage.kind, files[0], files[1])))
+                except ConfigError as e:
+                    raise ConfigError(f"stages.{stage.name}", str(e)) from None
+        self.check_finished()
 
     def check_checkpoints(self) -> None:
         """Every training stage still to run, its checkpoint directory as its run will claim it (another run's,
         or a live run holding it: one line before `herd align --nproc` starts any rank)."""
         from engine.checkpoint.checkpointer import check_job_checkpoints
-        placeholder = (lambda value: f"rows-of-{value[1:]}.jsonl" if value.startswith("@") else value)
         for round_index in range(1, self.pipeline.rounds + 1):
             for stage in self.pipeline.stages:
                 stage_id = f"r{round_index}-{stage.name}"
-                if stage.kind == "rejection_sampling" or (self.run_dir / stage_id / DONE).is_file():
+                if stage.kind == "rejection_sampling" or self._finished(stage, stage_id) is not None:
                     continue
-                cfg = self.job(stage, stage_id, self._align_overrides(stage.kind, placeholder(stage.data),
-                                                                      placeholder(stage.valid)))
+                cfg = self._checked_job(stage, stage_id)
                 check_job_checkpoints(cfg, saves=True)  # every training stage saves, as _run_stage makes it
 
     def _check_prompts(self, stage: StageConfig) -> None:
@@ -130,15 +197,107 @@ class PipelineRunner:
         for round_index in range(1, self.pipeline.rounds + 1):
             for stage in self.pipeline.stages:
                 stage_id = f"r{round_index}-{stage.name}"
-                done_path = self.run_dir / stage_id / DONE
-                if done_path.is_file():
+                done = self._finished(stage, stage_id)
+                if done is not None:
                     self.say(f"{stage_id} ({stage.kind}): finished earlier, skipped")
                 else:
                     self.say(f"{stage_id} ({stage.kind}): running")
-                    self._finish(done_path, self._run_stage(stage, stage_id))
-                self.outputs.record(stage, json.loads(done_path.read_text()))
+                    identity = self._identity(stage)
+                    self._finish(self.run_dir / stage_id / DONE, {**self._run_stage(stage, stage_id), **identity})
+                    done = self._finished(stage, stage_id)
+                self.outputs.record(stage, done)
         self.say(f"pipeline {self.pipeline.name} finished: policy {self.outputs.latest_policy}")
         return self.outputs
+
+    # ---------------------------------------------------------------------------------------------------------
+    # finished stages: DONE.json
+
+    def check_finished(self) -> None:
+        """Every DONE.json a run of this pipeline would skip a stage for, read and matched against the stage as
+        it is now, before anything runs (see _finished)."""
+        for round_index in range(1, self.pipeline.rounds + 1):
+            for stage in self.pipeline.stages:
+                self._finished(stage, f"r{round_index}-{stage.name}")
+
+    def _identity(self, stage: StageConfig) -> Dict[str, Any]:
+        """What DONE.json records of the stage besides its outputs: the pipeline, and what the stage trains
+        (trained_on) with its fingerprint, so that a rerun skips it only if it would train the same thing."""
+        trained_on = self.trained_on(stage)
+        return {"pipeline": self.pipeline.name, "fingerprint": _fingerprint(trained_on), "trained_on": trained_on}
+
+    def _finished(self, stage: StageConfig, stage_id: str) -> Optional[dict]:
+        """The stage's DONE.json, or None when it has none. Refused with one line naming the file: one that is not
+        a DONE.json herd wrote (not a regular file, not a JSON object of this stage), one of another kind or
+        pipeline, one whose stage trained other settings or inputs, and one naming outputs that are gone.
+        DONE.json files written before `pipeline` and `fingerprint` were recorded are matched by kind only."""
+        path = self.run_dir / stage_id / DONE
+        if not os.path.lexists(path):
+            return None
+        done = _read_done(path, stage_id)
+        again = (f"move {path.parent} away to run the stage again, or give the pipeline another run_dir")
+        recorded = done.get("pipeline")
+        if done["kind"] != stage.kind:
+            of = f" of pipeline {recorded}" if recorded else ""
+            raise ConfigError(str(path), f"stage {stage.name} was finished as kind {done['kind']}{of}; pipeline "
+                                         f"{self.pipeline.name} runs it as kind {stage.kind}: {again}")
+        if recorded is not None and recorded != self.pipeline.name:
+            raise ConfigError(str(path), f"stage {stage.name} was finished by pipeline {recorded}, not by "
+                                         f"{self.pipeline.name}: {again}")
+        changed = _differences(done.get("trained_on"), self.trained_on(stage)) if "fingerprint" in done else ""
+        if changed:
+            raise ConfigError(str(path), f"stage {stage.name} was finished with other settings or inputs "
+                                         f"({changed}): {again}")
+        self._check_outputs(path, done)
+        return done
+
+    @staticmethod
+    def _check_outputs(path: Path, done: dict) -> None:
+        """The checkpoints or rows a DONE.json names still exist: the next stages would start from them."""
+        if done["kind"] == "rejection_sampling":
+            rows = done.get("rows")
+            problem = file_problem(rows) if isinstance(rows, str) and rows else "is not named"
+            if problem:
+                raise ConfigError(str(path), f"the rows file {rows} it names {problem}: move {path.parent} away "
+                                             f"to run the stage again")
+            return
+        root = done.get("checkpoints")
+        if not isinstance(root, str) or not root or CheckpointStore(Path(root)).latest_step() is None:
+            raise ConfigError(str(path), f"the checkpoints {root} it names hold no complete checkpoint: move "
+                                         f"{path.parent} away to run the stage again")
+
+    def trained_on(self, stage: StageConfig) -> Dict[str, Any]:
+        """What the stage trains, as flat keys: its kind, its job as loaded (without layout, logging and
+        checkpoint keys, NOT_FINGERPRINTED), its stage fields, the pipeline's init, and each real input file by
+        the sha256 of its content ("@stage" inputs by name: that stage's own DONE.json vouches for them)."""
+        if stage.name in self._trained_on:
+            return self._trained_on[stage.name]
+        tree = OmegaConf.to_container(OmegaConf.structured(self._checked_job(stage)))
+        marked = secret_fields()
+        tree = redact_tree(tree, lambda keys: ".".join(keys) in marked)  # DONE.json never holds a credential (R17)
+        flat = {f"job.{key}": value for key, value in _flatten(tree).items()
+                if not any(key == skip or key.startswith(skip + ".") for skip in NOT_FINGERPRINTED)}
+        for key in ("align.train_file", "align.valid_file"):
+            flat.pop(f"job.{key}", None)  # the stage's data and valid below, by content
+        flat.update({"kind": stage.kind, "pipeline_init": self.pipeline.init, "init": stage.init,
+                     "reward": stage.reward})
+        for name in ("data", "valid", "prompts"):
+            flat[name] = self._file_identity(getattr(stage, name))
+        if stage.kind == "rejection_sampling":
+            flat.update({name: getattr(stage, name) for name in ("samples", "max_new_tokens", "temperature",
+                                                                  "top_p")})
+        self._trained_on[stage.name] = flat
+        return flat
+
+    def _file_identity(self, value: str) -> str:
+        if not value or value.startswith("@") or file_problem(value):
+            return value  # nothing, another stage's output, or a file check_inputs has refused already
+        if value not in self._file_hashes:
+            digest = hashlib.sha256()
+            with open(value, "rb") as stream:
+                for block in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(block)
+            self._file_hashes[value] = f"sha256:{digest.hexdigest()}"
+        return self._file_hashes[value]
 
     def _finish(self, done_path: Path, done: dict) -> None:
         """DONE.json, written once the stage's outputs are complete, by rank 0, atomically; every rank waits."""
@@ -199,6 +358,50 @@ class PipelineRunner:
                                        self.stream)
         return {"stage": stage_id, "kind": stage.kind, "rows": str(output), "policy": policy, "reward": reward,
                 "stats": {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}}
+
+
+def _read_done(path: Path, stage_id: str) -> dict:
+    """DONE.json as herd writes it: a regular file holding a JSON object with this stage's id and its kind."""
+    problem = file_problem(path)
+    if problem is None and os.path.getsize(path) > DONE_MAX_BYTES:
+        problem = f"holds {os.path.getsize(path):,} bytes"
+    done = None
+    if problem is None:
+        try:
+            done = json.loads(path.read_bytes())
+        except (OSError, ValueError, RecursionError) as e:  # ValueError: JSON's, and UTF-8's
+            problem = f"cannot be read as JSON ({' '.join(str(e).split())[:80]})"
+    if problem is None and not (isinstance(done, dict) and done.get("stage") == stage_id
+                                and isinstance(done.get("kind"), str)):
+        problem = f"is not a JSON object recording stage {stage_id} and its kind"
+    if problem is not None:
+        raise ConfigError(str(path), f"{problem}: not a DONE.json herd wrote; move it away (the stage then runs "
+                                     f"again)")
+    return done
+
+
+def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    flat: Dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def _fingerprint(trained_on: Dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(trained_on, sort_keys=True).encode()).hexdigest()
+
+
+def _differences(then: Any, now: Dict[str, Any], most: int = 3) -> str:
+    """The keys whose values differ between what a DONE.json recorded and now, as "key: then -> now" ("" when
+    none). Only keys both know are compared: a herd upgrade that adds or drops a config key changes no finished
+    stage (the scaling sweeps' rule too)."""
+    if not isinstance(then, dict):
+        return "its record of what it trained is not an object"
+    keys = sorted(key for key in set(then) & set(now) if then[key] != now[key])
+    shown = [f"{key}: {then[key]!r} then, {now[key]!r} now" for key in keys[:most]]
+    return "; ".join(shown) + (f"; and {len(keys) - most} more" if len(keys) > most else "")
 
 
 def _preempted_exit_code() -> int:

@@ -49,8 +49,8 @@ from engine.secrets import scrub
 from engine.train_module import LMTrainModule
 from parallel.mesh import Mesh
 
-from align.chat import ChatFormatError, ChatTokens, chat_format, check_messages
-from align.formats import AlignDataError, SkipCounts, read_jsonl, rows_of, skip_report, write_jsonl
+from align.chat import ChatFormatError, ChatTokens, alternation_problem, chat_format, check_messages
+from align.formats import AlignDataError, SkipCounts, file_problem, read_jsonl, rows_of, skip_report, write_jsonl
 from align.generate import SamplingConfig, sample_k
 from align.modules import RewardTrainModule
 from align.preference import reward_sequence
@@ -104,7 +104,8 @@ def _fail(path, line: int, what: str, reason: str) -> AlignDataError:
 
 
 def prompt_messages(path, line: int, row: Dict[str, Any]) -> List[Dict[str, str]]:
-    """The dialog of a prompt row: a string prompt is one user message; the dialog must end with a user turn."""
+    """The dialog of a prompt row: a string prompt is one user message; the dialog must end with a user turn, and
+    its turns alternate as an SFT row's must (its answer becomes one)."""
     if "messages" in row:
         key, value = "messages", row["messages"]
     elif "prompt" in row:
@@ -124,6 +125,9 @@ def prompt_messages(path, line: int, row: Dict[str, Any]) -> List[Dict[str, str]
         last = value[-1]["role"] if value else "nothing"
         raise _fail(path, line, f"{key}: the dialog must end with a user turn to answer, it ends with {last}",
                     "prompt_not_ending_with_user")
+    problem = alternation_problem(value)  # the SFT rows this stage writes must pass the SFT reader's check
+    if problem:
+        raise _fail(path, line, f"{key}[{problem[0]}].role: {problem[1]}", "turns_not_alternating")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
@@ -159,8 +163,9 @@ def load_stage_prompts(cfg: JobConfig, prompts_file: str, tokenizer, max_new_tok
     """The prompts a stage answers: each must leave max_new_tokens of room within the reward model's training
     length (data.seq_len, within the RoPE limit); malformed rows follow data.on_bad_data. A missing file, or one
     without a usable prompt, is one line."""
-    if not os.path.isfile(prompts_file):
-        raise ConfigError(key, f"{prompts_file} does not exist")
+    problem = file_problem(prompts_file)
+    if problem:
+        raise ConfigError(key, f"{prompts_file} {problem}")
     prompts, skipped = read_prompts(prompts_file, tokenizer,
                                     min(cfg.data.seq_len, cfg.model.max_seq_len) - max_new_tokens,
                                     cfg.data.on_bad_data)

@@ -18,7 +18,7 @@ from engine.secrets import scrub
 from engine.trainer import Trainer
 from parallel.mesh import Mesh
 
-from align.formats import AlignDataError, load_preferences, load_sft, skip_report
+from align.formats import AlignDataError, file_problem, load_preferences, load_sft, skip_report
 from align.modules import DPOTrainModule, RewardTrainModule
 from align.preference import REWARD_BLOCKS, PreferenceStepLoader
 from align.reference import reference_table
@@ -54,8 +54,9 @@ def _read_files(cfg: JobConfig, load: Callable, what: str) -> List[Optional[tupl
         if not path:
             found.append(None)
             continue
-        if not os.path.isfile(path):
-            raise ConfigError(f"align.{key}", f"{path} does not exist")
+        problem = file_problem(path)
+        if problem:
+            raise ConfigError(f"align.{key}", f"{path} {problem}")
         items, skipped = load(path)
         if not items:
             raise AlignDataError(f"{path}: no usable {what} ({skipped.summary()})")

@@ -190,18 +190,32 @@ _PRODUCERS = {"data": ("rejection_sampling",), "valid": ("rejection_sampling",),
 
 
 def _check_references(pipeline: PipelineConfig, i: int) -> None:
-    """Each "@name" of stage i names a stage of the pipeline whose kind produces what the field takes."""
+    """Each "@name" of stage i names an earlier stage (in round 1 a later one has produced nothing) whose kind
+    produces what the field takes; rejection sampling has a policy and a reward model."""
     stage = pipeline.stages[i]
+    names = [s.name for s in pipeline.stages]
     kinds = {s.name: s.kind for s in pipeline.stages}
     for field_name, producers in _PRODUCERS.items():
         value = getattr(stage, field_name)
         if not value.startswith("@"):
             continue
-        key = f"stages[{i}].{field_name}"
+        key = f"stages[{i}].{field_name}"  # these two errors' key as it always was
         _require(value[1:] in kinds, key, f"'{value}' names no stage of this pipeline ({', '.join(kinds)})")
         _require(kinds[value[1:]] in producers, key,
                  f"'{value}' is a stage of kind {kinds[value[1:]]}, which produces no {_WHAT[field_name]} "
                  f"(a stage of kind {' or '.join(producers)} does)")
+        which = "this stage itself" if value[1:] == stage.name else "a later stage"
+        _require(names.index(value[1:]) < i, f"stages.{stage.name}.{field_name}",
+                 f"'{value}' is {which}: in round 1 it has produced nothing when this stage starts (name an earlier "
+                 f"stage)")
+    if stage.kind == "rejection_sampling":
+        earlier = {s.kind for s in pipeline.stages[:i]}
+        _require(bool(stage.reward) or "rm" in earlier, f"stages.{stage.name}.reward",
+                 "rejection sampling needs a reward model: no rm stage comes before this one; add one or name a "
+                 "checkpoint root")
+        _require(bool(stage.init or pipeline.init) or bool(earlier & {"sft", "dpo"}), f"stages.{stage.name}.init",
+                 "rejection sampling needs a policy: no sft or dpo stage comes before this one and the pipeline "
+                 "has no init; add one or name a checkpoint root")
 
 
 _WHAT = {"data": "rows", "valid": "rows", "init": "policy weights", "reward": "reward model"}

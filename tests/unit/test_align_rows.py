@@ -205,3 +205,54 @@ def test_sft_stage_reports_its_skips_in_the_run_directory_and_metrics(tmp_path):
             f"{run / 'skipped.json'}") in out.getvalue().splitlines()
     first = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert first["data_skipped"] == 3 and first["data_skipped_turns_not_alternating"] == 1
+
+
+@pytest.mark.parametrize("row, where", [
+    ({"prompt": [msg("user", "q"), msg("assistant", "a")], "chosen": "a", "rejected": "b"},
+     r"chosen\[0\]\.role: expected a 'user' turn after an assistant turn, got 'assistant'"),
+    ({"prompt": [], "chosen": "a", "rejected": "b"}, r"chosen\[0\]\.role: expected a 'user' turn first, got "
+                                                     r"'assistant'"),
+    ({"prompt": [msg("user", "q"), msg("system", "s")], "chosen": "a", "rejected": "b"},
+     r"prompt\[1\]\.role: expected an 'assistant' turn after a user turn, got 'system'"),
+    ({"prompt": "q", "chosen": [msg("assistant", "a"), msg("assistant", "a2")], "rejected": "b"},
+     r"chosen\[1\]\.role: expected a 'user' turn after an assistant turn"),
+    ({"prompt": "q", "chosen": "a", "rejected": [msg("assistant", "b"), msg("system", "s")]},
+     r"rejected\[1\]\.role: expected a 'user' turn after an assistant turn, got 'system'"),
+    ({"chosen": [msg("user", "q"), msg("assistant", "a"), msg("assistant", "x")],
+      "rejected": [msg("user", "q"), msg("assistant", "b")]}, r"chosen\[2\]\.role: expected a 'user' turn"),
+])
+def test_preference_turns_that_do_not_alternate_are_refused_or_counted(tok, tmp_path, row, where):
+    """A preference row's prompt + each response is one dialog, checked as an SFT row is (reward model and DPO)."""
+    path = write_lines(tmp_path / "p.jsonl", [GOOD_PREF, row])
+    with pytest.raises(AlignDataError, match=r"p\.jsonl:2: " + where) as info:
+        load_preferences(path, tok, max_len=256)
+    assert "\n" not in str(info.value)
+    examples, counts = load_preferences(path, tok, max_len=256, on_bad_data="skip")
+    assert [e.line for e in examples] == [1] and dict(counts.skipped) == {"turns_not_alternating": 1}
+    assert counts.lines == {"turns_not_alternating": [2]}
+
+
+def test_an_edited_response_equal_to_rejected_is_dropped_and_counted(tok, tmp_path):
+    """edited > chosen > rejected with edited == rejected contradicts itself: the row keeps chosen > rejected."""
+    path = write_lines(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b", "edited": " b "},
+                                              {"prompt": "q", "chosen": "a", "rejected": "b", "edited": "c"}])
+    examples, counts = load_preferences(path, tok, max_len=256)
+    assert [e.edited is None for e in examples] == [True, False]
+    assert counts.notes == {"edited_dropped_same_as_rejected": 1} and not counts.skipped
+
+
+@pytest.mark.parametrize("row, where", [
+    ({"messages": [msg("assistant", "x"), msg("user", "y")]}, r"messages\[0\]\.role: expected a 'user' turn first"),
+    ({"messages": [msg("user", "x"), msg("user", "y")]}, r"messages\[1\]\.role: expected an 'assistant' turn after "
+                                                         r"a user turn, got 'user'"),
+    ({"prompt": [msg("user", "x"), msg("system", "s"), msg("user", "y")]}, r"prompt\[1\]\.role: expected an "
+                                                                           r"'assistant' turn"),
+])
+def test_rejection_sampling_prompts_whose_turns_do_not_alternate_are_refused_or_counted(tok, tmp_path, row, where):
+    """Their answered rows would be SFT rows the next stage refuses: the prompt reader checks them as SFT does."""
+    from align.rejection import read_prompts
+    path = write_lines(tmp_path / "prompts.jsonl", [{"prompt": "a"}, row])
+    with pytest.raises(AlignDataError, match=r"prompts\.jsonl:2: " + where):
+        read_prompts(path, tok, max_prompt_tokens=200)
+    prompts, counts = read_prompts(path, tok, max_prompt_tokens=200, on_bad_data="skip")
+    assert [p.line for p in prompts] == [1] and dict(counts.skipped) == {"turns_not_alternating": 1}
