@@ -108,8 +108,8 @@ def _prepare_data(args: argparse.Namespace) -> int:
 
 def _prepare_data_checked(args: argparse.Namespace) -> int:
     from engine.config import TokenizerConfig
-    from engine.data.prepare import (DEFAULT_PATTERNS, PrepareReport, list_inputs, output_files, prepare_data,
-                                     read_documents)
+    from engine.data.prepare import (DEFAULT_PATTERNS, PrepareReport, list_inputs, no_documents, output_files,
+                                     prepare_data, read_documents)
     from engine.data.tokenizer import load_tokenizer
     _check_prepare_args(args)
     patterns = tuple(args.include) if args.include else DEFAULT_PATTERNS
@@ -120,7 +120,7 @@ def _prepare_data_checked(args: argparse.Namespace) -> int:
         files = list_inputs(args.inputs, patterns, tuple(args.exclude), output_files(args.out, args.valid_fraction))
         documents = list(read_documents(files, args.text_key, args.on_bad_data, report))
         if not documents:
-            raise HerdError(f"no documents with text in {', '.join(args.inputs)}")
+            raise HerdError(no_documents(args.inputs, report))
         with _tokenizer_written_last(args.tokenizer_path, args.vocab_size, documents) as tokenizer:
             report = prepare_data(args.inputs, args.out, tokenizer, documents=documents, report=report, **kwargs)
         print(f"trained a byte-level BPE of {tokenizer.vocab_size} tokens on {len(documents)} documents: "
@@ -265,13 +265,17 @@ def _hang_exit_code(cfg, started: float, code: int) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from engine.checkpoint.convert import check_destination, import_hf
+    from engine.checkpoint.convert import import_hf
     from engine.checkpoint.hf_export import export_hf
+    if not args.source or not args.dest:  # Path("") is the current directory: never meant
+        raise HerdError(f"{'source' if not args.source else 'dest'}: is empty; name a directory")
     if args.direction == "hf-to-herd":
         if args.overwrite:
             raise HerdError("--overwrite applies to herd-to-hf only; an import writes a new or empty directory")
-        check_destination(Path(args.dest), args.direction)
-        path = import_hf(args.source, args.dest)
+        try:
+            path = import_hf(Path(args.source), Path(args.dest))
+        except OSError as e:  # reading the source, checking the paths (writing is one line already): one line
+            raise HerdError(f"{e.filename or args.dest}: {e.strerror or e}") from None
         print(f"wrote herd checkpoint {path}; train from it with checkpoint.load_weights={args.dest}", flush=True)
     else:
         try:

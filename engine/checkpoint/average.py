@@ -11,7 +11,9 @@ The mean, exactly: for every parameter, with weights w_i (1 each unless given) a
 
 every product, sum and the division in float64, the sum in the order the sources are given and starting from
 w_1 * x_1 (with unit weights the mean of equal values is that value, -0.0 included), W correctly rounded
-(math.fsum), then one rounding to fp32 (round to nearest even). With unit weights and two sources the result is
+(math.fsum), then one rounding to fp32 (round to nearest even). The weights are first scaled by the power of two
+that brings the largest into [0.5, 1): exact, so the mean is the same bit for bit, but no product of a tiny
+(subnormal) or huge weight underflows or overflows. With unit weights and two sources the result is
 the correctly rounded mean: the products are exact, and the float64 sum of two fp32 values (24 significant bits
 each, a float64 has 53) is exact unless the smaller is below 2^-29 of the larger, too small to move the result.
 
@@ -31,7 +33,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from engine.checkpoint.convert import TOKEN_IDS
+from engine.checkpoint.convert import TOKEN_IDS, check_model_size, check_token_ids, model_field, os_error_of
 from engine.checkpoint.hf_export import _checkpoint_state
 from engine.checkpoint.manifest import configs_of
 from engine.checkpoint.ownership import LOCK
@@ -108,7 +110,9 @@ def _verified(step_dir: Path) -> Source:
     """A step directory checked as a load checks it (marker, manifest fields, every file's size and sha256)."""
     step_dir = Path(step_dir)
     match = _STEP_DIR.fullmatch(step_dir.name)
-    if match is None or step_dir.is_symlink() or not step_dir.is_dir():
+    if step_dir.is_symlink():
+        raise CheckpointError(f"{step_dir}: is a symbolic link; give the step directory it points to")
+    if match is None or not step_dir.is_dir():
         raise CheckpointError(f"{step_dir}: not a checkpoint step directory (step_<8 digits>)")
     root, step = step_dir.parent, int(match.group(1))
     manifest = CheckpointStore(root).verify(step)  # incomplete, altered or escaping: one line naming the file
@@ -141,6 +145,9 @@ def check_same_model(sources: List[Source]) -> Dict[str, tuple]:
     parameter is named), the same model config (a different rope_theta or norm_eps is another function) and the
     same tokenizer. Returns the parameter shapes."""
     described = [configs_of(s.manifest, s.path / MANIFEST) for s in sources]
+    for source, (model_cfg, _) in zip(sources, described):  # before a model of it is built
+        check_model_size(model_cfg, source.path / MANIFEST, model_field(source.manifest))
+        check_token_ids(source.manifest, source.path / MANIFEST)  # the first source's goes into the output
     first_cfg, first_tok = described[0]
     shapes = _shapes(first_cfg)
     for source, (model_cfg, tok_cfg) in zip(sources[1:], described[1:]):
@@ -182,6 +189,8 @@ def mean_weights(sources: List[Source], shapes: Dict[str, tuple], weights: List[
                  chunk_bytes: int = _CHUNK_BYTES) -> Dict[str, torch.Tensor]:
     """The weighted mean of every parameter (the module docstring's definition), read `chunk_bytes` of
     parameters at a time from each source: memory is the fp32 result plus 12 bytes per element of one chunk."""
+    largest = math.frexp(max(weights))[1]
+    weights = [math.ldexp(w, -largest) for w in weights]  # exact (see the module docstring)
     total = math.fsum(weights)
     result: Dict[str, torch.Tensor] = {}
     for names in _chunks(shapes, chunk_bytes):
@@ -191,6 +200,9 @@ def mean_weights(sources: List[Source], shapes: Dict[str, tuple], weights: List[
             boxes = {f"model.{n}": Box(buffers[n], (0,) * len(shapes[n]), shapes[n]) for n in names}
             load_sharded(source.path, boxes, source.manifest["files"])  # only files the manifest lists
             for name in names:
+                if not torch.isfinite(buffers[name]).all():  # named here: the mean only says that one source is
+                    raise CheckpointError(f"{source.path}: parameter '{name}' holds inf or nan; the average would "
+                                          f"not be finite")
                 term = buffers[name].double() * weight
                 sums[name] = term if name not in sums else sums[name].add_(term)
         for name in names:
@@ -284,7 +296,10 @@ def _install(out_root: Path, state: Dict[str, torch.Tensor], meta: dict) -> None
     def write(staging: Path) -> None:
         store = CheckpointStore(staging)
         path = store.begin(0)
-        save_sharded(path, {f"model.{n}": Box(t, (0,) * t.ndim, tuple(t.shape)) for n, t in state.items()})
+        try:
+            save_sharded(path, {f"model.{n}": Box(t, (0,) * t.ndim, tuple(t.shape)) for n, t in state.items()})
+        except CheckpointException as e:  # its own text names only the ranks: the line gives the cause
+            raise os_error_of(e) from None
         store.commit(0, describe_files(path, [f for f in path.rglob("*") if f.is_file()]), meta)
     install_staged(out_root, write, "average", (OSError, CheckpointException))
 

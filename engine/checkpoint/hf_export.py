@@ -16,7 +16,8 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from engine.checkpoint.convert import EXPORT_MARK, TOKEN_IDS, check_destination
+from engine.checkpoint.convert import (EXPORT_MARK, TOKEN_IDS, check_destination, check_model_size, check_token_ids,
+                                       model_field)
 from engine.checkpoint.manifest import configs_of
 from engine.checkpoint.sharded import Box, load_sharded
 from engine.checkpoint.staging import install_staged
@@ -92,8 +93,9 @@ def export_tokenizer(tok_cfg: Optional[TokenizerConfig], meta: dict, model_cfg: 
     else:
         path = Path(tok_cfg.path)
         if not path.is_file():
+            what = "is not a file" if path.exists() else "is not there"
             return TokenizerExport({}, None, None, None, notes=[
-                f"no tokenizer files: the run's tokenizer {path} is not there (relative paths are from the "
+                f"no tokenizer files: the run's tokenizer {path} {what} (relative paths are from the "
                 f"directory herd runs in); bos_token_id and eos_token_id are null in config.json"])
         tok, data = _hf_tokenizer_file(path)
         source = str(path)
@@ -150,9 +152,11 @@ def write_weights(model: torch.nn.Module, out: Path, max_shard_bytes: int) -> No
             "weight_map": {k: n for n, s in zip(names, shards) for k in s}}))
 
 
-def _checkpoint_state(directory: Path, depth: int = 4) -> Optional[Path]:
-    """The first herd checkpoint state found in `directory` or up to `depth` levels below it (symlinks not
-    followed): a checkpoint directory's lock file, or a step directory holding a manifest or commit marker."""
+def _checkpoint_state(directory: Path, depth: Optional[int] = None) -> Optional[Path]:
+    """The first herd checkpoint state found in `directory` or below it (up to `depth` levels when given;
+    symlinks not followed): a checkpoint directory's lock file, or a step directory holding a manifest or commit
+    marker. Replacing a directory deletes everything below it, so by default the whole tree is searched: the
+    walk costs no more than the deletion it guards."""
     top = len(directory.parts)
     for here, dirs, names in os.walk(directory):
         if LOCK in names:
@@ -161,7 +165,7 @@ def _checkpoint_state(directory: Path, depth: int = 4) -> Optional[Path]:
             step = Path(here) / name
             if _STEP_DIR.fullmatch(name) and ((step / MARKER).exists() or (step / MANIFEST).exists()):
                 return step
-        if len(Path(here).parts) - top >= depth:
+        if depth is not None and len(Path(here).parts) - top >= depth:
             dirs[:] = []
     return None
 
@@ -202,6 +206,9 @@ def export_hf(ckpt_root: Path, out_dir: Path, max_shard_bytes: int = 5 * 2**30, 
     a new or empty directory, an earlier export, or (overwrite=True) any directory, whose content is replaced."""
     out_dir = Path(out_dir)
     check_destination(out_dir, "herd-to-hf", overwrite)
+    if Path(ckpt_root).resolve() in out_dir.resolve().parents:  # a run's purge would delete it with the step
+        raise CheckpointError(f"{out_dir}: is inside the checkpoint being exported ({ckpt_root}); choose a "
+                              f"directory outside it")
     if out_dir.exists():
         _refuse_replacing_a_parent(out_dir, Path(ckpt_root))
     store = CheckpointStore(Path(ckpt_root), keep_last=2)
@@ -209,7 +216,10 @@ def export_hf(ckpt_root: Path, out_dir: Path, max_shard_bytes: int = 5 * 2**30, 
     if step is None:
         raise CheckpointError(f"{ckpt_root}: no complete checkpoint")
     manifest = store.verify(step)
-    model_cfg, tok_cfg = configs_of(manifest, store.step_dir(step) / "manifest.json")  # checked: one line
+    manifest_file = store.step_dir(step) / "manifest.json"
+    model_cfg, tok_cfg = configs_of(manifest, manifest_file)  # checked: one line
+    check_model_size(model_cfg, manifest_file, model_field(manifest))  # before a model of it is built
+    check_token_ids(manifest, manifest_file)
     tok = export_tokenizer(tok_cfg, manifest["meta"], model_cfg)
     model = load_weights(store, step, manifest, model_cfg)  # before anything is written: a bad file refuses
     files = dict(tok.files)

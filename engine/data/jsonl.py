@@ -28,13 +28,15 @@ def json_object(raw: bytes, expected: str = "a JSON object") -> Optional[Dict[st
     if not text.strip():
         return None
     try:
-        value = json.loads(text)
+        value = json.loads(text.removeprefix("\ufeff"))  # a byte-order mark some editors write before line 1
     except json.JSONDecodeError as e:
         raise BadLine("bad_json", f"invalid JSON: {e.msg} at column {e.colno}") from None
     except RecursionError:
         raise BadLine("bad_json", "invalid JSON: nested too deeply") from None
-    except ValueError as e:  # the parser's own limits, e.g. an integer of more than 4300 digits
-        raise BadLine("bad_json", f"invalid JSON: {str(e).splitlines()[0]}") from None
+    except ValueError as e:  # the parser's own limits: an integer of more than 4300 digits (Python's int limit)
+        digits = "integer string conversion" in str(e)
+        what = "an integer of more than 4300 digits" if digits else str(e).splitlines()[0]
+        raise BadLine("bad_json", f"invalid JSON: {what}") from None
     if not isinstance(value, dict):
         raise BadLine("not_an_object", f"expected {expected}, got {json_type(value)}")
     return value

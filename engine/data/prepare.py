@@ -225,6 +225,12 @@ def write_indexed(documents: List[Document], out_prefix: str, tokenizer: Tokeniz
         report.outputs.append(str(writer.prefix))
 
 
+def no_documents(inputs: List[str], report: PrepareReport) -> str:
+    """Why nothing is left to tokenize, with what the readers left out (all of it, under --on-bad-data skip)."""
+    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(report.skipped.items()))
+    return f"no documents with text in {', '.join(inputs)}" + (f" (left out: {skipped})" if skipped else "")
+
+
 def prepare_data(inputs: List[str], out_prefix: str, tokenizer: Tokenizer, *, text_key: str = "text",
                  valid_fraction: float = 0.0, on_bad_data: str = "error",
                  patterns=DEFAULT_PATTERNS, exclude: Tuple[str, ...] = (),
@@ -240,7 +246,7 @@ def prepare_data(inputs: List[str], out_prefix: str, tokenizer: Tokenizer, *, te
         files = list_inputs(inputs, patterns, exclude, output_files(out_prefix, valid_fraction))
         documents = list(read_documents(files, text_key, on_bad_data, report))
     if not documents:
-        raise DataError(f"no documents with text in {', '.join(inputs)}")
+        raise DataError(no_documents(inputs, report))
 
     def sidecar(split: str) -> Dict[str, Any]:  # one summary per pair; training checks the tokenizer against it
         return {"tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "eod_id": tokenizer.eod_id,

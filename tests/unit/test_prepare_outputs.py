@@ -205,3 +205,19 @@ def test_the_summary_records_the_vocabulary_fingerprint_and_a_bad_one_is_refused
     (corpus / "out" / "p.json").write_text(json.dumps(meta))
     with pytest.raises(DataError, match=r"vocab_sha256: expected 64 hex digits"):
         read_sidecar(str(corpus / "out" / "p"))
+
+
+def test_messages_say_what_was_left_out_and_a_bom_is_read(corpus, capfd):
+    (corpus / "bad").mkdir()
+    (corpus / "bad" / "x.txt").write_bytes(b"\xff\xfe not utf-8\n")
+    code, lines = run_herd(["prepare-data", "bad", "--out", "out/p", "--tokenizer-path", "tok.json",
+                            "--on-bad-data", "skip"], capfd)
+    assert (code, lines) == (2, ["herd: error: no documents with text in bad (left out: 1 bad_utf8)"])
+    rows = corpus / "rows.jsonl"  # an editor's byte-order mark before line 1; an integer past Python's limit
+    rows.write_bytes(b'\xef\xbb\xbf{"text": "hello there"}\n{"text": "x", "n": ' + b"1" * 5000 + b"}\n")
+    code, lines = run_herd(["prepare-data", str(rows), "--out", "out/p", "--tokenizer-path", "tok.json"], capfd)
+    assert (code, lines) == (2, [f"herd: error: {rows}:2: invalid JSON: an integer of more than 4300 digits "
+                                 f"(--on-bad-data skip leaves such documents out)"])
+    code, lines = run_herd(["prepare-data", str(rows), "--out", "out/p", "--tokenizer-path", "tok.json",
+                            "--on-bad-data", "skip"], capfd)
+    assert code == 0 and "all: 1 documents" in lines[-1] and "1 bad_json" in lines[-1]
