@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, TextIO
 
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
 from engine.checkpoint.checkpointer import checkpoint_root
 from engine.checkpoint.store import CheckpointStore
-from engine.config import PipelineConfig, StageConfig, load_config, secret_fields
+from engine.config import (PipelineConfig, StageConfig, config_tree, load_config, override_sets,
+                           secret_fields)
 from engine.errors import ConfigError
 from engine.secrets import redact_tree, scrub
 from engine.train_module import fault_point
@@ -123,16 +123,8 @@ class PipelineRunner:
         where = [("overrides", item) for item in self.pipeline.overrides]
         where += [(f"stages.{s.name}.overrides", item) for s in self.pipeline.stages for item in s.overrides]
         for key, item in where:
-            try:
-                layer = OmegaConf.from_dotlist([item])
-            except Exception:  # noqa: BLE001 - not an override at all: loading the job says so in one line
-                continue
             for job_key, owner in STAGE_KEYS.items():
-                try:
-                    found = OmegaConf.select(layer, job_key, default=None, throw_on_missing=False)
-                except Exception:  # noqa: BLE001 - e.g. `align=x`: not a section; loading the job refuses it
-                    found = None
-                if found is not None:
+                if override_sets(item, job_key):
                     raise ConfigError(key, f"'{item}' sets {job_key}, which the pipeline sets itself from {owner}")
 
     def _check_shapes(self, shapes: Dict[str, Dict[str, int]]) -> None:
@@ -271,7 +263,7 @@ class PipelineRunner:
         the sha256 of its content ("@stage" inputs by name: that stage's own DONE.json vouches for them)."""
         if stage.name in self._trained_on:
             return self._trained_on[stage.name]
-        tree = OmegaConf.to_container(OmegaConf.structured(self._checked_job(stage)))
+        tree = config_tree(self._checked_job(stage))
         marked = secret_fields()
         tree = redact_tree(tree, lambda keys: ".".join(keys) in marked)  # DONE.json never holds a credential (R17)
         flat = {f"job.{key}": value for key, value in _flatten(tree).items()

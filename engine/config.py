@@ -20,7 +20,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from engine.config_checks import (check_blend, check_directory, check_existing_directory, check_file_name,
                                   check_fp8_fusion, check_guards, check_long_eval, check_numbers, check_optimizer,
-                                  check_seeds, check_slurm, check_watchdog)
+                                  check_data_stages, check_references, check_seeds, check_slurm, check_watchdog)
 from engine.config_schema import (  # noqa: F401  (re-exported: components import them from here)
     RopeScalingConfig, ModelConfig, ParallelConfig, DatasetConfig, TokenizerConfig, DataConfig, DataStageConfig, OptimConfig,
     ScheduleConfig, TrainConfig, CheckpointConfig, FP8Config, GuardConfig, WatchdogConfig, SlurmConfig, LogConfig,
@@ -117,7 +117,7 @@ def load_pipeline(path: str, overrides: Optional[List[str]] = None) -> PipelineC
         needed = ("prompts",) if stage.kind == "rejection_sampling" else ("data",)
         for field_name in needed:
             _require(bool(getattr(stage, field_name)), f"{key}.{field_name}", f"a {stage.kind} stage needs it")
-        _check_references(pipeline, i)
+        check_references(pipeline, i)
         _require(stage.samples >= 1, f"{key}.samples", f"must be at least 1, got {stage.samples}")
         _require(stage.max_new_tokens >= 1, f"{key}.max_new_tokens", f"must be at least 1, got "
                                                                      f"{stage.max_new_tokens}")
@@ -185,42 +185,6 @@ def load_structured(schema: Any, path: str, overrides: Optional[List[str]] = Non
 
 # what an "@stage" reference needs from the stage it names: rows come from rejection sampling, a policy's
 # weights from sft or dpo, a reward model from rm
-_PRODUCERS = {"data": ("rejection_sampling",), "valid": ("rejection_sampling",), "init": ("sft", "dpo"),
-              "reward": ("rm",)}
-
-
-def _check_references(pipeline: PipelineConfig, i: int) -> None:
-    """Each "@name" of stage i names an earlier stage (in round 1 a later one has produced nothing) whose kind
-    produces what the field takes; rejection sampling has a policy and a reward model."""
-    stage = pipeline.stages[i]
-    names = [s.name for s in pipeline.stages]
-    kinds = {s.name: s.kind for s in pipeline.stages}
-    for field_name, producers in _PRODUCERS.items():
-        value = getattr(stage, field_name)
-        if not value.startswith("@"):
-            continue
-        key = f"stages[{i}].{field_name}"  # these two errors' key as it always was
-        _require(value[1:] in kinds, key, f"'{value}' names no stage of this pipeline ({', '.join(kinds)})")
-        _require(kinds[value[1:]] in producers, key,
-                 f"'{value}' is a stage of kind {kinds[value[1:]]}, which produces no {_WHAT[field_name]} "
-                 f"(a stage of kind {' or '.join(producers)} does)")
-        which = "this stage itself" if value[1:] == stage.name else "a later stage"
-        _require(names.index(value[1:]) < i, f"stages.{stage.name}.{field_name}",
-                 f"'{value}' is {which}: in round 1 it has produced nothing when this stage starts (name an earlier "
-                 f"stage)")
-    if stage.kind == "rejection_sampling":
-        earlier = {s.kind for s in pipeline.stages[:i]}
-        _require(bool(stage.reward) or "rm" in earlier, f"stages.{stage.name}.reward",
-                 "rejection sampling needs a reward model: no rm stage comes before this one; add one or name a "
-                 "checkpoint root")
-        _require(bool(stage.init or pipeline.init) or bool(earlier & {"sft", "dpo"}), f"stages.{stage.name}.init",
-                 "rejection sampling needs a policy: no sft or dpo stage comes before this one and the pipeline "
-                 "has no init; add one or name a checkpoint root")
-
-
-_WHAT = {"data": "rows", "valid": "rows", "init": "policy weights", "reward": "reward model"}
-
-
 def _yaml_layers(path: Path, chain: tuple) -> List[tuple]:
     """The YAML file's layers in merge order: included files first (depth first), then the file itself."""
     if not path.is_file():
@@ -302,7 +266,9 @@ def _merge(base: DictConfig, layer: DictConfig, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, layer)
     except (OmegaConfBaseException, TypeError, ValueError) as e:
-        raise _as_config_error(e, source) from None
+        error = _as_config_error(e, source)
+        where = _failing_element(OmegaConf.to_container(layer, resolve=False), OmegaConf.get_type(base), "")
+        raise (error if where is None else ConfigError(where + error.key, str(error)[len(error.key) + 2:])) from None
 
 
 def _check_shape(node: Any, schema: Any, prefix: str, source: str) -> None:
@@ -331,6 +297,34 @@ def _check_shape(node: Any, schema: Any, prefix: str, source: str) -> None:
                 _check_shape(item, element, f"{full}[{i}].", source)
         elif isinstance(value, (dict, list)):
             raise ConfigError(full, f"must be a single value, got {value!r} ({source})")
+
+
+def _failing_element(node: Any, schema: Any, prefix: str) -> Optional[str]:
+    """'data.train[1].' for the first list element (of dataclass entries) that does not merge into its entry type:
+    inside a list OmegaConf's error forgets the path (`weight: wrong type`), so find the element it meant."""
+    if not dataclasses.is_dataclass(schema) or not isinstance(node, dict):
+        return None
+    for f in dataclasses.fields(schema):
+        value, hint = node.get(f.name), typing.get_type_hints(schema)[f.name]
+        if dataclasses.is_dataclass(hint):
+            found = _failing_element(value, hint, f"{prefix}{f.name}.")
+        elif typing.get_origin(hint) in (list, List) and dataclasses.is_dataclass(typing.get_args(hint)[0]) \
+                and isinstance(value, list):
+            found = next((f"{prefix}{f.name}[{i}]." for i, item in enumerate(value)
+                          if not _merges(item, typing.get_args(hint)[0])), None)
+        else:
+            found = None
+        if found is not None:
+            return found
+    return None
+
+
+def _merges(item: Any, entry: Any) -> bool:
+    try:
+        OmegaConf.merge(OmegaConf.structured(entry), item)
+        return True
+    except (OmegaConfBaseException, TypeError, ValueError):
+        return False
 
 
 def _is_interpolation(value: Any) -> bool:
@@ -377,6 +371,20 @@ def _field_type(owner: Any, f: dataclasses.Field) -> Any:
 
 
 SECRET = {"secret": True}  # field(..., metadata=SECRET): dumped as *** whatever the field's name (engine/secrets.py)
+
+
+def config_tree(cfg: Any) -> dict:
+    """A config dataclass as plain nested dicts and lists (what DONE.json and a sweep's plan record)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def override_sets(item: str, key: str) -> bool:
+    """Whether the dotlist override `item` sets `key` (directly, `align.kind=rm`, or inside a section it sets,
+    `align={kind: rm}`); False for what is not an override at all (loading the job says so in one line)."""
+    try:
+        return OmegaConf.select(OmegaConf.from_dotlist([item]), key, default=None, throw_on_missing=False) is not None
+    except Exception:  # noqa: BLE001 - not an override, or `align=x` (not a section): the job's load refuses it
+        return False
 
 
 def secret_fields(schema: Any = JobConfig, prefix: str = "") -> set:
@@ -526,30 +534,7 @@ def _validate_data(cfg: JobConfig) -> None:
         check_blend(getattr(d, group), group)
     _require(d.tokenizer.kind != "hf" or bool(d.tokenizer.path) or not d.train, "data.tokenizer.path",
              "kind=hf needs the tokenizer.json that the data was prepared with")
-    _validate_data_stages(d)
-
-
-def _validate_data_stages(d: DataConfig) -> None:
-    """Earlier recipe stages (engine/data/stages.py): they start the stream at 0 and come in order before this
-    stage; a staged blend names each dataset once, since its path is its stream."""
-    _require(d.stage_start_sample >= 0, "data.stage_start_sample", f"must be >= 0, got {d.stage_start_sample}")
-    starts = [s.start_sample for s in d.stages] + [d.stage_start_sample]
-    for j, stage in enumerate(d.stages):
-        key = f"data.stages[{j}]"
-        _require(stage.start_sample == 0 or j > 0, f"{key}.start_sample",
-                 f"must be 0 (the first stage begins the data stream), got {stage.start_sample}")
-        _require(stage.seq_len > 0, f"{key}.seq_len", f"must be positive, got {stage.seq_len}")
-        _require(bool(stage.train), f"{key}.train", "is empty: a stage trains on at least one dataset")
-        later = f"data.stages[{j + 1}].start_sample" if j + 1 < len(d.stages) else "data.stage_start_sample"
-        _require(starts[j + 1] > stage.start_sample, later,
-                 f"{starts[j + 1]} must exceed {key}.start_sample={stage.start_sample} (stages come in order)")
-    blends = [(f"stages[{j}].train", s.train) for j, s in enumerate(d.stages)]
-    for group, train in blends + ([("train", d.train)] if d.stages else []):
-        for i, ds in enumerate(train):
-            _require(bool(ds.path), f"data.{group}[{i}].path", "is empty")
-            _require(Path(ds.path) not in [Path(other.path) for other in train[:i]], f"data.{group}[{i}].path",
-                     f"'{ds.path}' is listed twice in a staged blend (its path is its stream): merge the weights")
-        check_blend(train, group)
+    check_data_stages(d)
 
 
 def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:

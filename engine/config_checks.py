@@ -217,3 +217,62 @@ def check_watchdog(w: Any) -> None:
     _require(w.heartbeat_every < w.timeout, "watchdog.heartbeat_every",
              f"{w.heartbeat_every:g} s must be shorter than watchdog.timeout={w.timeout:g} s")
     _require(w.trace_buffer >= 0, "watchdog.trace_buffer", f"must be >= 0 (0: off), got {w.trace_buffer}")
+
+
+_PRODUCERS = {"data": ("rejection_sampling",), "valid": ("rejection_sampling",), "init": ("sft", "dpo"),
+              "reward": ("rm",)}
+
+
+def check_references(pipeline: Any, i: int) -> None:
+    """Each "@name" of stage i names an earlier stage (in round 1 a later one has produced nothing) whose kind
+    produces what the field takes; rejection sampling has a policy and a reward model."""
+    stage = pipeline.stages[i]
+    names = [s.name for s in pipeline.stages]
+    kinds = {s.name: s.kind for s in pipeline.stages}
+    for field_name, producers in _PRODUCERS.items():
+        value = getattr(stage, field_name)
+        if not value.startswith("@"):
+            continue
+        key = f"stages[{i}].{field_name}"  # these two errors' key as it always was
+        _require(value[1:] in kinds, key, f"'{value}' names no stage of this pipeline ({', '.join(kinds)})")
+        _require(kinds[value[1:]] in producers, key,
+                 f"'{value}' is a stage of kind {kinds[value[1:]]}, which produces no {_WHAT[field_name]} "
+                 f"(a stage of kind {' or '.join(producers)} does)")
+        which = "this stage itself" if value[1:] == stage.name else "a later stage"
+        _require(names.index(value[1:]) < i, f"stages.{stage.name}.{field_name}",
+                 f"'{value}' is {which}: in round 1 it has produced nothing when this stage starts (name an earlier "
+                 f"stage)")
+    if stage.kind == "rejection_sampling":
+        earlier = {s.kind for s in pipeline.stages[:i]}
+        _require(bool(stage.reward) or "rm" in earlier, f"stages.{stage.name}.reward",
+                 "rejection sampling needs a reward model: no rm stage comes before this one; add one or name a "
+                 "checkpoint root")
+        _require(bool(stage.init or pipeline.init) or bool(earlier & {"sft", "dpo"}), f"stages.{stage.name}.init",
+                 "rejection sampling needs a policy: no sft or dpo stage comes before this one and the pipeline "
+                 "has no init; add one or name a checkpoint root")
+
+
+_WHAT = {"data": "rows", "valid": "rows", "init": "policy weights", "reward": "reward model"}
+
+
+def check_data_stages(d: Any) -> None:
+    """Earlier recipe stages (engine/data/stages.py): they start the stream at 0 and come in order before this
+    stage; a staged blend names each dataset once, since its path is its stream."""
+    _require(d.stage_start_sample >= 0, "data.stage_start_sample", f"must be >= 0, got {d.stage_start_sample}")
+    starts = [s.start_sample for s in d.stages] + [d.stage_start_sample]
+    for j, stage in enumerate(d.stages):
+        key = f"data.stages[{j}]"
+        _require(stage.start_sample == 0 or j > 0, f"{key}.start_sample",
+                 f"must be 0 (the first stage begins the data stream), got {stage.start_sample}")
+        _require(stage.seq_len > 0, f"{key}.seq_len", f"must be positive, got {stage.seq_len}")
+        _require(bool(stage.train), f"{key}.train", "is empty: a stage trains on at least one dataset")
+        later = f"data.stages[{j + 1}].start_sample" if j + 1 < len(d.stages) else "data.stage_start_sample"
+        _require(starts[j + 1] > stage.start_sample, later,
+                 f"{starts[j + 1]} must exceed {key}.start_sample={stage.start_sample} (stages come in order)")
+    blends = [(f"stages[{j}].train", s.train) for j, s in enumerate(d.stages)]
+    for group, train in blends + ([("train", d.train)] if d.stages else []):
+        for i, ds in enumerate(train):
+            _require(bool(ds.path), f"data.{group}[{i}].path", "is empty")
+            _require(Path(ds.path) not in [Path(other.path) for other in train[:i]], f"data.{group}[{i}].path",
+                     f"'{ds.path}' is listed twice in a staged blend (its path is its stream): merge the weights")
+        check_blend(train, group)

@@ -103,11 +103,10 @@ def train_args(plan: dict, run: dict) -> List[str]:
 
 def config_fields(cfg) -> dict:
     """A job config as {dotted key: value} (lists kept whole), secret values redacted (plan.json is shared)."""
-    from omegaconf import OmegaConf
-    from engine.config import secret_fields
+    from engine.config import config_tree, secret_fields
     from engine.secrets import redact_tree
     marked = secret_fields()
-    tree = redact_tree(OmegaConf.to_container(OmegaConf.structured(cfg)), lambda path: ".".join(path) in marked,
+    tree = redact_tree(config_tree(cfg), lambda path: ".".join(path) in marked,
                        values=[])  # no scrubbing of the environment's secrets: the same config, the same fields
     fields = {}
 

@@ -21,8 +21,11 @@ def error_of(overrides, path=None, world_size=1) -> str:
     (["optim.lrr=1e-3"], "optim.lrr: unknown key (command line) (did you mean 'optim.lr'?)"),
     (["model.n_layer=2"], "model.n_layer: unknown key (command line) (did you mean 'model.n_layers'?)"),
     (["trian.steps=2"], "trian: unknown key (command line) (did you mean 'train'?)"),
-    (["data.train=[{path: a, wieght: 2}]"], "unknown key in a DatasetConfig entry (command line) "
-                                            "(did you mean 'weight'?)"),
+    (["data.train=[{path: a, wieght: 2}]"], "data.train[0].wieght: unknown key in a DatasetConfig entry (command "
+                                            "line) (did you mean 'weight'?)"),
+    (["data.train=[{path: a}, {path: b, weight: abc}]"], "data.train[1].weight: wrong type (command line): Value "
+                                                         "'abc' of type 'str' could not be converted to Float"),
+    (["data.valid=[{path: a, weight: true}]"], "data.valid[0].weight: wrong type"),
     (["optim.lr=fast"], "optim.lr: wrong type (command line): Value 'fast' of type 'str' could not be "
                         "converted to Float"),
     (["train.steps=1.5"], "train.steps: wrong type"),
