@@ -180,6 +180,11 @@ class IndexedDataset:
             raise BadShard(f"{self.idx_path}: the dataset holds no tokens", "shard_empty")
         if self.pointers[0] != 0 or (np.diff(self.pointers) != self.sizes[:-1].astype(np.int64) * itemsize).any():
             raise BadShard(f"{self.idx_path}: document sizes and offsets disagree (corrupt index)", "shard_corrupt")
+        # herd reads sequences, Megatron documents: its document index runs from 0 to n_seq, never decreasing
+        doc_index = np.frombuffer(raw, dtype=np.int64, count=n_doc, offset=offset + 12 * n_seq)
+        if n_doc < 2 or doc_index[0] != 0 or doc_index[-1] != n_seq or (np.diff(doc_index) < 0).any():
+            raise BadShard(f"{self.idx_path}: the document index is not 0 .. {n_seq} in order (corrupt index)",
+                           "shard_corrupt")
         bin_bytes = self.bin_path.stat().st_size
         if bin_bytes != self.total_tokens * itemsize:
             raise BadShard(f"{self.bin_path}: {bin_bytes} bytes but the index describes "

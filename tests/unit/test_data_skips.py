@@ -101,7 +101,7 @@ def test_prepare_skip_counts_every_reason_per_file_and_line(tmp_path, tokenizer)
     ('["text"]', r"d\.jsonl:2: expected a JSON object with a string field 'text', got a list"),
     ('{"body": "x"}', r"d\.jsonl:2: missing field 'text' \(found: \"body\"\)"),
     ("[" * 100_000, r"d\.jsonl:2: invalid JSON: nested too deeply"),
-    ('{"text": "x", "n": ' + "1" * 5000 + "}", r"d\.jsonl:2: invalid JSON: Exceeds the limit \(4300 digits\)"),
+    ('{"text": "x", "n": ' + "1" * 5000 + "}", r"d\.jsonl:2: invalid JSON: an integer of more than 4300 digits"),
 ])
 def test_prepare_error_names_file_and_line(tmp_path, tokenizer, line, message):
     (tmp_path / "d.jsonl").write_text(json.dumps({"text": "fine"}) + "\n" + line + "\n")

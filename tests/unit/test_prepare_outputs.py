@@ -221,3 +221,14 @@ def test_messages_say_what_was_left_out_and_a_bom_is_read(corpus, capfd):
     code, lines = run_herd(["prepare-data", str(rows), "--out", "out/p", "--tokenizer-path", "tok.json",
                             "--on-bad-data", "skip"], capfd)
     assert code == 0 and "all: 1 documents" in lines[-1] and "1 bad_json" in lines[-1]
+
+
+def test_a_corrupt_document_index_is_refused(corpus, capfd):
+    import numpy as np
+    assert prepare(corpus, capfd)[0] == 0
+    idx = corpus / "out" / "p.idx"
+    raw = bytearray(idx.read_bytes())
+    raw[-8:] = np.int64(len(TEXTS) + 5).tobytes()  # Megatron's doc_index must end at the sequence count
+    idx.write_bytes(bytes(raw))
+    with pytest.raises(DataError, match=r"p\.idx: the document index is not 0 \.\. 4 in order \(corrupt index\)"):
+        IndexedDataset(str(corpus / "out" / "p"))
