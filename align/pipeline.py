@@ -160,6 +160,12 @@ class PipelineRunner:
                                               self._align_overrides(stage.kind, files[0], files[1])))
                 except ConfigError as e:
                     raise ConfigError(f"stages.{stage.name}", str(e)) from None
+        named = [("init", self.pipeline.init)] + [(f"stages.{s.name}.{f}", getattr(s, f)) for s in self.pipeline.stages
+                                                  for f in ("init", "reward") if not getattr(s, f).startswith("@")]
+        for key, root in named:  # a directory that holds no checkpoint failed when its stage began
+            if root and CheckpointStore(Path(root)).latest_step() is None:
+                raise ConfigError(key, f"{root} holds no complete checkpoint (name a checkpoint root: an import's "
+                                       f"directory or a run's checkpoints)")
         self.check_finished()
 
     def check_checkpoints(self) -> None:

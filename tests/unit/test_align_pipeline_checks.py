@@ -7,6 +7,7 @@ Stages "run" here through a stand-in for PipelineRunner._run_stage that only lea
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -276,3 +277,19 @@ def test_a_plain_run_names_a_fifo_for_what_it_is(files, tmp_path):
         check_job_inputs(cfg)
     with pytest.raises(ConfigError, match=rf"^stages\.rs\.prompts: {fifo} is a FIFO, not a regular file$"):
         check_prompts(cfg, str(fifo), 8, key="stages.rs.prompts")
+
+
+@pytest.mark.parametrize("where", ["pipeline", "stage"])
+def test_an_init_directory_without_a_checkpoint_is_refused_up_front(files, tmp_path, where):
+    empty = tmp_path / "not-a-checkpoint"
+    empty.mkdir()
+    stage_init = f", init: {empty}" if where == "stage" else ""
+    path = pipeline_file(files, tmp_path, f"  - {{name: sft, kind: sft, data: {files['sft']}{stage_init}}}\n")
+    if where == "pipeline":
+        path.write_text(path.read_text().replace("stages:\n", f"init: {empty}\nstages:\n"))
+    runner = PipelineRunner(load_pipeline(str(path)), stream=open(os.devnull, "w"))
+    key = "init" if where == "pipeline" else "stages.sft.init"
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: .*not-a-checkpoint holds no complete checkpoint"):
+        runner.check_inputs()  # it used to fail when the stage began, leaving its directories behind
+    fake_checkpoint(empty)
+    runner.check_inputs()
