@@ -12,6 +12,7 @@ sizes and dtypes: a planted payload fails to load instead of running (shared/TES
 
 import io
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any, Dict, Optional
 
@@ -27,6 +28,12 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 from engine.checkpoint.store import CheckpointError, CheckpointStore
 from engine.secrets import scrub
 from parallel.parallelize import Parallelized
+
+# DCP warns on every save and load outside a process group that it "assumes the intent is to save in a single
+# process": herd's one-process runs, imports, exports and averages mean exactly that; two lines of stderr per
+# checkpoint only hid the lines that matter
+warnings.filterwarnings("ignore", message=r"torch\.distributed is disabled, unavailable or uninitialized",
+                        category=UserWarning)
 
 _SAFE_GLOBALS = {
     ("torch.distributed.checkpoint.metadata", name) for name in (
