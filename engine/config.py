@@ -104,7 +104,9 @@ def load_pipeline(path: str, overrides: Optional[List[str]] = None) -> PipelineC
     """An alignment pipeline YAML (<- dotlist overrides), checked: stage names, kinds, the files and "@stage"
     references each kind needs. The jobs of its stages are loaded (and validated) by the runner."""
     pipeline = _load_structured(PipelineConfig, path, overrides, path)
+    check_numbers(pipeline)  # first: a NaN is "not finite", not "must be >= 0"
     _require(bool(pipeline.config), "config", f"{path}: name the job YAML every stage starts from")
+    _require(Path(pipeline.config).is_file(), "config", f"config file not found: {pipeline.config}")
     _require(pipeline.rounds >= 1, "rounds", f"must be at least 1, got {pipeline.rounds}")
     _require(bool(pipeline.stages), "stages", f"{path}: no stages")
     names = [s.name for s in pipeline.stages]
@@ -123,7 +125,6 @@ def load_pipeline(path: str, overrides: Optional[List[str]] = None) -> PipelineC
                                                                      f"{stage.max_new_tokens}")
         _require(stage.temperature >= 0, f"{key}.temperature", f"must be >= 0 (0: greedy), got {stage.temperature}")
         _require(0 < stage.top_p <= 1, f"{key}.top_p", f"must be in (0, 1], got {stage.top_p}")
-    check_numbers(pipeline)
     check_directory(pipeline.run_dir, "run_dir")
     return pipeline
 
@@ -135,7 +136,9 @@ def load_recipe(path: str, overrides: Optional[List[str]] = None) -> RecipeConfi
     """A pretraining recipe YAML (<- dotlist overrides), checked: stage names, kinds, token budgets, the schedule
     and at most one anneal stage, the last. The stages' jobs are loaded (and validated) by the runner."""
     recipe = _load_structured(RecipeConfig, path, overrides, path)
+    check_numbers(recipe)  # first: a NaN is "not finite", not "must be >= 0"
     _require(bool(recipe.config), "config", f"{path}: name the job YAML every stage starts from")
+    _require(Path(recipe.config).is_file(), "config", f"config file not found: {recipe.config}")
     _require(bool(recipe.stages), "stages", f"{path}: no stages")
     names = [s.name for s in recipe.stages]
     for i, stage in enumerate(recipe.stages):
@@ -158,7 +161,6 @@ def load_recipe(path: str, overrides: Optional[List[str]] = None) -> RecipeConfi
     _require(recipe.warmup_tokens >= 0 and recipe.warmup_steps >= 0, "warmup_tokens", "must be >= 0")
     _require(not (recipe.warmup_tokens and recipe.warmup_steps), "warmup_steps",
              "give warmup_tokens or warmup_steps, not both")
-    check_numbers(recipe)
     check_directory(recipe.run_dir, "run_dir")
     return recipe
 

@@ -79,7 +79,7 @@ def _well_formed(record) -> bool:
     """A stage's record as save_state writes it: positions of whole numbers where the runner reads them."""
     def position(value) -> bool:
         return isinstance(value, dict) and set(value) == {"step", "tokens", "samples"} and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value.values())
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value.values())
     return isinstance(record, dict) and position(record.get("start")) and isinstance(record.get("chunks"), list) \
         and (not record.get("done") or position(record.get("end")))
 

@@ -137,3 +137,16 @@ def test_print_config_refuses_what_the_run_would_refuse(tmp_path, capfd):
     code, lines = run_herd(["recipe", DEMO, "--print-config", "--world-size", "2",
                                 "stages.mix.overrides=['data.train=[]']"], capfd)
     assert (code, lines) == (2, ["herd: error: stages.mix: data.train is empty: the stage has nothing to train on"])
+
+
+def test_errors_name_the_key_at_fault(tmp_path):
+    with pytest.raises(ConfigError, match=r"^config: config file not found: nope\.yaml$"):
+        load_recipe(DEMO, ["config=nope.yaml"])  # was blamed on the first stage
+    with pytest.raises(ConfigError, match=r"^total_tokens: must be a finite number, got nan$"):
+        load_recipe(DEMO, ["total_tokens=nan"])  # was "must be >= 0"
+    runner = runner_for(tmp_path / "run")
+    state = finished_state(runner, runner.plan(check_files=False), 1)
+    state["stages"]["ramp-128"]["end"]["samples"] = -99  # tampered: the error names the state file, not a job key
+    write_state(runner, state)
+    with pytest.raises(ConfigError, match=rf"run_dir: .*/{STATE} is not a recipe state file herd wrote"):
+        check(runner)
