@@ -119,6 +119,9 @@ def load_pipeline(path: str, overrides: Optional[List[str]] = None) -> PipelineC
         needed = ("prompts",) if stage.kind == "rejection_sampling" else ("data",)
         for field_name in needed:
             _require(bool(getattr(stage, field_name)), f"{key}.{field_name}", f"a {stage.kind} stage needs it")
+        unused = ("data", "valid") if stage.kind == "rejection_sampling" else ("prompts", "reward")
+        for field_name in unused:  # set but never read: the user meant something the stage does not do
+            _require(not getattr(stage, field_name), f"{key}.{field_name}", f"a {stage.kind} stage does not use it")
         check_references(pipeline, i)
         _require(stage.samples >= 1, f"{key}.samples", f"must be at least 1, got {stage.samples}")
         _require(stage.max_new_tokens >= 1, f"{key}.max_new_tokens", f"must be at least 1, got "

@@ -293,3 +293,15 @@ def test_an_init_directory_without_a_checkpoint_is_refused_up_front(files, tmp_p
         runner.check_inputs()  # it used to fail when the stage began, leaving its directories behind
     fake_checkpoint(empty)
     runner.check_inputs()
+
+
+@pytest.mark.parametrize("stage,key", [
+    ("{name: a, kind: sft, data: DATA, prompts: DATA}", "stages[0].prompts: a sft stage does not use it"),
+    ("{name: a, kind: dpo, data: DATA, reward: /some/rm}", "stages[0].reward: a dpo stage does not use it"),
+    ("{name: a, kind: rejection_sampling, prompts: DATA, data: DATA, reward: /r, init: /p}",
+     "stages[0].data: a rejection_sampling stage does not use it"),
+])
+def test_fields_a_stage_kind_does_not_use_are_refused(files, tmp_path, stage, key):
+    path = pipeline_file(files, tmp_path, "  - " + stage.replace("DATA", str(files["sft"])) + "\n")
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_pipeline(str(path))  # they were silently ignored
