@@ -293,6 +293,7 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout, data_builder: Opt
                             cfg.checkpoint.verify_sample, cfg.train.seed, lineage=cfg.log.name)
     layout = {k: getattr(cfg.parallel, k) for k in ("dp_replicate", "dp_shard", "pp", "cp", "tp")}
     checkpointer = Checkpointer(store, module, loader, state, to_yaml(cfg), layout, cfg.checkpoint.async_save)
+    checkpointer.model_cfg = cfg.model
     is_rank0 = int(os.environ.get("RANK", "0")) == 0
     say = (lambda line: print(scrub(line), file=stream, flush=True)) if is_rank0 else None
     # the directory is this run's (or refused, one line) before anything reads or writes it

@@ -89,6 +89,7 @@ class Checkpointer:
         # a background write runs its collectives on a group of its own, never interleaved with training's
         self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
         self.claimed: Optional[Claim] = None
+        self.model_cfg = None  # this run's ModelConfig: a resume refuses a checkpoint of another model
 
     def claim(self, on_foreign: str, resume: str, writes: bool, run_dir: Optional[Path] = None,
               move_aside=None, say=None) -> bool:
@@ -209,8 +210,26 @@ class Checkpointer:
             return None
         path = self.store.step_dir(step)
         check_train_meta(manifest, path / MANIFEST, self.loader.state_dict(), self.module.scheduler.state_dict())
+        self._check_same_model(manifest, path / MANIFEST)
         self._load(path, manifest, rank, world)
         return step
+
+    # the shape of the model a run's checkpoints hold (RoPE and its length may change between a recipe's stages)
+    SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "norm_eps")
+
+    def _check_same_model(self, manifest: dict, file: Path) -> None:
+        """A checkpoint of another model is refused: fewer layers loaded only the ones both have, and other head
+        counts of the same total width loaded tensors that mean something else; both trained on, silently."""
+        if self.model_cfg is None or not isinstance(manifest.get("meta", {}).get("config"), str):
+            return
+        from engine.checkpoint.manifest import model_config_of
+        saved = model_config_of(manifest, file)
+        for key in self.SHAPE_KEYS:
+            theirs, ours = getattr(saved, key), getattr(self.model_cfg, key)
+            if theirs != ours:
+                raise CheckpointError(f"{file.parent}: the checkpoint holds a model with model.{key}={theirs}, this "
+                                      f"run's has {ours}; resume with the same model, or start it elsewhere "
+                                      f"(log.name or checkpoint.dir)")
 
     def load_weights(self, root: Path, model_cfg=None, skip=()) -> int:
         """Initialize the model (only) from the newest complete checkpoint under `root` (an imported HF model or

@@ -107,14 +107,20 @@ class CheckpointStore:
         return self.root / step_name(step)
 
     def begin(self, step: int) -> Path:
-        """An empty directory for step `step` (a leftover of an interrupted save of the same step is removed)."""
+        """An empty directory for step `step` (a leftover of an interrupted save of the same step is removed; a
+        damaged one, whose marker does not match its manifest, is moved aside: the resume fell back past it, and
+        refusing to save there would stop the run at that step on every rerun)."""
         path = self.step_dir(step)
         if path.is_symlink():
             raise CheckpointError(f"{path}: is a symlink; refusing to write through it")
         if path.exists():
-            if (path / MARKER).exists():
+            if (path / MARKER).exists() and step in self.lineages():
                 raise CheckpointError(f"{path}: a committed checkpoint of step {step} exists already")
-            shutil.rmtree(path)
+            if (path / MARKER).exists():  # kept for inspection under a name no reader takes for a step
+                aside = path.with_name(f"{path.name}.damaged-{os.getpid()}-{random.randrange(1 << 30):x}")
+                path.rename(aside)
+            else:
+                shutil.rmtree(path)
         path.mkdir(parents=True)
         fsync_dir(self.root)
         return path

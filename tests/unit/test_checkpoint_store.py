@@ -206,3 +206,19 @@ def test_a_manifest_nested_too_deep_is_one_line(tmp_path):
     assert store.lineages() == {2: None}  # complete, of an unknown run
     with pytest.raises(CheckpointError, match=f"^{path / MANIFEST}: not valid JSON \\(maximum recursion"):
         store.verify(2)
+
+
+def test_a_damaged_step_is_moved_aside_when_the_run_saves_that_step_again(tmp_path):
+    """A marker whose manifest is missing or altered: the resume falls back past it (never loaded), and the save of
+    that step used to stop the run with "a committed checkpoint of step 4 exists already" on every rerun (hunt H38)."""
+    store = CheckpointStore(tmp_path)
+    save(store, 2)
+    damaged = save(store, 4)
+    (damaged / MANIFEST).write_text("{}")  # the marker no longer matches
+    assert store.latest_step() == 2
+    fresh = store.begin(4)
+    assert fresh == damaged and list(fresh.iterdir()) == []
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("step_00000004.damaged-")]
+    assert len(aside) == 1 and (aside[0] / MARKER).exists() and (aside[0] / MANIFEST).read_text() == "{}"
+    with pytest.raises(CheckpointError, match="a committed checkpoint of step 2 exists already"):
+        store.begin(2)  # a complete one is never replaced

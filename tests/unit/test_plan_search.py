@@ -130,3 +130,11 @@ def test_cli_prints_the_table_and_refuses_to_replace_a_foreign_file(capsys, tmp_
     assert main(["plan", "--model", "8b", "--gpus", "8", "--top", "2", "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "TFLOP/s" in text and "best as overrides: parallel.tp=" in text and out.is_file()
+
+
+def test_divisors_are_found_without_counting_to_n():
+    from plan.search import _divisors
+    for n in (1, 2, 12, 36, 97, 8192, 24576):
+        assert _divisors(n) == [d for d in range(1, n + 1) if n % d == 0]
+    big = _divisors(10 ** 12)  # a trial up to n took minutes at 10**9 (herd plan --gpus 1000000000 hung)
+    assert len(big) == 169 and big[0] == 1 and big[-1] == 10 ** 12 and big == sorted(big)
