@@ -20,7 +20,7 @@ from engine.callbacks.telemetry import Telemetry, TelemetryCallback
 from engine.callbacks.watchdog import WatchdogCallback
 from engine.callbacks.writers import report_data_skips
 from engine.checkpoint.checkpointer import Checkpointer, checkpoint_root
-from engine.checkpoint.store import CheckpointStore
+from engine.checkpoint.store import CheckpointError, CheckpointStore
 from engine.config import DatasetConfig, JobConfig, grad_accum_steps, to_yaml
 from engine.data.indexed import read_sidecar
 from engine.data.loader import Batch, StepLoader, build_blend, build_train_blend
@@ -55,6 +55,7 @@ def prepare_run_dir(cfg: JobConfig, stream: TextIO, resumed: bool = False) -> Pa
     unless this run resumes from its checkpoint (then its logs are appended to)."""
     run = Path(cfg.log.run_dir) / cfg.log.name
     if run.exists() and any(run.iterdir()) and not resumed:
+        refuse_live_run(run)  # (with the default checkpoint.dir the claim has refused it already)
         move_aside(run, stream)
     run.mkdir(parents=True, exist_ok=True)
     (run / "config.yaml").write_text(to_yaml(cfg))
@@ -65,6 +66,28 @@ def move_aside(run: Path, stream: TextIO) -> None:
     archive = run.with_name(f"{run.name}.{time.strftime('%Y%m%d-%H%M%S')}")
     run.rename(archive)
     print(scrub(f"an earlier run of the same name was moved to {archive}"), file=stream, flush=True)
+
+
+def refuse_live_run(run: Path) -> None:
+    """A run still going in `run` (it holds the lock of the checkpoint directory its config.yaml names) keeps its
+    directory: moved aside under it, its next write failed and the run died (a second run of the same name with
+    another checkpoint.dir did that). A run that does not save holds no lock and is not detected."""
+    import yaml
+    from engine.checkpoint.ownership import DirectoryLock
+    try:
+        saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
+        named = str(((saved.get("checkpoint") or {}).get("dir")) or "")
+    except (OSError, ValueError, AttributeError, yaml.YAMLError):
+        named = ""
+    for root in {run / "checkpoints", *([Path(named)] if named else [])}:
+        try:
+            DirectoryLock(root).test()
+        except CheckpointError as e:
+            holder = str(e).split("(", 1)[1].split(")", 1)[0] if "(" in str(e) else "a live process"
+            if holder.startswith(f"held by pid {os.getpid()} "):
+                continue  # this process's own earlier run (a Python caller building one run after another)
+            raise ConfigError("log.name", f"{run} belongs to a run still going ({holder}, holding {root}): wait "
+                                          f"for it to end, or choose another log.name") from None
 
 
 def check_prepared_with(datasets: List[DatasetConfig], tokenizer: Tokenizer) -> None:
