@@ -19,6 +19,7 @@ parsed (R5, R15). A failure names the file. Resume takes the newest complete che
 commit point); `latest` is written for people and tools, and never followed blindly.
 """
 
+import contextlib
 import hashlib
 import json
 import os
@@ -64,7 +65,10 @@ def fsync_dir(path: Path) -> None:
 def write_atomic(path: Path, data: bytes) -> None:
     """Temporary file, fsync, rename over `path`, fsync of the directory: readers see old or new, never half."""
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with contextlib.suppress(FileNotFoundError):  # a killed write's leftover, or a planted symlink: never followed
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    with os.fdopen(fd, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -222,3 +222,17 @@ def test_a_damaged_step_is_moved_aside_when_the_run_saves_that_step_again(tmp_pa
     assert len(aside) == 1 and (aside[0] / MARKER).exists() and (aside[0] / MANIFEST).read_text() == "{}"
     with pytest.raises(CheckpointError, match="a committed checkpoint of step 2 exists already"):
         store.begin(2)  # a complete one is never replaced
+
+
+def test_a_symlink_at_the_temporary_name_is_not_written_through(tmp_path):
+    """A planted `.latest.tmp -> user file` made a save overwrite the user's file (hunt H38)."""
+    user = tmp_path / "user.txt"
+    user.write_text("mine\n")
+    root = tmp_path / "ck"
+    store = CheckpointStore(root)
+    save(store, 2)
+    (root / ".latest.tmp").symlink_to(user)
+    (root / ".COMMITTED.tmp").write_text("a killed write's leftover")
+    save(store, 4)
+    assert user.read_text() == "mine\n" and store.latest_step() == 4
+    assert (root / "latest").read_text() == "step_00000004" and not (root / "latest").is_symlink()
