@@ -20,7 +20,7 @@ from engine.callbacks.telemetry import Telemetry, TelemetryCallback
 from engine.callbacks.watchdog import WatchdogCallback
 from engine.callbacks.writers import report_data_skips
 from engine.checkpoint.checkpointer import Checkpointer, checkpoint_root
-from engine.checkpoint.store import CheckpointError, CheckpointStore
+from engine.checkpoint.store import CheckpointError, CheckpointStore, write_atomic
 from engine.config import DatasetConfig, JobConfig, grad_accum_steps, to_yaml
 from engine.data.indexed import read_sidecar
 from engine.data.loader import Batch, StepLoader, build_blend, build_train_blend
@@ -58,7 +58,7 @@ def prepare_run_dir(cfg: JobConfig, stream: TextIO, resumed: bool = False) -> Pa
         refuse_live_run(run)  # (with the default checkpoint.dir the claim has refused it already)
         move_aside(run, stream)
     run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(to_yaml(cfg))
+    write_atomic(run / "config.yaml", to_yaml(cfg).encode())  # replaces a symlink there, never writes through it
     return run
 
 
