@@ -20,8 +20,6 @@ first line numbers; skip_report() turns them into the run's report (engine/data/
 import json
 import os
 import re
-import stat
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from engine.data.jsonl import BadLine, json_object
 from engine.data.prepare import lone_surrogate
 from engine.data.skips import EXAMPLES_PER_REASON, SkipReport
 from engine.errors import DataError
+from engine.files import atomic_output, file_problem
 
 TOO_LONG_POLICIES = ("truncate", "skip")
 BAD_DATA_POLICIES = ("error", "skip")
@@ -185,43 +184,16 @@ def read_jsonl(path, on_bad_data: str = "error",
         raise _error(path, 1, "empty file: no JSON objects", "")
 
 
-def file_problem(path) -> Optional[str]:
-    """Why `path` cannot be read as a file of rows, or None for a regular file (or a symlink to one). A FIFO would
-    block the reader and a device (/dev/zero) never ends, so each is named for what it is, not called missing."""
-    try:
-        mode = os.stat(path).st_mode
-    except FileNotFoundError:
-        return f"is a symlink to {os.readlink(path)}, which does not exist" if os.path.islink(path) else \
-            "does not exist"
-    except OSError as e:
-        return f"cannot be read ({e.strerror or e})"
-    if stat.S_ISREG(mode):
-        return None
-    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
-             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-    what = next((name for test, name in kinds if test(mode)), "not a regular file")
-    link = f"a symlink to {os.readlink(path)}, " if os.path.islink(path) else ""
-    return f"is {link}{what}, not a regular file"
-
-
 def write_jsonl(path, rows: Iterable[Mapping[str, Any]]) -> int:
-    """Write rows one JSON object a line, atomically: readers see the old file or the complete new one, never a
-    partial one (a crash mid-write leaves only a temporary file beside it). Returns the number of rows."""
+    """Write rows one JSON object a line, atomically (engine/files.py): readers see the old file or the complete new
+    one, never a partial one. Returns the number of rows."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     count = 0
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            for row in rows:
-                stream.write(json.dumps(row, ensure_ascii=False) + "\n")
-                count += 1
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, binary=False) as stream:
+        for row in rows:
+            stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+            count += 1
     return count
 
 

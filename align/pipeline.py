@@ -26,16 +26,16 @@ import torch.distributed as dist
 
 from engine.checkpoint.checkpointer import checkpoint_root
 from engine.checkpoint.store import CheckpointStore
-from engine.config import (PipelineConfig, StageConfig, config_tree, load_config, override_sets,
-                           secret_fields)
+from engine.config import PipelineConfig, StageConfig, config_fields, load_config, override_sets
+from engine.config_checks import check_existing_directory
+from engine.config_schema import MODEL_SHAPE_KEYS
 from engine.errors import ConfigError
-from engine.secrets import redact_tree, scrub
+from engine.files import file_problem, write_atomic
+from engine.secrets import scrub
 from engine.train_module import fault_point
 
-from align.formats import file_problem
 from align.generate import SamplingConfig
 from align.inputs import check_job_inputs, check_prompts
-from engine.config_checks import check_existing_directory
 
 DONE = "DONE.json"
 DONE_MAX_BYTES = 1 << 20  # a DONE.json herd writes is a few KiB; anything far larger is not one
@@ -49,7 +49,6 @@ STAGE_KEYS = {"align.kind": "the stage's kind", "align.train_file": "the stage's
 # process is finished on four), where logs and checkpoints go, and the device
 NOT_FINGERPRINTED = ("parallel", "log", "checkpoint", "watchdog", "slurm", "train.device", "data.micro_batch_size")
 # model fields that shape the weights every stage hands on to the next
-SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size")
 
 
 def _rank() -> int:
@@ -107,7 +106,7 @@ class PipelineRunner:
                 cfg = self._checked_job(stage)
             except ConfigError as e:  # name the stage whose job (its overrides) is wrong
                 raise ConfigError(f"stages.{stage.name}", str(e)) from None
-            shapes[stage.name] = {key: getattr(cfg.model, key) for key in SHAPE_KEYS}
+            shapes[stage.name] = {key: getattr(cfg.model, key) for key in MODEL_SHAPE_KEYS}
         self._check_shapes(shapes)
 
     def _checked_job(self, stage: StageConfig, stage_id: str = ""):
@@ -132,7 +131,7 @@ class PipelineRunner:
         builds policy and reward model from one job: one model shape for all, or the load fails mid-pipeline."""
         first, reference = next(iter(shapes.items()))
         for name, shape in shapes.items():
-            for key in SHAPE_KEYS:
+            for key in MODEL_SHAPE_KEYS:
                 if shape[key] != reference[key]:
                     raise ConfigError(f"stages.{name}", f"model.{key} is {shape[key]} here but {reference[key]} in "
                                                         f"stage {first}: the stages hand one model's weights on")
@@ -269,10 +268,8 @@ class PipelineRunner:
         the sha256 of its content ("@stage" inputs by name: that stage's own DONE.json vouches for them)."""
         if stage.name in self._trained_on:
             return self._trained_on[stage.name]
-        tree = config_tree(self._checked_job(stage))
-        marked = secret_fields()
-        tree = redact_tree(tree, lambda keys: ".".join(keys) in marked)  # DONE.json never holds a credential (R17)
-        flat = {f"job.{key}": value for key, value in _flatten(tree).items()
+        fields = config_fields(self._checked_job(stage))  # redacted: DONE.json never holds a credential (R17)
+        flat = {f"job.{key}": value for key, value in fields.items()
                 if not any(key == skip or key.startswith(skip + ".") for skip in NOT_FINGERPRINTED)}
         for key in ("align.train_file", "align.valid_file"):
             flat.pop(f"job.{key}", None)  # the stage's data and valid below, by content
@@ -300,9 +297,7 @@ class PipelineRunner:
     def _finish(self, done_path: Path, done: dict) -> None:
         """DONE.json, written once the stage's outputs are complete, by rank 0, atomically; every rank waits."""
         if _rank() == 0:
-            temporary = done_path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(done, indent=1) + "\n")
-            os.replace(temporary, done_path)
+            write_atomic(done_path, json.dumps(done, indent=1) + "\n")
         _barrier()
         fault_point("stage_done")  # the kill tests stop the runner here, between two stages (TESTING.md R19)
 
@@ -376,15 +371,6 @@ def _read_done(path: Path, stage_id: str) -> dict:
         raise ConfigError(str(path), f"{problem}: not a DONE.json herd wrote; move it away (the stage then runs "
                                      f"again)")
     return done
-
-
-def _flatten(tree: Any, prefix: str = "") -> Dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix: tree}
-    flat: Dict[str, Any] = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
-    return flat
 
 
 def _fingerprint(trained_on: Dict[str, Any]) -> str:

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from engine.errors import HerdError
+from engine.files import atomic_output
 
 from align.modules import DPOTrainModule
 from align.preference import PreferenceStepLoader
@@ -75,9 +76,8 @@ def reference_table(trainer, loader: PreferenceStepLoader, run_dir: Path, refere
             for param, value in zip(module.parallel.parameters(), starting):
                 param.copy_(value)
     if int(os.environ.get("RANK", "0")) == 0:
-        temporary = path.with_suffix(".tmp")
-        torch.save(table.cpu(), temporary)
-        os.replace(temporary, path)
+        with atomic_output(path) as stream:
+            torch.save(table.cpu(), stream)
         if say:
             say(f"dpo reference: log-probs of {len(table)} pairs computed once -> {path}")
     if dist.is_initialized():

@@ -44,13 +44,14 @@ from engine.config import JobConfig
 from engine.data.loader import Batch
 from engine.data.tokenizer import load_tokenizer
 from engine.errors import ConfigError
+from engine.files import file_problem
 from engine.run import build_module, setup_distributed
 from engine.secrets import scrub
 from engine.train_module import LMTrainModule
 from parallel.mesh import Mesh
 
 from align.chat import ChatFormatError, ChatTokens, alternation_problem, chat_format, check_messages
-from align.formats import AlignDataError, SkipCounts, file_problem, read_jsonl, rows_of, skip_report, write_jsonl
+from align.formats import AlignDataError, SkipCounts, read_jsonl, rows_of, skip_report, write_jsonl
 from align.generate import SamplingConfig, sample_k
 from align.modules import RewardTrainModule
 from align.preference import reward_sequence

@@ -13,12 +13,13 @@ from engine.config import JobConfig
 from engine.data.loader import Batch
 from engine.data.tokenizer import load_tokenizer
 from engine.errors import ConfigError
+from engine.files import file_problem
 from engine.run import build_data, build_module, build_trainer, eval_share
 from engine.secrets import scrub
 from engine.trainer import Trainer
 from parallel.mesh import Mesh
 
-from align.formats import AlignDataError, file_problem, load_preferences, load_sft, skip_report
+from align.formats import AlignDataError, load_preferences, load_sft, skip_report
 from align.modules import DPOTrainModule, RewardTrainModule
 from align.preference import REWARD_BLOCKS, PreferenceStepLoader
 from align.reference import reference_table

@@ -9,7 +9,6 @@ every hash + DCP load). Sizes are model + AdamW state in fp32 (about 12 bytes pe
     python -m benchmarks.checkpoint_io [--save]
 """
 
-import argparse
 import io
 import platform
 import shutil
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.report import publish
+from benchmarks.report import demo_args, publish
 
 WIDTHS = [(256, 4), (512, 8), (1024, 8)]  # (dim, layers)
 
@@ -59,13 +58,7 @@ def measure(dim: int, layers: int, config: str, root: Path) -> dict:
 
 
 def main() -> None:
-    from launch.demo import prepare_corpus
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--save", action="store_true")
-    args = parser.parse_args()
-    if args.config == "configs/demo.yaml" and prepare_corpus():
-        raise SystemExit("could not prepare the demo corpus")
+    args = demo_args(__doc__.splitlines()[0])
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for dim, layers in WIDTHS:

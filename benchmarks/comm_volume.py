@@ -20,7 +20,6 @@ L layers, P_u parameters in FSDP unit u, n = dp_shard, r = dp_replicate, t = tp,
     python -m benchmarks.comm_volume [--save]
 """
 
-import argparse
 import io
 import time
 from collections import defaultdict
@@ -28,7 +27,7 @@ from collections import defaultdict
 import torch
 import torch.distributed as dist
 
-from benchmarks.report import publish
+from benchmarks.report import demo_args, publish
 
 LAYOUTS = {2: [["parallel.tp=2", "parallel.sequence_parallel=false"], ["parallel.tp=2"], ["parallel.dp_shard=2"],
                ["parallel.dp_replicate=2", "parallel.dp_shard=1"]],
@@ -144,14 +143,8 @@ def measure_layouts(rank: int, world_size: int, config: str, layouts: list) -> l
 
 
 def main() -> None:
-    from launch.demo import prepare_corpus
     from parallel.multiprocess import run_on_ranks
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--save", action="store_true")
-    args = parser.parse_args()
-    if args.config == "configs/demo.yaml" and prepare_corpus():
-        raise SystemExit("could not prepare the demo corpus")
+    args = demo_args(__doc__.splitlines()[0])
     rows = []
     for world_size, layouts in LAYOUTS.items():
         rows += run_on_ranks(measure_layouts, world_size, args.config, layouts, timeout=1200)[0]

@@ -10,14 +10,13 @@ id gather, ring P2P): FSDP's, sharded over dp_shard x cp and here on the same ra
     python -m benchmarks.cp_comm [--save]
 """
 
-import argparse
 import io
 import time
 
 import torch
 import torch.distributed as dist
 
-from benchmarks.report import publish
+from benchmarks.report import demo_args, publish
 from parallel import comm
 
 LAYOUTS = {2: [["parallel.cp=2", "parallel.cp_attention=all_gather"], ["parallel.cp=2", "parallel.cp_attention=ring"]],
@@ -113,14 +112,8 @@ def measure(rank: int, world_size: int, config: str, layouts: list) -> list:
 
 
 def main() -> None:
-    from launch.demo import prepare_corpus
     from parallel.multiprocess import run_on_ranks
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", default="configs/demo.yaml")
-    parser.add_argument("--save", action="store_true")
-    args = parser.parse_args()
-    if args.config == "configs/demo.yaml" and prepare_corpus():
-        raise SystemExit("could not prepare the demo corpus")
+    args = demo_args(__doc__.splitlines()[0])
     rows = []
     for world_size, layouts in LAYOUTS.items():
         rows += run_on_ranks(measure, world_size, args.config, layouts, timeout=1200)[0]

@@ -13,7 +13,7 @@ import difflib
 import re
 import typing
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -381,6 +381,26 @@ SECRET = {"secret": True}  # field(..., metadata=SECRET): dumped as *** whatever
 def config_tree(cfg: Any) -> dict:
     """A config dataclass as plain nested dicts and lists (what DONE.json and a sweep's plan record)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+def config_fields(cfg: Any, scrub_environment: bool = True) -> Dict[str, Any]:
+    """A job config as {dotted key: value} (lists kept whole) with secret fields redacted: what a pipeline's
+    DONE.json and a scaling sweep's plan.json record and compare. `scrub_environment=False` keeps values that
+    merely equal a secret in the environment (the same config must give the same fields everywhere)."""
+    from engine.secrets import redact_tree
+    marked = secret_fields()
+    tree = redact_tree(config_tree(cfg), lambda path: ".".join(path) in marked,
+                       values=None if scrub_environment else [])
+    fields: Dict[str, Any] = {}
+    pending = [("", tree)]
+    while pending:
+        prefix, node = pending.pop()
+        for key, value in node.items():
+            if isinstance(value, dict):
+                pending.append((f"{prefix}{key}.", value))
+            else:
+                fields[f"{prefix}{key}"] = value
+    return fields
 
 
 def override_sets(item: str, key: str) -> bool:

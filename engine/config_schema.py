@@ -5,7 +5,7 @@ which re-exports every class here (import them from there).
 """
 
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import List
 
 
 @dataclass
@@ -35,6 +35,12 @@ class ModelConfig:
     rope_scaling: RopeScalingConfig = field(default_factory=RopeScalingConfig)
     max_seq_len: int = 8192  # longest sequence RoPE tables are built for (the RoPE limit)
     init_std: float = 0.02  # std of the normal init of weight matrices
+
+
+# The fields that say what a model's weights are: a checkpoint (a resume, a recipe's next stage, an alignment
+# stage's init) fits only a model with the same values. RoPE and max_seq_len may change (long context: Llama 3
+# section 3.4.2), and init_std matters only before the first step.
+MODEL_SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "norm_eps")
 
 
 @dataclass

@@ -20,12 +20,14 @@ from engine.callbacks.telemetry import Telemetry, TelemetryCallback
 from engine.callbacks.watchdog import WatchdogCallback
 from engine.callbacks.writers import report_data_skips
 from engine.checkpoint.checkpointer import Checkpointer, checkpoint_root
-from engine.checkpoint.store import CheckpointError, CheckpointStore, write_atomic
+from engine.checkpoint.manifest import saved_section
+from engine.checkpoint.store import CheckpointError, CheckpointStore
 from engine.config import DatasetConfig, JobConfig, grad_accum_steps, to_yaml
 from engine.data.indexed import read_sidecar
 from engine.data.loader import Batch, StepLoader, build_blend, build_train_blend
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 from engine.errors import ConfigError
+from engine.files import file_problem, write_atomic
 from engine.fp8 import (apply_fp8, check_fp8_config, fp8_forward_context, fp8_step_context, init_fp8_weights,
                         recompute_contexts, set_amax_groups, set_recording_gate)
 from engine.flops import device_peak_tflops, flops_per_token, parameter_count
@@ -58,6 +60,10 @@ def prepare_run_dir(cfg: JobConfig, stream: TextIO, resumed: bool = False) -> Pa
         refuse_live_run(run)  # (with the default checkpoint.dir the claim has refused it already)
         move_aside(run, stream)
     run.mkdir(parents=True, exist_ok=True)
+    problem = file_problem(run / "config.yaml")
+    if problem not in (None, "does not exist") and not (run / "config.yaml").is_symlink():
+        raise ConfigError("log.name", f"{run / 'config.yaml'} {problem}; move it away (herd writes the run's "
+                                      f"config there)")
     write_atomic(run / "config.yaml", to_yaml(cfg).encode())  # replaces a symlink there, never writes through it
     return run
 
@@ -72,22 +78,21 @@ def refuse_live_run(run: Path) -> None:
     """A run still going in `run` (it holds the lock of the checkpoint directory its config.yaml names) keeps its
     directory: moved aside under it, its next write failed and the run died (a second run of the same name with
     another checkpoint.dir did that). A run that does not save holds no lock and is not detected."""
-    import yaml
-    from engine.checkpoint.ownership import DirectoryLock
-    try:
-        saved = yaml.safe_load((run / "config.yaml").read_text()) or {}
-        named = str(((saved.get("checkpoint") or {}).get("dir")) or "")
-    except (OSError, ValueError, AttributeError, yaml.YAMLError):
-        named = ""
-    for root in {run / "checkpoints", *([Path(named)] if named else [])}:
+    from engine.checkpoint.ownership import DirectoryBusy, DirectoryLock
+    named = None
+    if file_problem(run / "config.yaml") is None:  # a FIFO there would block the read
+        with contextlib.suppress(OSError):
+            named = saved_section((run / "config.yaml").read_text(errors="replace"), "checkpoint").get("dir")
+    for root in {run / "checkpoints", *([Path(str(named))] if named else [])}:
         try:
             DirectoryLock(root).test()
-        except CheckpointError as e:
-            holder = str(e).split("(", 1)[1].split(")", 1)[0] if "(" in str(e) else "a live process"
-            if holder.startswith(f"held by pid {os.getpid()} "):
+        except DirectoryBusy as e:
+            if e.is_this_process():
                 continue  # this process's own earlier run (a Python caller building one run after another)
-            raise ConfigError("log.name", f"{run} belongs to a run still going ({holder}, holding {root}): wait "
-                                          f"for it to end, or choose another log.name") from None
+            raise ConfigError("log.name", f"{run} belongs to a run still going ({e.recorded or 'a live process'}, "
+                                          f"holding {root}): wait for it to end, or choose another log.name") from None
+        except CheckpointError:
+            continue  # a lock file that is not one (a FIFO, say) holds nothing; the claim names it
 
 
 def check_prepared_with(datasets: List[DatasetConfig], tokenizer: Tokenizer) -> None:

@@ -3,7 +3,6 @@ too). One-line errors; nothing starts before every stage's job is checked."""
 
 import argparse
 import os
-from pathlib import Path
 from typing import List, Optional
 
 from engine.errors import HerdError

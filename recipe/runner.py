@@ -24,7 +24,9 @@ import torch.distributed as dist
 
 from engine.checkpoint.checkpointer import checkpoint_root
 from engine.config import RecipeConfig
+from engine.config_schema import MODEL_SHAPE_KEYS
 from engine.errors import ConfigError
+from engine.files import write_atomic
 from engine.secrets import scrub
 from engine.train_module import fault_point
 from recipe.averaging import HF, AVERAGED, anneal_save_count
@@ -57,7 +59,7 @@ def _from_rank0(work):
 # (engine/data/stages.py), and which documents a tokenizer or vocabulary leaves out changes the stream.
 FIXED_DATA_KEYS = ("data.seed", "data.on_bad_data", "data.tokenizer.kind", "data.tokenizer.path", "model.vocab_size")
 # What every stage's checkpoint must fit: the model's shape (RoPE and its length may change: long context)
-FIXED_MODEL_KEYS = tuple(f"model.{k}" for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "norm_eps"))
+FIXED_MODEL_KEYS = tuple(f"model.{k}" for k in MODEL_SHAPE_KEYS if f"model.{k}" not in FIXED_DATA_KEYS)
 
 
 def check_fixed_data(first: StagePlan, plan: StagePlan) -> None:
@@ -139,9 +141,7 @@ class RecipeRunner:
     def save_state(self, state: dict) -> None:
         if _rank() == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            temporary = self.state_path.with_suffix(".tmp")
-            temporary.write_text(json.dumps(state, indent=1) + "\n")
-            os.replace(temporary, self.state_path)
+            write_atomic(self.state_path, json.dumps(state, indent=1) + "\n")
         _barrier()
 
     def run(self) -> dict:

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from engine.errors import HerdError
+from engine.files import file_problem, write_atomic
 
 PLAN_FILE = "plan.json"
 LOCK_FILE = "scaling.lock"
@@ -39,9 +40,9 @@ def check_regular_file(path: Path, what: str, advice: str) -> None:
     """`path` is absent or a regular file (or a link to one): a directory there can be neither read nor replaced,
     and opening a FIFO or device blocks or never ends. Anything else is one line naming it, never a traceback or a
     hang; it is left as it is (it may be the user's)."""
-    if path.exists() and not path.is_file():
-        kind = "a directory" if path.is_dir() else "a FIFO, device or socket"
-        raise HerdError(f"{path}: {kind}, not {what}; {advice}")
+    problem = file_problem(path)
+    if problem not in (None, "does not exist"):
+        raise HerdError(f"{path}: {problem.replace(', not a regular file', '')}, not {what}; {advice}")
 
 
 def read_json_file(path: Path, what: str, advice: str):
@@ -103,21 +104,9 @@ def train_args(plan: dict, run: dict) -> List[str]:
 
 def config_fields(cfg) -> dict:
     """A job config as {dotted key: value} (lists kept whole), secret values redacted (plan.json is shared)."""
-    from engine.config import config_tree, secret_fields
-    from engine.secrets import redact_tree
-    marked = secret_fields()
-    tree = redact_tree(config_tree(cfg), lambda path: ".".join(path) in marked,
-                       values=[])  # no scrubbing of the environment's secrets: the same config, the same fields
-    fields = {}
-
-    def walk(node, prefix):
-        for key, value in node.items():
-            if isinstance(value, dict):
-                walk(value, f"{prefix}{key}.")
-            else:
-                fields[f"{prefix}{key}"] = _plain(value)
-    walk(tree, "")
-    return fields
+    from engine.config import config_fields as fields_of
+    # no scrubbing of the environment's secrets: the same config, the same fields
+    return {key: _plain(value) for key, value in fields_of(cfg, scrub_environment=False).items()}
 
 
 def _plain(value):
@@ -145,9 +134,7 @@ def write_plan(sweep: Path, plan: dict) -> Path:
     names = {r["name"] for r in plan["runs"]}
     retired = [r for r in _planned_before(path).values() if r["name"] not in names]
     plan = {**plan, "retired": retired} if retired else plan
-    temporary = path.with_name(f".{PLAN_FILE}.tmp{os.getpid()}")
-    temporary.write_text(json.dumps(plan, indent=1, allow_nan=False) + "\n")
-    os.replace(temporary, path)
+    write_atomic(path, json.dumps(plan, indent=1, allow_nan=False) + "\n")
     return path
 
 

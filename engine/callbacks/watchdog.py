@@ -33,6 +33,7 @@ from typing import Dict, List, Optional
 import torch.distributed as dist
 
 from engine.callbacks.base import Callback
+from engine.files import write_atomic
 from engine.secrets import scrub
 from parallel.flight_recorder import CollectiveRecorder, describe_ranks, format_entry, torch_flight_recorder
 
@@ -51,9 +52,7 @@ def _fault_hang(rank: int, step: int) -> None:
 
 def _write_json(path: Path, data: dict) -> None:
     """Atomically (a reader on another host never sees half a file)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(scrub(json.dumps(data, default=str)))
-    os.replace(tmp, path)
+    write_atomic(path, scrub(json.dumps(data, default=str)), sync=False)
 
 
 class WatchdogCallback(Callback):
@@ -205,9 +204,7 @@ class WatchdogCallback(Callback):
                     missing = {r for r in missing if not (self.hang_dir / f"rank{r}.json").exists()}
                     time.sleep(0.2 if missing else 0)
                 text = merge_report(self.hang_dir, self.heartbeat_dir, self.world_size)
-                tmp = report.with_name(".report.txt.tmp")
-                tmp.write_text(scrub(text))
-                os.replace(tmp, report)
+                write_atomic(report, scrub(text))
                 print(scrub(f"herd watchdog: {text.splitlines()[0]}\nherd watchdog: report {report}, exiting "
                             f"with {HANG_EXIT_CODE}"), file=sys.stderr, flush=True)
             else:

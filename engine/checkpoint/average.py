@@ -81,7 +81,8 @@ def resolve_sources(paths: Sequence[Path], all_steps: bool = False, steps: Optio
         store = CheckpointStore(path)
         complete = store.complete_steps()
         if not complete:
-            raise CheckpointError(f"{path}: no complete checkpoint (a checkpoint root holds step_* directories)")
+            raise CheckpointError(f"{path}: no complete checkpoint (a checkpoint root holds step_* directories; "
+                                  f"{store.why_none_complete()})")
         if steps:
             missing = [s for s in steps if s not in complete]
             if missing:

@@ -18,10 +18,11 @@ import torch
 import torch.distributed as dist
 
 from engine.callbacks.guards import assert_finite_state
-from engine.checkpoint.manifest import check_train_meta, model_config_of, saved_model_config
+from engine.checkpoint.manifest import check_train_meta, model_config_of, saved_model_config, saved_section
 from engine.checkpoint.ownership import Claim, check_before_launch, claim_directory, probe_writable
 from engine.checkpoint.sharded import Box, load_sharded, param_key, save_sharded, sharded_state
 from engine.checkpoint.store import MANIFEST, CheckpointError, CheckpointStore, describe_files
+from engine.config_schema import MODEL_SHAPE_KEYS
 
 
 def _rank_world() -> tuple:
@@ -214,20 +215,13 @@ class Checkpointer:
         self._load(path, manifest, rank, world)
         return step
 
-    # the shape of the model a run's checkpoints hold (RoPE and its length may change between a recipe's stages)
-    SHAPE_KEYS = ("dim", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "vocab_size", "norm_eps")
-
     def _check_same_model(self, manifest: dict, file: Path) -> None:
         """A checkpoint of another model is refused: fewer layers loaded only the ones both have, and other head
         counts of the same total width loaded tensors that mean something else; both trained on, silently."""
         if self.model_cfg is None or not isinstance(manifest.get("meta", {}).get("config"), str):
             return
-        import yaml  # only the model section: the rest holds scrubbed secrets (`***`) that would not load as a job
-        try:
-            saved = yaml.safe_load(manifest["meta"]["config"]).get("model") or {}
-        except (yaml.YAMLError, AttributeError):
-            return  # check_train_meta and the load itself refuse what cannot be read
-        for key in self.SHAPE_KEYS:
+        saved = saved_section(manifest["meta"]["config"], "model")  # {}: the load itself refuses what cannot be read
+        for key in MODEL_SHAPE_KEYS:
             theirs, ours = saved.get(key, getattr(self.model_cfg, key)), getattr(self.model_cfg, key)
             if theirs != ours:
                 raise CheckpointError(f"{file.parent}: the checkpoint holds a model with model.{key}={theirs}, this "
@@ -245,7 +239,8 @@ class Checkpointer:
                 source = CheckpointStore(root)
                 step = source.latest_step()
                 if step is None:
-                    raise CheckpointError(f"{root}: no complete checkpoint to load weights from")
+                    raise CheckpointError(f"{root}: no complete checkpoint to load weights from "
+                                          f"({source.why_none_complete()})")
                 choice = (step, source.verify(step))
             except Exception as e:  # noqa: BLE001 - the other ranks wait for this verdict: they raise it too
                 choice = ("error", _failure(f"{root}: cannot load weights", e))

@@ -214,7 +214,7 @@ def export_hf(ckpt_root: Path, out_dir: Path, max_shard_bytes: int = 5 * 2**30, 
     store = CheckpointStore(Path(ckpt_root), keep_last=2)
     step = store.latest_step()
     if step is None:
-        raise CheckpointError(f"{ckpt_root}: no complete checkpoint")
+        raise CheckpointError(f"{ckpt_root}: no complete checkpoint ({store.why_none_complete()})")
     manifest = store.verify(step)
     manifest_file = store.step_dir(step) / "manifest.json"
     model_cfg, tok_cfg = configs_of(manifest, manifest_file)  # checked: one line

@@ -127,6 +127,18 @@ def check_train_meta(manifest: dict, file: Path, loader_state: dict, scheduler_s
     return meta
 
 
+def saved_section(config_text: str, key: str) -> dict:
+    """One top-level section of a saved job's YAML (a run's config.yaml, a manifest's meta.config) as plain data;
+    {} when the text is no such YAML. Only that section is read: the rest may hold secrets scrubbed to `***`,
+    which would not load as a job."""
+    import yaml
+    try:
+        section = (yaml.safe_load(config_text) or {}).get(key)
+    except (yaml.YAMLError, AttributeError, RecursionError):
+        return {}
+    return section if isinstance(section, dict) else {}
+
+
 def saved_model_config(manifest: dict, file: Path) -> Optional[dict]:
     """`meta.model` (an import's model config, as ModelConfig's fields), checked: None when absent."""
     from engine.config import ModelConfig
@@ -180,7 +192,11 @@ def configs_of(manifest: dict, file: Path) -> tuple:
 
 def _config_from_yaml(text: str, load_config, world_size: int):
     import tempfile
+    from engine.errors import HerdError
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "config.yaml").write_text(text)
-        return load_config(str(Path(tmp) / "config.yaml"), ["data.train=[]", "data.valid=[]"],
-                           world_size=world_size)
+        path = Path(tmp) / "config.yaml"
+        path.write_text(text)
+        try:
+            return load_config(str(path), ["data.train=[]", "data.valid=[]"], world_size=world_size)
+        except HerdError as e:  # said of the saved config, not of a temporary file the user never saw
+            raise HerdError(str(e).replace(str(path), "the saved config")) from None

@@ -21,14 +21,17 @@ import contextlib
 import errno
 import fcntl
 import os
+import re
 import socket
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
-from engine.checkpoint.store import CheckpointError, CheckpointStore, step_name
+from engine.checkpoint.store import LATEST, CheckpointError, CheckpointStore, step_name
 
 LOCK = ".herd-lock"
+_HOLDER = re.compile(r"held by pid (\d+) on (\S+)")  # what a holder writes into its lock file (acquire)
 LINEAGES = "lineages"
 ON_FOREIGN = ("refuse", "new_lineage")
 
@@ -50,6 +53,32 @@ def probe_writable(root: Path, tag: str = "") -> None:
                               f"another checkpoint.dir or fix its permissions") from None
 
 
+class DirectoryBusy(CheckpointError):
+    """Another live process holds the directory's lock; `pid` and `host` as it recorded them (None if it did not)."""
+
+    def __init__(self, message: str, recorded: str):
+        super().__init__(message)
+        self.recorded = recorded
+        found = _HOLDER.fullmatch(recorded)
+        self.pid, self.host = (int(found[1]), found[2]) if found else (None, None)
+
+    def is_this_process(self) -> bool:
+        return self.pid == os.getpid() and self.host == socket.gethostname()
+
+
+def _open_lock_file(path: Path, flags: int) -> int:
+    """Open the lock file without following a symlink or blocking on a FIFO (a plain open for reading waits for a
+    writer forever); anything but a regular file there is one line naming it, left as it is."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, 0o644)
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a FIFO" if stat.S_ISFIFO(mode) else "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+        raise CheckpointError(f"{path}: is {kind}, not the lock file herd keeps there; move it away")
+    os.set_blocking(fd, True)
+    return fd
+
+
 class DirectoryLock:
     """An exclusive advisory lock on `<root>/.herd-lock`, held while the file stays open."""
 
@@ -69,7 +98,7 @@ class DirectoryLock:
         for _ in range(8):  # a holder that released may unlink the file under us: lock the file at the path
             existed = os.path.lexists(path)
             try:
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                fd = _open_lock_file(path, os.O_RDWR | os.O_CREAT)
             except OSError as e:
                 if e.errno == errno.ELOOP:
                     raise CheckpointError(f"{path}: is a symlink; refusing to lock through it") from None
@@ -103,7 +132,7 @@ class DirectoryLock:
         fine); a warning when the lock cannot be tested."""
         path = self.root / LOCK
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+            fd = _open_lock_file(path, os.O_RDONLY)
         except FileNotFoundError:
             return None  # a holder keeps its file: nobody holds the directory
         except OSError as e:
@@ -121,11 +150,12 @@ class DirectoryLock:
             fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
             return None
         except OSError as e:
-            holder = handle.read(200).decode("utf-8", "replace").strip() or "a process that recorded nothing"
+            recorded = handle.read(200).decode("utf-8", "replace").strip()
             handle.close()
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise CheckpointError(f"{self.root}: another run is using this checkpoint directory "
-                                      f"({holder}); wait for it to end, or choose another checkpoint.dir") from None
+                raise DirectoryBusy(f"{self.root}: another run is using this checkpoint directory "
+                                    f"({recorded or 'a process that recorded nothing'}); wait for it to end, or "
+                                    f"choose another checkpoint.dir", recorded) from None
             self.unsupported = True
             return f"warning: cannot lock {self.root / LOCK} ({e.strerror}): a second run on it would not be detected"
 
@@ -181,6 +211,10 @@ def _placement(store: CheckpointStore, foreign: Dict[int, Optional[str]],
 def _refuse_symlink(root: Path) -> None:
     if root.is_symlink():
         raise CheckpointError(f"{root}: is a symlink; a checkpoint directory must be a plain directory")
+    latest = root / LATEST
+    if latest.is_dir() and not latest.is_symlink():  # a save could not replace it: refused before the first step
+        raise CheckpointError(f"{latest}: is a directory; herd writes the newest checkpoint's name there, move it "
+                              f"away")
 
 
 def _refuse_fresh_start(root: Path, lineage: str, own: List[int]) -> None:

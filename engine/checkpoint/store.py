@@ -19,17 +19,18 @@ parsed (R5, R15). A failure names the file. Resume takes the newest complete che
 commit point); `latest` is written for people and tools, and never followed blindly.
 """
 
-import contextlib
 import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 from typing import Dict, List, Optional
 
 from engine.errors import HerdError
+from engine.files import fsync_dir, write_atomic
 from engine.secrets import scrub, scrub_tree
 
 FORMAT = 1
@@ -54,26 +55,14 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+_warned = set()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Temporary file, fsync, rename over `path`, fsync of the directory: readers see old or new, never half."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with contextlib.suppress(FileNotFoundError):  # a killed write's leftover, or a planted symlink: never followed
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
+def _warn(message: str) -> None:
+    """One stderr line, once per message in this process (a purge failing at every save says it once)."""
+    if message not in _warned:
+        _warned.add(message)
+        print(f"herd: warning: {scrub(message)}", file=sys.stderr, flush=True)
 
 
 def _maybe_die(point: str, step: Optional[int] = None) -> None:
@@ -142,7 +131,11 @@ class CheckpointStore:
         _maybe_die("after_manifest", step)
         write_atomic(path / MARKER, hashlib.sha256(manifest).hexdigest().encode())
         _maybe_die("after_marker", step)
-        write_atomic(self.root / LATEST, step_name(step).encode())
+        try:  # for people and tools only (loads go by the markers): a failure here loses nothing
+            write_atomic(self.root / LATEST, step_name(step).encode())
+        except OSError as e:
+            _warn(f"{self.root / LATEST}: not updated to {step_name(step)} ({e.strerror or e}); resume is unaffected "
+                  f"(it goes by the COMMITTED markers)")
         _maybe_die("after_latest", step)
         self.purge()
 
@@ -160,12 +153,15 @@ class CheckpointStore:
             if step in lineages and not self._mine(lineages[step]):
                 continue  # another run's complete checkpoint: never ours to delete
             path = self.step_dir(step)
-            marker = path / MARKER
-            if marker.exists():
-                marker.unlink()
-                fsync_dir(path)
-            _maybe_die("mid_purge")
-            shutil.rmtree(path)
+            try:
+                if (path / MARKER).exists():
+                    (path / MARKER).unlink()
+                    fsync_dir(path)
+                _maybe_die("mid_purge")
+                shutil.rmtree(path)
+            except OSError as e:  # the new checkpoint is safe: an old one left behind costs disk, not the run
+                _warn(f"{path}: an old checkpoint could not be removed ({e.strerror or e}: {e.filename}); training "
+                      f"goes on, remove it by hand")
 
     def _step_dirs(self) -> List[int]:
         if not self.root.is_dir():
@@ -202,6 +198,23 @@ class CheckpointStore:
     def complete_steps(self) -> List[int]:
         """This lineage's complete steps, oldest first."""
         return [step for step, lineage in self.lineages().items() if self._mine(lineage)]
+
+    def why_none_complete(self) -> str:
+        """For the one line a reader gives when this root holds no complete checkpoint of its lineage: what the
+        newest step directory lacks (a manifest that cannot be read is not a missing checkpoint), or that there
+        is none."""
+        steps = self._step_dirs()
+        if not steps:
+            return "no step_* directories"
+        path = self.step_dir(steps[-1])
+        try:
+            manifest = (path / MANIFEST).read_bytes()
+            marker = (path / MARKER).read_bytes().decode("ascii", "replace").strip()
+        except OSError as e:
+            return f"the newest, {path.name}: {Path(e.filename or path).name}: {e.strerror or e}"
+        if hashlib.sha256(manifest).hexdigest() != marker:
+            return f"the newest, {path.name}: its manifest does not match its commit marker"
+        return f"the newest, {path.name}, belongs to another run (lineage)"
 
     def latest_step(self) -> Optional[int]:
         """The step to resume from: the newest complete checkpoint. Its marker is the commit point, so a save

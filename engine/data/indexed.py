@@ -14,7 +14,6 @@ import json
 import os
 import re
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, TypeVar
 
@@ -22,6 +21,7 @@ import numpy as np
 
 from engine.data.skips import SkipReport
 from engine.errors import DataError
+from engine.files import exclusive_temporary, file_problem
 
 _MAGIC = b"MMIDIDX\x00\x00"
 _HEADER = struct.Struct("<9sQBQQ")
@@ -56,19 +56,6 @@ def _fsync_write(file, chunks: List[bytes]) -> None:
     os.fsync(file.fileno())
 
 
-def _exclusive_temporary(final: Path):
-    """A new file beside `final` under a name no one else holds (O_EXCL: never an existing file, never through a
-    symlink), opened for binary writing; (open file, its path)."""
-    try:
-        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp")
-    except OSError as e:  # said of the file being written, not of a random temporary name
-        raise OSError(e.errno, e.strerror, str(final)) from None
-    umask = os.umask(0o022)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # mkstemp's 0600 would keep the data from the rest of a cluster's users
-    return os.fdopen(fd, "wb"), Path(name)
-
-
 class IndexedWriter:
     """Appends documents, then writes both files at once (temp names, fsync, rename: never a half pair). The
     temporary files are created exclusively under fresh names, so a file or symlink the user keeps beside the
@@ -78,7 +65,7 @@ class IndexedWriter:
         self.prefix = Path(prefix)
         self.dtype = np.dtype(dtype).type
         self.prefix.parent.mkdir(parents=True, exist_ok=True)
-        self._bin, self._bin_tmp = _exclusive_temporary(Path(f"{self.prefix}.bin"))
+        self._bin, self._bin_tmp = exclusive_temporary(Path(f"{self.prefix}.bin"))
         self.sizes: List[int] = []
 
     def add_document(self, tokens: np.ndarray) -> None:
@@ -103,12 +90,12 @@ class IndexedWriter:
             pointers[1:] = np.cumsum(sizes[:-1], dtype=np.int64) * np.dtype(self.dtype).itemsize
             doc_index = np.arange(len(sizes) + 1, dtype=np.int64)
             header = _HEADER.pack(_MAGIC, 1, _code_of(self.dtype), len(sizes), len(doc_index))
-            idx, idx_tmp = _exclusive_temporary(Path(f"{self.prefix}.idx"))
+            idx, idx_tmp = exclusive_temporary(Path(f"{self.prefix}.idx"))
             temporaries.append(idx_tmp)
             with idx:
                 _fsync_write(idx, [header, sizes.tobytes(), pointers.tobytes(), doc_index.tobytes()])
             if sidecar is not None:
-                meta, meta_tmp = _exclusive_temporary(Path(f"{self.prefix}.json"))
+                meta, meta_tmp = exclusive_temporary(Path(f"{self.prefix}.json"))
                 temporaries.append(meta_tmp)
                 with meta:
                     _fsync_write(meta, [(json.dumps(sidecar, indent=2, allow_nan=False) + "\n").encode()])
@@ -126,17 +113,11 @@ class IndexedWriter:
 def require_file(path: Path, hint: str) -> None:
     """A DataError naming `path` unless it is a regular file (or a symlink to one): missing, a directory, a FIFO or
     device (which a read would block on or never finish), or a name the system refuses (too long, say)."""
-    try:
-        if path.is_file():
-            return
-        exists = path.exists()
-    except OSError as e:  # Path.is_file re-raises ENAMETOOLONG and the like
-        raise DataError(f"{path}: {e.strerror or e}") from None
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, not a file ({hint})")
-    if exists:
-        raise DataError(f"{path}: not a regular file (a FIFO, device or socket; {hint})")
-    raise DataError(f"{path}: file not found ({hint})")
+    problem = file_problem(path)
+    if problem == "does not exist":
+        raise DataError(f"{path}: file not found ({hint})")
+    if problem is not None:
+        raise DataError(f"{path}: {problem} ({hint})")
 
 
 class IndexedDataset:

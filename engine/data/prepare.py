@@ -26,6 +26,7 @@ from engine.data.jsonl import BadLine, json_object
 from engine.data.skips import SkipReport
 from engine.data.tokenizer import Tokenizer
 from engine.errors import DataError
+from engine.files import file_problem
 
 DEFAULT_PATTERNS = ("*.txt", "*.md", "*.rst", "*.py", "*.jsonl")
 
@@ -84,7 +85,7 @@ def list_inputs(inputs: List[str], patterns=DEFAULT_PATTERNS, exclude: Tuple[str
                            and any(fnmatch.fnmatch(p.name, pat) for pat in patterns)
                            and not any(fnmatch.fnmatch(str(p.relative_to(path)), ex) for ex in exclude))
         elif path.exists():
-            raise DataError(f"{path}: input is not a regular file or directory (a FIFO, device or socket)")
+            raise DataError(f"{path}: input {file_problem(path)} or a directory")
         else:
             raise DataError(f"{path}: input not found")
         for file in found:
@@ -127,9 +128,9 @@ def _read(path: Path) -> bytes:
 
 def read_documents(files: List[Path], text_key: str, on_bad_data: str, report: PrepareReport) -> Iterator[Document]:
     for path in files:
-        if not path.is_file():  # found under a directory: reading a FIFO would block, a device never end
-            kind = "a broken symlink" if not path.exists() else "not a regular file (a FIFO, device or socket)"
-            _bad(f"{path}: {kind}", on_bad_data, report, "not_regular_file", path)
+        problem = file_problem(path)  # found under a directory: reading a FIFO would block, a device never end
+        if problem:
+            _bad(f"{path}: {problem}", on_bad_data, report, "not_regular_file", path)
             continue
         raw = _read(path)
         if path.suffix == ".jsonl":

@@ -8,12 +8,13 @@ which become metric names as `data_skipped_<reason>`.
 """
 
 import json
-import os
 import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Iterable, List
+
+from engine.files import write_atomic
 
 EXAMPLES_PER_REASON = 5  # places kept per file and reason: enough to find the problem, bounded for huge files
 
@@ -76,8 +77,5 @@ class SkipReport:
     def write(self, path: Path) -> Path:
         """Write as_dict() as JSON, atomically (a reader sees the old file or the whole new one)."""
         path = Path(path)
-        temp = path.with_name(f".{path.name}.tmp")
-        temp.write_text(json.dumps(self.as_dict(), indent=2, allow_nan=False) + "\n",
-                        encoding="utf-8")
-        os.replace(temp, path)
+        write_atomic(path, json.dumps(self.as_dict(), indent=2, allow_nan=False) + "\n")
         return path

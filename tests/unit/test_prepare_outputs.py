@@ -141,14 +141,14 @@ def test_an_input_named_twice_is_refused(corpus, capfd, twice):
 def test_a_fifo_in_an_input_directory_is_named_or_counted_never_opened(corpus, capfd):
     os.mkfifo(corpus / "in" / "f.txt")  # opening it would block forever
     code, lines = prepare(corpus, capfd)
-    assert code == 2 and lines == ["herd: error: in/f.txt: not a regular file (a FIFO, device or socket) "
+    assert code == 2 and lines == ["herd: error: in/f.txt: is a FIFO, not a regular file "
                                    "(--on-bad-data skip leaves such documents out)"]
     code, lines = prepare(corpus, capfd, "--on-bad-data", "skip")
     assert code == 0 and "skipped: 1 not_regular_file" in lines[-1]
     assert read_sidecar(str(corpus / "out" / "p"))["skipped"]["reasons"] == {"not_regular_file": 1}
     code, lines = run_herd(["prepare-data", "in/f.txt", "--out", "out/q", "--tokenizer-path", "tok.json"], capfd)
-    assert code == 2 and lines == ["herd: error: in/f.txt: input is not a regular file or directory (a FIFO, "
-                                   "device or socket)"]
+    assert code == 2 and lines == ["herd: error: in/f.txt: input is a FIFO, not a regular file or a "
+                                   "directory"]
 
 
 def test_tokenizer_errors_name_the_flag_and_say_what_is_there(corpus, capfd):
@@ -157,7 +157,7 @@ def test_tokenizer_errors_name_the_flag_and_say_what_is_there(corpus, capfd):
     directory = run_herd(["prepare-data", "in", "--out", "out/p", "--tokenizer-path", "tokdir"], capfd)
     assert missing == (2, ["herd: error: --tokenizer-path: nope.json: tokenizer file not found (expected a "
                            "tokenizers tokenizer.json)"])
-    assert directory == (2, ["herd: error: --tokenizer-path: tokdir: is a directory, not a file (expected a "
+    assert directory == (2, ["herd: error: --tokenizer-path: tokdir: is a directory, not a regular file (expected a "
                              "tokenizers tokenizer.json)"])
 
 
@@ -185,9 +185,9 @@ def test_token_files_that_are_not_regular_files_or_too_long_a_name_are_one_line(
     (pairs / "d.idx").mkdir()
     (pairs / "z.bin").write_bytes((corpus / "out" / "p.bin").read_bytes())
     (pairs / "z.idx").symlink_to("/dev/zero")
-    with pytest.raises(DataError, match=r"d\.idx: is a directory, not a file \(write it with `herd prepare-data`\)"):
+    with pytest.raises(DataError, match=r"d\.idx: is a directory, not a regular file \(write it with `herd prepare-data`\)"):
         IndexedDataset(str(pairs / "d"))
-    with pytest.raises(DataError, match=r"z\.idx: not a regular file \(a FIFO, device or socket; "):
+    with pytest.raises(DataError, match=r"z\.idx: is a symlink to /dev/zero, a character device, not a regular file \("):
         IndexedDataset(str(pairs / "z"))
     with pytest.raises(DataError, match="File name too long"):
         IndexedDataset(str(pairs / ("a" * 300)))

@@ -51,7 +51,7 @@ def test_a_plan_that_is_a_fifo_is_refused_without_reading_it(tmp_path):
         with open(tmp_path / "plan.json", "w"):
             pass
         pytest.fail("check_same_sweep blocked reading a FIFO")
-    assert outcome and outcome[0].startswith(f"{tmp_path / 'plan.json'}: a FIFO, device or socket, not a herd "
+    assert outcome and outcome[0].startswith(f"{tmp_path / 'plan.json'}: is a FIFO, not a herd "
                                              f"scaling plan"), outcome
 
 
@@ -61,7 +61,7 @@ def test_a_lock_file_that_is_a_directory_is_one_line(tmp_path):
     with pytest.raises(HerdError) as e:
         with holding_lock(tmp_path / "scaling.lock", "working on the sweep"):
             pytest.fail("locked a directory")
-    assert one_line(e).startswith(f"{tmp_path / 'scaling.lock'}: a directory, not a lock file")
+    assert one_line(e).startswith(f"{tmp_path / 'scaling.lock'}: is a directory, not a lock file")
     assert (tmp_path / "scaling.lock").is_dir()
 
 
@@ -138,7 +138,7 @@ def test_a_downstream_cache_that_is_a_directory_is_one_line(tmp_path, monkeypatc
     (tmp_path / "downstream.json").mkdir()
     with pytest.raises(HerdError) as e:
         downstream.score_run(tmp_path, [], None, tmp_path / "downstream.json")
-    assert one_line(e).startswith(f"{tmp_path / 'downstream.json'}: a directory, not a downstream score cache")
+    assert one_line(e).startswith(f"{tmp_path / 'downstream.json'}: is a directory, not a downstream score cache")
 
 
 @pytest.mark.parametrize("name", ["scaling.json", "scaling.md", "isoflop.png"])
@@ -147,10 +147,10 @@ def test_a_result_file_that_is_a_directory_is_one_line_before_fitting(tmp_path, 
     (tmp_path / name).mkdir()
     with pytest.raises(HerdError) as e:
         check_outputs(tmp_path)
-    assert one_line(e).startswith(f"{tmp_path / name}: a directory, not a result file")
+    assert one_line(e).startswith(f"{tmp_path / name}: is a directory, not a result file")
     with pytest.raises(HerdError) as e:  # and again when writing (made after the check, say)
         write_results(tmp_path, [], {"budgets": []}, "herd scaling sweep.yaml")
-    assert one_line(e).startswith(f"{tmp_path / name}: a directory, not a result file")
+    assert one_line(e).startswith(f"{tmp_path / name}: is a directory, not a result file")
     assert (tmp_path / name).is_dir()
 
 
@@ -173,7 +173,7 @@ def test_fit_only_refuses_a_result_directory_in_one_line(tmp_path, monkeypatch, 
                                   "downstream": {"enabled": False}}))
     assert herd(["scaling", str(config), "--fit-only"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and err[0].startswith(f"herd: error: {sweep / 'scaling.json'}: a directory"), err
+    assert len(err) == 1 and err[0].startswith(f"herd: error: {sweep / 'scaling.json'}: is a directory"), err
     assert not (sweep / "plan.json").exists()
 
 

@@ -1,0 +1,105 @@
+"""Files herd writes and reads beside a user's own: one place that says what kind of file a path is, and one way to
+replace a file atomically.
+
+Every file herd writes (checkpoint manifests and markers, token files, run configs, recipe and pipeline state, row
+files, plans, scripts) goes through `atomic_output`: a temporary created exclusively under a fresh name beside the
+final one (O_EXCL, so never an existing file and never through a symlink a user or an earlier crash left there),
+written, fsynced, renamed over the final name, and the directory fsynced. A reader, on this host or another, sees
+the old file or the whole new one; an error or Ctrl-C part-way leaves neither a half file nor the temporary
+(shared/TESTING.md R3, R21). Stdlib only: `herd plan` imports this without torch.
+"""
+
+import contextlib
+import os
+import stat
+import tempfile
+from pathlib import Path
+from typing import IO, Iterator, Optional, Tuple, Union
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_problem(path: Union[str, Path]) -> Optional[str]:
+    """Why `path` cannot be read as a file, or None for a regular file (or a symlink to one). A FIFO would block
+    the reader and a device (/dev/zero) never ends, so each is named for what it is, not called missing. The
+    phrase follows the path: f"{path} {problem}"."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return f"is a symlink to {os.readlink(path)}, which does not exist" if os.path.islink(path) else \
+            "does not exist"
+    except OSError as e:  # too long a name, a file where a directory should be, no permission
+        return f"cannot be read ({e.strerror or e})"
+    if stat.S_ISREG(mode):
+        return None
+    what = next((name for test, name in _KINDS if test(mode)), "not a regular file")
+    link = f"a symlink to {os.readlink(path)}, " if os.path.islink(path) else ""
+    return f"is {link}{what}, not a regular file"
+
+
+def _umask() -> int:
+    """The process's umask, read without setting it where Linux says it (os.umask sets it process-wide, and a
+    checkpoint's background writer thread may be creating files at that instant)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def exclusive_temporary(final: Path, binary: bool = True) -> Tuple[IO, Path]:
+    """A new file beside `final` under a name no one else holds, opened for writing; (open file, its path). Its
+    mode is what the umask allows a new file (mkstemp's 0600 would keep the data from a cluster's other users)."""
+    final = Path(final)
+    try:
+        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name[:200]}.", suffix=".tmp")
+    except OSError as e:  # said of the file being written, not of a random temporary name
+        raise OSError(e.errno, e.strerror, str(final)) from None
+    os.fchmod(fd, 0o666 & ~_umask())
+    return (os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", encoding="utf-8")), Path(name)
+
+
+@contextlib.contextmanager
+def atomic_output(path: Union[str, Path], binary: bool = True, sync: bool = True,
+                  mode: Optional[int] = None) -> Iterator[IO]:
+    """`with atomic_output(path) as f: f.write(...)`: `path` is replaced by what was written when the block ends
+    without an error, and left as it was otherwise. `sync=False` skips the fsyncs (files rewritten every step,
+    such as heartbeats, where a lost last write is harmless). `mode` sets the final permission bits."""
+    path = Path(path)
+    stream, temporary = exclusive_temporary(path, binary)
+    try:
+        with stream:
+            yield stream
+            stream.flush()
+            if sync:
+                os.fsync(stream.fileno())
+            if mode is not None:
+                os.fchmod(stream.fileno(), mode)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temporary)
+        raise
+    if sync:
+        fsync_dir(path.parent)
+
+
+def write_atomic(path: Union[str, Path], data: Union[bytes, str], sync: bool = True,
+                 mode: Optional[int] = None) -> None:
+    """Replace `path` with `data` (bytes, or text written as UTF-8) atomically; see `atomic_output`."""
+    with atomic_output(path, binary=True, sync=sync, mode=mode) as f:
+        f.write(data.encode("utf-8") if isinstance(data, str) else data)
