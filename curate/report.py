@@ -17,6 +17,7 @@ from typing import Dict, List, Tuple
 from datatrove.pipeline.base import PipelineStep
 
 from curate.schema import CurateConfig
+from engine.files import write_atomic
 
 EXAMPLE_CHARS = 160
 
@@ -105,9 +106,7 @@ def write_report(cfg: CurateConfig) -> dict:
     report = build_report(cfg)
     root = Path(report["output_dir"])
     for name, text in (("report.json", json.dumps(report, indent=2) + "\n"), ("report.md", markdown(report))):
-        temporary = root / f".{name}.tmp"
-        temporary.write_text(text)
-        temporary.replace(root / name)
+        write_atomic(root / name, text)
     return report
 
 

@@ -13,6 +13,7 @@ from curate.pipeline import FAULT_ENV, HOLD, FaultPoint, Layout, build_stages, f
 from curate.read import list_corpus
 from curate.schema import CurateConfig
 from engine.errors import HerdError
+from engine.files import write_atomic
 
 FILES_LIST = "inputs.json"  # the corpus's file list, fixed at the first run so a resumed run shards alike
 PIPELINE_RECORD = "pipeline.json"  # the settings the outputs were made with
@@ -57,9 +58,7 @@ def claim_output(cfg: CurateConfig) -> None:
     if root.is_dir() and any(root.iterdir()):
         raise HerdError(f"output_dir {root} exists and is not a herd curate output; choose another or remove it")
     root.mkdir(parents=True, exist_ok=True)
-    temporary = record.with_suffix(".tmp")
-    temporary.write_text(json.dumps(_settings(cfg), indent=2) + "\n")
-    temporary.replace(record)
+    write_atomic(record, json.dumps(_settings(cfg), indent=2) + "\n")
 
 
 def _read_json(path: Path, kind: type):
@@ -84,9 +83,7 @@ def corpus_files(cfg: CurateConfig) -> List[str]:
     claim_output(cfg)  # before anything is written
     if files is None:
         return _read_json(listing, list)
-    temporary = listing.with_suffix(".tmp")
-    temporary.write_text(json.dumps(files))
-    temporary.replace(listing)
+    write_atomic(listing, json.dumps(files))
     return files
 
 

@@ -16,6 +16,7 @@ from typing import Dict, List
 from datatrove.pipeline.base import PipelineStep
 
 from curate.schema import CurateConfig
+from engine.files import write_atomic
 
 
 def read_domain(folder: Path) -> List:
@@ -77,8 +78,8 @@ def tokenize_domains(cfg: CurateConfig) -> Dict[str, dict]:
         summary[domain] = {"documents": report.documents["all"], "tokens": report.tokens["all"], "prefix": prefix}
         prefixes[domain] = prefix
     mix = dataclasses.asdict(t.mix)
-    (root / "blend.yaml").write_text(blend_yaml(prefixes, mix, {"kind": t.tokenizer, "path": path}))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_atomic(root / "blend.yaml", blend_yaml(prefixes, mix, {"kind": t.tokenizer, "path": path}))
+    write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 

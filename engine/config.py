@@ -20,22 +20,24 @@ from omegaconf.errors import OmegaConfBaseException
 
 from engine.config_checks import (check_blend, check_directory, check_existing_directory, check_file_name,
                                   check_fp8_fusion, check_guards, check_long_eval, check_numbers, check_optimizer,
-                                  check_data_stages, check_references, check_seeds, check_slurm, check_watchdog)
+                                  check_data_stages, check_references, check_seeds, check_slurm, check_token_schedule,
+                                  check_watchdog)
 from engine.config_schema import (  # noqa: F401  (re-exported: components import them from here)
     RopeScalingConfig, ModelConfig, ParallelConfig, DatasetConfig, TokenizerConfig, DataConfig, DataStageConfig, OptimConfig,
     ScheduleConfig, TrainConfig, CheckpointConfig, FP8Config, GuardConfig, WatchdogConfig, SlurmConfig, LogConfig,
     AlignConfig, LongContextEvalConfig, JobConfig, PipelineConfig, StageConfig, RecipeGateConfig,
     RecipeStageConfig, RecipeConfig)
+from engine.config_yaml import (CONFIGS_DIR, OVERRIDE_FORM, check_override, find_ambiguous_number, include_path,  # noqa: F401
+                                top_level_problem, yaml_error)
 from engine.errors import ConfigError
+from engine.files import file_problem
 from engine.secrets import redact_tree
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
 
 
 # ---------------------------------------------------------------------------------------------- loading
 
 _RESOLVER_CALL = re.compile(r"\$\{\s*[^}]*:")  # ${oc.env:X}, ${eval:...}: resolvers run code or read secrets
-_OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*=")
 
 
 def load_config(path: Optional[str] = None, overrides: Optional[List[str]] = None,
@@ -86,14 +88,14 @@ def _override_stage(merged: DictConfig, item: str) -> None:
                           f"override '{item}' " + ("sets a whole stage" if whole else "names no stage") +
                           f" (stages: {', '.join(names) or 'none'}); give stages.NAME.KEY=VALUE")
     key, field_override = f"stages.{selector}", rest[len(selector) + 1:]
-    if not _OVERRIDE.match(field_override):
+    if not OVERRIDE_FORM.match(field_override):
         raise ConfigError(key, f"override '{item}' is not of the form stages.NAME.KEY=VALUE")
     try:
         merged.stages[i] = _merge(merged.stages[i], _parse_overrides([field_override]), "command line")
     except ConfigError as e:  # OmegaConf names the element by its index (stages[3].tokens): name it as given
         inner = e.key[len(f"stages[{i}]"):].lstrip(".") if e.key.startswith(f"stages[{i}]") else e.key
         inner = inner or field_override.split("=", 1)[0]  # a value YAML cannot read: the key it was for
-        message = (str(e)[len(e.key) + 2:] if e.key else str(e)).replace(f" in {field_override}:", f" in {item}:")
+        message = (str(e)[len(e.key) + 2:] if e.key else str(e)).replace(f"'{field_override}'", f"'{item}'")
         raise ConfigError(f"{key}.{inner}" if inner else key, message) from None
 
 
@@ -171,8 +173,10 @@ def load_recipe(path: str, overrides: Optional[List[str]] = None) -> RecipeConfi
 def is_recipe_file(path: str) -> bool:
     """Whether a YAML file is a recipe (a top-level `stages:` list of stages with `tokens`), so that `herd train`
     can run or print it too. Unreadable files answer False: loading them reports the error."""
+    if not Path(path).is_file():  # a FIFO would block the read (the job loader names what it is)
+        return False
     try:
-        node = OmegaConf.load(path)
+        node = _load_yaml(Path(path))
     except Exception:  # noqa: BLE001 - the job loader gives the one-line error
         return False
     stages = node.get("stages") if isinstance(node, DictConfig) else None
@@ -190,65 +194,55 @@ def load_structured(schema: Any, path: str, overrides: Optional[List[str]] = Non
 
 # what an "@stage" reference needs from the stage it names: rows come from rejection sampling, a policy's
 # weights from sft or dpo, a reward model from rm
+def _load_yaml(path: Path) -> Any:
+    """OmegaConf.load, with room for a blend of thousands of files: omegaconf 2.4 refuses documents of more than
+    10,000 nodes even without an alias (its guard against alias bombs; the expansion-ratio guard stays on)."""
+    try:
+        return OmegaConf.load(path, max_yaml_expanded_nodes=10_000_000)
+    except TypeError:  # omegaconf 2.3: no limit to raise
+        return OmegaConf.load(path)
+
+
 def _yaml_layers(path: Path, chain: tuple) -> List[tuple]:
     """The YAML file's layers in merge order: included files first (depth first), then the file itself."""
     if not path.is_file():
-        raise ConfigError("", f"config file not found: {path}")
+        problem = file_problem(path)
+        raise ConfigError("", f"config file not found: {path}" if problem == "does not exist" else
+                          f"{path}: {problem}, not a YAML file")
     if path.resolve() in chain:
         raise ConfigError("include", f"{path}: include cycle")
     try:
-        raw = OmegaConf.load(path)
+        raw = _load_yaml(path)
     except Exception as e:  # yaml.YAMLError and friends: one line with the file, line and column
-        raise ConfigError("", _yaml_error(path, e)) from None
-    if not isinstance(raw, DictConfig):
-        raise ConfigError("", f"{path}: the top level must be a mapping of sections")
+        raise ConfigError("", yaml_error(path, e)) from None
+    text = path.read_text(encoding="utf-8-sig")
+    if not isinstance(raw, DictConfig) or top_level_problem(text):
+        raise ConfigError("", f"{path}: {top_level_problem(text) or 'the top level must be a mapping of sections'}")
+    found = find_ambiguous_number(text)
+    if found:
+        raise ConfigError(found[0], f"{path}:{found[1]}: {found[2]}")
     _reject_resolvers(raw, str(path))
     layers = []
     includes = raw.pop("include", None)
     for name in ([] if includes is None else list(includes) if isinstance(includes, ListConfig) else [includes]):
-        layers += _yaml_layers(_include_path(path, str(name)), chain + (path.resolve(),))
+        layers += _yaml_layers(include_path(path, str(name)), chain + (path.resolve(),))
     layers.append((str(path), raw))
     return layers
 
 
-def _yaml_error(path: Path, e: Exception) -> str:
-    """'FILE:LINE:COLUMN: not valid YAML: PROBLEM', with "duplicate key 'X' (first at line N)" for that case."""
-    if isinstance(e, UnicodeDecodeError):
-        return f"{path}: not valid YAML: not UTF-8 text (byte {e.start})"
-    if isinstance(e, IsADirectoryError):
-        return f"{path}: is a directory, not a YAML file"
-    mark = getattr(e, "problem_mark", None)
-    problem = str(getattr(e, "problem", None) or str(e).splitlines()[0])
-    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
-    duplicate = re.fullmatch(r"found duplicate key (.*)", problem)
-    if duplicate:
-        first = getattr(e, "context_mark", None)
-        since = f" (the mapping starts at line {first.line + 1})" if first is not None else ""
-        return f"{where}: duplicate key '{duplicate.group(1)}'{since}"
-    context, start = getattr(e, "context", None), getattr(e, "context_mark", None)
-    since = f" ({context} at line {start.line + 1})" if context and start is not None else ""
-    return f"{where}: not valid YAML: {problem}{since}"
-
-
-def _include_path(parent: Path, name: str) -> Path:
-    """An include is relative to the including file, or else to herd's configs/; it may not climb out."""
-    if Path(name).is_absolute() or ".." in Path(name).parts:
-        raise ConfigError("include", f"{parent}: '{name}' must be a relative path without '..'")
-    for base in (parent.parent, CONFIGS_DIR):
-        if (base / name).is_file():
-            return base / name
-    raise ConfigError("include", f"{parent}: included file '{name}' not found next to it or in {CONFIGS_DIR}")
-
-
 def _parse_overrides(overrides: List[str]) -> DictConfig:
     for item in overrides:
-        if not _OVERRIDE.match(item):
-            raise ConfigError("", f"override '{item}' is not of the form section.key=value")
+        check_override(item)
     try:
         layer = OmegaConf.from_dotlist(list(overrides))
-    except Exception as e:  # omegaconf's own errors, and YAML's for a value like `@x` that YAML cannot read
-        raise ConfigError("", f"bad override in {' '.join(overrides)}: {str(e).splitlines()[0]} "
-                              f"(quote values that start with @, `, %, !, *, &, | or a quote)") from None
+    except Exception:  # omegaconf's own errors, and YAML's for a value like `@x` that YAML cannot read
+        for item in overrides:  # name the one at fault
+            try:
+                OmegaConf.from_dotlist([item])
+            except Exception as e:  # noqa: BLE001 - said in one line
+                raise ConfigError("", f"bad override '{item}': {str(e).splitlines()[0]} (quote values that start "
+                                      f"with @, `, %, !, *, &, | or a quote)") from None
+        raise
     _reject_resolvers(layer, "command line")
     return layer
 
@@ -295,7 +289,7 @@ def _check_shape(node: Any, schema: Any, prefix: str, source: str) -> None:
             if value is not None and not isinstance(value, list) and not _is_interpolation(value):
                 raise ConfigError(full, f"must be a list, got {value!r} ({source})")
             element = typing.get_args(hint)[0]
-            for i, item in enumerate(value or []):
+            for i, item in enumerate(value if isinstance(value, list) else []):  # not an interpolation's text
                 if dataclasses.is_dataclass(element) and not isinstance(item, dict):
                     raise ConfigError(f"{full}[{i}]", f"must be a mapping of {element.__name__} keys, got "
                                                       f"{item!r} ({source})")
@@ -488,6 +482,7 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     _require(0 <= cfg.schedule.warmup_steps <= cfg.train.steps, "schedule.warmup_steps",
              f"must be between 0 and train.steps={cfg.train.steps}, got {cfg.schedule.warmup_steps}")
     _require(0 <= cfg.schedule.min_lr_ratio <= 1, "schedule.min_lr_ratio", "must be between 0 and 1")
+    check_token_schedule(cfg.schedule)
     _require(0 < cfg.schedule.decay_fraction <= 1, "schedule.decay_fraction", "must be in (0, 1]")
     _require(cfg.checkpoint.keep_last >= 2, "checkpoint.keep_last",
              f"must be at least 2 so a complete checkpoint survives a failed save, got {cfg.checkpoint.keep_last}")
@@ -576,8 +571,8 @@ def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:
     for i, layers in enumerate(p.pp_layers):
         _require(layers >= 0, f"parallel.pp_layers[{i}]", f"must be >= 0, got {layers}")
     _require(p.pp_virtual_stages >= 1, "parallel.pp_virtual_stages", f"must be at least 1, got {p.pp_virtual_stages}")
-    _require(p.pp_embedding_cost >= 0 and p.pp_head_cost >= 0, "parallel.pp_embedding_cost",
-             "stage costs must be >= 0")
+    for name in ("pp_embedding_cost", "pp_head_cost"):
+        _require(getattr(p, name) >= 0, f"parallel.{name}", f"a stage cost must be >= 0, got {getattr(p, name)}")
     _require(others * p.dp_shard == world_size, "parallel",
              f"dp_replicate*dp_shard*pp*cp*tp = {others * p.dp_shard} but the world size is {world_size}")
     return p

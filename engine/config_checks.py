@@ -66,6 +66,26 @@ def check_optimizer(optim: Any, init_std: float) -> None:
     _require(init_std > 0, "model.init_std", f"must be positive (0 would start every weight equal), got {init_std}")
 
 
+_TOKEN_SCHEDULE = ("warmup_tokens", "anneal_start_tokens", "anneal_tokens", "stage_start_step", "stage_start_tokens")
+
+
+def check_token_schedule(s: Any) -> None:
+    """The token schedule (a recipe stage's: schedule.total_tokens > 0) and its fields, which the step schedule
+    never reads: set without total_tokens they were ignored silently (no warmup at all), as was warmup_steps
+    with it."""
+    for name in ("total_tokens",) + _TOKEN_SCHEDULE:
+        _require(getattr(s, name) >= 0, f"schedule.{name}", f"must be >= 0, got {getattr(s, name)}")
+    if s.total_tokens == 0:
+        for name in _TOKEN_SCHEDULE:
+            _require(getattr(s, name) == 0, f"schedule.{name}", "is read only by the token schedule: set "
+                     "schedule.total_tokens too (herd recipe writes these), or use schedule.warmup_steps")
+        return
+    _require(s.warmup_steps == 0, "schedule.warmup_steps", "the token schedule (schedule.total_tokens > 0) warms "
+             "up over schedule.warmup_tokens; set that instead")
+    _require(s.warmup_tokens <= s.total_tokens, "schedule.warmup_tokens",
+             f"must be at most schedule.total_tokens={s.total_tokens}, got {s.warmup_tokens}")
+
+
 def check_seeds(cfg: Any) -> None:
     for key in ("train.seed", "data.seed"):
         section, name = key.split(".")
@@ -126,8 +146,9 @@ def check_long_eval(cfg: Any) -> None:
     _require(not e.short_seq_len or bool(cfg.data.valid), "long_eval.short_seq_len",
              "the short-context loss is measured on data.valid, which is empty")
     _require(e.short_batches >= 1, "long_eval.short_batches", f"must be at least 1, got {e.short_batches}")
-    _require(e.needle_candidates >= 2, "long_eval.needle_candidates",
-             f"must be at least 2 (the true value and a distractor), got {e.needle_candidates}")
+    _require(2 <= e.needle_candidates <= 1000, "long_eval.needle_candidates",
+             f"must be between 2 (the true value and a distractor) and 1000 (each candidate's answer is scored on "
+             f"every haystack), got {e.needle_candidates}")
     _require(bool(e.needle_depths), "long_eval.needle_depths", "must list at least one depth")
     for i, depth in enumerate(e.needle_depths):
         _require(0.0 <= depth <= 1.0, f"long_eval.needle_depths[{i}]", f"must be in [0, 1], got {depth}")

@@ -10,9 +10,11 @@ the old file or the whole new one; an error or Ctrl-C part-way leaves neither a 
 """
 
 import contextlib
+import itertools
 import os
 import stat
 import tempfile
+import time
 from pathlib import Path
 from typing import IO, Iterator, Optional, Tuple, Union
 
@@ -51,6 +53,17 @@ def _umask() -> int:
     umask = os.umask(0o022)
     os.umask(umask)
     return umask
+
+
+def aside_name(path: Path) -> Path:
+    """A free name beside `path` to move it to: NAME.<date-time>, or NAME.<date-time>-N when that is taken (two
+    moves in one second, or a name someone planted)."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    for n in itertools.count(1):
+        candidate = path.with_name(f"{path.name}.{stamp}" + (f"-{n}" if n > 1 else ""))
+        if not os.path.lexists(candidate):
+            return candidate
+    raise AssertionError("unreachable")
 
 
 def fsync_dir(path: Path) -> None:

@@ -4,7 +4,6 @@ import contextlib
 import logging
 import os
 import sys
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Callable, ContextManager, List, Optional, TextIO, Tuple
@@ -27,7 +26,7 @@ from engine.data.indexed import read_sidecar
 from engine.data.loader import Batch, StepLoader, build_blend, build_train_blend
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 from engine.errors import ConfigError
-from engine.files import file_problem, write_atomic
+from engine.files import aside_name, file_problem, write_atomic
 from engine.fp8 import (apply_fp8, check_fp8_config, fp8_forward_context, fp8_step_context, init_fp8_weights,
                         recompute_contexts, set_amax_groups, set_recording_gate)
 from engine.flops import device_peak_tflops, flops_per_token, parameter_count
@@ -57,33 +56,49 @@ def prepare_run_dir(cfg: JobConfig, stream: TextIO, resumed: bool = False) -> Pa
     unless this run resumes from its checkpoint (then its logs are appended to)."""
     run = Path(cfg.log.run_dir) / cfg.log.name
     if run.exists() and any(run.iterdir()) and not resumed:
-        refuse_live_run(run)  # (with the default checkpoint.dir the claim has refused it already)
         move_aside(run, stream)
     run.mkdir(parents=True, exist_ok=True)
     problem = file_problem(run / "config.yaml")
     if problem not in (None, "does not exist") and not (run / "config.yaml").is_symlink():
         raise ConfigError("log.name", f"{run / 'config.yaml'} {problem}; move it away (herd writes the run's "
                                       f"config there)")
+    for name in ("tb", "heartbeat", "hang"):  # the directories the run's writers create or append to
+        if os.path.lexists(run / name) and not (run / name).is_dir():  # (a symlink to a directory is fine)
+            what = file_problem(run / name) or "is a file"
+            raise ConfigError("log.name", f"{run / name} {what.split(', not')[0]}, not the directory herd writes "
+                                          f"its {name} files into; move it away")
     write_atomic(run / "config.yaml", to_yaml(cfg).encode())  # replaces a symlink there, never writes through it
     return run
 
 
+# what herd writes into a run directory: a non-empty directory holding none of these is not an earlier run, and
+# moving it aside would take a user's folder away (log.name=data in the directory holding data/ did that)
+RUN_DIR_ENTRIES = ("config.yaml", "metrics.jsonl", "checkpoints", "tb", "heartbeat", "hang", ".herd-lock",
+                   "skipped.json", "stragglers.jsonl")
+
+
 def move_aside(run: Path, stream: TextIO) -> None:
-    archive = run.with_name(f"{run.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+    if not any(os.path.lexists(run / name) for name in RUN_DIR_ENTRIES):
+        raise ConfigError("log.name", f"{run} exists and is not a herd run directory (it holds none of "
+                                      f"{', '.join(RUN_DIR_ENTRIES)}); herd moves an earlier run aside, never "
+                                      f"another folder: choose another log.name or log.run_dir")
+    refuse_live_run(run)
+    archive = aside_name(run)
     run.rename(archive)
     print(scrub(f"an earlier run of the same name was moved to {archive}"), file=stream, flush=True)
 
 
 def refuse_live_run(run: Path) -> None:
-    """A run still going in `run` (it holds the lock of the checkpoint directory its config.yaml names) keeps its
-    directory: moved aside under it, its next write failed and the run died (a second run of the same name with
-    another checkpoint.dir did that). A run that does not save holds no lock and is not detected."""
+    """A run still going in `run` keeps its directory: moved aside under it, its next write failed and the run died
+    (a second run of the same name with another checkpoint.dir did that). Every live run's rank 0 holds the lock
+    of its run directory (`hold_run_dir`), and a run that saves that of its checkpoint directory (the one its
+    config.yaml names)."""
     from engine.checkpoint.ownership import DirectoryBusy, DirectoryLock
     named = None
     if file_problem(run / "config.yaml") is None:  # a FIFO there would block the read
         with contextlib.suppress(OSError):
             named = saved_section((run / "config.yaml").read_text(errors="replace"), "checkpoint").get("dir")
-    for root in {run / "checkpoints", *([Path(str(named))] if named else [])}:
+    for root in {run, run / "checkpoints", *([Path(str(named))] if named else [])}:
         try:
             DirectoryLock(root).test()
         except DirectoryBusy as e:
@@ -93,6 +108,29 @@ def refuse_live_run(run: Path) -> None:
                                           f"holding {root}): wait for it to end, or choose another log.name") from None
         except CheckpointError:
             continue  # a lock file that is not one (a FIFO, say) holds nothing; the claim names it
+
+
+class RunDirLock(Callback):
+    """Rank 0 holds `<run>/.herd-lock` from the run directory's preparation to the end of fit, saving or not, so
+    that a second run of the same log.name refuses to move the directory aside while this run writes its logs
+    there (`refuse_live_run`); a clean end removes the file, and the kernel drops the lock if the process dies."""
+
+    def __init__(self, run: Path):
+        from engine.checkpoint.ownership import DirectoryBusy, DirectoryLock
+        self.lock = DirectoryLock(run)
+        try:
+            self.lock.acquire()  # a filesystem without locks: no lock, as for checkpoint directories (warned there)
+        except DirectoryBusy as e:
+            if not e.is_this_process():  # (this process's own earlier run, built and never fitted, holds it)
+                holder = e.recorded or "a live process"
+                raise ConfigError("log.name", f"{run} belongs to a run still going ({holder}): wait for it to end, "
+                                              f"or choose another log.name") from None
+
+    def on_fit_end(self, trainer) -> None:
+        self.lock.release()
+
+    def on_fit_abort(self, trainer) -> None:
+        self.lock.release()
 
 
 def check_prepared_with(datasets: List[DatasetConfig], tokenizer: Tokenizer) -> None:
@@ -262,6 +300,7 @@ def build_callbacks(cfg: JobConfig, state: TrainState, device: torch.device, eva
     peak = cfg.log.peak_tflops or (device_peak_tflops(torch.cuda.get_device_name(device))
                                    if device.type == "cuda" else 0.0)
     run = prepare_run_dir(cfg, stream, resumed)
+    callbacks.append(RunDirLock(run))
     p = cfg.parallel
     header = [f"herd {__version__} | model {cfg.model.name}: {parameter_count(cfg.model) / 1e6:.1f}M parameters, "
               f"{cfg.model.n_layers} layers, dim {cfg.model.dim} | device {device} | world size {world_size} "
@@ -325,8 +364,10 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout, data_builder: Opt
     is_rank0 = int(os.environ.get("RANK", "0")) == 0
     say = (lambda line: print(scrub(line), file=stream, flush=True)) if is_rank0 else None
     # the directory is this run's (or refused, one line) before anything reads or writes it
+    # a checkpoint root inside the run directory moves aside with it (the claim does that, lock and all)
+    inside = run.resolve() in (store.root.resolve(), *store.root.resolve().parents)
     prepared = checkpointer.claim(cfg.checkpoint.on_foreign, cfg.checkpoint.resume, cfg.checkpoint.every > 0,
-                                  None if cfg.checkpoint.dir else run, lambda path: move_aside(path, stream), say)
+                                  run if inside else None, lambda path: move_aside(path, stream), say)
     try:
         resumed = checkpointer.resume() if cfg.checkpoint.resume == "auto" else None
         initialized = None
@@ -342,11 +383,14 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout, data_builder: Opt
     if resumed is not None and say:
         say(f"resumed from {store.step_dir(resumed)} at step {resumed} "
             f"({loader.consumed_samples:,} samples consumed)")
+        if resumed >= cfg.train.steps:  # a requeued finished run: fine, but a lowered train.steps should be seen
+            say(f"nothing left to train: the checkpoint is at step {resumed} and train.steps={cfg.train.steps}")
     if initialized is not None and say:
         say(f"model weights loaded from {cfg.checkpoint.load_weights} (its step {initialized})")
     if cfg.checkpoint.every > 0:  # a preemption stops every rank at one step boundary; the end of fit saves
         callbacks.append(PreemptionCallback(device=device))
         callbacks.append(CheckpointCallback(checkpointer, cfg.checkpoint.every, say))
+    callbacks.sort(key=lambda c: isinstance(c, RunDirLock))  # released last: after the final save and logs
     trainer = Trainer(module, loader, state, device, callbacks)
     trainer.checkpointer = checkpointer  # post-training stages load other weights through it (align/reference.py)
     return trainer

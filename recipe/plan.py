@@ -136,6 +136,7 @@ def position_job(plan: StagePlan, start: Position, end_step: int, history: List[
     job.data.stage_start_sample = start.samples
     s = job.schedule
     s.total_tokens, s.warmup_tokens = horizon, warmup
+    s.warmup_steps = 0  # the token warmup (the recipe's warmup_steps counted in tokens) replaces the job's
     s.stage_start_step, s.stage_start_tokens = start.step, start.tokens
     if plan.stage.kind == "anneal":  # linear towards 0 over the stage's own steps, from the LR it starts at
         s.anneal_start_tokens, s.anneal_tokens = max(1, start.tokens), anneal_tokens

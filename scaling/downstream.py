@@ -23,6 +23,7 @@ import torch
 
 from engine.config import DownstreamTaskConfig, JobConfig
 from engine.errors import HerdError
+from engine.files import write_atomic
 
 
 @dataclass
@@ -171,7 +172,7 @@ def score_run(checkpoint_root: Path, questions: List[Question], tokenizer, cache
     if cached is not None and cached.get("task") == fingerprint:
         return cached
     result = {**score_model(load_final_model(checkpoint_root), questions, tokenizer), "task": fingerprint}
-    cache.write_text(json.dumps(result) + "\n")
+    write_atomic(cache, json.dumps(result) + "\n")
     return result
 
 

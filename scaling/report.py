@@ -9,6 +9,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from engine.errors import HerdError
+from engine.files import write_atomic
 from scaling.fit import (Parabola, PowerLaw, fit_line, fit_parabola, fit_power_law, fit_sigmoid)
 
 LLAMA3 = {"alpha": 0.53, "A": 0.29}  # the paper's fit (section 3.2.1)
@@ -115,8 +116,8 @@ def write_results(sweep: Path, runs: List[dict], fits: dict, command: str) -> Li
     document = {"command": command, "runs": runs, **fits}
     paths = [sweep / "scaling.json", sweep / "scaling.md"]
     try:
-        paths[0].write_text(json.dumps(_json_safe(document), indent=1, allow_nan=False) + "\n")
-        paths[1].write_text(_markdown(document, command))
+        write_atomic(paths[0], json.dumps(_json_safe(document), indent=1, allow_nan=False) + "\n")
+        write_atomic(paths[1], _markdown(document, command))
         from scaling.plots import plot_downstream, plot_isoflop, plot_power_law
         paths.append(plot_isoflop(sweep / "isoflop.png", runs, fits["budgets"]))
         if law is not None:

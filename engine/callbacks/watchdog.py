@@ -33,7 +33,7 @@ from typing import Dict, List, Optional
 import torch.distributed as dist
 
 from engine.callbacks.base import Callback
-from engine.files import write_atomic
+from engine.files import aside_name, write_atomic
 from engine.secrets import scrub
 from parallel.flight_recorder import CollectiveRecorder, describe_ranks, format_entry, torch_flight_recorder
 
@@ -82,7 +82,7 @@ class WatchdogCallback(Callback):
         self.recorder.install()
         if self.rank == 0:  # a requeued run appends to its run directory: an earlier attempt's files are stale
             if self.hang_dir.exists():
-                self.hang_dir.rename(self.hang_dir.with_name(f"hang.{time.strftime('%Y%m%d-%H%M%S')}"))
+                self.hang_dir.rename(aside_name(self.hang_dir))
             for old in self.heartbeat_dir.glob("rank*.json"):
                 old.unlink()
         if dist.is_available() and dist.is_initialized() and self.world_size > 1:

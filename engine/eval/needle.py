@@ -158,10 +158,12 @@ def _candidate_values(tokenizer, count: int, rng: random.Random) -> Tuple[List[i
     """`count` distinct five-digit values whose answers tokenize to the same number of tokens as the first."""
     values: List[int] = []
     answers: List[List[int]] = []
+    taken = set()  # membership in O(1): a list made this quadratic in `count`
     for _ in range(200):  # many five-digit numbers share any token count a real tokenizer gives them
         drawn = [rng.randrange(10000, 100000) for _ in range(4 * count)]
         for value, ids in zip(drawn, tokenizer.encode_batch([ANSWER.format(value=v) for v in drawn])):
-            if value not in values and (not answers or len(ids) == len(answers[0])):
+            if value not in taken and (not answers or len(ids) == len(answers[0])):
+                taken.add(value)
                 values.append(value)
                 answers.append(ids)
             if len(values) == count:

@@ -47,3 +47,26 @@ def test_a_live_runs_directory_is_not_moved_aside(tmp_path):
     build_trainer(tiny_config(corpus, tmp_path / "runs", RUN + ["train.steps=2", f"checkpoint.dir={tmp_path}/other"]),
                   io.StringIO())  # once it has ended, its directory is moved aside as before
     assert sorted(p.name.split(".")[0] for p in (tmp_path / "runs").iterdir()) == ["live", "live"]
+
+
+def test_a_live_run_that_does_not_save_keeps_its_directory(tmp_path):
+    """It held no lock (found by helper H38's hunt): a second run of the same name moved its directory aside, and
+    the live run's logs went on into the moved directory. Its rank 0 now holds <run>/.herd-lock."""
+    corpus = make_corpus(tmp_path / "corpus")
+    args = ["log.name=live", "train.eval_every=0", "checkpoint.every=0"]
+    live = subprocess.Popen([sys.executable, "-c", LIVE, str(corpus), str(tmp_path / "runs"), *args,
+                             "train.steps=1000000"], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})
+    try:
+        assert live.stdout.readline().strip() == "started"
+        with pytest.raises(ConfigError, match=r"^log\.name: .*/runs/live belongs to a run still going \(held by pid "
+                                              rf"{live.pid} on .*\)"):
+            build_trainer(tiny_config(corpus, tmp_path / "runs", args + ["train.steps=2"]), io.StringIO())
+        assert live.poll() is None and [p.name for p in (tmp_path / "runs").iterdir()] == ["live"]
+    finally:
+        live.send_signal(signal.SIGKILL)
+        live.wait()
+    trainer = build_trainer(tiny_config(corpus, tmp_path / "runs", args + ["train.steps=2"]), io.StringIO())
+    trainer.fit()  # the dead run's directory is moved aside; a clean end leaves no lock file behind
+    assert sorted(p.name.split(".")[0] for p in (tmp_path / "runs").iterdir()) == ["live", "live"]
+    assert not (tmp_path / "runs" / "live" / ".herd-lock").exists()

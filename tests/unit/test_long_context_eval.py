@@ -210,7 +210,9 @@ def test_when_the_callback_evaluates(tokenizer, corpus, tmp_path):
     ("long_eval.short_seq_len=18", 2, "long_eval.short_seq_len: 18 cannot be cut into 2*cp=4"),
     ("long_eval.needle_lengths=[512]", 1, "long_eval.needle_lengths[0]: 512 must be positive and at most "
                                           "model.max_seq_len=256"),
-    ("long_eval.needle_candidates=1", 1, "long_eval.needle_candidates: must be at least 2"),
+    ("long_eval.needle_candidates=1", 1, "long_eval.needle_candidates: must be between 2"),
+    ("long_eval.needle_candidates=100000", 1, "long_eval.needle_candidates: must be between 2 (the true value and a "
+                                              "distractor) and 1000"),  # it hung: 90,000 five-digit values exist
     ("long_eval.filler=/nonexistent/filler.txt", 1, "long_eval.filler: '/nonexistent/filler.txt' is not a file"),
     ("data.valid=[]", 1, "long_eval.short_seq_len: the short-context loss is measured on data.valid"),
     ("align.kind=sft", 1, "long_eval.enabled: needs align.kind=lm"),

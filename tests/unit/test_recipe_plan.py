@@ -131,7 +131,7 @@ def test_one_stage_is_overridden_from_the_command_line_by_name_or_index(tmp_path
                                  ("stages.v1.tokens=0", "stages[1].tokens", "at least 1 token"),
                                  ("stages.v1=3", "stages.v1", "sets a whole stage"),
                                  ("stages.v1.tokens", "stages.v1", "not of the form stages.NAME.KEY=VALUE"),
-                                 ("stages.v1.tokens=@x", "stages.v1.tokens", "bad override in stages.v1.tokens=@x")):
+                                 ("stages.v1.tokens=@x", "stages.v1.tokens", "bad override 'stages.v1.tokens=@x'")):
         with pytest.raises(ConfigError) as e:
             load_recipe(str(path), [override])
         assert e.value.key == key and words in str(e.value) and "\n" not in str(e.value), (override, str(e.value))
