@@ -16,9 +16,13 @@ from engine.config import JobConfig
 
 
 def check_job_inputs(cfg: JobConfig) -> None:
-    """The job's tokenizer, token files (indexes, sidecars, blend) or alignment rows, read as a rank reads them."""
+    """The job's tokenizer, token files (indexes, sidecars, blend) or alignment rows, and the long-context
+    evaluation's filler text, read as a rank reads them."""
     from align.run import stage_data
     stage_data(cfg, None, io.StringIO())
+    if cfg.long_eval.enabled and cfg.long_eval.filler:  # read at the first evaluation: after the job is queued
+        from engine.eval.needle import file_sentences
+        file_sentences(cfg.long_eval.filler)
 
 
 def check_prompts(cfg: JobConfig, prompts_file: str, max_new_tokens: int, key: str = "prompts") -> None:

@@ -9,6 +9,7 @@ it before any process group, model or data file is touched.
 """
 
 import dataclasses
+import os
 import difflib
 import re
 import typing
@@ -503,6 +504,10 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
     check_file_name(cfg.log.name, "log.name")
     check_file_name(cfg.slurm.job_name, "slurm.job_name")
     check_directory(cfg.log.run_dir, "log.run_dir")
+    run = Path(cfg.log.run_dir or ".") / cfg.log.name
+    _require(not os.path.lexists(run) or run.is_dir(), "log.name",
+             f"{run} {(file_problem(run) or 'is a file').split(', not')[0]}, not a run directory: choose another "
+             f"log.name or move it away")
     check_directory(cfg.checkpoint.dir, "checkpoint.dir")
     check_existing_directory(cfg.checkpoint.load_weights, "checkpoint.load_weights")
     check_existing_directory(cfg.align.reference, "align.reference")
@@ -554,7 +559,7 @@ def _validate_data(cfg: JobConfig) -> None:
         check_blend(getattr(d, group), group)
     _require(d.tokenizer.kind != "hf" or bool(d.tokenizer.path) or not d.train, "data.tokenizer.path",
              "kind=hf needs the tokenizer.json that the data was prepared with")
-    check_data_stages(d)
+    check_data_stages(d, cfg.model.max_seq_len)
 
 
 def resolve_parallel(p: ParallelConfig, world_size: int) -> ParallelConfig:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Iterator, List, Tuple
 
 from engine.errors import ConfigError
+from engine.files import file_problem
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 SEED_LIMIT = 1 << 32  # seeds are 32-bit: the init generator's seed is seed * 1_000_003 + crc32 (engine/model/init.py)
@@ -117,10 +118,14 @@ def first_existing(path: Path) -> Path:
 
 
 def check_directory(value: str, key: str) -> None:
-    """A directory herd will create (or use) must not be a file, nor lie under one, nor be unwritable."""
+    """A directory herd will create (or use) must not be a file, nor lie under one, nor be unwritable, nor have
+    a name the file system cannot hold (a traceback from the first stat)."""
     if not value:
         return
     path = Path(value)
+    for part in path.parts:
+        _require(len(os.fsencode(part)) <= 255, key, f"'{value[:60]}...': a name of {len(os.fsencode(part))} bytes, "
+                                                     f"longer than the 255 a directory name may have")
     existing = first_existing(path if path.is_absolute() else Path.cwd() / path)
     _require(existing.is_dir(), key, f"'{value}' cannot be a directory: {existing} is a file")
     _require(os.access(existing, os.W_OK | os.X_OK), key, f"'{value}': {existing} is not writable")
@@ -153,7 +158,9 @@ def check_long_eval(cfg: Any) -> None:
     for i, depth in enumerate(e.needle_depths):
         _require(0.0 <= depth <= 1.0, f"long_eval.needle_depths[{i}]", f"must be in [0, 1], got {depth}")
     _require(0 <= e.seed < SEED_LIMIT, "long_eval.seed", f"must be in [0, 2**32), got {e.seed}")
-    _require(not e.filler or Path(e.filler).is_file(), "long_eval.filler", f"'{e.filler}' is not a file")
+    problem = file_problem(e.filler) if e.filler else None
+    _require(problem is None, "long_eval.filler",
+             f"'{e.filler[:200]}' {'is not a file' if problem == 'does not exist' else problem}")
     lengths = [("long_eval.short_seq_len", e.short_seq_len)] if e.short_seq_len else []
     if e.needle_trials:
         lengths += [(f"long_eval.needle_lengths[{i}]", n) for i, n in enumerate(e.needle_lengths)]
@@ -276,16 +283,19 @@ def check_references(pipeline: Any, i: int) -> None:
 _WHAT = {"data": "rows", "valid": "rows", "init": "policy weights", "reward": "reward model"}
 
 
-def check_data_stages(d: Any) -> None:
+def check_data_stages(d: Any, max_seq_len: int) -> None:
     """Earlier recipe stages (engine/data/stages.py): they start the stream at 0 and come in order before this
-    stage; a staged blend names each dataset once, since its path is its stream."""
+    stage, within the RoPE tables; a staged blend names each dataset once (also as another spelling of the same
+    path: `a/../corpus/x`), since its path is its stream."""
     _require(d.stage_start_sample >= 0, "data.stage_start_sample", f"must be >= 0, got {d.stage_start_sample}")
     starts = [s.start_sample for s in d.stages] + [d.stage_start_sample]
     for j, stage in enumerate(d.stages):
         key = f"data.stages[{j}]"
         _require(stage.start_sample == 0 or j > 0, f"{key}.start_sample",
                  f"must be 0 (the first stage begins the data stream), got {stage.start_sample}")
-        _require(stage.seq_len > 0, f"{key}.seq_len", f"must be positive, got {stage.seq_len}")
+        _require(0 < stage.seq_len <= max_seq_len, f"{key}.seq_len",
+                 f"must be positive and at most model.max_seq_len={max_seq_len} (the RoPE tables), got "
+                 f"{stage.seq_len}")
         _require(bool(stage.train), f"{key}.train", "is empty: a stage trains on at least one dataset")
         later = f"data.stages[{j + 1}].start_sample" if j + 1 < len(d.stages) else "data.stage_start_sample"
         _require(starts[j + 1] > stage.start_sample, later,
@@ -294,6 +304,8 @@ def check_data_stages(d: Any) -> None:
     for group, train in blends + ([("train", d.train)] if d.stages else []):
         for i, ds in enumerate(train):
             _require(bool(ds.path), f"data.{group}[{i}].path", "is empty")
-            _require(Path(ds.path) not in [Path(other.path) for other in train[:i]], f"data.{group}[{i}].path",
-                     f"'{ds.path}' is listed twice in a staged blend (its path is its stream): merge the weights")
+            same = [other.path for other in train[:i] if os.path.realpath(other.path) == os.path.realpath(ds.path)]
+            _require(not same, f"data.{group}[{i}].path", f"'{ds.path}' is listed twice in a staged blend"
+                     + (f" (as '{same[0]}')" if same and same[0] != ds.path else "")
+                     + " (its path is its stream): merge the weights")
         check_blend(train, group)

@@ -66,6 +66,23 @@ def aside_name(path: Path) -> Path:
     raise AssertionError("unreachable")
 
 
+def open_append(path: Union[str, Path], what: str) -> IO:
+    """`path` opened for appending text (created if missing), never through a symlink (a planted one appended a
+    run's records to a user's file) and never a FIFO (the open blocked a resume forever) or a directory; anything
+    else there is one line (OSError with a message naming `path` and `what` it was to hold)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o666)
+    except OSError as e:
+        raise OSError(e.errno, f"{path}: cannot append {what} ({e.strerror}; a symlink, FIFO or directory there is "
+                               f"refused): move it away") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(0, f"{path}: not a regular file (a FIFO or device), where herd appends {what}: move it away")
+    os.set_blocking(fd, True)
+    return os.fdopen(fd, "a", encoding="utf-8")
+
+
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -62,6 +62,11 @@ def prepare_run_dir(cfg: JobConfig, stream: TextIO, resumed: bool = False) -> Pa
     if problem not in (None, "does not exist") and not (run / "config.yaml").is_symlink():
         raise ConfigError("log.name", f"{run / 'config.yaml'} {problem}; move it away (herd writes the run's "
                                       f"config there)")
+    for name in ("metrics.jsonl", "long_eval.jsonl", "stragglers.jsonl"):  # appended to: never through a link
+        if os.path.lexists(run / name) and ((run / name).is_symlink() or file_problem(run / name)):
+            what = file_problem(run / name) or f"is a symlink to {os.readlink(run / name)}"
+            raise ConfigError("log.name", f"{run / name} {what.split(', not')[0]}, not the file herd appends the "
+                                          f"run's records to; move it away")
     for name in ("tb", "heartbeat", "hang"):  # the directories the run's writers create or append to
         if os.path.lexists(run / name) and not (run / name).is_dir():  # (a symlink to a directory is fine)
             what = file_problem(run / name) or "is a file"
@@ -198,7 +203,13 @@ def setup_distributed(cfg: JobConfig) -> Tuple[torch.device, Optional[Mesh]]:
     if not dist.is_initialized():
         hang_prefix = str(Path(cfg.log.run_dir) / cfg.log.name / "hang" / "torch_fr_rank")
         flight_recorder_env(device.type, cfg.watchdog.trace_buffer, hang_prefix)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout))
+        except dist.DistNetworkError as e:  # the port was free at the launcher's check (launch/local.py), not now
+            if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
+                raise
+            raise ConfigError("", f"MASTER_PORT={os.environ.get('MASTER_PORT')}: the port is already in use on "
+                                  f"this host; rank 0 serves the rendezvous there: choose another MASTER_PORT") from None
     mesh = build_mesh(dims, device.type)
     set_collective_timeout(timeout)  # the mesh's groups get torch's default timeout, not init_process_group's
     return device, mesh
@@ -370,6 +381,10 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout, data_builder: Opt
                                   run if inside else None, lambda path: move_aside(path, stream), say)
     try:
         resumed = checkpointer.resume() if cfg.checkpoint.resume == "auto" else None
+        if resumed is None and cfg.data.stage_start_sample > 0:  # the loader would start at sample 0
+            raise ConfigError("data.stage_start_sample", f"{cfg.data.stage_start_sample}: where a resumed recipe "
+                              f"stage's data begins, but this run has no checkpoint to resume and would train "
+                              f"data.stages[0]'s data from sample 0; set it to 0 or resume the run that got there")
         initialized = None
         if resumed is None and cfg.checkpoint.load_weights:
             initialized = checkpointer.load_weights(Path(cfg.checkpoint.load_weights), cfg.model,

@@ -115,9 +115,11 @@ def score_model(model: torch.nn.Module, questions: List[Question], tokenizer, ba
     model. Rows are context + candidate, right-padded; the loss counts the candidate's tokens only."""
     model.eval()
     rows, owners = [], []
+    room = getattr(getattr(model, "cfg", None), "max_seq_len", 1 << 62)  # a line longer than the context left (rare: one huge line) is scored on its start
     for q, question in enumerate(questions):
         for c, text in enumerate(question.candidates):
-            rows.append((question.context, tokenizer.encode_batch([text])[0], len(text)))
+            ids = tokenizer.encode_batch([text])[0][:max(1, room - len(question.context))]
+            rows.append((question.context, ids, len(text)))
             owners.append((q, c))
     nll = np.zeros((len(questions), len(questions[0].candidates)))  # [items, choices] nats per character
     for start in range(0, len(rows), batch_rows):

@@ -138,6 +138,10 @@ def plan_runs(cfg: ScalingConfig, job: JobConfig) -> List[RunSpec]:
     """Every (budget, width) run that reaches min_steps, in order of budget then width. A budget whose smallest
     model cannot reach min_steps, or that keeps fewer than 3 sizes, is an error naming budgets[i]."""
     check_scaling(cfg)
+    limit = job.model.max_seq_len // 2  # the other half of the model's context holds the candidate line
+    _require(not cfg.downstream.enabled or cfg.downstream.context_tokens <= limit, "downstream.context_tokens",
+             f"must be at most half the job's model.max_seq_len={job.model.max_seq_len} (the candidate line follows "
+             f"it), got {cfg.downstream.context_tokens}")
     seq_len = job.data.seq_len
     runs = []
     for b, budget in enumerate(cfg.budgets):

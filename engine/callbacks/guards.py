@@ -34,6 +34,7 @@ from torch.distributed.tensor import DTensor
 from engine.callbacks.base import Callback
 from engine.callbacks.checkpoint import CheckpointCallback
 from engine.errors import HerdError
+from engine.files import open_append
 from engine.secrets import scrub
 
 NONFINITE, SPIKE = 1, 2  # bits of a StepGuard verdict
@@ -357,5 +358,5 @@ class StragglerCallback(Callback):
                      f"{step}{gpu}")
         if self.report is not None:
             self.report.parent.mkdir(parents=True, exist_ok=True)
-            with open(self.report, "a", encoding="utf-8") as f:
+            with open_append(self.report, "the straggler records") as f:
                 f.write(scrub(json.dumps(record)) + "\n")  # host names and paths pass the secret filter (R17)

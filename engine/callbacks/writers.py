@@ -8,14 +8,13 @@ object, e.g. {"step": 3, "loss": null, ..., "nonfinite": {"loss": "nan"}}.
 import json
 import math
 import numbers
-import os
-import stat
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 from engine.callbacks.base import Callback
 from engine.data.skips import SkipReport
 from engine.errors import HerdError
+from engine.files import open_append
 from engine.secrets import scrub
 
 
@@ -54,17 +53,10 @@ class JsonlCallback(Callback):
 
     def on_fit_start(self, trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:  # never through a symlink (a planted one appended the metrics to a user's file), never into a FIFO
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK
-                         | os.O_CLOEXEC, 0o666)
+        try:
+            self._file = open_append(self.path, "the metrics")
         except OSError as e:
-            raise HerdError(f"{self.path}: cannot append the metrics ({e.strerror}; a symlink or FIFO there is "
-                            f"refused): move it away") from None
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            os.close(fd)
-            raise HerdError(f"{self.path}: not a regular file (a FIFO or device): move it away")
-        os.set_blocking(fd, True)
-        self._file = os.fdopen(fd, "a", encoding="utf-8")
+            raise HerdError(e.strerror) from None
         self._write_eval_records(trainer)
 
     def _write(self, record: Dict) -> None:

@@ -210,6 +210,9 @@ def write_indexed(documents: List[Document], out_prefix: str, tokenizer: Tokeniz
                 split = split_of(doc.source, valid_fraction)
                 if split not in writers:
                     writers[split] = IndexedWriter(f"{out_prefix}.{split}" if split else out_prefix, dtype)
+                if not ids and doc.text.strip():  # text the tokenizer has no tokens for would vanish silently
+                    raise DataError(f"{doc.source}: its text encodes to no tokens with {tokenizer.name} (a "
+                                    f"tokenizer without tokens for it, such as one holding only special tokens)")
                 tokens = np.asarray(ids + [tokenizer.eod_id], dtype=np.int64)
                 writers[split].add_document(tokens)
                 report.documents[split or "all"] = report.documents.get(split or "all", 0) + 1

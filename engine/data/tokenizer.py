@@ -58,15 +58,32 @@ class HFTokenizer:
         # "<|eot_id|>" in the text would still become the control id (a user could forge a turn boundary)
         self._tok.encode_special_tokens = True
         self.name = f"hf:{path}"
-        self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+        self.vocab_size = self._id_limit(path)
         self.bos_id = self._required_id("<|begin_of_text|>", path)
         self.eod_id = self._required_id("<|end_of_text|>", path)
+        if self.bos_id == self.eod_id:
+            raise ConfigError("data.tokenizer.path", f"{path}: <|begin_of_text|> and <|end_of_text|> share id "
+                                                     f"{self.eod_id}")
+
+    def _id_limit(self, path: str) -> int:
+        """One more than the largest id: the rows an embedding needs and the range a token file's integers must
+        hold (ids need not be contiguous: a tokenizer of 500 tokens with an id of 65,541 wrapped in 16-bit
+        files). Two tokens with one id would make decoding and the vocabulary fingerprint ambiguous: refused."""
+        vocab = self._tok.get_vocab(with_added_tokens=True)
+        by_id: dict = {}
+        for token, token_id in sorted(vocab.items()):
+            if token_id in by_id:
+                raise ConfigError("data.tokenizer.path", f"{path}: tokens {by_id[token_id]!r} and {token!r} share "
+                                                         f"id {token_id}")
+            by_id[token_id] = token
+        return max(by_id) + 1 if by_id else 0
 
     @property
     def vocab_fingerprint(self) -> str:
         """sha256 of the token -> id mapping: what token files prepared with this tokenizer mean. Files that
         merely differ in formatting or normalization settings share it; a BPE trained on other text does not."""
-        return _fingerprint(sorted(self._tok.get_vocab(with_added_tokens=True).items(), key=lambda item: item[1]))
+        return _fingerprint(sorted(self._tok.get_vocab(with_added_tokens=True).items(), key=lambda item: (item[1],
+                                                                                                         item[0])))
 
     def _required_id(self, token: str, path: str) -> int:
         token_id = self._tok.token_to_id(token)

@@ -33,7 +33,8 @@ from engine.config import JobConfig
 from engine.callbacks.writers import strict_record
 from engine.data.dataset import BlendedDataset
 from engine.data.loader import Batch, StepLoader, build_blend
-from engine.errors import ConfigError
+from engine.errors import ConfigError, HerdError
+from engine.files import open_append
 from engine.eval.needle import NeedleSample, make_samples
 from engine.secrets import scrub
 
@@ -185,7 +186,11 @@ class LongContextEvalCallback(Callback):
 
     def _record(self, trainer, result: Dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
+        try:
+            f = open_append(self.path, "the long-context evaluation's records")
+        except OSError as e:
+            raise HerdError(e.strerror) from None
+        with f:
             f.write(scrub(json.dumps(strict_record(result), allow_nan=False)) + "\n")
             f.flush()
             os.fsync(f.fileno())

@@ -248,7 +248,12 @@ def test_restore_at_any_step_matches_uninterrupted(corpus):
      12, "data.stage_start_sample: 12 must exceed data.stages[1].start_sample=12"),
     ("[{start_sample: 4, seq_len: 32, train: [{path: a}]}]", 9,
      "data.stages[0].start_sample: must be 0 (the first stage begins the data stream), got 4"),
-    ("[{start_sample: 0, seq_len: 0, train: [{path: a}]}]", 9, "data.stages[0].seq_len: must be positive, got 0"),
+    ("[{start_sample: 0, seq_len: 0, train: [{path: a}]}]", 9, "data.stages[0].seq_len: must be positive and at "
+                                                               "most model.max_seq_len=8192 (the RoPE tables), got 0"),
+    ("[{start_sample: 0, seq_len: 9000, train: [{path: a}]}]", 9, "data.stages[0].seq_len: must be positive and at "
+                                                                  "most model.max_seq_len=8192"),  # an IndexError
+    ("[{start_sample: 0, seq_len: 32, train: [{path: corpus/a}, {path: corpus/../corpus/a}]}]", 9,
+     "data.stages[0].train[1].path: 'corpus/../corpus/a' is listed twice in a staged blend (as 'corpus/a')"),
     ("[{start_sample: 0, seq_len: 32, train: []}]", 9, "data.stages[0].train: is empty"),
     ("[{start_sample: 0, seq_len: 32, train: [{path: ''}]}]", 9, "data.stages[0].train[0].path: is empty"),
     ("[{start_sample: 0, seq_len: 32, train: [{path: a}, {path: ./a}]}]", 9,

@@ -28,10 +28,9 @@ def test_a_resumed_runs_metrics_file_that_is_not_a_regular_file_is_refused(corpu
     metrics.unlink()
     {"symlink": lambda: metrics.symlink_to(user), "fifo": lambda: os.mkfifo(metrics),
      "directory": metrics.mkdir}[kind]()
-    trainer = build_trainer(tiny_config(corpus, tmp_path / "runs", RUN + ["checkpoint.every=2", "train.steps=4"]),
-                            io.StringIO())  # resumes step 2, appending to the run's logs
-    with pytest.raises(HerdError, match=r"metrics\.jsonl: "):
-        trainer.fit()
+    with pytest.raises(HerdError, match=r"metrics\.jsonl "):  # refused when the resumed run prepares its directory
+        build_trainer(tiny_config(corpus, tmp_path / "runs", RUN + ["checkpoint.every=2", "train.steps=4"]),
+                      io.StringIO()).fit()  # it would resume step 2, appending to the run's logs
     assert user.read_text() == "mine\n"
 
 
@@ -45,3 +44,35 @@ def test_a_resumed_runs_config_symlink_is_replaced_not_written_through(corpus, t
     build_trainer(tiny_config(corpus, tmp_path / "runs", RUN + ["checkpoint.every=2", "train.steps=4"]),
                   io.StringIO()).fit()
     assert user.read_text() == "mine\n" and not config.is_symlink() and "steps: 4" in config.read_text()
+
+
+@pytest.mark.parametrize("name", ["long_eval.jsonl", "stragglers.jsonl"])
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_every_appended_record_file_is_refused_when_not_a_regular_file(corpus, tmp_path, name, kind):
+    """long_eval.jsonl through a symlink got the records appended to a user's file, and a FIFO there hung the
+    resumed run (helper H41's hunt); the straggler report was opened the same way."""
+    user = tmp_path / "user.txt"
+    user.write_text("mine\n")
+    build_trainer(tiny_config(corpus, tmp_path / "runs", RUN + ["checkpoint.every=2"]), io.StringIO()).fit()
+    target = tmp_path / "runs" / "m" / name
+    target.unlink(missing_ok=True)
+    target.symlink_to(user) if kind == "symlink" else os.mkfifo(target)
+    with pytest.raises(HerdError, match=rf"{name} (is a symlink to .*user\.txt|is a FIFO), not the file herd "
+                                        r"appends the run's records to; move it away$"):
+        build_trainer(tiny_config(corpus, tmp_path / "runs", RUN + ["checkpoint.every=2", "train.steps=4"]),
+                      io.StringIO())
+    assert user.read_text() == "mine\n"
+
+
+def test_the_append_opener_refuses_links_fifos_and_directories(tmp_path):
+    from engine.files import open_append
+    (tmp_path / "user").write_text("mine\n")
+    (tmp_path / "link").symlink_to(tmp_path / "user")
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "dir").mkdir()
+    for name in ("link", "fifo", "dir"):
+        with pytest.raises(OSError, match=rf"^.*{name}: (cannot append the records|not a regular file)"):
+            open_append(tmp_path / name, "the records")
+    with open_append(tmp_path / "new.jsonl", "the records") as f:
+        f.write("a\n")
+    assert (tmp_path / "new.jsonl").read_text() == "a\n" and (tmp_path / "user").read_text() == "mine\n"

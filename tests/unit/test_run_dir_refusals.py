@@ -69,3 +69,31 @@ def test_two_moves_aside_in_one_second_take_two_names(tmp_path, monkeypatch):
     assert files.aside_name(tmp_path / "run") == tmp_path / "run.20261207-120000-2"
     (tmp_path / "run.20261207-120000-2").symlink_to("/nonexistent")
     assert files.aside_name(tmp_path / "run") == tmp_path / "run.20261207-120000-3"
+
+
+@pytest.mark.parametrize("kind", ["file", "fifo", "dangling symlink"])
+def test_a_log_name_that_is_not_a_directory_is_one_line(tmp_path, kind):
+    import os
+    from engine.config import load_config
+    (tmp_path / "runs").mkdir()
+    target = tmp_path / "runs" / "x"
+    {"file": lambda: target.write_text("mine"), "fifo": lambda: os.mkfifo(target),
+     "dangling symlink": lambda: target.symlink_to(tmp_path / "gone")}[kind]()
+    with pytest.raises(ConfigError, match=r"^log\.name: .*/runs/x is .*, not a run directory: choose another "
+                                          r"log\.name or move it away$"):
+        load_config(None, ["data.train=[]", f"log.run_dir={tmp_path}/runs", "log.name=x"])
+    assert os.path.lexists(target)
+
+
+@pytest.mark.parametrize("key", ["log.run_dir", "checkpoint.dir"])
+def test_a_directory_name_too_long_for_the_file_system_is_one_line(tmp_path, key):
+    from engine.config import load_config
+    with pytest.raises(ConfigError, match=rf"^{key}: '.*\.\.\.': a name of 300 bytes, longer than the 255"):
+        load_config(None, ["data.train=[]", f"{key}={tmp_path}/{'d' * 300}"])
+
+
+def test_a_filler_name_too_long_is_one_line(tmp_path):
+    from engine.config import load_config
+    with pytest.raises(ConfigError, match=r"^long_eval\.filler: '.*' cannot be read \(File name too long\)$"):
+        load_config(None, ["data.train=[]", "long_eval.enabled=true", "long_eval.short_seq_len=0",
+                           "long_eval.needle_trials=1", f"long_eval.filler={tmp_path}/{'f' * 300}"])

@@ -98,6 +98,8 @@ def test_weight_decay_is_the_scheduled_lr_times_the_coefficient():
     (["job=/nonexistent.yaml"], "job: /nonexistent.yaml: config file not found"),
     (["overrides=[optim.lrr=1]"], "job: configs/demo.yaml: optim.lrr: unknown key"),
     (["downstream.choices=1"], "downstream.choices: must be at least 2, got 1"),
+    (["downstream.context_tokens=100000"], "downstream.context_tokens: must be at most half the job's "
+                                        "model.max_seq_len="),  # every run trained, then scoring failed
     (["name=a b"], "name: 'a b' must be a plain directory name"),
     (["--slurm", "--time", "4:00:00; rm -rf x"], "--time '4:00:00; rm -rf x' is not a time limit"),
     (["--slurm", "--partition", "gpu$(id)"], "--partition 'gpu$(id)' may hold only"),
