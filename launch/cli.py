@@ -17,6 +17,8 @@ EXIT_USAGE = 2
 
 def _train(args: argparse.Namespace) -> int:
     from engine.config import is_recipe_file, load_config
+    from plan.paths import check_input_file
+    check_input_file(args.config, "config")  # is_recipe_file read a FIFO forever
     if is_recipe_file(args.config):  # a recipe is one config too: as `herd recipe` would
         if args.dry_run:
             raise HerdError(f"--dry-run builds one job; {args.config} is a recipe: herd recipe {args.config} "
@@ -27,11 +29,13 @@ def _train(args: argparse.Namespace) -> int:
         return _dry_run(args)
     if args.world_size is not None or args.rank is not None or args.device is not None:
         raise HerdError("--world-size, --rank and --device go with --dry-run")
-    cfg = load_config(args.config, args.overrides, world_size=int(os.environ.get("WORLD_SIZE", "1")))
+    from launch.local import check_master_port, check_rank_environment
+    cfg = load_config(args.config, args.overrides, world_size=check_rank_environment(dict(os.environ)))
     if args.print_config:
         from engine.config import to_yaml
         print(to_yaml(cfg), end="")
         return 0
+    check_master_port(dict(os.environ))  # before the run directory is claimed
     from engine.callbacks import PREEMPTED_EXIT_CODE
     from align.run import train_stage  # align.kind lm (pretraining) is the engine's own run
     from engine.run import end_rank_process
@@ -68,8 +72,8 @@ def _align(args: argparse.Namespace) -> int:
     from engine.config import load_pipeline
     pipeline = load_pipeline(args.pipeline, args.overrides)
     if args.nproc is not None and "WORLD_SIZE" not in os.environ:
-        if args.nproc < 1:
-            raise HerdError(f"--nproc must be at least 1, got {args.nproc}")
+        from launch.local import check_nproc
+        check_nproc(args.nproc)
         from align.pipeline import PipelineRunner
         runner = PipelineRunner(pipeline, world_size=args.nproc)  # every stage's job as its ranks will load it
         runner.check()
@@ -82,6 +86,9 @@ def _align(args: argparse.Namespace) -> int:
         return run_local(args.nproc, herd_args, "herd align", preemptible=True)  # owns its ranks: launch/local.py
     from align.pipeline import run_pipeline
     from engine.run import end_rank_process
+    from launch.local import check_master_port, check_rank_environment
+    check_rank_environment(dict(os.environ))
+    check_master_port(dict(os.environ))
     run_pipeline(pipeline)
     end_rank_process(0)  # a rank of a multi-process pipeline leaves here; one process returns
     return 0
@@ -90,6 +97,11 @@ def _align(args: argparse.Namespace) -> int:
 def _recipe(args: argparse.Namespace) -> int:
     """Run a pretraining recipe (recipe/runner.py); with --nproc, every stage on that many local ranks."""
     from recipe.command import recipe_command
+    if args.nproc is None or "WORLD_SIZE" in os.environ:  # this process is a rank (or the only one)
+        from launch.local import check_master_port, check_rank_environment
+        check_rank_environment(dict(os.environ))
+        if not args.print_config:
+            check_master_port(dict(os.environ))
     return recipe_command(args.recipe, args.overrides, args.nproc, args.print_config, args.world_size)
 
 
@@ -211,10 +223,14 @@ def _launch_slurm(args: argparse.Namespace) -> int:
     single = [f"parallel.{k}=1" for k in ("dp_replicate", "dp_shard", "pp", "cp", "tp")]
     probe = load_config(args.config, overrides + single)
     world_size = probe.slurm.nodes * probe.slurm.gpus_per_node
+    from launch.local import MAX_WORLD_SIZE
+    if world_size > MAX_WORLD_SIZE:
+        raise HerdError(f"--nodes x --gpus-per-node (slurm.nodes x slurm.gpus_per_node) = {probe.slurm.nodes:,} x "
+                        f"{probe.slurm.gpus_per_node:,} ranks: at most {MAX_WORLD_SIZE:,}")
     cfg = load_config(args.config, overrides, world_size=world_size)
     check_parallel(cfg, world_size)
     out = args.out or f"{cfg.slurm.job_name or cfg.log.name}.sbatch"
-    check_script_destination(out, args.config)
+    check_script_destination(out, args.config, "--out" if args.out else "slurm.job_name (the default --out)")
     script = render(cfg, args.config, overrides)  # checks the env file and the template
     if not args.no_data_check:
         check_job_inputs(cfg)
@@ -228,6 +244,11 @@ def _launch(args: argparse.Namespace) -> int:
     from engine.config import load_config
     from engine.run import check_parallel
     from engine.config import is_recipe_file
+    from launch.local import check_nproc
+    if args.nproc is not None:
+        check_nproc(args.nproc)  # before a config is read: 10**10 processes were about to be started
+    from plan.paths import check_input_file
+    check_input_file(args.config, "config")  # is_recipe_file read a FIFO forever
     if is_recipe_file(args.config):  # a recipe's stages, on local ranks or as one SLURM job (recipe/command.py)
         from recipe.command import launch_recipe
         return launch_recipe(args)
@@ -235,8 +256,6 @@ def _launch(args: argparse.Namespace) -> int:
         return _launch_slurm(args)
     if args.nproc is None:
         raise HerdError("launch needs --nproc N (processes on this machine) or --slurm (an sbatch script)")
-    if args.nproc < 1:
-        raise HerdError(f"--nproc must be at least 1, got {args.nproc}")
     cfg = load_config(args.config, args.overrides, world_size=args.nproc)
     check_parallel(cfg, args.nproc)
     from align.inputs import check_job_inputs

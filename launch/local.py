@@ -29,14 +29,17 @@ does, TORCHELASTIC_USE_AGENT_STORE=True, ...), and owns them:
 """
 
 import ctypes
+import errno
 import os
 import signal
+import socket
 import sys
 import time
 import uuid
 from typing import Dict, List, Optional, Set
 
 from engine.callbacks.preemption import PREEMPTED_EXIT_CODE
+from engine.errors import HerdError
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
 STOP_SIGNALS = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1, signal.SIGINT: signal.SIGTERM,
@@ -44,6 +47,9 @@ STOP_SIGNALS = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1, 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # PreemptionCallback's
 POLL_S = 0.1  # how often the ranks' state is looked at (torchrun's monitor interval)
 FAILURE_GRACE_S = 30.0  # a failed rank's peers: SIGTERM, then SIGKILL after this long (torchrun's default)
+MAX_WORLD_SIZE = 2 ** 20  # 1,048,576 ranks: beyond any cluster built, far below torch's int32 ranks
+MAX_LOCAL_RANKS = 1024  # processes one `herd launch --nproc` starts on this machine
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
 def launcher_exit_code(first: int) -> int:
@@ -217,9 +223,76 @@ class LocalRanks:
         return launcher_exit_code(first)
 
 
+def check_nproc(nproc: int) -> None:
+    if not 1 <= nproc <= MAX_LOCAL_RANKS:
+        raise HerdError(f"--nproc must be between 1 and {MAX_LOCAL_RANKS:,} (processes on this machine), got {nproc}")
+
+
 def run_local(nproc: int, herd_args: List[str], name: str, preemptible: bool) -> int:
     """`herd HERD_ARGS` on `nproc` local ranks (see the module docstring); returns the launcher's exit code.
     `preemptible`: the ranks save and exit 75 on SIGTERM/SIGUSR1 (PreemptionCallback: checkpoint.every > 0)."""
+    check_nproc(nproc)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     return LocalRanks(nproc, herd_args, env, name, preemptible).run()
+
+
+def _whole(env: Dict[str, str], key: str) -> Optional[int]:
+    text = env.get(key)
+    if text is None:
+        return None
+    if not text.strip().isdigit():
+        raise HerdError(f"{key}={text!r} in the environment is not a whole number >= 0 (a launcher sets it: "
+                        f"torchrun, srun, herd launch)")
+    return int(text)
+
+
+def check_rank_environment(env: Dict[str, str]) -> int:
+    """The world size this process is a rank of, from the variables a launcher sets (rank_env); an environment no
+    launcher would set is refused in one line naming the variables, before anything starts: a stray RANK=1 made a
+    single-process run rank 1 of 1, which trained writing no logs; WORLD_SIZE=2 without RANK or MASTER_PORT ended
+    in torch's traceback."""
+    rank, world = _whole(env, "RANK"), _whole(env, "WORLD_SIZE")
+    local, local_world = _whole(env, "LOCAL_RANK"), _whole(env, "LOCAL_WORLD_SIZE")
+    if world is not None and not 1 <= world <= MAX_WORLD_SIZE:
+        raise HerdError(f"WORLD_SIZE={world} in the environment: must be between 1 and {MAX_WORLD_SIZE:,}")
+    if rank is not None and rank > 0 and world is None:
+        raise HerdError(f"RANK={rank} is set in the environment but WORLD_SIZE is not: unset RANK for a "
+                        f"single-process run, or start the ranks with a launcher (herd launch --nproc, torchrun)")
+    if world is not None and world > 1 and rank is None:
+        raise HerdError(f"WORLD_SIZE={world} is set in the environment but RANK is not: a launcher sets both")
+    if rank is not None and world is not None and rank >= world:
+        raise HerdError(f"RANK={rank} is not below WORLD_SIZE={world} (set in the environment): ranks are 0 to "
+                        f"WORLD_SIZE - 1")
+    if local is not None and local_world is not None and local >= local_world:
+        raise HerdError(f"LOCAL_RANK={local} is not below LOCAL_WORLD_SIZE={local_world} (set in the environment)")
+    if local_world is not None and world is not None and local_world > world:
+        raise HerdError(f"LOCAL_WORLD_SIZE={local_world} exceeds WORLD_SIZE={world} (set in the environment)")
+    if (world or 1) > 1:
+        missing = [key for key in ("MASTER_ADDR", "MASTER_PORT") if not env.get(key)]
+        if missing:
+            raise HerdError(f"{' and '.join(missing)} not set in the environment: rank {rank} of WORLD_SIZE={world} "
+                            f"needs the address and port of rank 0's rendezvous")
+        port = _whole(env, "MASTER_PORT")
+        if not 1 <= port <= 65535:
+            raise HerdError(f"MASTER_PORT={port} in the environment: a TCP port is 1 to 65535")
+    return world or 1
+
+
+def check_master_port(env: Dict[str, str]) -> None:
+    """Rank 0 of a multi-process run serves the rendezvous store on MASTER_PORT unless its launcher serves it
+    (herd launch --nproc and torchrun do: TORCHELASTIC_USE_AGENT_STORE=True). A port another process holds ended in
+    torch's TCPStore traceback: refused here in one line. Call after check_rank_environment."""
+    if int(env.get("WORLD_SIZE", "1")) < 2 or int(env.get("RANK", "0")) != 0 \
+            or env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    port = int(env["MASTER_PORT"])
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the store: a closed port in TIME_WAIT is free
+        try:
+            probe.bind(("", port))
+        except OSError as e:
+            why = ("is already in use on this host (another job, or a process left from an earlier run, listens "
+                   "there)" if e.errno == errno.EADDRINUSE else f"cannot be listened on ({e.strerror or e})")
+            raise HerdError(f"MASTER_PORT={port}: the port {why}; rank 0 serves the rendezvous there: choose "
+                            f"another MASTER_PORT") from None

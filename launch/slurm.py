@@ -24,6 +24,7 @@ from engine.callbacks.preemption import PREEMPTED_EXIT_CODE  # what herd train e
 from engine.config import JobConfig
 from engine.config_checks import check_directory
 from engine.errors import ConfigError, HerdError
+from engine.files import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -36,8 +37,11 @@ def _env_file(path: str) -> Optional[Path]:
     if not path:
         return None
     for candidate in (Path(path), ROOT / path):
-        if candidate.is_file():
-            return candidate.resolve()
+        try:
+            if candidate.is_file():
+                return candidate.resolve()
+        except OSError as e:  # a name too long for the file system
+            raise ConfigError("slurm.env_file", f"{path}: {e.strerror or e}") from None
     raise ConfigError("slurm.env_file", f"{path}: file not found (here or under {ROOT})")
 
 
@@ -53,9 +57,122 @@ def _resources(cfg: JobConfig, ranks_per_node: int) -> List[str]:
 
 def _sbatch_extra(cfg: JobConfig) -> List[str]:
     s = cfg.slurm
-    named = [f"#SBATCH --{opt}={value}" for opt, value in
+    named = [(opt, value) for opt, value in
              (("partition", s.partition), ("account", s.account), ("qos", s.qos), ("time", s.time)) if value]
-    return named + [f"#SBATCH {arg}" for arg in s.sbatch_args]
+    for opt, value in named:  # load_config checked them (letters, digits, . , _ + -; a time): a guard
+        check_sbatch_value(value, f"slurm.{opt}", "set another value")
+    check_sbatch_args(s.sbatch_args)
+    return [f"#SBATCH --{opt}={value}" for opt, value in named] + [f"#SBATCH {arg}" for arg in s.sbatch_args]
+
+
+# ------------------------------------------------------------------------- values pasted into the script (F7, F8)
+# Every value herd writes into a script is one of: a number, a word checked against a small character set, a
+# shell-quoted (shlex.quote) argument of a command line, or a path in a comment or an `#SBATCH` line. The last two
+# are checked here: a newline there would end the line and run the rest as a command (and end sbatch's reading of
+# the `#SBATCH` lines: nodes, signal, requeue and chdir would be ignored).
+
+_NAMED = {"\n": "a newline", "\r": "a carriage return", "\t": "a tab", " ": "a space"}
+
+
+def _describe(char: str) -> str:
+    if char in _NAMED:
+        return _NAMED[char]
+    return f"'{char}'" if char.isprintable() else f"the non-printable character U+{ord(char):04X}"
+
+
+def check_line_text(value: str, what: str, advice: str = "rename it") -> None:
+    """`value` goes into one line of the script (a comment, or an `#SBATCH` line): no character that is not
+    printable, i.e. no control character (below 0x20, 0x7f, 0x80-0x9f: U+0085 is a line break too), no line or
+    paragraph separator (U+2028, U+2029), no format character, no lone surrogate (a file name that is not UTF-8).
+    A space is printable. `what` names what carries it, in the one-line error."""
+    bad = next((c for c in value if not c.isprintable()), None)
+    if bad is not None:
+        raise HerdError(f"{what} {value!r} contains {_describe(bad)}, which cannot go into a line of the sbatch "
+                        f"script (it would end or hide part of the line); {advice}")
+
+
+# Characters sbatch's own reading of an `#SBATCH` line takes as syntax (src/sbatch/opt.c, _get_argument):
+# whitespace ends the value, quotes are removed (double quotes in every version, single ones only since about
+# 17.11), a backslash escapes the next character and an unescaped # starts a comment.
+SBATCH_SYNTAX = " \t\"'\\#"
+
+
+def check_sbatch_value(value: str, what: str, advice: str) -> None:
+    """`value` goes into an `#SBATCH --option=value` line as it is: printable, and none of SBATCH_SYNTAX."""
+    check_line_text(value, what, advice)
+    bad = next((c for c in value if c in SBATCH_SYNTAX or c.isspace()), None)
+    if bad is not None:
+        raise HerdError(f"{what} {value!r} contains {_describe(bad)}, which sbatch reads as syntax in an `#SBATCH` "
+                        f"line (the value would be cut or changed); {advice}")
+
+
+def check_workdir(workdir: str) -> None:
+    """The job's working directory goes into `#SBATCH --chdir=` unquoted. Quoting it is no way out: which quotes
+    sbatch removes there depends on its version (single quotes only since about 17.11). Nor is a quoted `cd` in the
+    script's body instead of --chdir: SLURM opens the job's logs (%x-%j.out, relative) in the working directory
+    before the script runs, so without --chdir they would land wherever sbatch was run from, and a requeued job
+    would start there too. So a directory whose path sbatch cannot read whole is refused, with the reason."""
+    check_sbatch_value(workdir, "the working directory", "the job runs and logs in the directory herd runs in "
+                       "(#SBATCH --chdir=): run herd from one whose path has no whitespace, quotes, backslash or #")
+
+
+# The options herd writes itself (the templates' `#SBATCH` lines), and what sets each. Given again in
+# slurm.sbatch_args, an option would win (sbatch takes the later one): another world size than the one the config
+# was checked for, no SIGUSR1 before the time limit (progress lost), no requeue, the job and its logs elsewhere.
+# Options that ask for the same resources another way (--gres, --gpus, --ntasks, --ntasks-per-gpu...) are
+# refused with the one they would override. {sbatch option: (herd's option, what sets it)}
+_RANKS = "slurm.nodes, slurm.gpus_per_node and slurm.shape"
+_GPUS = ("gpus-per-node", "slurm.gpus_per_node")
+_WORKDIR = ("chdir", "the directory herd runs in")
+_REQUEUE = ("requeue/--no-requeue", "slurm.requeue")
+HERD_OPTIONS = {
+    "job-name": ("job-name", "slurm.job_name"), "nodes": ("nodes", "slurm.nodes"),
+    **{o: ("ntasks-per-node", _RANKS) for o in ("ntasks", "ntasks-per-node", "ntasks-per-core", "ntasks-per-socket",
+                                               "ntasks-per-gpu", "ntasks-per-tres")},
+    **{o: _GPUS for o in ("gpus-per-node", "gres", "gpus", "gpus-per-task", "gpus-per-socket", "tres-per-task")},
+    "cpus-per-task": ("cpus-per-task", "slurm.cpus_per_task"),
+    **{o: (o, f"slurm.{o}") for o in ("partition", "account", "qos", "time")},
+    "signal": ("signal", "slurm.signal_seconds"), "requeue": _REQUEUE, "no-requeue": _REQUEUE,
+    "chdir": _WORKDIR, "workdir": _WORKDIR,  # (--workdir: its name before SLURM 17.11)
+    "output": ("output", "%x-%j.out in the working directory"), "error": ("error", "%x-%j.err there"),
+    "open-mode": ("open-mode", "append: a requeued job adds to its logs"),
+}
+_ADVICE = {_WORKDIR[1]: "run herd in the directory the job should run in instead"}
+_SHORT = {"J": "job-name", "N": "nodes", "n": "ntasks", "G": "gpus", "c": "cpus-per-task", "p": "partition",
+          "A": "account", "q": "qos", "t": "time", "D": "chdir", "o": "output", "e": "error"}
+
+
+def _herd_option(arg: str) -> Optional[str]:
+    """The key of HERD_OPTIONS that sbatch would read `arg` as, or None. sbatch parses with getopt_long, which takes
+    any unambiguous prefix of a long option for it (--sig=USR2@10 is --signal); a prefix of one of these options is
+    refused as that option (where it is ambiguous, sbatch would refuse it anyway)."""
+    name = arg.split("=", 1)[0]
+    if name.startswith("--") and len(name) > 2:
+        if name[2:] in HERD_OPTIONS:  # an exact name wins over a longer one it is a prefix of (--gpus)
+            return name[2:]
+        return next((o for o in HERD_OPTIONS if o.startswith(name[2:])), None)
+    return _SHORT.get(name[1:2]) if name.startswith("-") else None
+
+
+def check_sbatch_args(args: List[str]) -> None:
+    """slurm.sbatch_args: each a printable option line sbatch reads as written (no # or backslash, which it takes
+    as a comment and an escape), and none that overrides an option herd writes itself (HERD_OPTIONS)."""
+    for i, arg in enumerate(args):
+        key = f"slurm.sbatch_args[{i}]"
+        check_line_text(arg, key, "remove it")
+        bad = next((c for c in arg if c in "#\\"), None)
+        if bad is not None:
+            raise HerdError(f"{key} {arg!r} contains {_describe(bad)}, which sbatch reads as a comment or an escape "
+                            f"in an `#SBATCH` line (the option would be cut or changed); remove it")
+        option = _herd_option(arg)
+        if option is None:
+            continue
+        ours, source = HERD_OPTIONS[option]
+        given = arg.split("=", 1)[0]
+        read_as = "" if given == f"--{option}" else f" (sbatch reads {given} as --{option})"
+        advice = _ADVICE.get(source, f"set {source} instead" if source.startswith("slurm.") else "remove it")
+        raise HerdError(f"{key} {arg!r}{read_as} would override herd's own --{ours} ({source}): sbatch takes the "
+                        f"later one; {advice}")
 
 
 def _on_exit(requeue: bool) -> str:
@@ -73,6 +190,10 @@ def render(cfg: JobConfig, config_path: str, overrides: List[str], python: str =
            workdir: Optional[str] = None) -> str:
     """The sbatch script for this config; `overrides` are passed on to `herd train` as given (quoted)."""
     s = cfg.slurm
+    check_line_text(config_path, "config path")  # a line of its own, a comment (ORIGIN); quoted in HERD_TRAIN
+    workdir = str(Path(workdir or os.getcwd()).resolve())
+    check_workdir(workdir)
+    check_sbatch_value(s.job_name or cfg.log.name, "slurm.job_name", "set another")  # (checked by load_config)
     env_file = _env_file(s.env_file)
     ranks = s.gpus_per_node
     port = str(s.master_port) if s.master_port else "$((20000 + SLURM_JOB_ID % 10000))"
@@ -85,7 +206,7 @@ def render(cfg: JobConfig, config_path: str, overrides: List[str], python: str =
         "RESOURCES": "\n".join(_resources(cfg, ranks)),
         "SIGNAL_SECONDS": str(s.signal_seconds),
         "REQUEUE": "#SBATCH --requeue" if s.requeue else "#SBATCH --no-requeue",
-        "WORKDIR": str(Path(workdir or os.getcwd()).resolve()),
+        "WORKDIR": workdir,
         "SBATCH_EXTRA": "\n".join(_sbatch_extra(cfg)) or "# (slurm.partition/account/qos/time/sbatch_args: none)",
         "ENV_FILE": f"source {shlex.quote(str(env_file))}  # cluster settings (slurm.env_file)" if env_file
         else "# no per-cluster env file (slurm.env_file)",
@@ -105,19 +226,24 @@ def render(cfg: JobConfig, config_path: str, overrides: List[str], python: str =
 SCRIPT_MARK = "# herd sbatch script"  # the templates' second line: a file with it is one herd rendered
 
 
-def check_script_destination(out: str, config_path: str) -> Path:
+def check_script_destination(out: str, config_path: str, flag: str = "--out") -> Path:
     """The sbatch script may replace only an earlier herd script: never the config it is rendered from, nor any
-    other file of the user's (R21), nor a path under a file."""
+    other file of the user's (R21), nor a path under a file. `flag`: what named the path (--out, or
+    slurm.job_name for the default JOB_NAME.sbatch)."""
+    from plan.paths import check_name_lengths
     path = Path(out)
+    if not out or path.name in ("", ".", ".."):
+        raise HerdError(f"{flag} {out!r}: name the script file")
+    check_name_lengths(path, flag)  # ENAMETOOLONG from the first stat otherwise
     if path.exists() and Path(config_path).exists() and path.resolve() == Path(config_path).resolve():
-        raise HerdError(f"--out {out}: that is the config the script is rendered from; choose another path")
+        raise HerdError(f"{flag} {out}: that is the config the script is rendered from; choose another path")
     if path.is_dir():
-        raise HerdError(f"--out {out}: is a directory; name the script file")
+        raise HerdError(f"{flag} {out}: is a directory; name the script file")
     if path.exists() and not path.is_file():  # a FIFO would block the read below, a device never end it
-        raise HerdError(f"--out {out}: exists and is not a file; choose another path")
+        raise HerdError(f"{flag} {out}: exists and is not a file; choose another path")
     if path.exists() and not is_rendered_script(path, SCRIPT_MARK):
-        raise HerdError(f"--out {out}: exists and is not a herd sbatch script; choose another path or remove it")
-    check_directory(str(path.parent), "--out")
+        raise HerdError(f"{flag} {out}: exists and is not a herd sbatch script; choose another path or remove it")
+    check_directory(str(path.parent), flag)
     return path
 
 
@@ -138,11 +264,11 @@ def is_rendered_script(path: Path, mark: str) -> bool:
 def write_and_submit(script: str, out: str, submit: bool) -> int:
     """Writes the script atomically (a reader, or sbatch, never sees half of it) and submits it."""
     path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    temporary.write_text(script)
-    temporary.chmod(0o755)
-    os.replace(temporary, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, script, mode=0o755)  # (its temporary is exclusive: never a planted file or symlink)
+    except OSError as e:  # a full disk, a directory made read-only meanwhile: nothing replaced, one line
+        raise HerdError(f"--out {out}: {e.strerror or e}") from None
     print(f"herd launch: wrote {path}", flush=True)
     if not submit:
         print(f"submit it with: sbatch {path}", flush=True)

@@ -16,10 +16,11 @@ head, the loss and the embedding. Each constant below says which numbers it came
 """
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List
 
-from plan.hardware import RESULTS_DIR, Hardware
+from plan.hardware import RESULTS_DIR, Hardware, ProfileError
 
 
 @dataclass(frozen=True)
@@ -104,3 +105,24 @@ def _fp8(hw: Hardware, p_block: int, tokens: int, d: int, f: int, bw: float):
     gemm = 6 * p_block * tokens / (mm_block_ms * 1e-3) / (hw.peak_tflops["fp8"] * 1e12)
     ew_block_ms = (_elementwise_ms(large["profile"]) - _elementwise_ms(small["profile"])) / blocks
     return gemm, ew_block_ms * 1e-3 * bw / (tokens * (d + f) * 2)
+
+
+def check_calibration(hw: Hardware) -> Calibration:
+    """calibrate(hw), with the profile's calibration files found wanting named (ProfileError) instead of a
+    traceback: rows missing, the same run twice (no block difference to take), or constants the step-time model
+    cannot divide by (efficiencies not > 0, anything not finite)."""
+    where = f"calibration_files: {', '.join(hw.calibration_files)}"
+    try:
+        cal = calibrate(hw)
+    except KeyError as e:
+        raise ProfileError(f"{where}: no {e.args[0]!r} in the rows") from None
+    except ZeroDivisionError:
+        raise ProfileError(f"{where}: the two runs must differ in layers (and profile time)") from None
+    except (TypeError, ValueError, AttributeError, IndexError, ArithmeticError) as e:
+        raise ProfileError(f"{where}: not our MFU benchmark rows ({type(e).__name__}: {e})") from None
+    values = [*cal.gemm_eff.values(), *cal.ew_passes.values(), cal.attn_eff, cal.head_passes, cal.optim_bytes,
+              cal.gap_block_ms, cal.gap_fixed_ms]
+    if not all(math.isfinite(v) for v in values) or min(*cal.gemm_eff.values(), cal.attn_eff) <= 0:
+        raise ProfileError(f"{where}: give efficiencies that are not finite and positive ({cal.gemm_eff}, "
+                           f"attention {cal.attn_eff})")
+    return cal

@@ -1,6 +1,7 @@
 """`herd plan`: its arguments and what it does (launch/cli.py only dispatches here)."""
 
 import argparse
+import math
 import re
 from pathlib import Path
 
@@ -59,6 +60,8 @@ def _model(args: argparse.Namespace):
         if args.overrides:
             raise HerdError("overrides go with --config; a --model preset is planned as it is")
         return preset, load_config(str(CONFIGS_DIR / "models" / f"{preset}.yaml")), None
+    from plan.paths import check_input_file
+    check_input_file(args.config, "--config")
     cfg = load_config(args.config, args.overrides)
     return None, cfg, cfg.data.seq_len
 
@@ -66,11 +69,14 @@ def _model(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     from plan.hardware import load_hardware
     from plan.report import check_destination, dotlist, header, table, write_config
-    from plan.search import Request, plan
+    from plan.search import MAX_GPUS, Request, plan
     if args.top < 1:
         raise HerdError(f"--top must be at least 1, got {args.top}")
-    if args.memory_limit is not None and not args.memory_limit > 0:
-        raise HerdError(f"--memory-limit must be a positive number of GiB, got {args.memory_limit}")
+    if args.memory_limit is not None and not 0 < args.memory_limit < math.inf:
+        raise HerdError(f"--memory-limit must be a positive, finite number of GiB, got {args.memory_limit}")
+    for flag, value in (("--gpus", args.gpus), ("--gpus-per-node", args.gpus_per_node)):
+        if value > MAX_GPUS:  # the search's divisors and layouts grow with it (and --gpus 10**20 ran for hours)
+            raise HerdError(f"{flag} {value}: herd plans for at most {MAX_GPUS:,} GPUs")
     preset, cfg, config_seq = _model(args)
     if args.out:
         check_destination(Path(args.out), preset, args.config)  # before the table is printed (R21)
@@ -85,6 +91,9 @@ def run(args: argparse.Namespace) -> int:
     print("\n".join(header(req, cfg.model.name, result) + table(result)))
     print("best as overrides: " + " ".join(dotlist(req, result.best[0])))
     if args.out:
-        path = write_config(req, result.best[0], Path(args.out), preset, args.config, list(args.overrides))
+        try:
+            path = write_config(req, result.best[0], Path(args.out), preset, args.config, list(args.overrides))
+        except OSError as e:  # a full disk, a directory made read-only meanwhile: nothing replaced, one line
+            raise HerdError(f"--out {args.out}: {e.strerror or e}") from None
         print(f"wrote {path} (herd launch --slurm {path} ... runs it; data.train still has to be set)")
     return 0

@@ -9,6 +9,7 @@ import yaml
 from engine.config import CONFIGS_DIR, load_config
 from engine.errors import HerdError
 from plan.layout import overrides
+from plan.paths import check_name_lengths
 from plan.search import Candidate, Request, Result
 
 GIB = 2 ** 30
@@ -63,22 +64,41 @@ def include_for(out: Path, preset: Optional[str], config: Optional[str]) -> Opti
     return None
 
 
+def _plan_temporary(out: Path) -> Path:
+    return out.with_name(f".{out.name}.tmp{os.getpid()}.yaml")  # beside out: its include resolves alike
+
+
 def check_destination(out: Path, preset: Optional[str], config: Optional[str]) -> str:
     """--out is a new file or an earlier plan, in an existing directory from which herd's include rules reach the
     config (R21: a user's file is never replaced); checked before the search prints anything. Returns the include."""
     from engine.config_checks import check_directory
+    if not str(out) or out.name in ("", ".", ".."):
+        raise HerdError(f"--out {str(out)!r}: name the YAML file to write")
+    check_name_lengths(out, "--out", _plan_temporary(out).name)
     check_directory(str(out.parent), "--out")  # not under a file
     if out.is_dir():
         raise HerdError(f"--out {out}: is a directory; name the YAML file to write")
     if not out.parent.is_dir():
         raise HerdError(f"--out {out}: directory {out.parent} does not exist")
-    if out.exists() and not out.read_text(errors="replace").startswith("# herd plan"):
+    if out.exists() and not out.is_file():  # a FIFO would block the read below, a device never end it
+        raise HerdError(f"--out {out}: exists and is not a file; choose another path")
+    if out.exists() and not _written_by_plan(out):
         raise HerdError(f"--out {out} exists and was not written by herd plan; choose another path")
     include = include_for(out, preset, config)
     if include is None:
         raise HerdError(f"--out {out}: herd's include rules cannot reach {config} from there (write it next to "
                         f"the config, or pass the printed overrides to herd train)")
     return include
+
+
+def _written_by_plan(out: Path) -> bool:
+    """Whether the regular file `out` starts as herd plan's files do; only its first bytes are read (the path may
+    name any big file of the user's), an unreadable file is not known to be ours."""
+    try:
+        with open(out, "rb") as f:
+            return f.read(len(b"# herd plan")) == b"# herd plan"
+    except OSError:
+        return False
 
 
 def write_config(req: Request, c: Candidate, out: Path, preset: Optional[str], config: Optional[str],
@@ -90,7 +110,7 @@ def write_config(req: Request, c: Candidate, out: Path, preset: Optional[str], c
     body = {"include": [include], **_nested(flat)}
     note = (f"# herd plan: {c.layout.describe()} on {c.layout.world} GPUs; predicted {c.time.total:.3f} s/step, "
             f"{c.time.tflops_gpu:.0f} TFLOP/s/GPU, {c.memory.total / GIB:.1f} GiB/GPU\n")
-    temporary = out.with_name(f".{out.name}.tmp{os.getpid()}.yaml")  # beside out: its include resolves alike
+    temporary = _plan_temporary(out)
     try:
         temporary.write_text(note + yaml.safe_dump(body, sort_keys=False))
         check_config(temporary, extra, c.layout.world)

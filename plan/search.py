@@ -19,6 +19,7 @@ from plan.steptime import StepTime, bubble_units, step_time
 
 DEFAULT_SCHEDULES = ("1F1B", "Interleaved1F1B")
 ALL_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
+MAX_GPUS = 2 ** 20  # 1,048,576: beyond any cluster built; a plan of that many takes seconds, --gpus 10**20 hours
 
 
 class PlanError(HerdError):
@@ -142,6 +143,9 @@ def base_layouts(req: Request) -> Iterator[Tuple[Layout, int]]:
 def check_request(req: Request) -> None:
     if req.gpus < 1 or req.gpus_per_node < 1:
         raise PlanError(f"--gpus and --gpus-per-node must be at least 1, got {req.gpus} and {req.gpus_per_node}")
+    if req.gpus > MAX_GPUS or req.gpus_per_node > MAX_GPUS:
+        raise PlanError(f"--gpus and --gpus-per-node must be at most {MAX_GPUS:,}, got {req.gpus:,} and "
+                        f"{req.gpus_per_node:,}")
     if req.gpus > req.gpus_per_node and req.gpus % req.gpus_per_node:
         raise PlanError(f"--gpus {req.gpus} is not a whole number of nodes of {req.gpus_per_node} GPUs")
     if req.global_tokens % req.seq_len:

@@ -67,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         check_job_inputs(job)  # the data every run reads: one line here rather than a failure per run
     if args.slurm:
         _script_path(args, sweep)  # a user's file at --out is refused before anything is written (R21)
+        from scaling.runs import check_array_paths  # and what the script could not hold, before plan.json
+        check_array_paths(sweep, {"job_name": cfg.name, "partition": args.partition, "time": args.time})
     with holding_lock(sweep / LOCK_FILE, f"working on the sweep {sweep} (herd scaling)"):
         check_same_sweep(sweep, plan)  # again: another invocation may have planned it before this one locked it
         return _run_locked(args, cfg, job, sweep, plan, runs)

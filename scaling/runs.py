@@ -333,13 +333,14 @@ def render_array(sweep: Path, names: List[str], slurm: dict, python: str = sys.e
     requeued task to another run. Conventions of launch/slurm.py: the marked second line, logs %x-%A_%a, --signal
     before the time limit (herd saves at a step boundary, exits 75 and the task is requeued)."""
     from engine.callbacks.preemption import PREEMPTED_EXIT_CODE
+    workdir = check_array_paths(sweep, slurm)
     task = " ".join(shlex.quote(a) for a in [python, "-m", "scaling.task", str((sweep / PLAN_FILE).resolve())])
     options = [f"#SBATCH --job-name={slurm['job_name']}", f"#SBATCH --array={_ranges(list(range(len(names))))}"
                + (f"%{slurm['max_parallel']}" if slurm.get("max_parallel") else ""),
                "#SBATCH --ntasks=1", f"#SBATCH --cpus-per-task={slurm.get('cpus_per_task') or 1}",
                f"#SBATCH --signal=B:USR1@{slurm.get('signal_seconds', 300)}", "#SBATCH --requeue",
                "#SBATCH --output=%x-%A_%a.out", "#SBATCH --error=%x-%A_%a.err", "#SBATCH --open-mode=append",
-               f"#SBATCH --chdir={Path.cwd().resolve()}"]
+               f"#SBATCH --chdir={workdir}"]
     options += ["#SBATCH --gpus-per-task=1"] if slurm.get("gpus") else []
     options += [f"#SBATCH --{k}={slurm[k]}" for k in ("partition", "account", "qos", "time") if slurm.get(k)]
     return "\n".join([
@@ -358,6 +359,21 @@ def render_array(sweep: Path, names: List[str], slurm: dict, python: str = sys.e
         'wait "$step"; rc=$?',
         'if [ "$rc" -eq "$PREEMPTED_EXIT_CODE" ]; then scontrol requeue "$SLURM_JOB_ID"; fi',
         'exit "$rc"', ""])
+
+
+def check_array_paths(sweep: Path, slurm: dict) -> Path:
+    """The working directory (for `#SBATCH --chdir=`), after checking what render_array pastes into the script
+    besides numbers and shell-quoted arguments: the sweep directory into a comment line (a newline in run_dir ran
+    the rest of it as a command), the working directory into --chdir (launch/slurm.py check_workdir: refused rather
+    than quoted), and the words of `slurm` into `#SBATCH` lines (checked by herd scaling's flags already)."""
+    from launch.slurm import check_line_text, check_sbatch_value, check_workdir
+    check_line_text(str(sweep), "the sweep directory (run_dir/name)", "choose another run_dir")
+    for key in ("job_name", "partition", "account", "qos", "time"):
+        if slurm.get(key):
+            check_sbatch_value(str(slurm[key]), f"the array's {key}", "choose another")
+    workdir = Path.cwd().resolve()
+    check_workdir(str(workdir))
+    return workdir
 
 
 def _ranges(indices: List[int]) -> str:
