@@ -122,6 +122,8 @@ def check_directory(value: str, key: str) -> None:
     a name the file system cannot hold (a traceback from the first stat)."""
     if not value:
         return
+    _require(not value.startswith("~") and "$" not in value, key, f"'{value[:200]}': herd does not expand ~ or "
+             f"$VARIABLES in paths (it would create a directory of that name); write the path itself")
     path = Path(value)
     for part in path.parts:
         _require(len(os.fsencode(part)) <= 255, key, f"'{value[:60]}...': a name of {len(os.fsencode(part))} bytes, "

@@ -24,7 +24,7 @@ from engine.callbacks.preemption import PREEMPTED_EXIT_CODE  # what herd train e
 from engine.config import JobConfig
 from engine.config_checks import check_directory
 from engine.errors import ConfigError, HerdError
-from engine.files import write_atomic
+from engine.files import file_problem, write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
@@ -37,11 +37,11 @@ def _env_file(path: str) -> Optional[Path]:
     if not path:
         return None
     for candidate in (Path(path), ROOT / path):
-        try:
-            if candidate.is_file():
-                return candidate.resolve()
-        except OSError as e:  # a name too long for the file system
-            raise ConfigError("slurm.env_file", f"{path}: {e.strerror or e}") from None
+        problem = file_problem(candidate)
+        if problem is None:
+            return candidate.resolve()
+        if problem != "does not exist":  # a directory, a FIFO, a dangling link, a name too long: said as such
+            raise ConfigError("slurm.env_file", f"{candidate} {problem}")
     raise ConfigError("slurm.env_file", f"{path}: file not found (here or under {ROOT})")
 
 

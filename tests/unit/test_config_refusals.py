@@ -34,6 +34,8 @@ def error_of(overrides, path=None) -> ConfigError:
     ("schedule.warmup_tokens=1000", "schedule.warmup_tokens", "is read only by the token schedule"),
     ("schedule.stage_start_step=1000", "schedule.stage_start_step", "is read only by the token schedule"),
     ("schedule.anneal_tokens=-5", "schedule.anneal_tokens", "must be >= 0, got -5"),
+    ("log.run_dir=~/runs", "log.run_dir", "herd does not expand ~ or $VARIABLES in paths"),  # made a dir named ~
+    ("checkpoint.dir=$HOME/ck", "checkpoint.dir", "herd does not expand ~ or $VARIABLES in paths"),
 ])
 def test_an_override_is_refused_naming_its_key(override, key, words):
     error = error_of([override])
@@ -96,3 +98,12 @@ def test_a_list_given_as_an_interpolation_is_not_read_letter_by_letter(tmp_path)
     (tmp_path / "job.yaml").write_text("data:\n  tokenizer: {path: tok.json}\n  valid: [{path: v, weight: 1}]\n"
                                        "  train: ${data.valid}\n")
     assert [d.path for d in load_config(str(tmp_path / "job.yaml")).data.train] == ["v"]
+
+
+def test_an_env_file_that_is_not_a_file_is_named_for_what_it_is(tmp_path):
+    from launch.slurm import _env_file
+    (tmp_path / "envdir").mkdir()
+    os.mkfifo(tmp_path / "fifo.env")
+    for name, words in (("envdir", "is a directory, not a regular file"), ("fifo.env", "is a FIFO, not a regular file")):
+        with pytest.raises(ConfigError, match=rf"^slurm\.env_file: .*{name} {words}$"):
+            _env_file(str(tmp_path / name))  # it said "file not found"
