@@ -129,7 +129,8 @@ def check_directory(value: str, key: str) -> None:
         _require(len(os.fsencode(part)) <= 255, key, f"'{value[:60]}...': a name of {len(os.fsencode(part))} bytes, "
                                                      f"longer than the 255 a directory name may have")
     existing = first_existing(path if path.is_absolute() else Path.cwd() / path)
-    _require(existing.is_dir(), key, f"'{value}' cannot be a directory: {existing} is a file")
+    _require(existing.is_dir(), key, f"'{value}' cannot be a directory: {existing} "
+             f"{(file_problem(existing) or 'is a file').split(', not')[0]}")
     _require(os.access(existing, os.W_OK | os.X_OK), key, f"'{value}': {existing} is not writable")
 
 

@@ -395,6 +395,9 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout, data_builder: Opt
         raise
     if say:  # what the data readers left out: a console line, <run>/skipped.json, the first metrics record
         report_data_skips(getattr(loader, "skips", None), run, say, callbacks)
+    if say and cfg.train.eval_every > 0 and not eval_batches:
+        say(f"warning: train.eval_every={cfg.train.eval_every} but there is no validation data (data.valid, or "
+            f"align.valid_file): no validation loss will be measured")
     if resumed is not None and say:
         say(f"resumed from {store.step_dir(resumed)} at step {resumed} "
             f"({loader.consumed_samples:,} samples consumed)")

@@ -97,3 +97,18 @@ def test_a_filler_name_too_long_is_one_line(tmp_path):
     with pytest.raises(ConfigError, match=r"^long_eval\.filler: '.*' cannot be read \(File name too long\)$"):
         load_config(None, ["data.train=[]", "long_eval.enabled=true", "long_eval.short_seq_len=0",
                            "long_eval.needle_trials=1", f"long_eval.filler={tmp_path}/{'f' * 300}"])
+
+
+def test_a_fifo_as_the_run_dir_is_named_for_what_it_is(tmp_path):
+    import os
+    from engine.config import load_config
+    os.mkfifo(tmp_path / "runs")
+    with pytest.raises(ConfigError, match=r"^log\.run_dir: '.*runs' cannot be a directory: .*runs is a FIFO$"):
+        load_config(None, ["data.train=[]", f"log.run_dir={tmp_path}/runs"])  # it said "is a file"
+
+
+def test_validation_asked_for_without_validation_data_is_said(tmp_path):
+    corpus = make_corpus(tmp_path / "corpus")
+    out = io.StringIO()
+    build_trainer(tiny_config(corpus, tmp_path / "runs", ["data.valid=[]", "train.eval_every=3"]), out)
+    assert "warning: train.eval_every=3 but there is no validation data" in out.getvalue()
