@@ -20,6 +20,7 @@ from engine.files import file_problem
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 SEED_LIMIT = 1 << 32  # seeds are 32-bit: the init generator's seed is seed * 1_000_003 + crc32 (engine/model/init.py)
 NAME_BYTES = 200  # a run directory name, and its archive name (+ ".YYYYmmdd-HHMMSS"), must fit 255 bytes
+MAX_WORLD_SIZE = 2 ** 20  # 1,048,576 ranks: beyond any cluster built, far below torch's int32 ranks (launch, plan)
 
 
 def _require(ok: bool, key: str, message: str) -> None:

@@ -223,7 +223,7 @@ def _launch_slurm(args: argparse.Namespace) -> int:
     single = [f"parallel.{k}=1" for k in ("dp_replicate", "dp_shard", "pp", "cp", "tp")]
     probe = load_config(args.config, overrides + single)
     world_size = probe.slurm.nodes * probe.slurm.gpus_per_node
-    from launch.local import MAX_WORLD_SIZE
+    from engine.config_checks import MAX_WORLD_SIZE
     if world_size > MAX_WORLD_SIZE:
         raise HerdError(f"--nodes x --gpus-per-node (slurm.nodes x slurm.gpus_per_node) = {probe.slurm.nodes:,} x "
                         f"{probe.slurm.gpus_per_node:,} ranks: at most {MAX_WORLD_SIZE:,}")

@@ -39,6 +39,7 @@ import uuid
 from typing import Dict, List, Optional, Set
 
 from engine.callbacks.preemption import PREEMPTED_EXIT_CODE
+from engine.config_checks import MAX_WORLD_SIZE
 from engine.errors import HerdError
 
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -47,7 +48,6 @@ STOP_SIGNALS = {signal.SIGTERM: signal.SIGTERM, signal.SIGUSR1: signal.SIGUSR1, 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)  # PreemptionCallback's
 POLL_S = 0.1  # how often the ranks' state is looked at (torchrun's monitor interval)
 FAILURE_GRACE_S = 30.0  # a failed rank's peers: SIGTERM, then SIGKILL after this long (torchrun's default)
-MAX_WORLD_SIZE = 2 ** 20  # 1,048,576 ranks: beyond any cluster built, far below torch's int32 ranks
 MAX_LOCAL_RANKS = 1024  # processes one `herd launch --nproc` starts on this machine
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Iterator, List, Optional, Tuple
 
 from engine.config import ModelConfig
+from engine.config_checks import MAX_WORLD_SIZE
 from engine.errors import HerdError
 from plan.calibrate import Calibration, calibrate
 from plan.hardware import Hardware
@@ -19,7 +20,7 @@ from plan.steptime import StepTime, bubble_units, step_time
 
 DEFAULT_SCHEDULES = ("1F1B", "Interleaved1F1B")
 ALL_SCHEDULES = ("GPipe", "1F1B", "Interleaved1F1B", "InterleavedZeroBubble", "ZBVZeroBubble", "DualPipeV")
-MAX_GPUS = 2 ** 20  # 1,048,576: beyond any cluster built; a plan of that many takes seconds, --gpus 10**20 hours
+MAX_GPUS = MAX_WORLD_SIZE  # a plan of that many takes seconds, --gpus 10**20 hours
 
 
 class PlanError(HerdError):
