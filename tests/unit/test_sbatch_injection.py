@@ -22,7 +22,7 @@ import pytest
 
 from engine.errors import HerdError
 from launch.cli import main
-from tests.unit.test_launch_plan_refusals import JOB, RANK_VARIABLES, tokenizer  # noqa: F401 (a fixture)
+from tests.unit.test_launch_plan_refusals import JOB, RANK_VARIABLES, refused, tokenizer  # noqa: F401 (a fixture)
 from tests.unit.test_scaling_runs import corpus, write_sweep  # noqa: F401 (the module fixture)
 
 SLURM = ["launch", "--slurm", "--no-data-check", "--nodes", "1", "--gpus-per-node", "1", "--out", "job.sbatch"]
@@ -47,14 +47,6 @@ def write_job(directory: Path, tokenizer: Path, name: str = "job.yaml") -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(JOB.replace("TOKENIZER", str(tokenizer)))
     return path
-
-
-def refused(code, capsys, expected: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert code == 2, err
-    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("herd: error: "), err
-    assert expected in err, err
-    return err
 
 
 def nothing_written(directory: Path, *expected: str) -> None:
