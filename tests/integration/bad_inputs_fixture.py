@@ -130,6 +130,7 @@ aspect_ratio: 16
 kv_group: 1
 min_steps: 1
 eval_batches: 1
+downstream: {context_tokens: 16}  # within half the job's max_seq_len=64: the candidate line follows it
 """
 
 CURATE = """\
