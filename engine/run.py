@@ -103,7 +103,8 @@ def refuse_live_run(run: Path) -> None:
     if file_problem(run / "config.yaml") is None:  # a FIFO there would block the read
         with contextlib.suppress(OSError):
             named = saved_section((run / "config.yaml").read_text(errors="replace"), "checkpoint").get("dir")
-    for root in {run, run / "checkpoints", *([Path(str(named))] if named else [])}:
+    roots = [run, run / "checkpoints", *([Path(str(named))] if named else [])]
+    for root in dict.fromkeys(roots):  # in this order: the message names the same lock every time
         try:
             DirectoryLock(root).test()
         except DirectoryBusy as e:
