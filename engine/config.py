@@ -19,7 +19,8 @@ from typing import Any, Dict, List, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from engine.config_checks import (check_blend, check_directory, check_existing_directory, check_file_name,
+from engine.config_checks import (_field_type, suggest_key, check_blend,  # noqa: F401 (_field_type: tests)
+                                  check_directory, check_existing_directory, check_file_name,
                                   check_fp8_fusion, check_guards, check_long_eval, check_numbers, check_optimizer,
                                   check_data_stages, check_references, check_seeds, check_slurm, check_token_schedule,
                                   check_watchdog)
@@ -28,8 +29,8 @@ from engine.config_schema import (  # noqa: F401  (re-exported: components impor
     ScheduleConfig, TrainConfig, CheckpointConfig, FP8Config, GuardConfig, WatchdogConfig, SlurmConfig, LogConfig,
     AlignConfig, LongContextEvalConfig, JobConfig, PipelineConfig, StageConfig, RecipeGateConfig,
     RecipeStageConfig, RecipeConfig)
-from engine.config_yaml import (CONFIGS_DIR, OVERRIDE_FORM, check_override, find_ambiguous_number, include_path,  # noqa: F401
-                                top_level_problem, yaml_error)
+from engine.config_yaml import (CONFIGS_DIR, OVERRIDE_FORM, check_config_text, check_override,  # noqa: F401
+                                include_path, yaml_error)
 from engine.errors import ConfigError
 from engine.files import file_problem
 from engine.secrets import redact_tree
@@ -216,12 +217,7 @@ def _yaml_layers(path: Path, chain: tuple) -> List[tuple]:
         raw = _load_yaml(path)
     except Exception as e:  # yaml.YAMLError and friends: one line with the file, line and column
         raise ConfigError("", yaml_error(path, e)) from None
-    text = path.read_text(encoding="utf-8-sig")
-    if not isinstance(raw, DictConfig) or top_level_problem(text):
-        raise ConfigError("", f"{path}: {top_level_problem(text) or 'the top level must be a mapping of sections'}")
-    found = find_ambiguous_number(text)
-    if found:
-        raise ConfigError(found[0], f"{path}:{found[1]}: {found[2]}")
+    check_config_text(path, path.read_text(encoding="utf-8-sig"))
     _reject_resolvers(raw, str(path))
     layers = []
     includes = raw.pop("include", None)
@@ -341,33 +337,10 @@ def _as_config_error(e: OmegaConfBaseException, source: str) -> ConfigError:
             close = difflib.get_close_matches(str(key), [f.name for f in dataclasses.fields(owner)], n=1)
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             return ConfigError(str(key), f"unknown key in a {owner.__name__} entry ({source}){hint}")
-        return ConfigError(str(key), f"unknown key ({source}){_suggest(str(key))}")
+        return ConfigError(str(key), f"unknown key ({source}){suggest_key(str(key))}")
     if "could not be converted" in first or "Value '" in first:
         return ConfigError(str(key), f"wrong type ({source}): {first}")
     return ConfigError(str(key), f"{first} ({source})")
-
-
-def _suggest(full_key: str) -> str:
-    """' (did you mean 'optim.lr'?)' for the closest field name at the same place in the schema."""
-    parts = [p for p in re.split(r"[.\[\]]", full_key) if p and not p.isdigit()]
-    node: Any = JobConfig
-    for part in parts[:-1]:
-        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
-        if part not in fields:
-            return ""
-        node = _field_type(node, fields[part])
-    if not dataclasses.is_dataclass(node) or not parts:
-        return ""
-    names = [f.name for f in dataclasses.fields(node)]
-    close = difflib.get_close_matches(parts[-1], names, n=1, cutoff=0.5)
-    return f" (did you mean '{'.'.join(parts[:-1] + close)}'?)" if close else f" (valid keys: {', '.join(names)})"
-
-
-def _field_type(owner: Any, f: dataclasses.Field) -> Any:
-    """The dataclass a field holds: its own type, or the element type of a List[...] field."""
-    hint = typing.get_type_hints(owner)[f.name]
-    args = typing.get_args(hint)
-    return args[0] if args and dataclasses.is_dataclass(args[0]) else hint
 
 
 SECRET = {"secret": True}  # field(..., metadata=SECRET): dumped as *** whatever the field's name (engine/secrets.py)

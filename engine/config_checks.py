@@ -8,12 +8,15 @@ seed), blend weights, names that become file names, and directories that already
 """
 
 import dataclasses
+import difflib
 import math
 import os
 import re
+import typing
 from pathlib import Path
 from typing import Any, Iterator, List, Tuple
 
+from engine.config_schema import JobConfig
 from engine.errors import ConfigError
 from engine.files import file_problem
 
@@ -313,3 +316,27 @@ def check_data_stages(d: Any, max_seq_len: int) -> None:
                      + (f" (as '{same[0]}')" if same and same[0] != ds.path else "")
                      + " (its path is its stream): merge the weights")
         check_blend(train, group)
+
+
+def suggest_key(full_key: str) -> str:
+    """' (did you mean 'optim.lr'?)' for the closest field name at the same place in the schema."""
+    parts = [p for p in re.split(r"[.\[\]]", full_key) if p and not p.isdigit()]
+    node: Any = JobConfig
+    for part in parts[:-1]:
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if part not in fields:
+            return ""
+        node = _field_type(node, fields[part])
+    if not dataclasses.is_dataclass(node) or not parts:
+        return ""
+    names = [f.name for f in dataclasses.fields(node)]
+    close = difflib.get_close_matches(parts[-1], names, n=1, cutoff=0.5)
+    return f" (did you mean '{'.'.join(parts[:-1] + close)}'?)" if close else f" (valid keys: {', '.join(names)})"
+
+
+def _field_type(owner: Any, f: dataclasses.Field) -> Any:
+    """The dataclass a field holds: its own type, or the element type of a List[...] field."""
+    hint = typing.get_type_hints(owner)[f.name]
+    args = typing.get_args(hint)
+    return args[0] if args and dataclasses.is_dataclass(args[0]) else hint
+

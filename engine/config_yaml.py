@@ -47,9 +47,12 @@ def find_ambiguous_number(text: str) -> Optional[tuple]:
     """(dotted key, line, problem) of the first plain scalar value in the YAML `text` that YAML 1.1 reads as an
     octal or base-60 number; None when there is none (or the text is no YAML: its loader says so)."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        return _ambiguous_in(yaml.compose(text, Loader=yaml.SafeLoader))
     except yaml.YAMLError:
         return None
+
+
+def _ambiguous_in(root) -> Optional[tuple]:
     seen = set()  # anchors make a node appear many times: each is looked at once (a billion laughs stays cheap)
     pending = [("", root)]
     while pending:
@@ -68,18 +71,24 @@ def find_ambiguous_number(text: str) -> Optional[tuple]:
     return None
 
 
-def top_level_problem(text: str) -> Optional[str]:
-    """Why a YAML document cannot be a config of sections (OmegaConf reads a lone `word` as the mapping {word:
-    None}), or None."""
+def check_config_text(path: Path, text: str) -> None:
+    """What OmegaConf's load accepts but a config cannot be, from one reading of the file's YAML nodes: a top
+    level that is no mapping (OmegaConf reads a lone `word` as {word: None}), and numbers YAML 1.1 reads other
+    than they look (ConfigError naming the key and FILE:LINE)."""
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
-        return None
+        return  # OmegaConf's load has said what is wrong with it
+    if root is None:
+        return  # empty, or comments only: no settings
     if isinstance(root, yaml.ScalarNode):
-        return f"the top level must be a mapping of sections, got the single value '{root.value[:60]}'"
-    if isinstance(root, yaml.SequenceNode):
-        return "the top level must be a mapping of sections, got a list"
-    return None
+        raise ConfigError("", f"{path}: the top level must be a mapping of sections, got the single value "
+                              f"'{root.value[:60]}'")
+    if not isinstance(root, yaml.MappingNode):
+        raise ConfigError("", f"{path}: the top level must be a mapping of sections, got a list")
+    found = _ambiguous_in(root)
+    if found:
+        raise ConfigError(found[0], f"{path}:{found[1]}: {found[2]}")
 
 
 def yaml_error(path: Path, e: Exception) -> str:
