@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import IO, Iterator, Optional, Tuple, Union
 
+from engine.errors import HerdError
+
 _KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
@@ -66,19 +68,23 @@ def aside_name(path: Path) -> Path:
     raise AssertionError("unreachable")
 
 
+class AppendRefused(HerdError):
+    """`open_append` cannot append there: the message names the path and what it was to hold."""
+
+
 def open_append(path: Union[str, Path], what: str) -> IO:
     """`path` opened for appending text (created if missing), never through a symlink (a planted one appended a
     run's records to a user's file) and never a FIFO (the open blocked a resume forever) or a directory; anything
-    else there is one line (OSError with a message naming `path` and `what` it was to hold)."""
+    else there is AppendRefused, one line naming `path` and `what` it was to hold."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                      0o666)
     except OSError as e:
-        raise OSError(e.errno, f"{path}: cannot append {what} ({e.strerror}; a symlink, FIFO or directory there is "
-                               f"refused): move it away") from None
+        raise AppendRefused(f"{path}: cannot append {what} ({e.strerror}; a symlink, FIFO or directory there is "
+                            f"refused): move it away") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
-        raise OSError(0, f"{path}: not a regular file (a FIFO or device), where herd appends {what}: move it away")
+        raise AppendRefused(f"{path}: not a regular file (a FIFO or device), where herd appends {what}: move it away")
     os.set_blocking(fd, True)
     return os.fdopen(fd, "a", encoding="utf-8")
 
@@ -91,12 +97,25 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def exclusive_temporary(final: Path, binary: bool = True) -> Tuple[IO, Path]:
+def _name_head(name: str, max_bytes: int) -> str:
+    """The longest start of `name` whose file-system encoding fits `max_bytes` (names are limited in bytes: 255 on
+    Linux, and a non-ASCII character takes 2-4 of them)."""
+    encoded = os.fsencode(name)[:max_bytes]
+    for cut in range(4):  # a cut inside a UTF-8 character leaves at most 3 of its bytes
+        try:
+            return encoded[:len(encoded) - cut].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return os.fsdecode(encoded)  # a name that was not UTF-8 to begin with keeps its bytes
+
+
+def exclusive_temporary(final: Path, binary: bool = True, suffix: str = ".tmp") -> Tuple[IO, Path]:
     """A new file beside `final` under a name no one else holds, opened for writing; (open file, its path). Its
-    mode is what the umask allows a new file (mkstemp's 0600 would keep the data from a cluster's other users)."""
+    mode is what the umask allows a new file (mkstemp's 0600 would keep the data from a cluster's other users).
+    The name is `.FINAL.<random>SUFFIX`, FINAL cut to 200 bytes so the whole stays within a name's 255."""
     final = Path(final)
     try:
-        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.name[:200]}.", suffix=".tmp")
+        fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{_name_head(final.name, 200)}.", suffix=suffix)
     except OSError as e:  # said of the file being written, not of a random temporary name
         raise OSError(e.errno, e.strerror, str(final)) from None
     os.fchmod(fd, 0o666 & ~_umask())

@@ -11,9 +11,9 @@ from engine.files import file_problem
 NAME_MAX, PATH_MAX = 255, 4095  # bytes of one file name, and of a whole path (Linux: limits.h)
 
 
-def check_name_lengths(out: Path, flag: str, temporary: str = "") -> None:
-    """Every name in `out`, and the temporary file written beside it before it takes out's place (if any), fit the
-    file system's limits (else an OSError ENAMETOOLONG, as a traceback, from the first stat of the path)."""
+def check_name_lengths(out: Path, flag: str) -> None:
+    """Every name in `out` fits the file system's limits (else an OSError ENAMETOOLONG, as a traceback, from the
+    first stat of the path). The temporary written beside it fits whenever `out` does (engine.files)."""
     short = (lambda name: name if len(name) <= 40 else f"{name[:20]}...{name[-12:]}")
     total = len(os.fsencode(str(out)))
     if total > PATH_MAX:
@@ -23,11 +23,6 @@ def check_name_lengths(out: Path, flag: str, temporary: str = "") -> None:
         if size > NAME_MAX:
             raise HerdError(f"{flag}: the name {short(name)} is {size} bytes, longer than the {NAME_MAX} a file or "
                             f"directory name may have")
-    size = len(os.fsencode(temporary))
-    if temporary and size > NAME_MAX:
-        spare = NAME_MAX - (size - len(os.fsencode(out.name)))
-        raise HerdError(f"{flag}: the file name {short(out.name)} leaves no room for the temporary file herd "
-                        f"writes beside it ({size} bytes, more than {NAME_MAX}): use at most {spare} bytes")
 
 
 def check_input_file(path: str, flag: str) -> None:

@@ -8,6 +8,7 @@ import yaml
 
 from engine.config import CONFIGS_DIR, load_config
 from engine.errors import HerdError
+from engine.files import exclusive_temporary
 from plan.layout import overrides
 from plan.paths import check_name_lengths
 from plan.search import Candidate, Request, Result
@@ -64,17 +65,13 @@ def include_for(out: Path, preset: Optional[str], config: Optional[str]) -> Opti
     return None
 
 
-def _plan_temporary(out: Path) -> Path:
-    return out.with_name(f".{out.name}.tmp{os.getpid()}.yaml")  # beside out: its include resolves alike
-
-
 def check_destination(out: Path, preset: Optional[str], config: Optional[str]) -> str:
     """--out is a new file or an earlier plan, in an existing directory from which herd's include rules reach the
     config (R21: a user's file is never replaced); checked before the search prints anything. Returns the include."""
     from engine.config_checks import check_directory
     if not str(out) or out.name in ("", ".", ".."):
         raise HerdError(f"--out {str(out)!r}: name the YAML file to write")
-    check_name_lengths(out, "--out", _plan_temporary(out).name)
+    check_name_lengths(out, "--out")
     check_directory(str(out.parent), "--out")  # not under a file
     if out.is_dir():
         raise HerdError(f"--out {out}: is a directory; name the YAML file to write")
@@ -110,9 +107,10 @@ def write_config(req: Request, c: Candidate, out: Path, preset: Optional[str], c
     body = {"include": [include], **_nested(flat)}
     note = (f"# herd plan: {c.layout.describe()} on {c.layout.world} GPUs; predicted {c.time.total:.3f} s/step, "
             f"{c.time.tflops_gpu:.0f} TFLOP/s/GPU, {c.memory.total / GIB:.1f} GiB/GPU\n")
-    temporary = _plan_temporary(out)
+    stream, temporary = exclusive_temporary(out, binary=False, suffix=".yaml")  # beside out: includes resolve alike
     try:
-        temporary.write_text(note + yaml.safe_dump(body, sort_keys=False))
+        with stream:
+            stream.write(note + yaml.safe_dump(body, sort_keys=False))
         check_config(temporary, extra, c.layout.world)
         os.replace(temporary, out)
     finally:

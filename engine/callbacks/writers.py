@@ -53,10 +53,7 @@ class JsonlCallback(Callback):
 
     def on_fit_start(self, trainer) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self._file = open_append(self.path, "the metrics")
-        except OSError as e:
-            raise HerdError(e.strerror) from None
+        self._file = open_append(self.path, "the metrics")
         self._write_eval_records(trainer)
 
     def _write(self, record: Dict) -> None:

@@ -186,11 +186,7 @@ class LongContextEvalCallback(Callback):
 
     def _record(self, trainer, result: Dict) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            f = open_append(self.path, "the long-context evaluation's records")
-        except OSError as e:
-            raise HerdError(e.strerror) from None
-        with f:
+        with open_append(self.path, "the long-context evaluation's records") as f:
             f.write(scrub(json.dumps(strict_record(result), allow_nan=False)) + "\n")
             f.flush()
             os.fsync(f.fileno())

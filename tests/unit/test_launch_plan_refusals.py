@@ -132,12 +132,23 @@ def test_slurm_out_name_too_long_is_one_line(out, expected, job, capsys):
     assert sorted(p.name for p in job.parent.iterdir()) == ["job.yaml"]
 
 
-def test_slurm_out_name_of_250_bytes_is_written(job, capsys):
-    """The script's temporary file is named from at most 200 bytes of it (engine/files.py): room is left."""
-    code = main(["launch", "--slurm", "--no-data-check", "--nodes", "1", "--gpus-per-node", "1", "--out", "a" * 250,
+@pytest.mark.parametrize("name", ["a" * 250, "\u00e9" * 125])  # 250 bytes: ASCII, and 2 bytes a character
+def test_slurm_out_name_of_250_bytes_is_written(name, job, capsys):
+    """The script's temporary file is named from at most 200 bytes of it, never cut inside a character
+    (engine/files.py): room is left."""
+    code = main(["launch", "--slurm", "--no-data-check", "--nodes", "1", "--gpus-per-node", "1", "--out", name,
                  str(job)])
     assert code == 0, capsys.readouterr()
-    assert sorted(p.name for p in job.parent.iterdir()) == ["a" * 250, "job.yaml"]
+    assert sorted(p.name for p in job.parent.iterdir()) == sorted([name, "job.yaml"])
+
+
+def test_plan_out_name_of_250_bytes_is_written(job, capsys):
+    """herd plan's checked temporary (a .yaml beside --out) fits beside a 250-byte name of 2-byte characters."""
+    name = "\u00e9" * 122 + ".yaml"
+    code = main(["plan", "--model", "debug", "--seq-len", "1024", "--gpus", "8", "--out", name])
+    assert code == 0, capsys.readouterr()
+    assert sorted(p.name for p in job.parent.iterdir()) == sorted([name, "job.yaml"])
+    assert (job.parent / name).read_text().startswith("# herd plan")
 
 
 def test_slurm_default_out_names_the_job_name(job, capsys):

@@ -65,13 +65,13 @@ def test_every_appended_record_file_is_refused_when_not_a_regular_file(corpus, t
 
 
 def test_the_append_opener_refuses_links_fifos_and_directories(tmp_path):
-    from engine.files import open_append
+    from engine.files import AppendRefused, open_append
     (tmp_path / "user").write_text("mine\n")
     (tmp_path / "link").symlink_to(tmp_path / "user")
     os.mkfifo(tmp_path / "fifo")
     (tmp_path / "dir").mkdir()
     for name in ("link", "fifo", "dir"):
-        with pytest.raises(OSError, match=rf"^.*{name}: (cannot append the records|not a regular file)"):
+        with pytest.raises(AppendRefused, match=rf"^.*{name}: (cannot append the records|not a regular file)"):
             open_append(tmp_path / name, "the records")
     with open_append(tmp_path / "new.jsonl", "the records") as f:
         f.write("a\n")
