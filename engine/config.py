@@ -532,6 +532,9 @@ def _validate_data(cfg: JobConfig) -> None:
         check_blend(getattr(d, group), group)
     _require(d.tokenizer.kind != "hf" or bool(d.tokenizer.path) or not d.train, "data.tokenizer.path",
              "kind=hf needs the tokenizer.json that the data was prepared with")
+    _require(d.tokenizer.kind != "llama3" or not d.tokenizer.path, "data.tokenizer.path",
+             f"'{d.tokenizer.path}': kind=llama3 reads the tokenizer the llama-models package ships, not a file; "
+             f"remove the path, or set data.tokenizer.kind=hf")
     check_data_stages(d, cfg.model.max_seq_len)
 
 

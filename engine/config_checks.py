@@ -98,12 +98,18 @@ def check_seeds(cfg: Any) -> None:
         _require(0 <= value < SEED_LIMIT, key, f"must be in [0, 2**32), got {value}")
 
 
-def check_blend(datasets: List[Any], group: str) -> None:
+def check_blend(datasets: List[Any], group: str, staged: bool = False) -> None:
     """Weights are relative shares: each positive and normal (not a subnormal that divides to nothing), their sum
-    finite so that every share is a real fraction."""
+    finite so that every share is a real fraction. A dataset named twice (under any spelling) is refused: its
+    share is its weight, so two entries are one weight split in two (a staged blend also keys its stream by it)."""
     for i, ds in enumerate(datasets):
         _require(ds.weight >= 2.2250738585072014e-308, f"data.{group}[{i}].weight",
                  f"must be positive (a share of the blend), got {ds.weight}")
+        same = [other.path for other in datasets[:i] if os.path.realpath(other.path) == os.path.realpath(ds.path)]
+        _require(not same, f"data.{group}[{i}].path", f"'{ds.path}' is listed twice in "
+                 + ("a staged blend" if staged else "the blend")
+                 + (f" (as '{same[0]}')" if same and same[0] != ds.path else "")
+                 + (" (its path is its stream)" if staged else "") + ": merge the weights")
     total = sum(ds.weight for ds in datasets)  # overflows to inf (math.fsum would raise)
     _require(math.isfinite(total), f"data.{group}",
              "the weights sum to more than a float holds; scale them down (only their ratios matter)")
@@ -164,6 +170,11 @@ def check_long_eval(cfg: Any) -> None:
     _require(bool(e.needle_depths), "long_eval.needle_depths", "must list at least one depth")
     for i, depth in enumerate(e.needle_depths):
         _require(0.0 <= depth <= 1.0, f"long_eval.needle_depths[{i}]", f"must be in [0, 1], got {depth}")
+        _require(depth not in e.needle_depths[:i], f"long_eval.needle_depths[{i}]",
+                 f"{depth} is listed twice (the results are one cell per depth)")
+    for i, length in enumerate(e.needle_lengths):
+        _require(length not in e.needle_lengths[:i], f"long_eval.needle_lengths[{i}]",
+                 f"{length} is listed twice (the results are one cell per length)")
     _require(0 <= e.seed < SEED_LIMIT, "long_eval.seed", f"must be in [0, 2**32), got {e.seed}")
     problem = file_problem(e.filler) if e.filler else None
     _require(problem is None, "long_eval.filler",
@@ -219,8 +230,21 @@ def check_slurm(s: Any) -> None:
         _require(re.fullmatch(r"[A-Za-z0-9_.,+-]*", value) is not None, f"slurm.{key}",
                  f"'{value}' may hold only letters, digits and . , _ + -")
     # only [D-]HH:MM:SS: YAML reads an unquoted 4:00:00 as the number 14400, which SLURM would take as minutes
-    _require(re.fullmatch(r"(\d+-)?\d\d:\d\d:\d\d|", s.time) is not None, "slurm.time",
+    limit = re.fullmatch(r"(?:(\d+)-)?(\d\d):(\d\d):(\d\d)|", s.time)
+    _require(limit is not None, "slurm.time",
              f"'{s.time}' is not a time limit of the form HH:MM:SS or D-HH:MM:SS (two-digit hours, e.g. 04:00:00)")
+    _require(s.signal_seconds <= 65535, "slurm.signal_seconds",
+             f"must be at most 65535 (sbatch --signal's largest lead time), got {s.signal_seconds}")
+    if s.time:
+        days, hours, minutes, seconds = (int(g or 0) for g in limit.groups())
+        _require(minutes < 60 and seconds < 60 and (not days or hours < 24), "slurm.time",
+                 f"'{s.time}': minutes and seconds run to 59, and hours to 23 after a day count")
+        total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+        _require(total > 0, "slurm.time", f"'{s.time}' gives the job no time; leave it empty for the partition's "
+                                          f"limit")
+        _require(s.signal_seconds < total, "slurm.signal_seconds",
+                 f"{s.signal_seconds} s is not before the end of the job's time limit slurm.time={s.time} "
+                 f"({total} s): the save signal would never come before the kill")
     for i, arg in enumerate(s.sbatch_args):
         _require(re.fullmatch(r"--[a-z][a-z-]*(=[^\s'\"`$;&|<>]+)?", arg) is not None, f"slurm.sbatch_args[{i}]",
                  f"'{arg}' must be one sbatch option like --exclusive or --constraint=h100 (no spaces or quotes)")
@@ -311,11 +335,7 @@ def check_data_stages(d: Any, max_seq_len: int) -> None:
     for group, train in blends + ([("train", d.train)] if d.stages else []):
         for i, ds in enumerate(train):
             _require(bool(ds.path), f"data.{group}[{i}].path", "is empty")
-            same = [other.path for other in train[:i] if os.path.realpath(other.path) == os.path.realpath(ds.path)]
-            _require(not same, f"data.{group}[{i}].path", f"'{ds.path}' is listed twice in a staged blend"
-                     + (f" (as '{same[0]}')" if same and same[0] != ds.path else "")
-                     + " (its path is its stream): merge the weights")
-        check_blend(train, group)
+        check_blend(train, group, staged=True)
 
 
 def suggest_key(full_key: str) -> str:

@@ -166,9 +166,16 @@ def _check_prepare_args(args: argparse.Namespace) -> None:
     from engine.config_checks import check_directory
     if not 0 <= args.valid_fraction < 1 or not math.isfinite(args.valid_fraction):
         raise HerdError(f"--valid-fraction must be in [0, 1), got {args.valid_fraction}")
+    if args.tokenizer == "llama3" and args.tokenizer_path:
+        raise HerdError(f"--tokenizer-path {args.tokenizer_path}: --tokenizer llama3 reads the tokenizer the "
+                        f"llama-models package ships, not a file; drop --tokenizer-path, or pass --tokenizer hf")
+    if args.vocab_size is not None and not args.train_tokenizer:
+        raise HerdError(f"--vocab-size {args.vocab_size}: only a tokenizer trained here (--train-tokenizer) takes a "
+                        f"vocabulary size; a loaded one has its own")
     if args.train_tokenizer:
         if args.tokenizer != "hf" or not args.tokenizer_path:
             raise HerdError("--train-tokenizer needs --tokenizer hf and --tokenizer-path OUT.json")
+        args.vocab_size = 4096 if args.vocab_size is None else args.vocab_size
         from engine.data.tokenizer import SPECIAL_TOKENS
         smallest = 256 + len(SPECIAL_TOKENS)  # a byte-level BPE holds every byte and herd's special tokens
         if not smallest <= args.vocab_size <= (1 << 31) - 1:
@@ -438,7 +445,7 @@ def _add_tool_commands(sub) -> None:
     prep.add_argument("--tokenizer", choices=("hf", "llama3"), default="hf")
     prep.add_argument("--tokenizer-path", help="tokenizer.json to load (or to write with --train-tokenizer)")
     prep.add_argument("--train-tokenizer", action="store_true", help="train a byte-level BPE on the inputs")
-    prep.add_argument("--vocab-size", type=int, default=4096, help="vocabulary of the trained BPE")
+    prep.add_argument("--vocab-size", type=int, help="vocabulary of the trained BPE (default 4096)")
     prep.add_argument("--valid-fraction", type=float, default=0.0, help="share of documents held out")
     prep.add_argument("--text-key", default="text", help="JSONL field holding the document text")
     prep.add_argument("--on-bad-data", choices=("error", "skip"), default="error")

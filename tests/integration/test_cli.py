@@ -36,7 +36,8 @@ def assert_one_line_error(result, expected: str):
     (["train", "configs/demo.yaml", "data.seq_len=4096"], "data.seq_len: 4096 exceeds model.max_seq_len=2048"),
     (["train", "configs/nope.yaml"], "config file not found: configs/nope.yaml"),
     (["train", "configs/demo.yaml", "data.train=[{path: /nonexistent/x}]", "data.valid=[]",
-      "data.tokenizer.kind=llama3", "model.vocab_size=128256"], "/nonexistent/x.idx: file not found"),
+      "data.tokenizer.kind=llama3", "data.tokenizer.path=''", "model.vocab_size=128256"],
+     "/nonexistent/x.idx: file not found"),
     (["train", "configs/demo.yaml", "data.tokenizer.path=/nonexistent/tok.json"],
      "data.tokenizer.path: /nonexistent/tok.json: tokenizer file not found"),
 ])
