@@ -293,6 +293,9 @@ def _check_shape(node: Any, schema: Any, prefix: str, source: str) -> None:
                 _check_shape(item, element, f"{full}[{i}].", source)
         elif isinstance(value, (dict, list)):
             raise ConfigError(full, f"must be a single value, got {value!r} ({source})")
+        elif hint is bool and not isinstance(value, bool) and value is not None and not _is_interpolation(value):
+            # OmegaConf turns any number into a bool (2 -> true) and strings like "off" too: say it plainly
+            raise ConfigError(full, f"must be true or false, got {value!r} ({source})")
 
 
 def _failing_element(node: Any, schema: Any, prefix: str) -> Optional[str]:

@@ -23,7 +23,7 @@ from engine.checkpoint.manifest import saved_section
 from engine.checkpoint.store import CheckpointError, CheckpointStore
 from engine.config import DatasetConfig, JobConfig, grad_accum_steps, to_yaml
 from engine.data.indexed import read_sidecar
-from engine.data.loader import Batch, StepLoader, build_blend, build_train_blend
+from engine.data.loader import Batch, StepLoader, build_blend, build_train_blend, distinct_samples
 from engine.data.tokenizer import Tokenizer, load_tokenizer
 from engine.errors import ConfigError
 from engine.files import aside_name, file_problem, write_atomic
@@ -235,6 +235,11 @@ def build_data(cfg: JobConfig, mesh: Optional[Mesh]) -> Tuple[StepLoader, List[B
                            cfg.data, tokenizer.eod_id, dp_rank, dp_size, cp_rank=cp_rank, cp_size=cp_size)
         eval_batches = valid.fixed_micro_batches(eval_share(cfg, dp_size))
         loader.skips.merge(valid.skips)  # one skip report for the run (build_trainer writes it)
+        wanted, held = cfg.train.eval_batches * cfg.data.micro_batch_size, distinct_samples(valid.blend)
+        if wanted > held:  # build_trainer prints it: the loss is still right, over samples counted twice
+            loader.notes.append(f"warning: train.eval_batches={cfg.train.eval_batches} x data.micro_batch_size="
+                                f"{cfg.data.micro_batch_size} = {wanted:,} validation samples, but data.valid holds "
+                                f"{held:,} at data.seq_len={cfg.data.seq_len}: some are measured more than once")
     return loader, eval_batches
 
 
@@ -396,6 +401,8 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout, data_builder: Opt
         raise
     if say:  # what the data readers left out: a console line, <run>/skipped.json, the first metrics record
         report_data_skips(getattr(loader, "skips", None), run, say, callbacks)
+    for note in getattr(loader, "notes", []) if say else []:
+        say(note)
     if say and cfg.train.eval_every > 0 and not eval_batches:
         say(f"warning: train.eval_every={cfg.train.eval_every} but there is no validation data (data.valid, or "
             f"align.valid_file): no validation loss will be measured")

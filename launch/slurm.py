@@ -39,10 +39,23 @@ def _env_file(path: str) -> Optional[Path]:
     for candidate in (Path(path), ROOT / path):
         problem = file_problem(candidate)
         if problem is None:
+            _check_shell_syntax(candidate)
             return candidate.resolve()
         if problem != "does not exist":  # a directory, a FIFO, a dangling link, a name too long: said as such
             raise ConfigError("slurm.env_file", f"{candidate} {problem}")
     raise ConfigError("slurm.env_file", f"{path}: file not found (here or under {ROOT})")
+
+
+def _check_shell_syntax(path: Path) -> None:
+    """The script sources the env file before anything runs: a syntax error there would end every job (and every
+    requeue) at its first line, so bash reads it here first (`bash -n`: parsed, not run)."""
+    try:
+        result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):  # no bash on this host (the cluster's is what matters): unchecked
+        return
+    if result.returncode != 0:
+        first = (result.stderr.strip().splitlines() or ["a syntax error"])[0]
+        raise ConfigError("slurm.env_file", f"{path}: bash cannot parse it ({first.strip()[:300]})")
 
 
 def _resources(cfg: JobConfig, ranks_per_node: int) -> List[str]:

@@ -86,6 +86,12 @@ def build_blend(datasets: List[DatasetConfig], data: DataConfig, vocab_size: int
     return blend
 
 
+def distinct_samples(blend: BlendedDataset) -> int:
+    """How many samples the blend yields before one of its datasets starts its next epoch (a sample read again):
+    dataset d gives share w_d of the samples and holds samples_per_epoch_d."""
+    return int(min(ds.samples_per_epoch / w for ds, w in zip(blend.datasets, blend.weights)))
+
+
 def build_train_blend(data: DataConfig, vocab_size: int) -> "BlendedDataset | StagedBlend":
     """The training blend: data.train as above, or, with earlier recipe stages in data.stages, the staged blend in
     which every dataset's stream goes on where those stages left it (engine/data/stages.py)."""
@@ -104,6 +110,7 @@ class StepLoader:
         self.consumed_samples = consumed_samples
         # what reading the data left out; build_data adds the validation data's, build_trainer reports it
         self.skips = blend.skips if isinstance(blend, (BlendedDataset, StagedBlend)) else SkipReport()
+        self.notes: List[str] = []  # warning lines about the data for build_trainer to print
 
     def step_sample_ids(self, step_start: int) -> List[List[int]]:
         """This rank's micro-batches of sample ids for the step starting at global sample `step_start`."""

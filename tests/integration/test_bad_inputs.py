@@ -66,6 +66,8 @@ CONFIG_VALUES = [
     Case("signal_after_the_time_limit", train("slurm.time=00:05:00", "slurm.signal_seconds=300"),
          "slurm.signal_seconds: 300 s is not before the end"),
     Case("signal_beyond_sbatch", train("slurm.signal_seconds=70000"), "slurm.signal_seconds: must be at most 65535"),
+    Case("bool_given_a_number", train("data.document_mask=2"), "data.document_mask: must be true or false, got 2"),
+    Case("bool_given_a_string", train("train.compile='yes'"), "train.compile: must be true or false"),
     Case("needle_depth_twice", train("long_eval.enabled=true", "long_eval.needle_trials=1",
                                      "long_eval.needle_depths=[0.5,0.5]"), "long_eval.needle_depths[1]"),
     Case("blend_weights_sum_to_nothing", train("data.train=[{path: data/c.train, weight: 1e-320}]"),

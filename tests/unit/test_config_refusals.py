@@ -107,3 +107,13 @@ def test_an_env_file_that_is_not_a_file_is_named_for_what_it_is(tmp_path):
     for name, words in (("envdir", "is a directory, not a regular file"), ("fifo.env", "is a FIFO, not a regular file")):
         with pytest.raises(ConfigError, match=rf"^slurm\.env_file: .*{name} {words}$"):
             _env_file(str(tmp_path / name))  # it said "file not found"
+
+
+def test_an_env_file_bash_cannot_parse_is_refused(tmp_path):
+    """Every job sources it first: a syntax error would end each job and requeue at its first line."""
+    from launch.slurm import _env_file
+    (tmp_path / "bad.env").write_text("export NCCL_DEBUG=WARN\nif [ -n \"$X\" ]; then\n")
+    with pytest.raises(ConfigError, match=r"^slurm\.env_file: .*bad\.env: bash cannot parse it \(.*line \d+: "):
+        _env_file(str(tmp_path / "bad.env"))
+    for shipped in ("launch/clusters/example_h100.env", "launch/clusters/local.env"):
+        assert _env_file(shipped).is_file()

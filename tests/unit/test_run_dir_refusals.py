@@ -112,3 +112,20 @@ def test_validation_asked_for_without_validation_data_is_said(tmp_path):
     out = io.StringIO()
     build_trainer(tiny_config(corpus, tmp_path / "runs", ["data.valid=[]", "train.eval_every=3"]), out)
     assert "warning: train.eval_every=3 but there is no validation data" in out.getvalue()
+
+
+def test_validation_larger_than_the_validation_data_is_said(tmp_path):
+    """eval_batches beyond what data.valid holds measures samples twice: a warning line, and none when it fits."""
+    from engine.data.loader import build_blend, distinct_samples
+    from engine.run import build_data
+    corpus = make_corpus(tmp_path / "corpus")
+    cfg = tiny_config(corpus, tmp_path / "runs", ["train.eval_batches=1"])
+    loader, _ = build_data(cfg, None)
+    assert loader.notes == []
+    valid = build_blend(cfg.data.valid, cfg.data, cfg.model.vocab_size, seed_offset=1000)
+    held = distinct_samples(valid)
+    many = held // cfg.data.micro_batch_size + 1
+    out = io.StringIO()
+    build_trainer(tiny_config(corpus, tmp_path / "runs", RUN + [f"train.eval_batches={many}"]), out)
+    assert (f"warning: train.eval_batches={many} x data.micro_batch_size={cfg.data.micro_batch_size} = "
+            f"{many * cfg.data.micro_batch_size:,} validation samples, but data.valid holds {held:,}") in out.getvalue()
