@@ -212,6 +212,7 @@ class Checkpointer:
         path = self.store.step_dir(step)
         check_train_meta(manifest, path / MANIFEST, self.loader.state_dict(), self.module.scheduler.state_dict())
         self._check_same_model(manifest, path / MANIFEST)
+        self._check_same_stream(manifest, path / MANIFEST)
         self._load(path, manifest, rank, world)
         return step
 
@@ -227,6 +228,20 @@ class Checkpointer:
                 raise CheckpointError(f"{file.parent}: the checkpoint holds a model with model.{key}={theirs}, this "
                                       f"run's has {ours}; resume with the same model, or start it elsewhere "
                                       f"(log.name or checkpoint.dir)")
+
+    def _check_same_stream(self, manifest: dict, file: Path) -> None:
+        """The loader resumes at a sample count: at another data.seq_len those counts cut the token stream
+        elsewhere, so the run would retrain or skip data silently. A recipe's later stage says where its earlier
+        ones were cut (data.stages, engine/data/stages.py) and may change it; a plain resume may not."""
+        if not self.config_yaml or not isinstance(manifest.get("meta", {}).get("config"), str):
+            return
+        saved, ours = saved_section(manifest["meta"]["config"], "data"), saved_section(self.config_yaml, "data")
+        theirs, mine = saved.get("seq_len"), ours.get("seq_len")
+        if theirs is not None and mine is not None and theirs != mine and not ours.get("stages"):
+            raise CheckpointError(f"{file.parent}: the checkpoint trained at data.seq_len={theirs}, this run has "
+                                  f"{mine}; its {manifest['meta']['loader'].get('consumed_samples')} samples "
+                                  f"would cut the data elsewhere. Resume at data.seq_len={theirs}, or describe the "
+                                  f"earlier stage in data.stages (docs/data_stages.md; herd recipe does it)")
 
     def load_weights(self, root: Path, model_cfg=None, skip=()) -> int:
         """Initialize the model (only) from the newest complete checkpoint under `root` (an imported HF model or

@@ -27,3 +27,15 @@ def test_a_checkpoint_of_another_model_is_not_resumed(corpus, tmp_path, change, 
         build_trainer(again, io.StringIO())
     trainer = build_trainer(tiny_config(corpus, tmp_path, RUN + ["train.steps=4"]), io.StringIO())
     assert trainer.state.step == 2  # the same model resumes as before
+
+
+def test_a_checkpoint_of_another_sequence_length_is_not_resumed(corpus, tmp_path):
+    """The loader resumes at a sample count; at another data.seq_len it would cut the stream elsewhere (retraining
+    or skipping data). Found by helper H40's hunt; a recipe's later stage changes it through data.stages."""
+    build_trainer(tiny_config(corpus, tmp_path, RUN), io.StringIO()).fit()
+    cfg = tiny_config(corpus, tmp_path, RUN + ["train.steps=4"])
+    other = tiny_config(corpus, tmp_path, RUN + ["train.steps=4", f"data.seq_len={cfg.data.seq_len // 2}"])
+    with pytest.raises(CheckpointError, match=rf"step_00000002: the checkpoint trained at data.seq_len="
+                                              rf"{cfg.data.seq_len}, this run has {cfg.data.seq_len // 2}; its "):
+        build_trainer(other, io.StringIO())
+    assert build_trainer(cfg, io.StringIO()).state.step == 2  # the same length resumes as before
