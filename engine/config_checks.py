@@ -217,6 +217,18 @@ def check_fp8_fusion(fp8: Any, tp: int = 1, compile: bool = False) -> None:
                                             "fused cast's hand-off to the FP8 layers); turn one of them off")
 
 
+def ignored_settings(cfg: Any) -> List[str]:
+    """Warning lines for settings this layout never reads (a base config's pipeline keys under a pp=1 override):
+    said, not refused, since the same file serves both layouts."""
+    p, default = cfg.parallel, type(cfg.parallel)()
+    if p.pp > 1:
+        return []
+    keys = [k for k in ("pp_schedule", "pp_virtual_stages", "pp_layers", "pp_head_cost")
+            if getattr(p, k) != getattr(default, k)]
+    return [f"warning: {', '.join(f'parallel.{k}' for k in keys)} {'has' if len(keys) == 1 else 'have'} no effect at "
+            f"parallel.pp=1 (no pipeline)"] if keys else []
+
+
 def check_slurm(s: Any) -> None:
     """Only what would make a broken sbatch script; the rendered script is checked again by sbatch itself."""
     _require(s.nodes >= 1, "slurm.nodes", f"must be at least 1, got {s.nodes}")

@@ -22,6 +22,7 @@ from engine.checkpoint.checkpointer import Checkpointer, checkpoint_root
 from engine.checkpoint.manifest import saved_section
 from engine.checkpoint.store import CheckpointError, CheckpointStore
 from engine.config import DatasetConfig, JobConfig, grad_accum_steps, to_yaml
+from engine.config_checks import ignored_settings
 from engine.data.indexed import read_sidecar
 from engine.data.loader import Batch, StepLoader, build_blend, build_train_blend, distinct_samples
 from engine.data.tokenizer import Tokenizer, load_tokenizer
@@ -401,7 +402,7 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout, data_builder: Opt
         raise
     if say:  # what the data readers left out: a console line, <run>/skipped.json, the first metrics record
         report_data_skips(getattr(loader, "skips", None), run, say, callbacks)
-    for note in getattr(loader, "notes", []) if say else []:
+    for note in (ignored_settings(cfg) + getattr(loader, "notes", [])) if say else []:
         say(note)
     if say and cfg.train.eval_every > 0 and not eval_batches:
         say(f"warning: train.eval_every={cfg.train.eval_every} but there is no validation data (data.valid, or "

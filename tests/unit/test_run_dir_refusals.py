@@ -129,3 +129,15 @@ def test_validation_larger_than_the_validation_data_is_said(tmp_path):
     build_trainer(tiny_config(corpus, tmp_path / "runs", RUN + [f"train.eval_batches={many}"]), out)
     assert (f"warning: train.eval_batches={many} x data.micro_batch_size={cfg.data.micro_batch_size} = "
             f"{many * cfg.data.micro_batch_size:,} validation samples, but data.valid holds {held:,}") in out.getvalue()
+
+
+def test_pipeline_settings_without_a_pipeline_are_said(tmp_path):
+    """A base config's pipeline keys under pp=1 are never read (H40): a warning line, none at the defaults."""
+    corpus = make_corpus(tmp_path / "corpus")
+    out = io.StringIO()
+    build_trainer(tiny_config(corpus, tmp_path / "runs", RUN + ["log.name=a", "parallel.pp_schedule=GPipe",
+                                                                "parallel.pp_layers=[1,1]"]), out)
+    assert "warning: parallel.pp_schedule, parallel.pp_layers have no effect at parallel.pp=1" in out.getvalue()
+    out = io.StringIO()
+    build_trainer(tiny_config(corpus, tmp_path / "runs", RUN + ["log.name=b"]), out)
+    assert "no effect at parallel.pp=1" not in out.getvalue()
