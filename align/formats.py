@@ -239,6 +239,11 @@ def _check_turns(path, line: int, messages: Sequence[Mapping[str, str]], name) -
     if problem:
         index, what = problem
         raise _error(path, line, f"{name(index)}.role: {what}", "turns_not_alternating")
+    if messages[-1:] and messages[-1]["role"] != "assistant" and any(m["role"] == "assistant" for m in messages):
+        # a reward model read its score at the end of a user's reply, and SFT learned nothing from the turn
+        # (helper H44): an answer ends the dialog (a dialog without one is counted as no_assistant_turn)
+        raise _error(path, line, f"{name(len(messages) - 1)}.role: the dialog must end with an 'assistant' turn, "
+                                 f"got '{messages[-1]['role']}'", "turns_not_alternating")
 
 
 def _nothing_to_learn(messages: Sequence[Mapping[str, str]], learn_from: int) -> Optional[str]:

@@ -229,11 +229,17 @@ def sample_tokens(logits: torch.Tensor, generators: List[torch.Generator], tempe
     """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    probs = torch.softmax(logits / temperature, dim=-1)  # [b, V]
+    scaled = logits / temperature  # [b, V]
+    if not bool(torch.isfinite(scaled).all()):  # so small a T that logits / T overflows: softmax gave NaN and the
+        return logits.argmax(dim=-1)  # least likely token was drawn (helper H44); the limit T -> 0 is greedy
+    probs = torch.softmax(scaled, dim=-1)  # [b, V]
     sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)  # [b, V]
     mass_before = sorted_probs.cumsum(dim=-1) - sorted_probs  # [b, V]
-    # mass_before is exactly 0 for the most likely token, so it stays in the nucleus for any top_p > 0
-    nucleus = torch.where(mass_before < top_p, sorted_probs, torch.zeros_like(sorted_probs))
+    # the most likely token stays in the nucleus for any top_p > 0 (mass_before is 0 there, but a top_p below
+    # fp32's smallest value compared as 0 and emptied the nucleus)
+    keep = mass_before < top_p  # [b, V]
+    keep[:, 0] = True
+    nucleus = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
     cdf = nucleus.cumsum(dim=-1)  # [b, V]
     draws = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in generators])  # [b]
     u = draws.to(cdf.device, cdf.dtype) * cdf[:, -1]  # [b], in [0, total mass)

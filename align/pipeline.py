@@ -107,6 +107,9 @@ class PipelineRunner:
             except ConfigError as e:  # name the stage whose job (its overrides) is wrong
                 raise ConfigError(f"stages.{stage.name}", str(e)) from None
             shapes[stage.name] = {key: getattr(cfg.model, key) for key in MODEL_SHAPE_KEYS}
+            tokenizer = cfg.data.tokenizer  # one token -> id mapping: the stages hand on weights that read it
+            shapes[stage.name]["data.tokenizer"] = (tokenizer.kind, os.path.realpath(tokenizer.path)
+                                                    if tokenizer.path else "")
         self._check_shapes(shapes)
 
     def _checked_job(self, stage: StageConfig, stage_id: str = ""):
@@ -135,6 +138,10 @@ class PipelineRunner:
                 if shape[key] != reference[key]:
                     raise ConfigError(f"stages.{name}", f"model.{key} is {shape[key]} here but {reference[key]} in "
                                                         f"stage {first}: the stages hand one model's weights on")
+            if shape["data.tokenizer"] != reference["data.tokenizer"]:
+                ours, theirs = (" ".join(filter(None, s["data.tokenizer"])) for s in (shape, reference))
+                raise ConfigError(f"stages.{name}", f"data.tokenizer is {ours} here but {theirs} in stage {first}: "
+                                                    f"the stages hand on weights that read one tokenizer's ids")
 
     def check_inputs(self) -> None:
         """Read every file input of every stage as the stage will (tokenizer, rows, prompts), so a malformed row

@@ -76,6 +76,7 @@ class Candidate:
     stopped: bool  # ended with a stop id (not cut off at max_new_tokens)
     dialog: Optional[ChatTokens]  # prompt + answer as the reward model reads it; None: too long to score
     score: Optional[float] = None
+    control: bool = False  # ended in a control token other than a stop id (a header, end of text): dropped
 
 
 @dataclass
@@ -86,6 +87,7 @@ class Choice:
     row: Optional[Dict[str, Any]]  # the output row, None when no sample was usable
     stopped: int = 0  # samples that ended with a stop id
     unscorable: int = 0  # samples too long to score
+    control: int = 0  # samples that produced a control token other than a stop id (never kept)
     row_stopped: bool = False  # whether the kept answer stopped
     candidates: List[Dict[str, Any]] = field(default_factory=list)  # every sample's text, stopped, score
 
@@ -167,9 +169,13 @@ def load_stage_prompts(cfg: JobConfig, prompts_file: str, tokenizer, max_new_tok
     problem = file_problem(prompts_file)
     if problem:
         raise ConfigError(key, f"{prompts_file} {problem}")
-    prompts, skipped = read_prompts(prompts_file, tokenizer,
-                                    min(cfg.data.seq_len, cfg.model.max_seq_len) - max_new_tokens,
-                                    cfg.data.on_bad_data)
+    # a sample cut at max_new_tokens is scored with an <|eot_id|> appended: a prompt leaves room for both
+    room = min(cfg.data.seq_len, cfg.model.max_seq_len) - max_new_tokens - 1
+    if room < 1:  # said of the setting, not as "every prompt is too long"
+        raise ConfigError(key.rsplit(".", 1)[0] + ".max_new_tokens" if "." in key else "max_new_tokens",
+                          f"{max_new_tokens} leaves no room for a prompt within data.seq_len={cfg.data.seq_len} "
+                          f"and model.max_seq_len={cfg.model.max_seq_len} (and the end-of-turn token)")
+    prompts, skipped = read_prompts(prompts_file, tokenizer, room, cfg.data.on_bad_data)
     if not prompts:
         raise AlignDataError(f"{prompts_file}: no usable prompt ({skipped.summary()})")
     return prompts, skipped
@@ -186,6 +192,7 @@ def load_stage_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh]
     module = build_module(cfg, device, mesh, **build_options)
     reader = Checkpointer(CheckpointStore(Path(root)), module, loader=None, train_state=None, config_yaml="",
                           layout={})
+    reader.identity = {"vocab_sha256": load_tokenizer(cfg.data.tokenizer).vocab_fingerprint}  # its ids are ours
     reader.load_weights(Path(root), cfg.model)
     module.parallel.train(False)
     return module
@@ -235,21 +242,25 @@ def score_dialogs(module: RewardTrainModule, dialogs: Sequence[Optional[ChatToke
 # Sampling and choosing
 
 
-def _candidates(prompt: Prompt, completions: List[List[int]], stop_ids: Sequence[int], tokenizer,
-                width: int) -> List[Candidate]:
-    """A prompt's K completions (token ids, a final stop id included) as decoded answers and scoring dialogs."""
-    stop = set(stop_ids)
-    stopped = [bool(tokens) and tokens[-1] in stop for tokens in completions]
-    texts = [tokenizer.decode(tokens[:-1] if ended else tokens).strip()
-             for tokens, ended in zip(completions, stopped)]
+def _candidates(prompt: Prompt, completions: List[List[int]], ends: Sequence[int], halts: Sequence[int],
+                tokenizer, width: int) -> List[Candidate]:
+    """A prompt's K completions (token ids, a final stop id included) as decoded answers and scoring dialogs.
+    `ends`: ids that end an answer (<|eot_id|>); `halts`: the other control ids, after which a sample is
+    dropped, not decoded: an answer that opens the next header or ends the text is not an answer, and its control
+    token would be stored as literal text in the SFT rows (a bad-input hunt, helper H44)."""
+    end, halt = set(ends), set(halts) - set(ends)
+    stopped = [bool(tokens) and tokens[-1] in end for tokens in completions]
+    control = [bool(tokens) and tokens[-1] in halt for tokens in completions]
+    texts = ["" if broken else tokenizer.decode(tokens[:-1] if ended else tokens).strip()
+             for tokens, ended, broken in zip(completions, stopped, control)]
     dialogs = chat_format(tokenizer).encode_dialogs(
         [prompt.messages + [{"role": "assistant", "content": text}] for text in texts])
-    return [Candidate(text, ended, dialog if len(dialog.tokens) <= width else None)
-            for text, ended, dialog in zip(texts, stopped, dialogs)]
+    return [Candidate(text, ended, dialog if len(dialog.tokens) <= width and not broken else None, control=broken)
+            for text, ended, broken, dialog in zip(texts, stopped, control, dialogs)]
 
 
 def generate_candidates(policy: LMTrainModule, prompts: List[Prompt], k: int, sampling: SamplingConfig, tokenizer,
-                        width: int, rounds: int, per_round: int) -> List[List[Candidate]]:
+                        width: int, rounds: int, per_round: int, ends: Sequence[int] = ()) -> List[List[Candidate]]:
     """K candidates for each of this rank's prompts, `per_round` prompts per generate call. `rounds` is the same
     on every data-parallel rank (FSDP runs generation in lockstep); a rank out of prompts still takes part."""
     out: List[List[Candidate]] = []
@@ -257,7 +268,8 @@ def generate_candidates(policy: LMTrainModule, prompts: List[Prompt], k: int, sa
         chunk = prompts[round_index * per_round:(round_index + 1) * per_round]
         completions = sample_k(policy.parallel, [p.tokens for p in chunk], k, sampling,
                                prompt_ids=[p.index for p in chunk])  # [prompts][k][tokens]
-        out += [_candidates(p, c, sampling.stop_ids, tokenizer, width) for p, c in zip(chunk, completions)]
+        out += [_candidates(p, c, ends or sampling.stop_ids, sampling.stop_ids, tokenizer, width)
+                for p, c in zip(chunk, completions)]
     return out
 
 
@@ -274,8 +286,10 @@ def choose_best(candidates: Sequence[Candidate]) -> Optional[int]:
 def make_choice(prompt: Prompt, candidates: List[Candidate], keep_candidates: bool = False) -> Choice:
     scores = [c.score for c in candidates]
     scored = [s for s in scores if s is not None]
-    choice = Choice(prompt.index, None, sum(c.stopped for c in candidates), len(scores) - len(scored),
-                    candidates=[{"text": c.text, "stopped": c.stopped, "score": c.score} for c in candidates]
+    choice = Choice(prompt.index, None, sum(c.stopped for c in candidates),
+                    sum(c.score is None and not c.control for c in candidates), sum(c.control for c in candidates),
+                    candidates=[{"text": c.text, "stopped": c.stopped, "score": c.score, "control": c.control}
+                                for c in candidates]
                     if keep_candidates else [])
     best = choose_best(candidates)
     if best is not None:
@@ -338,7 +352,8 @@ def _summary(stats: Dict[str, Any]) -> str:
     if stats.get("resumed"):
         return line + " (the output existed already: nothing sampled)"
     return (line + f"; {stats['best_unstopped']} kept answers did not stop, {stats['unscorable']} samples too long "
-            f"to score, {stats['no_usable_sample']} prompts without a usable sample; prompts: {stats['skipped']} "
+            f"to score, {stats['control_token']} dropped for a control token other than the end of turn, "
+            f"{stats['no_usable_sample']} prompts without a usable sample; prompts: {stats['skipped']} "
             f"({stats['seconds']:.1f} s)")
 
 
@@ -391,8 +406,9 @@ def run_rejection_sampling(cfg: JobConfig, policy_root: str, reward_root: str, p
         raise ConfigError("model.vocab_size", f"{cfg.model.vocab_size} is smaller than the tokenizer's "
                           f"vocabulary ({tokenizer.vocab_size}, {tokenizer.name})")
     width = cfg.data.seq_len  # the reward model's training length: dialogs are scored padded to it
-    sampling = replace(sampling, stop_ids=tuple(dict.fromkeys([*sampling.stop_ids,
-                                                               tokenizer.token_id("<|eot_id|>")])))
+    ends = tuple(dict.fromkeys([*sampling.stop_ids, tokenizer.token_id("<|eot_id|>")]))  # an answer ends here
+    # generation also halts at every other control id; such a sample is dropped (_candidates)
+    sampling = replace(sampling, stop_ids=tuple(dict.fromkeys([*ends, *tokenizer.control_ids()])))
     prompts, skipped = load_stage_prompts(cfg, prompts_file, tokenizer, sampling.max_new_tokens)
 
     dp_rank, dp_size = (mesh.dp_rank, mesh.dims.dp) if mesh is not None else (0, 1)
@@ -401,7 +417,7 @@ def run_rejection_sampling(cfg: JobConfig, policy_root: str, reward_root: str, p
     per_round = max(1, rows_per_generate // samples)
     policy = load_stage_module(cfg, device, mesh, policy_root)
     candidates = generate_candidates(policy, mine, samples, sampling, tokenizer, width,
-                                     math.ceil(largest_share / per_round), per_round)
+                                     math.ceil(largest_share / per_round), per_round, ends)
     _release(policy)
     del policy
     _score_candidates(cfg, device, mesh, reward_root, [c for per_prompt in candidates for c in per_prompt],
@@ -419,7 +435,8 @@ def run_rejection_sampling(cfg: JobConfig, policy_root: str, reward_root: str, p
              "skipped": skipped.summary(), "skipped_file": str(skipped_file(output_file)),
              "no_usable_sample": len(choices) - len(rows),
              "best_unstopped": sum(not c.row_stopped for c in choices if c.row is not None),
-             "unscorable": sum(c.unscorable for c in choices), "seconds": time.perf_counter() - started}
+             "unscorable": sum(c.unscorable for c in choices), "control_token": sum(c.control for c in choices),
+             "seconds": time.perf_counter() - started}
     if keep_candidates:
         stats["candidates"] = [c.candidates for c in choices if c.row is not None]
     _say(stream, _summary(stats))

@@ -1,6 +1,7 @@
 """One post-training stage as a run of the engine: the job's align.kind picks the data (and, for the reward model
 and DPO, the TrainModule); model, layout, optimizer, checkpoints, callbacks and logs are the engine's own."""
 
+import hashlib
 import os
 import sys
 from functools import partial
@@ -65,6 +66,24 @@ def _read_files(cfg: JobConfig, load: Callable, what: str) -> List[Optional[tupl
     return found
 
 
+def rows_identity(cfg: JobConfig) -> str:
+    """sha256 of the row files' contents (train, then valid): saved with the checkpoints, so a resume on edited rows
+    is refused (Checkpointer.identity); the same files moved elsewhere are the same rows."""
+    digest = hashlib.sha256()
+    for key in ("train_file", "valid_file"):
+        digest.update(f"{key}\n".encode())
+        path = getattr(cfg.align, key)
+        if path:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
+
+
+def _identify(loader, cfg: JobConfig, tokenizer) -> None:
+    loader.vocab_sha256, loader.rows_sha256 = tokenizer.vocab_fingerprint, rows_identity(cfg)
+
+
 def sft_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.stdout) -> Tuple[SFTStepLoader, List[Batch]]:
     """The SFT loader over align.train_file and the fixed validation micro-batches from align.valid_file."""
     tokenizer = _tokenizer(cfg)
@@ -85,6 +104,7 @@ def sft_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.stdout) 
         loaders.append(SFTStepLoader(rows, cfg.data, dp_rank, dp_size, cp_rank=cp_rank, cp_size=cp_size))
     train, valid = loaders
     train.skips = skip_report(found[2] for found in files if found)  # build_trainer reports and writes it
+    _identify(train, cfg, tokenizer)
     eval_batches = valid.fixed_micro_batches(eval_share(cfg, dp_size)) if valid is not None else []
     return train, eval_batches
 
@@ -115,6 +135,7 @@ def preference_data(cfg: JobConfig, mesh: Optional[Mesh], stream: TextIO = sys.s
         train.blocks = valid.blocks = REWARD_BLOCKS
     train.held_out = valid
     train.skips = skip_report(found[2] for found in files if found)  # build_trainer reports and writes it
+    _identify(train, cfg, tokenizer)
     return train, valid.fixed_micro_batches(eval_share(cfg, dp_size)) if valid is not None else []
 
 

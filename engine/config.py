@@ -22,8 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 from engine.config_checks import (_field_type, suggest_key, check_blend,  # noqa: F401 (_field_type: tests)
                                   check_directory, check_existing_directory, check_file_name,
                                   check_fp8_fusion, check_guards, check_long_eval, check_numbers, check_optimizer,
-                                  check_data_stages, check_references, check_seeds, check_slurm, check_token_schedule,
-                                  check_watchdog)
+                                  check_data_stages, check_references, check_sampling, check_seeds, check_slurm,
+                                  check_token_schedule, check_watchdog)
 from engine.config_schema import (  # noqa: F401  (re-exported: components import them from here)
     RopeScalingConfig, ModelConfig, ParallelConfig, DatasetConfig, TokenizerConfig, DataConfig, DataStageConfig, OptimConfig,
     ScheduleConfig, TrainConfig, CheckpointConfig, FP8Config, GuardConfig, WatchdogConfig, SlurmConfig, LogConfig,
@@ -127,11 +127,7 @@ def load_pipeline(path: str, overrides: Optional[List[str]] = None) -> PipelineC
         for field_name in unused:  # set but never read: the user meant something the stage does not do
             _require(not getattr(stage, field_name), f"{key}.{field_name}", f"a {stage.kind} stage does not use it")
         check_references(pipeline, i)
-        _require(stage.samples >= 1, f"{key}.samples", f"must be at least 1, got {stage.samples}")
-        _require(stage.max_new_tokens >= 1, f"{key}.max_new_tokens", f"must be at least 1, got "
-                                                                     f"{stage.max_new_tokens}")
-        _require(stage.temperature >= 0, f"{key}.temperature", f"must be >= 0 (0: greedy), got {stage.temperature}")
-        _require(0 < stage.top_p <= 1, f"{key}.top_p", f"must be in (0, 1], got {stage.top_p}")
+        check_sampling(stage, key)
     check_directory(pipeline.run_dir, "run_dir")
     return pipeline
 
@@ -497,11 +493,21 @@ def validate(cfg: JobConfig, world_size: int = 1) -> None:
 def _validate_align(cfg: JobConfig) -> None:
     a = cfg.align
     if a.kind == "lm":
+        for key in ("train_file", "valid_file"):  # a forgotten align.kind pretrained on data.train instead
+            _require(not getattr(a, key), f"align.{key}", f"'{getattr(a, key)}' is read by align.kind sft, rm or "
+                     f"dpo; this job has align.kind=lm (pretraining on data.train): set align.kind")
         return
     _require(bool(a.train_file), "align.train_file", f"align.kind={a.kind} needs a JSONL file of training rows")
-    _require(a.dpo_beta > 0, "align.dpo_beta", f"must be positive, got {a.dpo_beta}")
+    # beta scales log-ratios of whole responses (sigmoid) or sets IPO's margin 1/(2 beta): outside these bounds
+    # the loss overflows and the guards skip every step
+    _require(0 < a.dpo_beta <= 1000, "align.dpo_beta", f"must be in (0, 1000] (DPO uses 0.01 to 1), got {a.dpo_beta}")
+    _require(a.dpo_loss != "ipo" or a.dpo_beta >= 1e-9, "align.dpo_beta",
+             f"{a.dpo_beta} sets IPO's target margin 1/(2 beta) beyond what the loss can hold; use at least 1e-9")
     _require(a.dpo_nll_alpha >= 0, "align.dpo_nll_alpha", f"must be >= 0, got {a.dpo_nll_alpha}")
     _require(0 <= a.dpo_label_smoothing < 0.5, "align.dpo_label_smoothing", "must be in [0, 0.5)")
+    _require(a.dpo_loss == "sigmoid" or a.dpo_label_smoothing == 0, "align.dpo_label_smoothing",
+             f"{a.dpo_label_smoothing}: label smoothing applies to dpo_loss=sigmoid only (IPO has no label-noise "
+             f"term)")
 
 
 def validate_model(m: ModelConfig) -> None:

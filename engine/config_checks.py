@@ -229,6 +229,28 @@ def ignored_settings(cfg: Any) -> List[str]:
             f"parallel.pp=1 (no pipeline)"] if keys else []
 
 
+SAMPLING_FIELDS = ("samples", "max_new_tokens", "temperature", "top_p")
+MAX_SAMPLES = 256  # completions per prompt: one generate call holds them all (Llama 3 paper: 10 to 30)
+
+
+def check_sampling(stage: Any, key: str) -> None:
+    """A pipeline stage's sampling fields: read by rejection sampling only (set on a training stage they were
+    ignored), each in range."""
+    if stage.kind != "rejection_sampling":
+        default = type(stage)()
+        for name in SAMPLING_FIELDS:
+            _require(getattr(stage, name) == getattr(default, name), f"{key}.{name}",
+                     f"a {stage.kind} stage does not use it (rejection sampling's)")
+        return
+    _require(1 <= stage.samples <= MAX_SAMPLES, f"{key}.samples",
+             f"must be between 1 and {MAX_SAMPLES}, got {stage.samples}")
+    _require(stage.max_new_tokens >= 1, f"{key}.max_new_tokens", f"must be at least 1, got {stage.max_new_tokens}")
+    _require(stage.temperature >= 0, f"{key}.temperature", f"must be >= 0 (0: greedy), got {stage.temperature}")
+    _require(stage.temperature > 0 or stage.samples == 1, f"{key}.temperature",
+             f"0 (greedy) gives {stage.samples} identical samples per prompt: set samples: 1, or a temperature")
+    _require(0 < stage.top_p <= 1, f"{key}.top_p", f"must be in (0, 1], got {stage.top_p}")
+
+
 def check_slurm(s: Any) -> None:
     """Only what would make a broken sbatch script; the rendered script is checked again by sbatch itself."""
     _require(s.nodes >= 1, "slurm.nodes", f"must be at least 1, got {s.nodes}")

@@ -230,6 +230,7 @@ def build_data(cfg: JobConfig, mesh: Optional[Mesh]) -> Tuple[StepLoader, List[B
     cp_rank, cp_size = (mesh.rank("cp"), mesh.dims.cp) if mesh is not None else (0, 1)
     loader = StepLoader(build_train_blend(cfg.data, cfg.model.vocab_size), cfg.data, tokenizer.eod_id,
                         dp_rank, dp_size, cp_rank=cp_rank, cp_size=cp_size)
+    loader.vocab_sha256 = tokenizer.vocab_fingerprint  # saved with the checkpoints (Checkpointer.identity)
     eval_batches: List[Batch] = []
     if cfg.data.valid:
         valid = StepLoader(build_blend(cfg.data.valid, cfg.data, cfg.model.vocab_size, seed_offset=1000),
@@ -379,6 +380,8 @@ def build_trainer(cfg: JobConfig, stream: TextIO = sys.stdout, data_builder: Opt
     layout = {k: getattr(cfg.parallel, k) for k in ("dp_replicate", "dp_shard", "pp", "cp", "tp")}
     checkpointer = Checkpointer(store, module, loader, state, to_yaml(cfg), layout, cfg.checkpoint.async_save)
     checkpointer.model_cfg = cfg.model
+    checkpointer.identity = {key: getattr(loader, key) for key in ("vocab_sha256", "rows_sha256")
+                             if getattr(loader, key, None)}
     is_rank0 = int(os.environ.get("RANK", "0")) == 0
     say = (lambda line: print(scrub(line), file=stream, flush=True)) if is_rank0 else None
     # the directory is this run's (or refused, one line) before anything reads or writes it

@@ -111,10 +111,6 @@ class RecipeRunner:
             check_fixed_data(plans[0], plan)
             if not plan.job.data.train:
                 raise ConfigError(f"stages.{plan.stage.name}", "data.train is empty: the stage has nothing to train on")
-            paths = [Path(ds.path) for ds in plan.job.data.train]
-            twice = next((str(p) for i, p in enumerate(paths) if p in paths[:i]), None)
-            if twice:  # a recipe's stream continues each dataset by its path (engine/data/stages.py)
-                raise ConfigError(f"stages.{plan.stage.name}", f"data.train lists {twice} twice: merge the weights")
             for ds in (plan.job.data.train + plan.job.data.valid) if check_files else []:
                 for suffix in (".bin", ".idx"):
                     if not Path(ds.path + suffix).is_file():

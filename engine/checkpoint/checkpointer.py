@@ -24,6 +24,15 @@ from engine.checkpoint.sharded import Box, load_sharded, param_key, save_sharded
 from engine.checkpoint.store import MANIFEST, CheckpointError, CheckpointStore, describe_files
 from engine.config_schema import MODEL_SHAPE_KEYS
 
+_IDENTITY_CHANGED = {
+    "vocab_sha256": "the checkpoint was trained with another tokenizer (another token -> id mapping than this run's "
+                    "data.tokenizer): its weights would read every id as other text; use the tokenizer it was "
+                    "trained with",
+    "rows_sha256": "the checkpoint was trained on other rows (align.train_file or align.valid_file changed since it "
+                   "was saved): a resume would continue another dataset at this one's position; put the files back, "
+                   "or start the stage over in a new run directory",
+}
+
 
 def _rank_world() -> tuple:
     if dist.is_available() and dist.is_initialized():
@@ -91,6 +100,9 @@ class Checkpointer:
         self._group = dist.new_group(backend="gloo") if async_save and dist.is_initialized() else None
         self.claimed: Optional[Claim] = None
         self.model_cfg = None  # this run's ModelConfig: a resume refuses a checkpoint of another model
+        # what the weights were trained on, saved in meta.identity: vocab_sha256 (the tokenizer's token -> id
+        # mapping; a resume or a load refuses another) and rows_sha256 (align's row files; a resume refuses others)
+        self.identity: Dict[str, str] = {}
 
     def claim(self, on_foreign: str, resume: str, writes: bool, run_dir: Optional[Path] = None,
               move_aside=None, say=None) -> bool:
@@ -194,7 +206,8 @@ class Checkpointer:
 
     def _meta(self, step: int, world: int) -> dict:
         return {"step": step, "loader": self.loader.state_dict(), "scheduler": self.module.scheduler.state_dict(),
-                "world_size": world, "layout": self.layout, "config": self.config_yaml}
+                "world_size": world, "layout": self.layout, "config": self.config_yaml,
+                **({"identity": dict(self.identity)} if self.identity else {})}
 
     def resume(self) -> Optional[int]:
         """Load the newest complete checkpoint, if any; returns its step. Rank 0 chooses and verifies."""
@@ -213,6 +226,7 @@ class Checkpointer:
         check_train_meta(manifest, path / MANIFEST, self.loader.state_dict(), self.module.scheduler.state_dict())
         self._check_same_model(manifest, path / MANIFEST)
         self._check_same_stream(manifest, path / MANIFEST)
+        self._check_identity(manifest, path / MANIFEST, ("vocab_sha256", "rows_sha256"))
         self._load(path, manifest, rank, world)
         return step
 
@@ -243,6 +257,18 @@ class Checkpointer:
                                   f"would cut the data elsewhere. Resume at data.seq_len={theirs}, or describe the "
                                   f"earlier stage in data.stages (docs/data_stages.md; herd recipe does it)")
 
+    def _check_identity(self, manifest: dict, file: Path, keys) -> None:
+        """Weights trained with another tokenizer read every id as other text; a resume on other rows continues
+        another dataset at this one's position. Both ran silently (a bad-input hunt, helper H44). Checkpoints
+        written before meta.identity existed, and imports, carry none and are not checked."""
+        saved = manifest.get("meta", {}).get("identity")
+        if not isinstance(saved, dict):
+            return
+        for key in keys:
+            theirs, ours = saved.get(key), self.identity.get(key)
+            if isinstance(theirs, str) and ours and theirs != ours:
+                raise CheckpointError(f"{file.parent}: {_IDENTITY_CHANGED[key]}")
+
     def load_weights(self, root: Path, model_cfg=None, skip=()) -> int:
         """Initialize the model (only) from the newest complete checkpoint under `root` (an imported HF model or
         another run's checkpoint, any layout); the optimizer, schedule and data start fresh. Returns its step.
@@ -260,6 +286,7 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - the other ranks wait for this verdict: they raise it too
                 choice = ("error", _failure(f"{root}: cannot load weights", e))
         step, manifest = _raise_agreed(choice)
+        self._check_identity(manifest, CheckpointStore(root).step_dir(step) / MANIFEST, ("vocab_sha256",))
         saved = saved_model_config(manifest, CheckpointStore(root).step_dir(step) / MANIFEST)
         if saved is not None:  # an imported model: a valid one (one line if not), and this run's
             model_config_of(manifest, CheckpointStore(root).step_dir(step) / MANIFEST)

@@ -100,6 +100,10 @@ class HFTokenizer:
     def token_id(self, token: str) -> int:
         return self._required_id(token, self.name)
 
+    def control_ids(self) -> List[int]:
+        """Ids of the special (control) tokens: never produced from text, only by the chat format or a model."""
+        return sorted(i for i, token in self._tok.get_added_tokens_decoder().items() if token.special)
+
 
 def train_bpe(texts: Iterable[str], vocab_size: int, out_path: str) -> HFTokenizer:
     """Train a byte-level BPE (GPT-2 style, every byte representable) on `texts` and save tokenizer.json."""
@@ -160,6 +164,9 @@ class Llama3Tokenizer:
 
     def token_id(self, token: str) -> int:
         return self.specials[token]
+
+    def control_ids(self) -> List[int]:
+        return sorted(self.specials.values())
 
 
 def _fingerprint(pairs: List) -> str:

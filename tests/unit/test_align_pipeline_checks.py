@@ -305,3 +305,41 @@ def test_fields_a_stage_kind_does_not_use_are_refused(files, tmp_path, stage, ke
     path = pipeline_file(files, tmp_path, "  - " + stage.replace("DATA", str(files["sft"])) + "\n")
     with pytest.raises(ConfigError, match=re.escape(key)):
         load_pipeline(str(path))  # they were silently ignored
+
+
+@pytest.mark.parametrize("stage,key", [
+    ("{name: a, kind: sft, data: DATA, samples: 8}", "stages[0].samples: a sft stage does not use it"),
+    ("{name: a, kind: dpo, data: DATA, temperature: 0.3}", "stages[0].temperature: a dpo stage does not use it"),
+    ("{name: a, kind: rejection_sampling, prompts: DATA, init: /p, reward: /r, samples: 100000}",
+     "stages[0].samples: must be between 1 and 256"),
+    ("{name: a, kind: rejection_sampling, prompts: DATA, init: /p, reward: /r, samples: 4, temperature: 0}",
+     "stages[0].temperature: 0 (greedy) gives 4 identical samples"),
+])
+def test_sampling_fields_out_of_place_or_range_are_refused(files, tmp_path, stage, key):
+    """Found by helper H44: sampling fields on a training stage were ignored, a huge samples ended in a
+    MemoryError traceback, and greedy sampling drew K identical answers."""
+    path = pipeline_file(files, tmp_path, "  - " + stage.replace("DATA", str(files["sft"])) + "\n")
+    with pytest.raises(ConfigError, match=re.escape(key)):
+        load_pipeline(str(path))
+
+
+def test_a_stage_with_another_tokenizer_is_refused_up_front(files, tmp_path):
+    """Weights handed on read one tokenizer's ids; another of the same size trained DPO on other text (H44)."""
+    train_bpe(["zebra quartz jumps over"] * 40, vocab_size=400, out_path=str(tmp_path / "other.json"))
+    stages = sft_rm_stages(files) + (f"  - {{name: dpo, kind: dpo, data: {files['pref']}, "
+                                     f"overrides: [data.tokenizer.path={tmp_path / 'other.json'}]}}\n")
+    runner = PipelineRunner(load_pipeline(str(pipeline_file(files, tmp_path, stages))))
+    with pytest.raises(ConfigError, match=r"^stages\.dpo: data\.tokenizer is hf .*other\.json here but hf "
+                                          r".*tok\.json in stage sft"):
+        runner.check()
+
+
+def test_max_new_tokens_without_room_is_said_of_the_setting(files, tmp_path):
+    """It was reported as 'no usable prompt (skipped 2 prompt_too_long)' (H44); seq_len is 64 here."""
+    stages = sft_rm_stages(files) + (f"  - {{name: rs, kind: rejection_sampling, prompts: {files['prompts']}, "
+                                     f"max_new_tokens: 63}}\n")
+    runner = PipelineRunner(load_pipeline(str(pipeline_file(files, tmp_path, stages))))
+    runner.check()
+    with pytest.raises(ConfigError, match=r"^stages\.rs\.max_new_tokens: 63 leaves no room for a prompt within "
+                                          r"data\.seq_len=64"):
+        runner.check_inputs()

@@ -55,11 +55,24 @@ def test_rows_are_the_prompt_plus_the_best_answer(sampled):
         best = max(c["score"] for c in pool)
         assert row["score"] == best
         assert row["messages"][-1]["content"] in [c["text"] for c in pool if c["score"] == best]
-        assert row["mean_score"] == pytest.approx(sum(c["score"] for c in candidates) / K, abs=1e-12)
+        scored = [c["score"] for c in candidates if c["score"] is not None]
+        assert row["mean_score"] == pytest.approx(sum(scored) / len(scored), abs=1e-12)
         assert row["stopped"] == sum(c["stopped"] for c in candidates)
     assert len({c["text"] for c in stats["candidates"][0]}) > 1  # the K samples really differ
     assert summary.count("\n") == 1 and "mean best score" in summary and "stopped" in summary
     assert stats["mean_best_score"] >= stats["mean_score"]
+
+
+def test_samples_that_produce_a_control_token_are_dropped_not_stored_as_text(sampled):
+    """The tiny policy emits header and end-of-text ids often; such a sample halts there and is never kept: its
+    control token would have been stored as literal text in the SFT rows (helper H44)."""
+    _, rows, stats, _ = sampled
+    everything = [c for candidates in stats["candidates"] for c in candidates]
+    broken = [c for c in everything if c["control"]]
+    assert broken and stats["control_token"] == len(broken)
+    assert all(c["text"] == "" and c["score"] is None and not c["stopped"] for c in broken)
+    for row in rows:
+        assert "<|" not in row["messages"][-1]["content"]
 
 
 def test_rows_carry_the_prompt_rows_fields(sampled):

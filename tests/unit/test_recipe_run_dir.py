@@ -155,5 +155,6 @@ def test_errors_name_the_key_at_fault(tmp_path):
 def test_a_dataset_listed_twice_in_a_stage_blend_is_refused_when_planned(tmp_path):
     runner = runner_for(tmp_path / "run", "stages.mix.overrides=[data.seq_len=256, data.global_batch_size=32, "
                                           "'data.train=[{path: data/stdlib.train}, {path: data/stdlib.train}]']")
-    with pytest.raises(ConfigError, match=r"^stages\.mix: data\.train lists data/stdlib\.train twice"):
+    with pytest.raises(ConfigError, match=r"^stages\.mix: data\.train\[1\]\.path: 'data/stdlib\.train' is listed "
+                                          r"twice in the blend"):
         runner.plan(check_files=False)  # found only when the next stage replayed it (a staged blend refuses it)
