@@ -22,8 +22,8 @@ from omegaconf.errors import OmegaConfBaseException
 from engine.config_checks import (_field_type, suggest_key, check_blend,  # noqa: F401 (_field_type: tests)
                                   check_directory, check_existing_directory, check_file_name,
                                   check_fp8_fusion, check_guards, check_long_eval, check_numbers, check_optimizer,
-                                  check_data_stages, check_references, check_sampling, check_seeds, check_slurm,
-                                  check_token_schedule, check_watchdog)
+                                  check_data_stages, check_recipe_overrides, check_recipe_schedule, check_references,
+                                  check_sampling, check_seeds, check_slurm, check_token_schedule, check_watchdog)
 from engine.config_schema import (  # noqa: F401  (re-exported: components import them from here)
     RopeScalingConfig, ModelConfig, ParallelConfig, DatasetConfig, TokenizerConfig, DataConfig, DataStageConfig, OptimConfig,
     ScheduleConfig, TrainConfig, CheckpointConfig, FP8Config, GuardConfig, WatchdogConfig, SlurmConfig, LogConfig,
@@ -150,7 +150,8 @@ def load_recipe(path: str, overrides: Optional[List[str]] = None) -> RecipeConfi
                  f"'{stage.name}' must be a non-empty name of letters, digits, '.', '_' and '-'")
         _require(stage.name not in names[:i], f"{key}.name", f"'{stage.name}' is already the name of an earlier stage")
         _require(stage.kind in RECIPE_KINDS, f"{key}.kind", f"'{stage.kind}' is not one of {', '.join(RECIPE_KINDS)}")
-        _require(stage.tokens >= 1, f"{key}.tokens", f"must be at least 1 token, got {stage.tokens}")
+        _require(1 <= stage.tokens < 2 ** 62, f"{key}.tokens", f"must be at least 1 token and below 2**62, got "
+                                                                f"{stage.tokens:g}")
         _require(stage.kind != "anneal" or i == len(recipe.stages) - 1, f"{key}.kind",
                  "the anneal stage must be the last (its LR ends at 0)")
         _require(not stage.average or stage.kind == "anneal", f"{key}.average", "only an anneal stage averages")
@@ -160,10 +161,8 @@ def load_recipe(path: str, overrides: Optional[List[str]] = None) -> RecipeConfi
         _require(g.check_every_tokens >= 0, f"{key}.gate.check_every_tokens", "must be >= 0")
         _require(g.short_loss_tolerance >= 0, f"{key}.gate.short_loss_tolerance", "must be >= 0")
         _require(0 <= g.needle_accuracy <= 1, f"{key}.gate.needle_accuracy", "must be in [0, 1]")
-    _require(recipe.total_tokens >= 0, "total_tokens", "must be >= 0")
-    _require(recipe.warmup_tokens >= 0 and recipe.warmup_steps >= 0, "warmup_tokens", "must be >= 0")
-    _require(not (recipe.warmup_tokens and recipe.warmup_steps), "warmup_steps",
-             "give warmup_tokens or warmup_steps, not both")
+    check_recipe_overrides(recipe, override_sets)
+    check_recipe_schedule(recipe)
     check_directory(recipe.run_dir, "run_dir")
     return recipe
 

@@ -229,6 +229,46 @@ def ignored_settings(cfg: Any) -> List[str]:
             f"parallel.pp=1 (no pipeline)"] if keys else []
 
 
+# job keys the recipe runner sets for every stage (recipe/plan.py position_job): an override of one was dropped,
+# or (checkpoint.resume=never) moved the recipe's run aside; with what to write instead
+RECIPE_KEYS = {"train.steps": "stages[i].tokens", "schedule.total_tokens": "the recipe's total_tokens",
+               "schedule.warmup_tokens": "the recipe's warmup_tokens", "schedule.warmup_steps": "the recipe's "
+               "warmup_steps", "schedule.stage_start_step": "nothing (the stage's position)",
+               "schedule.stage_start_tokens": "nothing (the stage's position)", "schedule.anneal_start_tokens":
+               "an anneal stage", "schedule.anneal_tokens": "an anneal stage", "data.stages": "nothing (the "
+               "earlier stages)", "data.stage_start_sample": "nothing (the stage's position)", "log.name":
+               "run_dir (the run is <run_dir>/train)", "log.run_dir": "the recipe's run_dir", "checkpoint.resume":
+               "nothing (every stage resumes from the one before)", "long_eval.at_start": "nothing"}
+# ... and what only the whole recipe may set: every stage continues one lineage of checkpoints
+STAGE_LINEAGE_KEYS = {"checkpoint.dir": "the recipe's overrides (all stages share one lineage)",
+                      "checkpoint.on_foreign": "the recipe's overrides"}
+
+
+def check_recipe_overrides(recipe: Any, sets: Any) -> None:
+    """No override (the recipe's, or a stage's) names a key the runner sets; `sets(item, key)` tells whether an
+    override sets a key (engine.config.override_sets)."""
+    where = [("overrides", o) for o in recipe.overrides]
+    where += [(f"stages.{s.name}.overrides", o) for s in recipe.stages for o in s.overrides]
+    for key, item in where:
+        owned = RECIPE_KEYS if key == "overrides" else {**RECIPE_KEYS, **STAGE_LINEAGE_KEYS}
+        for job_key, use in owned.items():  # the runner replaces them: ignored, or (resume) moved the run aside
+            _require(not sets(item, job_key), key, f"'{item}' sets {job_key}, which the recipe sets itself; use "
+                                                   f"{use}")
+
+
+def check_recipe_schedule(recipe: Any) -> None:
+    """The recipe's warmup fits its stages, and its horizon (when given) its warmup."""
+    _require(recipe.total_tokens >= 0, "total_tokens", "must be >= 0")
+    _require(recipe.warmup_tokens >= 0 and recipe.warmup_steps >= 0, "warmup_tokens", "must be >= 0")
+    _require(not (recipe.warmup_tokens and recipe.warmup_steps), "warmup_steps",
+             "give warmup_tokens or warmup_steps, not both")
+    budget = sum(s.tokens for s in recipe.stages)
+    _require(recipe.warmup_tokens <= budget, "warmup_tokens", f"{recipe.warmup_tokens:g} warmup tokens outlast the "
+             f"recipe's {budget:g} tokens")
+    _require(not recipe.total_tokens or recipe.total_tokens >= recipe.warmup_tokens, "total_tokens",
+             f"{recipe.total_tokens:g} is shorter than the warmup ({recipe.warmup_tokens:g} tokens)")
+
+
 SAMPLING_FIELDS = ("samples", "max_new_tokens", "temperature", "top_p")
 MAX_SAMPLES = 256  # completions per prompt: one generate call holds them all (Llama 3 paper: 10 to 30)
 

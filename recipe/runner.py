@@ -164,9 +164,10 @@ class RecipeRunner:
         and the run directory's other contents: nothing of another run may be resumed or replaced."""
         state, position = self.load_state(), Position()
         self.check_run_dir(plans, state)
+        schedule = (schedule_horizon(self.recipe, plans), warmup_tokens(self.recipe, plans))
         for plan in plans:
             record = state["stages"].get(plan.stage.name)
-            self.check_unchanged(plan, record, position)
+            self.check_unchanged(plan, record, position, schedule)
             if record is None or not record.get("done"):
                 break
             position = Position(**record["end"])
@@ -195,7 +196,8 @@ class RecipeRunner:
                                              f"{'average' if name == AVERAGED else 'export'} there): move it away "
                                              f"or use another run_dir")
 
-    def check_unchanged(self, plan: StagePlan, record: Optional[dict], position: Position) -> None:
+    def check_unchanged(self, plan: StagePlan, record: Optional[dict], position: Position,
+                        schedule: tuple = (None, None)) -> None:
         """A recipe edited after its stages ran would continue from positions another plan made: refuse it."""
         if record is None:
             return
@@ -212,6 +214,17 @@ class RecipeRunner:
             raise ConfigError(key, f"finished with {record.get('tokens_per_step')} tokens per step at sequence length "
                                    f"{record.get('seq_len')}; the recipe now says {tokens_per_step(plan.job)} at "
                                    f"{plan.job.data.seq_len}: use another run_dir")
+        for key, value in (record.get("fixed") or {}).items() if record.get("done") else ():
+            if key in FIXED_DATA_KEYS and _dotted(plan.job, key) != value:  # later stages replay its data
+                raise ConfigError(key, f"stage {plan.stage.name} finished with {key}={value}; the recipe now says "
+                                       f"{_dotted(plan.job, key)} (the later stages continue its data stream): keep "
+                                       f"it, or use another run_dir")
+        ran_on = record.get("schedule") if record.get("done") else None
+        if isinstance(ran_on, dict) and ran_on != {"horizon": schedule[0], "warmup": schedule[1]}:
+            raise ConfigError("total_tokens", f"stage {plan.stage.name} finished on a schedule of "
+                              f"{ran_on.get('horizon')} tokens with {ran_on.get('warmup')} of warmup; the recipe now "
+                              f"gives {schedule[0]} and {schedule[1]} (the LR would jump): set total_tokens="
+                              f"{ran_on.get('horizon')} (and the same warmup), or use another run_dir")
         ran = record["end"]["step"] - record["start"]["step"] if record.get("done") else 0
         if record.get("done") and (ran > plan.steps or (ran < plan.steps and not plan.stage.gate.enabled)):
             raise ConfigError(f"{key}.tokens", f"the stage ran {ran} steps; the recipe now gives it {plan.steps}: "
@@ -245,6 +258,8 @@ class RecipeRunner:
                 record["end"], record["done"] = asdict(start.after(end - start.step, job)), True
                 record["tokens_per_step"], record["seq_len"] = tokens_per_step(job), job.data.seq_len
                 record["blend"] = blend_of(job)
+                record["fixed"] = {key: _dotted(job, key) for key in FIXED_DATA_KEYS}  # the stream it read
+                record["schedule"] = {"horizon": horizon, "warmup": warmup}  # the LR curve it followed
             if gate is not None:
                 self.say(gates.describe(plan.stage, gate, record["done"]))
             self.save_state(state)
@@ -277,10 +292,14 @@ class RecipeRunner:
             self.save_state(state)
             self.say(f"averaged {len(state[AVERAGED]['sources'])} annealing checkpoints into "
                      f"{state[AVERAGED]['root']}")
-        if self.recipe.export_hf and HF not in state:
+        exported = record["end"]["step"]  # an export of an earlier end (a stage added since) is replaced
+        if self.recipe.export_hf and (HF not in state or state.get("hf_step", exported) != exported):
             from recipe.averaging import export_final
+            if HF in state:  # this recipe's own export: marked as being rewritten, then replaced
+                state.pop(HF)
+                state["writing"] = HF
             self.mark_writing(state, HF)
-            state[HF] = export_final(self.run_dir, state.get(AVERAGED), ckpt_root)
+            state[HF], state["hf_step"] = export_final(self.run_dir, state.get(AVERAGED), ckpt_root), exported
             state.pop("writing")
             self.save_state(state)
             self.say(f"exported {state[HF]} (transformers: AutoModelForCausalLM.from_pretrained)")

@@ -158,3 +158,55 @@ def test_a_dataset_listed_twice_in_a_stage_blend_is_refused_when_planned(tmp_pat
     with pytest.raises(ConfigError, match=r"^stages\.mix: data\.train\[1\]\.path: 'data/stdlib\.train' is listed "
                                           r"twice in the blend"):
         runner.plan(check_files=False)  # found only when the next stage replayed it (a staged blend refuses it)
+
+
+def _with_records(runner: RecipeRunner, plans, **fields) -> dict:
+    state = finished_state(runner, plans, 1)
+    state["stages"][plans[0].stage.name].update(fields)
+    return state
+
+
+def test_a_finished_stages_data_keys_are_kept_on_a_rerun(tmp_path):
+    """A rerun with another data.seed continued the finished stage's stream shuffled otherwise (helper H43)."""
+    runner = runner_for(tmp_path / "run")
+    plans = runner.plan(check_files=False)
+    fixed = {"data.seed": plans[0].job.data.seed, "data.on_bad_data": plans[0].job.data.on_bad_data,
+             "data.tokenizer.kind": plans[0].job.data.tokenizer.kind,
+             "data.tokenizer.path": plans[0].job.data.tokenizer.path, "model.vocab_size": plans[0].job.model.vocab_size}
+    write_state(runner, _with_records(runner, plans, fixed=fixed))
+    check(runner)  # the same recipe goes on
+    other = runner_for(tmp_path / "run", f"overrides=[{','.join(runner.recipe.overrides)},data.seed=7]")
+    with pytest.raises(ConfigError, match=rf"^data\.seed: stage ramp-128 finished with data\.seed="
+                                          rf"{plans[0].job.data.seed}; the recipe now says 7"):
+        check(other)
+
+
+def test_a_finished_stages_schedule_is_kept_on_a_rerun(tmp_path):
+    """A stage added to a finished recipe stretched the cosine under the finished stages: the LR jumped (H43)."""
+    runner = runner_for(tmp_path / "run")
+    plans = runner.plan(check_files=False)
+    from recipe.plan import schedule_horizon, warmup_tokens
+    horizon, warmup = schedule_horizon(runner.recipe, plans), warmup_tokens(runner.recipe, plans)
+    write_state(runner, _with_records(runner, plans, schedule={"horizon": horizon, "warmup": warmup}))
+    check(runner)
+    write_state(runner, _with_records(runner, plans, schedule={"horizon": horizon - 1024, "warmup": warmup}))
+    with pytest.raises(ConfigError, match=rf"^total_tokens: stage ramp-128 finished on a schedule of "
+                                          rf"{horizon - 1024} tokens .* set total_tokens={horizon - 1024}"):
+        check(runner)
+
+
+def test_an_export_of_an_earlier_end_is_replaced(tmp_path, monkeypatch):
+    """A stage added after the export left <run_dir>/hf the earlier model, without a word (H43)."""
+    import recipe.averaging as averaging
+    runner = runner_for(tmp_path / "run", "stages.anneal.average=false")
+    plans = runner.plan(check_files=False)
+    state = finished_state(runner, plans, len(plans))
+    end = state["stages"][plans[-1].stage.name]["end"]["step"]
+    exports = []
+    monkeypatch.setattr(averaging, "export_final", lambda run_dir, averaged, root: exports.append(root) or "hf")
+    monkeypatch.setattr("recipe.gates.summary", lambda plans, state, run: [])
+    write_state(runner, state)
+    runner.finish(plans, {**state, "hf": "hf", "hf_step": end})
+    assert exports == []  # exported at this end already
+    runner.finish(plans, {**state, "hf": "hf", "hf_step": end - 1})
+    assert len(exports) == 1
