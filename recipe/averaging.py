@@ -41,9 +41,10 @@ def anneal_steps(start_step: int, end_step: int, every: int) -> list:
     return sorted({s for s in range(start_step + 1, end_step + 1) if s % every == 0} | {end_step})
 
 
-def anneal_save_count(steps: int, every: int) -> int:
-    """len(anneal_steps(0, steps, every)), counted (a stage of 1e13 tokens has billions of steps)."""
-    return steps // every + (steps % every != 0)
+def anneal_save_count(start_step: int, end_step: int, every: int) -> int:
+    """len(anneal_steps(start_step, end_step, every)), counted (a stage of 1e13 tokens has billions of steps): the
+    global multiples of `every` in (start, end], and the end."""
+    return end_step // every - start_step // every + (end_step % every != 0)
 
 
 def anneal_checkpoints(ckpt_root: Path, start_step: int, end_step: int, every: int) -> list:

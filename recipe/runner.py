@@ -103,14 +103,26 @@ class RecipeRunner:
         plans = static_plan(self.recipe, self.world_size)
         for plan in plans:
             gates.check_stage(plan)
-            saves = anneal_save_count(plan.steps, effective_every(plan))
+            every = effective_every(plan)
+            saves = anneal_save_count(plan.start.step, plan.start.step + plan.steps, every)
             if plan.stage.average and saves < 2:
+                fix = "set a smaller checkpoint.every in its overrides" if every > 1 else "give the stage more tokens"
                 raise ConfigError(f"stages.{plan.stage.name}.average", f"the stage saves {saves} checkpoint(s) in "
-                                  f"its {plan.steps} steps (checkpoint.every={plan.job.checkpoint.every}); an average "
-                                  f"needs at least 2: set a smaller checkpoint.every in its overrides")
+                                  f"its {plan.steps} steps (steps {plan.start.step + 1} to {plan.start.step + plan.steps}"
+                                  f", checkpoint.every={plan.job.checkpoint.every}); an average needs at least 2: "
+                                  f"{fix}")
             check_fixed_data(plans[0], plan)
             if not plan.job.data.train:
                 raise ConfigError(f"stages.{plan.stage.name}", "data.train is empty: the stage has nothing to train on")
+            e = plan.job.long_eval
+            if check_files and e.enabled and e.needle_trials:  # else found when the stage starts, hours in
+                from engine.data.tokenizer import load_tokenizer
+                from engine.eval.needle import check_needle_room
+                try:
+                    check_needle_room(load_tokenizer(plan.job.data.tokenizer),
+                                      e.needle_lengths or [plan.job.data.seq_len], e.needle_candidates, e.seed)
+                except ConfigError as error:
+                    raise ConfigError(f"stages.{plan.stage.name}", str(error)) from None
             for ds in (plan.job.data.train + plan.job.data.valid) if check_files else []:
                 for suffix in (".bin", ".idx"):
                     if not Path(ds.path + suffix).is_file():

@@ -172,14 +172,33 @@ def _candidate_values(tokenizer, count: int, rng: random.Random) -> Tuple[List[i
                       f"{len(answers[0])} tokens in this tokenizer; use fewer candidates")
 
 
-def make_sample(tokenizer, pool: FillerPool, length: int, depth: float, candidates: int,
-                rng: random.Random) -> NeedleSample:
-    """One haystack of `length` tokens with the needle at `depth`, and its candidate answers."""
+def _needle_parts(tokenizer, candidates: int, rng: random.Random) -> Tuple[List[List[int]], int, List[int],
+                                                                         List[int]]:
+    """(candidate answers' ids, the true one's index, the needle's ids, the question's ids) of one haystack."""
     name = _name(rng)
     values, answers = _candidate_values(tokenizer, candidates, rng)
     true_index = rng.randrange(candidates)
     needle, question = tokenizer.encode_batch([NEEDLE.format(name=name, value=values[true_index]),
                                                QUESTION.format(name=name)])
+    return answers, true_index, needle, question
+
+
+def check_needle_room(tokenizer, lengths: Sequence[int], candidates: int, seed: int = 0) -> None:
+    """Before a run (a recipe's later stage): each haystack length holds a needle, its question and answer and
+    some filler, for a few draws of names and values (make_sample checks each haystack again)."""
+    rng = random.Random(seed)
+    need = max(sum(len(p) for p in (answers[0], needle, question))
+               for answers, _, needle, question in (_needle_parts(tokenizer, candidates, rng) for _ in range(8)))
+    for length in lengths:
+        if length + 1 - need < 1:
+            raise ConfigError("long_eval.needle_lengths", f"{length} tokens cannot hold the needle, the question "
+                              f"and the answer ({need} tokens) and any filler")
+
+
+def make_sample(tokenizer, pool: FillerPool, length: int, depth: float, candidates: int,
+                rng: random.Random) -> NeedleSample:
+    """One haystack of `length` tokens with the needle at `depth`, and its candidate answers."""
+    answers, true_index, needle, question = _needle_parts(tokenizer, candidates, rng)
     filler_count = length + 1 - len(needle) - len(question) - len(answers[0])
     if filler_count < 1:
         raise ConfigError("long_eval.needle_lengths", f"{length} tokens cannot hold the needle, the question and "

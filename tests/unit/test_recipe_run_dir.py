@@ -210,3 +210,14 @@ def test_an_export_of_an_earlier_end_is_replaced(tmp_path, monkeypatch):
     assert exports == []  # exported at this end already
     runner.finish(plans, {**state, "hf": "hf", "hf_step": end - 1})
     assert len(exports) == 1
+
+
+def test_the_anneal_save_count_is_the_schedules_saves():
+    """It counted from the stage's start, not the global multiples of checkpoint.every the stage saves at: a stage
+    of steps 5-7 with every=3 saves 6 and 7, and was refused as saving once (H43)."""
+    from recipe.averaging import anneal_save_count, anneal_steps
+    for start in range(0, 9):
+        for steps in range(1, 9):
+            for every in range(1, 6):
+                assert anneal_save_count(start, start + steps, every) == len(anneal_steps(start, start + steps, every))
+    assert anneal_save_count(4, 7, 3) == 2
