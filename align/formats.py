@@ -192,7 +192,7 @@ def write_jsonl(path, rows: Iterable[Mapping[str, Any]]) -> int:
     count = 0
     with atomic_output(path, binary=False) as stream:
         for row in rows:
-            stream.write(json.dumps(row, ensure_ascii=False) + "\n")
+            stream.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")  # strict JSON readers
             count += 1
     return count
 
@@ -217,6 +217,9 @@ def _require(path, line: int, row: Mapping, keys: Sequence[str]) -> None:
 
 def _sft_dialog(path, line: int, row: Mapping, train_on: str) -> Tuple[List[Dict[str, str]], int]:
     """The row's messages and the index from which assistant turns are learned."""
+    both = [key for key in ("prompt", "completion") if key in row]
+    if "messages" in row and both:  # one was silently dropped
+        raise _error(path, line, f"holds both 'messages' and '{both[0]}': give one form of the row", "bad_field")
     if "messages" in row:
         messages = _as_messages(path, line, row["messages"], "messages", None)
         _check_turns(path, line, messages, lambda i: f"messages[{i}]")

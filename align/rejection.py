@@ -109,6 +109,8 @@ def _fail(path, line: int, what: str, reason: str) -> AlignDataError:
 def prompt_messages(path, line: int, row: Dict[str, Any]) -> List[Dict[str, str]]:
     """The dialog of a prompt row: a string prompt is one user message; the dialog must end with a user turn, and
     its turns alternate as an SFT row's must (its answer becomes one)."""
+    if "messages" in row and "prompt" in row:  # the prompt was silently dropped
+        raise _fail(path, line, "holds both 'messages' and 'prompt': give one form of the row", "bad_messages")
     if "messages" in row:
         key, value = "messages", row["messages"]
     elif "prompt" in row:

@@ -17,6 +17,25 @@ class BadLine(ValueError):
         self.reason = reason
 
 
+class _Refused(ValueError):
+    """What strict JSON (RFC 8259) does not have, which Python's parser accepts: said as such."""
+
+
+def _unique_keys(pairs):
+    """A key given twice was read as its last value (a row's `content` silently became the second one)."""
+    seen = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _Refused(f"the key {json.dumps(key)[:60]} appears twice in one object")
+        seen[key] = value
+    return seen
+
+
+def _no_constant(name: str):
+    """NaN and Infinity are not JSON: read, they were copied into herd's own output, which strict readers refuse."""
+    raise _Refused(f"{name} is not a JSON value")
+
+
 def json_object(raw: bytes, expected: str = "a JSON object") -> Optional[Dict[str, Any]]:
     """The object on a line of raw bytes, None for a blank line (only whitespace, Unicode's included); BadLine when
     it is not UTF-8, not JSON (or beyond the parser's limits: nesting, integer digits) or not an object
@@ -28,7 +47,10 @@ def json_object(raw: bytes, expected: str = "a JSON object") -> Optional[Dict[st
     if not text.strip():
         return None
     try:
-        value = json.loads(text.removeprefix("\ufeff"))  # a byte-order mark some editors write before line 1
+        value = json.loads(text.removeprefix("\ufeff"),  # a byte-order mark some editors write before line 1
+                           object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except _Refused as e:
+        raise BadLine("bad_json", f"invalid JSON: {e}") from None
     except json.JSONDecodeError as e:
         raise BadLine("bad_json", f"invalid JSON: {e.msg} at column {e.colno}") from None
     except RecursionError:

@@ -148,6 +148,7 @@ def test_stop_ids_end_samples_and_stopped_answers_are_preferred(world, tmp_path)
     ('{"messages": [{"role": "robot", "content": "hi"}]}', "unknown role"),
     ('{"prompt": 5}', "expected a list of messages"),
     ('{"prompt": "hi"', "invalid JSON"),
+    ('{"prompt": "x", "messages": [{"role": "user", "content": "hi"}]}', "holds both 'messages' and 'prompt'"),
 ])
 def test_malformed_prompt_row_names_file_and_line(world, tmp_path, line3, message):
     bad = tmp_path / "bad.jsonl"

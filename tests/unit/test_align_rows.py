@@ -49,6 +49,13 @@ GOOD_PREF = {"prompt": "What is two plus two?", "chosen": "Four.", "rejected": "
     ('{"messages": [{"role": "user", "content": "q"}], "id": ["x", "\\udc80"]}',
      r"s\.jsonl:2: id\[1\]: holds a lone surrogate escape"),
     ("[" * 100_000, r"s\.jsonl:2: invalid JSON: nested too deeply"),
+    # found by helper H44: the last value of a repeated key won, NaN/Infinity were copied into herd's own rows,
+    # and a row of both forms silently used its messages
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a", "content": ""}]}',
+     r's\.jsonl:2: invalid JSON: the key "content" appears twice in one object'),
+    ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "w": NaN}',
+     r"s\.jsonl:2: invalid JSON: NaN is not a JSON value"),
+    ({**GOOD_SFT, "prompt": "x", "completion": "y"}, r"s\.jsonl:2: holds both 'messages' and 'prompt'"),
 ])
 def test_sft_malformed_row_is_one_line_naming_file_line_and_field(tok, tmp_path, row, where):
     path = write_lines(tmp_path / "s.jsonl", [GOOD_SFT, row])
