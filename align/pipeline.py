@@ -172,6 +172,10 @@ class PipelineRunner:
             if root and CheckpointStore(Path(root)).latest_step() is None:
                 raise ConfigError(key, f"{root} holds no complete checkpoint (name a checkpoint root: an import's "
                                        f"directory or a run's checkpoints)")
+            rm_init = any(key == f"stages.{s.name}.init" and s.kind == "rm" for s in self.pipeline.stages)
+            if root and not rm_init:  # a reward model where a policy belongs, or the other way round (a reward
+                from align.rejection import check_model_kind  # model starts from either: its head is new)
+                check_model_kind(root, key.endswith(".reward"), key)
         self.check_finished()
 
     def check_checkpoints(self) -> None:

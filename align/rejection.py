@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 
 from engine.checkpoint.checkpointer import Checkpointer
-from engine.checkpoint.store import CheckpointStore
+from engine.checkpoint.sharded import saved_shape
+from engine.checkpoint.store import CheckpointError, CheckpointStore
 from engine.config import JobConfig
 from engine.data.loader import Batch
 from engine.data.tokenizer import load_tokenizer
@@ -198,6 +199,19 @@ def load_stage_module(cfg: JobConfig, device: torch.device, mesh: Optional[Mesh]
     reader.load_weights(Path(root), cfg.model)
     module.parallel.train(False)
     return module
+
+
+def check_model_kind(root, reward: bool, key: str) -> None:
+    """`root`'s newest checkpoint is a reward model (a 1-row scalar head) when `reward`, else a policy: the other
+    kind failed with a shape error naming neither the key nor the kind, after every sample was generated (H44)."""
+    try:
+        shape = saved_shape(Path(root), "model.output.weight")
+    except CheckpointError:  # a damaged checkpoint: its load says so, naming the file
+        return
+    if shape is None or (shape[0] == 1) == reward:
+        return
+    have, want = ("a policy", "a reward model") if reward else ("a reward model", "a policy (sft or dpo)")
+    raise ConfigError(key, f"{root} holds {have} (its output head is {shape[0]} x {shape[1]}), not {want}")
 
 
 def _release(module: LMTrainModule) -> None:
@@ -412,6 +426,8 @@ def run_rejection_sampling(cfg: JobConfig, policy_root: str, reward_root: str, p
     # generation also halts at every other control id; such a sample is dropped (_candidates)
     sampling = replace(sampling, stop_ids=tuple(dict.fromkeys([*ends, *tokenizer.control_ids()])))
     prompts, skipped = load_stage_prompts(cfg, prompts_file, tokenizer, sampling.max_new_tokens)
+    check_model_kind(policy_root, False, "init")  # before hours of sampling, not after
+    check_model_kind(reward_root, True, "reward")
 
     dp_rank, dp_size = (mesh.dp_rank, mesh.dims.dp) if mesh is not None else (0, 1)
     mine = prompts[dp_rank::dp_size]

@@ -194,6 +194,18 @@ def sharded_state(parallel: Parallelized, optimizer: Optional[torch.optim.Optimi
     return state
 
 
+def saved_shape(root: Path, fqn: str) -> Optional[tuple]:
+    """The full shape of tensor `fqn` (e.g. 'model.output.weight') in the newest complete checkpoint under `root`,
+    read from its verified DCP metadata only; None when there is no such checkpoint or tensor."""
+    store = CheckpointStore(Path(root))
+    step = store.latest_step()
+    if step is None:
+        return None
+    files = store.verify(step).get("files", {})
+    entry = SafeReader(str(store.step_dir(step)), files).read_metadata().state_dict_metadata.get(fqn)
+    return tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else None
+
+
 class _Writer(dcp.FileSystemWriter):
     """DCP records the checkpoint's path in `.metadata` (StorageMeta.checkpoint_id); a path can hold a secret
     value (R17), so it is scrubbed. Loading never reads it."""

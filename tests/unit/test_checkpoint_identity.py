@@ -82,3 +82,24 @@ def test_weights_of_another_tokenizer_are_refused(corpus, tmp_path):
             "log.name=other", *sft, f"data.tokenizer.path={tmp_path / 'other.json'}"]), io.StringIO())
     trainer = build_stage_trainer(tiny_config(corpus, tmp_path / "runs", ["log.name=same", *sft]), io.StringIO())
     assert trainer.state.step == 0  # the same tokenizer loads as before
+
+
+def test_a_checkpoint_of_the_other_kind_is_refused_before_sampling(corpus, tmp_path):
+    """A policy named as the reward model (or the other way round) failed with a shape error naming neither the
+    key nor the kind, after every sample had been generated (H44); the head's shape is read from the metadata."""
+    from align.rejection import check_model_kind
+    from engine.errors import ConfigError
+    build_trainer(tiny_config(corpus, tmp_path / "runs", ["log.name=lm", "train.steps=2", "train.eval_every=0",
+                                                          "checkpoint.every=2"]), io.StringIO()).fit()
+    policy = tmp_path / "runs" / "lm" / "checkpoints"
+    check_model_kind(policy, False, "init")
+    with pytest.raises(ConfigError, match=r"^stages\.rs\.reward: .*checkpoints holds a policy \(its output head is "
+                                          r"512 x \d+\), not a reward model$"):
+        check_model_kind(policy, True, "stages.rs.reward")
+    rows = write_rows(tmp_path / "pref.jsonl", preference_rows())
+    build_stage_trainer(stage(corpus, tmp_path, "rm", rows, 1, ["log.name=rm"]), io.StringIO()).fit()
+    reward = tmp_path / "runs" / "rm" / "checkpoints"
+    check_model_kind(reward, True, "reward")
+    with pytest.raises(ConfigError, match=r"^init: .*holds a reward model \(its output head is 1 x \d+\), not a "
+                                          r"policy"):
+        check_model_kind(reward, False, "init")
