@@ -274,15 +274,16 @@ def is_rendered_script(path: Path, mark: str) -> bool:
         return False
 
 
-def write_and_submit(script: str, out: str, submit: bool) -> int:
-    """Writes the script atomically (a reader, or sbatch, never sees half of it) and submits it."""
+def write_and_submit(script: str, out: str, submit: bool, command: str = "herd launch") -> int:
+    """Writes the script atomically (a reader, or sbatch, never sees half of it) and submits it; `command` names
+    the herd command in what is printed."""
     path = Path(out)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, script, mode=0o755)  # (its temporary is exclusive: never a planted file or symlink)
     except OSError as e:  # a full disk, a directory made read-only meanwhile: nothing replaced, one line
         raise HerdError(f"--out {out}: {e.strerror or e}") from None
-    print(f"herd launch: wrote {path}", flush=True)
+    print(f"{command}: wrote {path}", flush=True)
     if not submit:
         print(f"submit it with: sbatch {path}", flush=True)
         return 0

@@ -69,12 +69,16 @@ def run(args: argparse.Namespace) -> int:
         _script_path(args, sweep)  # a user's file at --out is refused before anything is written (R21)
         from scaling.runs import check_array_paths  # and what the script could not hold, before plan.json
         check_array_paths(sweep, {"job_name": cfg.name, "partition": args.partition, "time": args.time})
+    task = None
+    if cfg.downstream.enabled and not args.plan_only and not args.fit_only:
+        from scaling.downstream import prepare_task  # a downstream.* mistake before the runs train, not after
+        task = prepare_task(job, cfg.downstream)
     with holding_lock(sweep / LOCK_FILE, f"working on the sweep {sweep} (herd scaling)"):
         check_same_sweep(sweep, plan)  # again: another invocation may have planned it before this one locked it
-        return _run_locked(args, cfg, job, sweep, plan, runs)
+        return _run_locked(args, cfg, job, sweep, plan, runs, task)
 
 
-def _run_locked(args: argparse.Namespace, cfg, job, sweep: Path, plan: dict, runs: list) -> int:
+def _run_locked(args: argparse.Namespace, cfg, job, sweep: Path, plan: dict, runs: list, task=None) -> int:
     """Everything that writes to the sweep directory, under its lock."""
     from scaling.runs import write_plan
     write_plan(sweep, plan)
@@ -90,7 +94,7 @@ def _run_locked(args: argparse.Namespace, cfg, job, sweep: Path, plan: dict, run
         if failed:
             raise HerdError(f"{failed} run(s) failed (logs under {sweep / 'runs'}); run the same command again to "
                             f"retry them (finished runs are kept; a diverged run is not retried)")
-    return _fit(args, cfg, job, sweep, plan)
+    return _fit(args, cfg, job, sweep, plan, task)
 
 
 def _print_plan(runs) -> None:
@@ -113,7 +117,7 @@ def _slurm(args: argparse.Namespace, cfg, sweep: Path, plan: dict) -> int:
                            "max_parallel": args.max_parallel, "gpus": args.gpus})
     print(f"herd scaling: an array of {len(todo)} tasks (the unfinished runs); fit them afterwards with "
           f"herd scaling {args.config} --fit-only", flush=True)
-    return write_and_submit(script, str(out), args.submit)
+    return write_and_submit(script, str(out), args.submit, command="herd scaling")
 
 
 def _script_path(args: argparse.Namespace, sweep: Path) -> Path:
@@ -128,14 +132,17 @@ def _script_path(args: argparse.Namespace, sweep: Path) -> Path:
     return out
 
 
+GUARDS_STOPPED = "herd's guards stopped it"
+
+
 def _finished_runs(args: argparse.Namespace, sweep: Path, plan: dict) -> list:
     """Every run of the plan with its final validation loss; one line when any is not finished or diverged."""
-    from scaling.runs import diverged, final_val_loss
+    from scaling.runs import diverged, final_val_loss, stopped_nonfinite
     runs, failed = [], []
     for run in plan["runs"]:
         loss = final_val_loss(sweep, run)
-        if diverged(loss):
-            failed.append(f"{run['name']} ({loss})")
+        if diverged(loss) or loss is None and stopped_nonfinite(sweep, run):
+            failed.append(f"{run['name']} ({GUARDS_STOPPED if loss is None else loss})")
         elif loss is not None:
             runs.append({k: v for k, v in run.items() if k not in ("overrides", "config_hash")} | {"val_loss": loss})
     if failed:
@@ -149,13 +156,14 @@ def _finished_runs(args: argparse.Namespace, sweep: Path, plan: dict) -> list:
     return runs
 
 
-def _fit(args: argparse.Namespace, cfg, job, sweep: Path, plan: dict) -> int:
+def _fit(args: argparse.Namespace, cfg, job, sweep: Path, plan: dict, task=None) -> int:
+    """Scores (downstream `task`: (questions, tokenizer), prepared here when None), fits and writes the results."""
     from scaling.report import fit_sweep, write_results
     from scaling.runs import final_checkpoint
     runs = _finished_runs(args, sweep, plan)
     if cfg.downstream.enabled:
         from scaling.downstream import prepare_task, score_run
-        questions, tokenizer = prepare_task(job, cfg.downstream)
+        questions, tokenizer = task or prepare_task(job, cfg.downstream)
         print(f"herd scaling: scoring {len(runs)} runs on {len(questions)} next-line questions "
               f"({cfg.downstream.choices} choices)", flush=True)
         for run in runs:

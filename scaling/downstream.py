@@ -13,6 +13,7 @@ correct answer). Reported per model: mean normalized NLL of the correct answer a
 
 import hashlib
 import json
+import math
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -171,7 +172,7 @@ def score_run(checkpoint_root: Path, questions: List[Question], tokenizer, cache
     check_regular_file(cache, "a downstream score cache", "move it away (herd caches the run's score there)")
     fingerprint = task_fingerprint(questions)
     cached = _read_cache(cache)
-    if cached is not None and cached.get("task") == fingerprint:
+    if cached is not None and cached.get("task") == fingerprint and _is_score(cached, questions):
         return cached
     result = {**score_model(load_final_model(checkpoint_root), questions, tokenizer), "task": fingerprint}
     write_atomic(cache, json.dumps(result) + "\n")
@@ -184,6 +185,17 @@ def _read_cache(path: Path) -> Optional[dict]:
     except (OSError, ValueError, RecursionError):  # cut, or nested too deeply: herd's own cache, scored again
         return None
     return value if isinstance(value, dict) else None
+
+
+def _is_score(cached: dict, questions: List[Question]) -> bool:
+    """A cached score as score_model writes it for these questions: a finite NLL >= 0 (nats per character), an
+    accuracy in [0, 1], and the questions' count and choices. Anything else (fields missing, text, nan, an edited
+    value) is a stale cache: the run is scored again, never fitted as it stands or a traceback."""
+    values = [cached.get(k) for k in ("nll_correct", "accuracy", "items", "choices")]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        return False
+    nll, accuracy, items, choices = values
+    return nll >= 0 and 0 <= accuracy <= 1 and items == len(questions) and choices == len(questions[0].candidates)
 
 
 def prepare_task(job: JobConfig, cfg: DownstreamTaskConfig):

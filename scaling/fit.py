@@ -46,13 +46,14 @@ def fit_parabola(params: Sequence[float], losses: Sequence[float]) -> Parabola:
         raise ValueError(f"a parabola needs at least 3 sizes, got {len(x)}")
     if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):  # one nan makes every coefficient nan, and
         raise ValueError("a loss or size is not finite (a diverged run)")  # `a <= 0` is false for nan
-    a, b, c = np.polyfit(x, y, 2)
-    if a <= 0:
-        raise ValueError("the losses do not curve upward around a minimum (the fitted parabola opens downward): "
-                         "widen the size grid around the optimum")
-    vertex = -b / (2 * a)
-    return Parabola(float(a), float(b), float(c), float(vertex), float(c - b * b / (4 * a)),
-                    bool(x.min() <= vertex <= x.max()))
+    with np.errstate(over="ignore", invalid="ignore"):  # absurd losses (1e308) overflow: the caller checks
+        a, b, c = np.polyfit(x, y, 2)
+        if a <= 0:
+            raise ValueError("the losses do not curve upward around a minimum (the fitted parabola opens downward): "
+                             "widen the size grid around the optimum")
+        vertex = -b / (2 * a)
+        return Parabola(float(a), float(b), float(c), float(vertex), float(c - b * b / (4 * a)),
+                        bool(x.min() <= vertex <= x.max()))
 
 
 @dataclass

@@ -65,6 +65,45 @@ class RunSpec:
         return asdict(self)
 
 
+# The job keys RunSpec.overrides sets for every run, after the sweep's `overrides` (which would be dropped without a
+# word), and the sweep key that sets each instead ('' when none: the sweep fixes it). data.global_batch_size and
+# optim.lr are the job's only while batch_sizes and lrs are empty (the plan then reads them from the job).
+RUN_KEYS = {"model.name": "", "model.dim": "dims", "model.n_layers": "dims and aspect_ratio",
+            "model.n_heads": "head_dim", "model.n_kv_heads": "kv_group",
+            "model.ffn_dim": "ffn_multiplier and ffn_multiple_of", "data.global_batch_size": "batch_sizes",
+            "train.steps": "budgets", "schedule.kind": "", "schedule.warmup_steps": "warmup_fraction and warmup_steps",
+            "schedule.min_lr_ratio": "min_lr_ratio", "optim.lr": "lrs", "optim.weight_decay": "weight_decay",
+            "train.eval_every": "", "train.eval_batches": "eval_batches", "checkpoint.every": "",
+            "checkpoint.resume": "", "log.run_dir": "run_dir", "log.name": "name"}
+
+
+def check_overrides(cfg: ScalingConfig) -> None:
+    """The sweep's `overrides` may not set a key every run sets again (RUN_KEYS): one line naming the override
+    and the sweep key to use instead."""
+    for i, item in enumerate(cfg.overrides):
+        key = str(item).split("=", 1)[0].strip().lstrip("+~")
+        for owned, instead in RUN_KEYS.items():
+            if owned != key and not owned.startswith(key + "."):
+                continue
+            if (owned == "data.global_batch_size" and not cfg.batch_sizes) or (owned == "optim.lr" and not cfg.lrs):
+                continue  # the job's value, which the plan uses
+            hint = f"set the sweep's {instead} instead" if instead else "the sweep fixes it"
+            raise ConfigError(f"overrides[{i}]", f"'{item}': every run of the sweep sets {owned} itself, so this "
+                                                 f"would be dropped; {hint}")
+
+
+def check_job(job: JobConfig) -> None:
+    """What a sweep's job must leave to the sweep, or no run could ever count as finished: each run's checkpoints
+    in its own directory (where the final checkpoint is looked for), and validation data (the final loss)."""
+    if job.checkpoint.dir:
+        raise ConfigError("checkpoint.dir", f"'{job.checkpoint.dir}' (set by the sweep's job or overrides): every "
+                                            f"run keeps its checkpoints in its own directory, where herd scaling "
+                                            f"finds them; leave checkpoint.dir empty")
+    if not job.data.valid:
+        raise ConfigError("data.valid", "the sweep's job has no validation data, so no run would get the final "
+                                        "validation loss the fits need; set data.valid")
+
+
 def sweep_dir(cfg: ScalingConfig) -> str:
     return f"{cfg.run_dir}/{cfg.name}"
 
@@ -118,6 +157,7 @@ def check_scaling(cfg: ScalingConfig) -> None:
     _require(cfg.weight_decay >= 0, "weight_decay", f"must be >= 0, got {cfg.weight_decay}")
     for i, target in enumerate(cfg.targets):
         _require(target > 0, f"targets[{i}]", f"must be a positive number of FLOPs, got {target}")
+    _require(len(set(cfg.targets)) == len(cfg.targets), "targets", "a target is listed twice")
     d = cfg.downstream
     _require(d.items >= 1, "downstream.items", f"must be at least 1, got {d.items}")
     _require(d.choices >= 2, "downstream.choices", f"must be at least 2, got {d.choices}")
@@ -128,10 +168,13 @@ def check_scaling(cfg: ScalingConfig) -> None:
 
 def load_job(cfg: ScalingConfig) -> JobConfig:
     """The sweep's base job (validated as herd train would, with the first grid model so its shape checks pass)."""
+    check_overrides(cfg)
     try:
-        return load_config(cfg.job, list(cfg.overrides))
+        job = load_config(cfg.job, list(cfg.overrides))
     except ConfigError as e:
         raise ConfigError("job", f"{cfg.job}: {e}") from None
+    check_job(job)
+    return job
 
 
 def plan_runs(cfg: ScalingConfig, job: JobConfig) -> List[RunSpec]:

@@ -29,6 +29,12 @@ def fit_sweep(runs: List[dict], targets: List[float]) -> dict:
             entry["error"] = str(e)
             per_budget.append(entry)
             continue
+        values = (parabola.a, parabola.b, parabola.c, parabola.log10_n_opt, parabola.loss_opt)
+        if not all(math.isfinite(v) for v in values) or abs(parabola.log10_n_opt) > 300:  # losses of 1e308, say
+            entry["error"] = ("the fitted parabola is not finite, or its vertex beyond any model size (a final "
+                              "validation loss far beyond any real one?)")
+            per_budget.append(entry)
+            continue
         entry.update(parabola=vars(parabola), n_opt=parabola.n_opt, tokens_opt=budget / (6 * parabola.n_opt))
         per_budget.append(entry)
         optimal.append((budget, entry["tokens_opt"], parabola))
@@ -43,6 +49,10 @@ def fit_sweep(runs: List[dict], targets: List[float]) -> dict:
                        "budgets"}, "llama3": LLAMA3}
     if len(optimal) >= 2:
         law = fit_power_law([c for c, _, _ in optimal], [d for _, d, _ in optimal])
+        if not (math.isfinite(law.alpha) and math.isfinite(law.A)):
+            raise HerdError(f"the power law D*(C) = A C^alpha over the budgets' optima gave alpha = {law.alpha}, "
+                            f"A = {law.A}: no result; check the runs' final validation losses (scaling.json is not "
+                            f"written)")
         result["power_law"] = _law_entry(law, optimal)
         result["predictions"] = [law.predict(t) for t in targets]
         result["_law"] = law

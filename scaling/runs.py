@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -77,10 +78,35 @@ def final_val_loss(sweep: Path, run: dict) -> Optional[float]:
             except RecursionError:  # herd writes flat records: no line of its own, whole or cut, nests at all
                 raise HerdError(f"{metrics}:{number}: not a metrics record (JSON nested too deeply); remove that "
                                 f"line, or the run's directory to train the run again") from None
-            if isinstance(record, dict) and record.get("step") == run["steps"] and \
-                    isinstance(record.get("val_loss"), (int, float)):
+            if isinstance(record, dict) and record.get("step") == run["steps"] and is_loss(record.get("val_loss")):
                 loss = float(record["val_loss"])
     return loss
+
+
+def is_loss(value) -> bool:
+    """A validation loss as herd writes it: a positive number (nan or inf: diverged), never a bool (a bool is an
+    int in Python), a string, zero or a negative number (no cross-entropy is): those are no record of a loss."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and (value > 0 or math.isnan(value))
+
+
+# the last line of a run's console log when herd's guards stopped it for a non-finite loss (engine/callbacks/guards.py)
+GUARD_STOP = re.compile(r"herd: error: guards: .*(non-finite loss or gradients|non-finite values in)")
+
+
+def stopped_nonfinite(sweep: Path, run: dict) -> bool:
+    """Whether the run's last attempt on this machine ended with herd's guards stopping it for a non-finite loss
+    (the last line of its console log, runs/<run>.log): it diverged as surely as a nan loss says, and training it
+    again diverges again. (An array task's log is SLURM's, not read here: such a run is trained again.)"""
+    log = sweep / "runs" / f"{run['name']}.log"
+    if file_problem(log) is not None:
+        return False
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = f.read().decode("utf-8", errors="replace").strip().splitlines()
+    except OSError:
+        return False
+    return bool(lines) and GUARD_STOP.match(lines[-1].strip()) is not None
 
 
 def diverged(loss: Optional[float]) -> bool:
@@ -165,10 +191,14 @@ def check_same_sweep(sweep: Path, plan: dict) -> None:
     path = sweep / PLAN_FILE
     old = _read_plan(path)
     before = _planned_before(path, old)
+    _check_no_unplanned_runs(sweep, plan, before, old is None)
     if not before:
         return
     try:
-        same_job = [old["job"], *old["overrides"]] == [plan["job"], *plan["overrides"]]
+        resolved = isinstance(old.get("job_config"), dict)  # the overrides are compared by what they resolve to
+        same_job = [old["job"], *([] if resolved else old["overrides"])] == \
+            [plan["job"], *([] if resolved else plan["overrides"])]
+        edited = "the sweep's overrides" if old["overrides"] != plan["overrides"] else plan["job"]
         again = [(before[r["name"]], r) for r in plan["runs"] if r["name"] in before]
         changed = sorted(now["name"] for then, now in again if then["overrides"] != now["overrides"])
         if isinstance(old.get("job_config"), dict):  # the job's resolved fields: compare those that shape results
@@ -185,9 +215,21 @@ def check_same_sweep(sweep: Path, plan: dict) -> None:
         raise HerdError(f"{path}: the sweep there {what} (job, overrides or schedule changed); use another name, or "
                         f"remove {sweep} to start over")
     if rehashed:
-        raise HerdError(f"{path}: run {rehashed[0]} was planned from a different job config ({plan['job']}: "
+        raise HerdError(f"{path}: run {rehashed[0]} was planned from a different job config ({edited}: "
                         f"{keys or 'its resolved contents'} changed); use another name, or remove {sweep} to start "
                         f"over")
+
+
+def _check_no_unplanned_runs(sweep: Path, plan: dict, before: dict, missing: bool) -> None:
+    """A run directory the earlier plan.json does not plan (plan.json removed, or replaced by one without that run)
+    may hold a run of another sweep: counted finished, or resumed with this plan's settings, it would be fitted as
+    this plan's run. Refused, naming it, rather than guessed at."""
+    unplanned = [r["name"] for r in plan["runs"] if r["name"] not in before and run_path(sweep, r["name"]).is_dir()]
+    if unplanned:
+        more = f" (and {len(unplanned) - 1} more)" if len(unplanned) > 1 else ""
+        why = "there is no plan.json" if missing else f"{sweep / PLAN_FILE} does not plan it"
+        raise HerdError(f"{sweep}: runs/{unplanned[0]}{more} holds a run, but {why}, so what it trained is unknown; "
+                        f"restore plan.json, or remove {sweep / 'runs'} to train the runs again")
 
 
 # job config keys that cannot change a run's losses: how it logs and where a job script sends it. Editing them
@@ -229,7 +271,9 @@ def holding_lock(path: Path, what: str):
 
 
 def pending(sweep: Path, plan: dict) -> List[int]:
-    return [i for i, run in enumerate(plan["runs"]) if final_val_loss(sweep, run) is None]
+    """The runs to train: not finished, and not stopped by the guards for a non-finite loss (diverged)."""
+    return [i for i, run in enumerate(plan["runs"])
+            if final_val_loss(sweep, run) is None and not stopped_nonfinite(sweep, run)]
 
 
 def run_local(sweep: Path, plan: dict, jobs: int) -> int:
@@ -316,6 +360,15 @@ def _report(sweep: Path, run: dict, code: int, seconds: float, log: str) -> int:
         print(f"  {run['name']}: N={run['params']:,} D={run['tokens']:,} ({run['steps']} steps) -> "
               f"validation loss {loss:.4f} in {seconds:.0f} s", flush=True)
         return 0
+    if code == 0:  # herd train ended well, yet no final loss or checkpoint where the sweep looks: no retry helps
+        print(f"  {run['name']}: FAILED: it ended (exit 0) after {seconds:.0f} s without the validation loss of its "
+              f"last step {run['steps']} and that step's checkpoint under {run_path(sweep, run['name'])} (log {log})",
+              flush=True)
+        return 1
+    if code != 0 and stopped_nonfinite(sweep, run):
+        print(f"  {run['name']}: FAILED: it diverged (herd's guards stopped it: non-finite loss) after {seconds:.0f} "
+              f"s; it is not trained again (log {log})", flush=True)
+        return 1
     if code in (75, -signal.SIGTERM, -signal.SIGINT):  # herd's PREEMPTED_EXIT_CODE: saved, resumes next time
         print(f"  {run['name']}: stopped after {seconds:.0f} s (exit {code}); it resumes on the next invocation",
               flush=True)

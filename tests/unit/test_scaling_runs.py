@@ -31,7 +31,7 @@ def write_sweep(root: Path, name: str, budgets=(3e8, 1e9), extra=()) -> Path:
     job_overrides = [f"data.train=[{{path: {root}/e.train}}]", f"data.valid=[{{path: {root}/e.valid}}]",
                      f"data.tokenizer.path={root}/tok.json", "model.vocab_size=512", "data.seq_len=32",
                      "data.micro_batch_size=4", "train.device=cpu", "train.dtype=fp32", "log.tensorboard=false",
-                     "log.every=1000", "train.eval_batches=2"]
+                     "log.every=1000"]
     path = root / f"{name}.yaml"
     path.write_text(json.dumps({
         "name": name, "run_dir": str(root / "runs"), "job": str(ROOT / "configs/demo.yaml"),
