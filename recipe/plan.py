@@ -70,8 +70,9 @@ def anneal_span(plan: "StagePlan") -> int:
 
 
 def effective_every(plan: "StagePlan") -> int:
-    """The stage's checkpoint interval as its run gets it (position_job: 0 saves only at the stage's end)."""
-    return plan.job.checkpoint.every if plan.job.checkpoint.every > 0 else plan.steps
+    """The stage's checkpoint interval as its run gets it (position_job: 0 saves only at the stage's end, its
+    global step, of which no earlier step of the stage is a multiple)."""
+    return plan.job.checkpoint.every if plan.job.checkpoint.every > 0 else plan.start.step + plan.steps
 
 
 def stage_steps(stage: RecipeStageConfig, job: JobConfig) -> int:
@@ -140,8 +141,8 @@ def position_job(plan: StagePlan, start: Position, end_step: int, history: List[
     s.stage_start_step, s.stage_start_tokens = start.step, start.tokens
     if plan.stage.kind == "anneal":  # linear towards 0 over the stage's own steps, from the LR it starts at
         s.anneal_start_tokens, s.anneal_tokens = max(1, start.tokens), anneal_tokens
-    if job.checkpoint.every <= 0:  # the end of every run saves: the next stage (or chunk) starts from there
-        job.checkpoint.every = max(1, end_step - start.step)
+    if job.checkpoint.every <= 0:  # the end of every run saves (saves fall on global multiples: its end step has
+        job.checkpoint.every = max(1, end_step)  # none before it in the run); the next stage starts from there
     if plan.stage.kind == "anneal":  # keep every checkpoint the stage may save (preemptions too): they are averaged
         job.checkpoint.keep_last = max(job.checkpoint.keep_last, plan.steps + 2)
     if hasattr(job.long_eval, "at_start"):  # the pre-stage measurement once, not before every chunk

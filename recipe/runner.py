@@ -217,30 +217,33 @@ class RecipeRunner:
         if Position(**record["start"]) != position:
             raise ConfigError(key, f"{self.state_path} has this stage starting at {record['start']}, the recipe "
                                    f"now at {asdict(position)}: an earlier stage changed; use another run_dir")
-        if record.get("done") and "blend" in record and record["blend"] != blend_of(plan.job):
-            raise ConfigError(f"{key}.overrides", f"finished on the blend {record['blend']}; the recipe now says "
+        # what the stage ran with: recorded when it began (since 2026-12-08; when it finished before), so an
+        # edit of a preempted stage is refused as one of a finished stage is
+        ran = "finished" if record.get("done") else "began"
+        if "blend" in record and record["blend"] != blend_of(plan.job):
+            raise ConfigError(f"{key}.overrides", f"{ran} on the blend {record['blend']}; the recipe now says "
                                                   f"{blend_of(plan.job)} (later stages replay this stage's data "
                                                   f"from it): use another run_dir")
-        if record.get("done") and (record.get("tokens_per_step"), record.get("seq_len")) != (
+        if "seq_len" in record and (record.get("tokens_per_step"), record.get("seq_len")) != (
                 tokens_per_step(plan.job), plan.job.data.seq_len):
-            raise ConfigError(key, f"finished with {record.get('tokens_per_step')} tokens per step at sequence length "
+            raise ConfigError(key, f"{ran} with {record.get('tokens_per_step')} tokens per step at sequence length "
                                    f"{record.get('seq_len')}; the recipe now says {tokens_per_step(plan.job)} at "
                                    f"{plan.job.data.seq_len}: use another run_dir")
-        for key, value in (record.get("fixed") or {}).items() if record.get("done") else ():
-            if key in FIXED_DATA_KEYS and _dotted(plan.job, key) != value:  # later stages replay its data
-                raise ConfigError(key, f"stage {plan.stage.name} finished with {key}={value}; the recipe now says "
-                                       f"{_dotted(plan.job, key)} (the later stages continue its data stream): keep "
-                                       f"it, or use another run_dir")
-        ran_on = record.get("schedule") if record.get("done") else None
+        for name, value in (record.get("fixed") or {}).items():
+            if name in FIXED_DATA_KEYS and _dotted(plan.job, name) != value:  # later stages replay its data
+                raise ConfigError(name, f"stage {plan.stage.name} {ran} with {name}={value}; the recipe now says "
+                                        f"{_dotted(plan.job, name)} (the later stages continue its data stream): "
+                                        f"keep it, or use another run_dir")
+        steps = record["end"]["step"] - record["start"]["step"] if record.get("done") else 0
+        if record.get("done") and (steps > plan.steps or (steps < plan.steps and not plan.stage.gate.enabled)):
+            raise ConfigError(f"{key}.tokens", f"the stage ran {steps} steps; the recipe now gives it {plan.steps}: "
+                                               f"use another run_dir")
+        ran_on = record.get("schedule")
         if isinstance(ran_on, dict) and ran_on != {"horizon": schedule[0], "warmup": schedule[1]}:
-            raise ConfigError("total_tokens", f"stage {plan.stage.name} finished on a schedule of "
+            raise ConfigError("total_tokens", f"stage {plan.stage.name} {ran} on a schedule of "
                               f"{ran_on.get('horizon')} tokens with {ran_on.get('warmup')} of warmup; the recipe now "
                               f"gives {schedule[0]} and {schedule[1]} (the LR would jump): set total_tokens="
                               f"{ran_on.get('horizon')} (and the same warmup), or use another run_dir")
-        ran = record["end"]["step"] - record["start"]["step"] if record.get("done") else 0
-        if record.get("done") and (ran > plan.steps or (ran < plan.steps and not plan.stage.gate.enabled)):
-            raise ConfigError(f"{key}.tokens", f"the stage ran {ran} steps; the recipe now gives it {plan.steps}: "
-                                               f"use another run_dir")
 
     def run_stage(self, plan: StagePlan, state: dict, record: dict, history: list, horizon: int,
                   warmup: int) -> None:
@@ -254,7 +257,12 @@ class RecipeRunner:
                                first_chunk=not record["chunks"])
             from engine.run import build_trainer
             trainer = build_trainer(job, self.stream)  # a refusal of the job (its checkpoint directory) is one line
+            if trainer.state.step > end:  # it was marked done at a step its checkpoint is not at (H43)
+                raise ConfigError(f"stages.{plan.stage.name}.tokens", f"the run is at step {trainer.state.step}, "
+                                  f"past step {end}, where the stage now ends: it trained more than the recipe now "
+                                  f"gives it; give it its tokens back, or use another run_dir")
             if not record["chunks"]:  # on disk before the stage's first checkpoint: the run directory is this recipe's
+                record.update(stream_record(job), schedule={"horizon": horizon, "warmup": warmup})
                 self.save_state(state)
             self.say(f"stage {plan.stage.name} ({plan.stage.kind}): steps {start.step} to {end} of {budget_end}, "
                      f"{tokens_per_step(job):,} tokens per step ({job.data.global_batch_size} x {job.data.seq_len}), "
@@ -268,10 +276,7 @@ class RecipeRunner:
             passed = gate is not None and gate.get("passed") is True
             if end >= budget_end or (plan.stage.gate.enabled and passed):
                 record["end"], record["done"] = asdict(start.after(end - start.step, job)), True
-                record["tokens_per_step"], record["seq_len"] = tokens_per_step(job), job.data.seq_len
-                record["blend"] = blend_of(job)
-                record["fixed"] = {key: _dotted(job, key) for key in FIXED_DATA_KEYS}  # the stream it read
-                record["schedule"] = {"horizon": horizon, "warmup": warmup}  # the LR curve it followed
+                record.update(stream_record(job), schedule={"horizon": horizon, "warmup": warmup})
             if gate is not None:
                 self.say(gates.describe(plan.stage, gate, record["done"]))
             self.save_state(state)
@@ -317,6 +322,12 @@ class RecipeRunner:
             self.say(f"exported {state[HF]} (transformers: AutoModelForCausalLM.from_pretrained)")
         for line in gates.summary(plans, state, self.run_dir / TRAIN_NAME):
             self.say(line)
+
+
+def stream_record(job) -> dict:
+    """What a stage's data stream was, as the state records it (later stages replay it)."""
+    return {"tokens_per_step": tokens_per_step(job), "seq_len": job.data.seq_len, "blend": blend_of(job),
+            "fixed": {key: _dotted(job, key) for key in FIXED_DATA_KEYS}}
 
 
 def blend_of(job) -> list:

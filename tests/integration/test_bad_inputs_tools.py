@@ -75,7 +75,7 @@ RECIPE = [
         "long_eval.needle_candidates=2,'long_eval.needle_depths=[0.5]']",
         "stages.long.gate={enabled: true, check_every_tokens: 128, needle_accuracy: 0.0, short_loss_tolerance: 10}"),
         "stages.long: long_eval.needle_lengths: 32 tokens cannot hold the needle"),
-    Case("recipe_warmup_outlasts", recipe("warmup_steps=0", "warmup_tokens=100000"),
+    Case("recipe_warmup_tokens_outlast", recipe("warmup_steps=0", "warmup_tokens=100000"),
          "warmup_tokens: 100000 warmup tokens outlast the recipe's"),
     Case("recipe_horizon_below_warmup", recipe("warmup_steps=0", "warmup_tokens=64", "total_tokens=10"),
          "total_tokens: 10 is shorter than the warmup (64 tokens)"),
@@ -103,12 +103,6 @@ RECIPE = [
     Case("recipe_run_dir_is_a_file", recipe("run_dir=job.yaml"), "run_dir"),
     Case("recipe_total_tokens_negative", recipe("total_tokens=-1"), "total_tokens"),
     Case("recipe_warmup_both", recipe("warmup_tokens=100"), "warmup_steps"),
-    Case("recipe_needle_haystack_too_short", recipe(
-        "stages.long.kind=long_context", "stages.long.overrides=[data.seq_len=32,long_eval.enabled=true,"
-        "long_eval.short_seq_len=16,long_eval.short_batches=1,long_eval.needle_trials=1,"
-        "long_eval.needle_candidates=2,'long_eval.needle_depths=[0.5]']",
-        "stages.long.gate={enabled: true, check_every_tokens: 128, needle_accuracy: 0.0, short_loss_tolerance: 10}"),
-        "stages.long: long_eval.needle_lengths: 32 tokens cannot hold the needle"),
     Case("recipe_warmup_outlasts", recipe("warmup_steps=1000"), "warmup_steps"),
     Case("recipe_bad_override_form", recipe("=3"), "=3"),
     Case("recipe_override_unknown_key", recipe("warmup_stepz=3"), "warmup_stepz"),

@@ -207,6 +207,24 @@ def test_an_edited_recipe_is_refused_against_its_state(uninterrupted, tmp_path):
         assert e.value.key == key and (run_dir / "recipe_state.json").read_text() == before
 
 
+def test_a_stage_shrunk_below_the_step_its_run_reached_is_refused(corpus, tmp_path):
+    """Killed inside the second stage after its step-9 save, then given 512 tokens (2 steps: it would end at 8):
+    the runner marked it done at step 8 with the model at 9, and the anneal stage after it trained nothing (H43)."""
+    from engine.errors import ConfigError
+    run_dir = tmp_path / "run"
+    recipe = write_recipe(tmp_path, corpus, run_dir)
+    assert run_cli(recipe, "after_backward:0:11") == -9
+    shrunk = tmp_path / "shrunk.yaml"
+    shrunk.write_text(recipe.read_text().replace("{name: longer, tokens: 1536", "{name: longer, tokens: 512")
+                      .replace("warmup_steps: 2\n", "warmup_steps: 2\ntotal_tokens: 3072\n"))  # the same horizon
+    before = (run_dir / "recipe_state.json").read_text()
+    with pytest.raises(ConfigError, match=r"^stages\.longer\.tokens: the run is at step 9, past step 8, where the "
+                                          r"stage now ends"):
+        RecipeRunner(load_recipe(str(shrunk)), io.StringIO()).run()
+    assert not json.loads((run_dir / "recipe_state.json").read_text())["stages"]["longer"].get("done")
+    assert json.loads(before)["stages"]["short"]["done"]
+
+
 @pytest.mark.slow
 def test_recipe_as_one_slurm_job(slurm_cluster, corpus, tmp_path):  # noqa: F811
     """`herd launch --slurm RECIPE` renders one job whose ranks run the whole recipe (FSDP x2 then cp x2); on the

@@ -221,3 +221,24 @@ def test_the_anneal_save_count_is_the_schedules_saves():
             for every in range(1, 6):
                 assert anneal_save_count(start, start + steps, every) == len(anneal_steps(start, start + steps, every))
     assert anneal_save_count(4, 7, 3) == 2
+
+
+def test_a_preempted_stage_edited_on_the_rerun_is_refused(tmp_path):
+    """A stage preempted midway and edited (its blend, its length) was continued on the new settings and recorded
+    as if it had run on them whole; later stages replayed that false record (H43)."""
+    from recipe.runner import stream_record
+    runner = runner_for(tmp_path / "run")
+    plans = runner.plan(check_files=False)
+    begun = {"start": asdict(plans[0].start), "chunks": [], "done": False, **stream_record(plans[0].job)}
+    write_state(runner, {"recipe": runner.recipe.name, "stages": {plans[0].stage.name: begun}})
+    check(runner)  # the same recipe resumes it
+    blend = "'data.train=[{{path: data/stdlib.train, weight: {}}}, {{path: data/licenses.train, weight: {}}}]'"
+    other = runner_for(tmp_path / "run", "stages.ramp-128.overrides=[data.seq_len=128,data.global_batch_size=16,"
+                                         f"{blend.format(0.5, 0.5)}]")
+    with pytest.raises(ConfigError, match=r"^stages\.ramp-128\.overrides: began on the blend "):
+        check(other)
+    longer = runner_for(tmp_path / "run", "stages.ramp-128.overrides=[data.seq_len=256,data.global_batch_size=16,"
+                                          f"{blend.format(0.9, 0.1)}]")
+    with pytest.raises(ConfigError, match=r"^stages\.ramp-128: began with 2048 tokens per step at sequence length "
+                                          r"128; the recipe now says 4096 at 256"):
+        check(longer)
