@@ -149,6 +149,7 @@ class GuardCallback(Callback):
         self.spike_factor = spike_factor
         self.max_skips, self.max_rollbacks, self.say = max_consecutive_skips, max_rollbacks, say
         self.skipped = self.consecutive = self.rollbacks = 0
+        self.fit_steps = self.fit_skips = 0  # of this fit: a fit that skipped every one learned nothing
         self.events: List[dict] = []
         self.checkpointer = None
 
@@ -164,8 +165,18 @@ class GuardCallback(Callback):
         return (f"loss spike ({g.loss:.4g} > {self.spike_factor:g} x {g.median:.4g}, the median of the last "
                 f"{len(g.losses)} steps)")
 
+    def on_fit_end(self, trainer) -> None:
+        """A run whose every step was skipped (fewer than max_consecutive_skips of them) ended as if it had
+        trained: a DPO stage of an absurd beta was recorded finished with its starting weights (helper H44)."""
+        if self.fit_steps and self.fit_skips == self.fit_steps:
+            raise GuardError(f"guards: every one of the {self.fit_steps} steps of this run was skipped (the last at "
+                             f"step {trainer.state.step}: {self.events[-1]['kind'] if self.events else 'skipped'}); "
+                             f"it learned nothing")
+
     def on_step_end(self, trainer, metrics: Dict[str, float]) -> None:
         verdict, step = self.guard.verdict, trainer.state.step
+        self.fit_steps += 1
+        self.fit_skips += bool(verdict)
         if verdict:
             bit = NONFINITE if verdict & NONFINITE else SPIKE
             kind, what = ("nonfinite" if bit == NONFINITE else "spike"), self._describe(bit)

@@ -82,6 +82,24 @@ def test_consecutive_skips_stop_the_run():
         callback.on_step_end(trainer, {})
 
 
+def test_a_run_that_skipped_every_step_is_not_a_finished_run():
+    """Fewer skipped steps than max_consecutive_skips ended with rc 0, and a DPO stage of an absurd beta was
+    recorded finished with its starting weights (helper H44); one step that learned is enough."""
+    guard = types.SimpleNamespace(verdict=NONFINITE, loss=math.nan, median=math.nan, losses=[])
+    callback = GuardCallback(guard, "skip", "skip", 0.0, max_consecutive_skips=5, max_rollbacks=1)
+    trainer = _Trainer()
+    for step in (1, 2, 3):
+        trainer.state.step = step
+        callback.on_step_end(trainer, {})
+    with pytest.raises(GuardError, match=r"^guards: every one of the 3 steps of this run was skipped \(the last at "
+                                         r"step 3: nonfinite\); it learned nothing$"):
+        callback.on_fit_end(trainer)
+    guard.verdict = 0
+    trainer.state.step = 4
+    callback.on_step_end(trainer, {})
+    callback.on_fit_end(trainer)  # one update: a run that learned
+
+
 def test_a_checkpoint_is_never_written_from_a_nonfinite_state(corpus, tmp_path):
     trainer = build_trainer(tiny_config(corpus, tmp_path, ["checkpoint.every=2", "train.steps=2"]),
                             stream=io.StringIO())
