@@ -20,6 +20,7 @@ first line numbers; skip_report() turns them into the run's report (engine/data/
 import json
 import os
 import re
+import unicodedata
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -211,7 +212,9 @@ def _as_messages(path, line: int, value, key: str, string_role: Optional[str]) -
 def _require(path, line: int, row: Mapping, keys: Sequence[str]) -> None:
     for key in keys:
         if key not in row:
-            raise _error(path, line, f"missing '{key}' (found keys: {', '.join(sorted(row)) or 'none'})",
+            hint = (" (these look like preference rows: align.kind rm or dpo reads them)"
+                    if "chosen" in row and "completion" in keys else "")
+            raise _error(path, line, f"missing '{key}' (found keys: {', '.join(sorted(row)) or 'none'}){hint}",
                          "missing_field")
 
 
@@ -231,8 +234,9 @@ def _sft_dialog(path, line: int, row: Mapping, train_on: str) -> Tuple[List[Dict
         _check_turns(path, line, prompt + completion,
                      lambda i: f"prompt[{i}]" if i < len(prompt) else f"completion[{i - len(prompt)}]")
         return prompt + completion, len(prompt)  # learn the completion only (TRL's completion-only loss)
+    hint = " (these look like preference rows: align.kind rm or dpo reads them)" if "chosen" in row else ""
     raise _error(path, line, f"expected 'messages', or 'prompt' and 'completion' "
-                             f"(found keys: {', '.join(sorted(row)) or 'none'})", "missing_field")
+                             f"(found keys: {', '.join(sorted(row)) or 'none'}){hint}", "missing_field")
 
 
 def _check_turns(path, line: int, messages: Sequence[Mapping[str, str]], name) -> None:
@@ -255,9 +259,16 @@ def _nothing_to_learn(messages: Sequence[Mapping[str, str]], learn_from: int) ->
     learned = [m for m in messages[learn_from:] if m["role"] == "assistant"]
     if not learned:
         return "no_assistant_turn"
-    if any(not m["content"].strip() for m in learned):
+    if any(blank(m["content"]) for m in learned):
         return "empty_assistant"
     return None
+
+
+def blank(text: str) -> bool:
+    """Whether `text` shows nothing: only whitespace, format characters (zero-width spaces and joiners, byte-order
+    marks) and control characters such as NUL; str.strip() keeps the latter two, and an answer of U+200B was
+    learned as content (helper H44)."""
+    return all(ch.isspace() or unicodedata.category(ch) in ("Cf", "Cc") for ch in text)
 
 
 def _check_policy(max_len: int, on_too_long: str) -> None:

@@ -304,3 +304,20 @@ def test_preferences_implicit_edited_and_length_policy(tok, tmp_path):
                                                   "edited": [msg("user", "other"), msg("assistant", "z")]}])
     with pytest.raises(AlignDataError, match=r"e\.jsonl:1: edited: a message list must start with the prompt"):
         load_preferences(bad_edit, tok, max_len=64)
+
+
+def test_an_answer_that_shows_nothing_is_empty(tok, tmp_path):
+    """Zero-width spaces, a byte-order mark or NUL survive str.strip(): such an answer was learned as content
+    (helper H44); a wrong-format file says what its rows look like."""
+    path = write_rows(tmp_path / "sft.jsonl", [
+        {"messages": DIALOG},
+        {"messages": [msg("user", "q"), msg("assistant", "\u200b\u200d")]},
+        {"messages": [msg("user", "q"), msg("assistant", "\ufeff\x00 ")]},
+        {"prompt": "q", "completion": "\u2060"},
+    ])
+    examples, counts = load_sft(path, tok, max_len=512)
+    assert len(examples) == 1 and dict(counts.skipped) == {"empty_assistant": 3}
+    prefs = write_rows(tmp_path / "pref.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "b"}])
+    with pytest.raises(AlignDataError, match=r"pref\.jsonl:1: missing 'completion' \(found keys: chosen, prompt, "
+                                             r"rejected\) \(these look like preference rows"):
+        load_sft(prefs, tok, max_len=512)
