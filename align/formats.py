@@ -435,21 +435,23 @@ def _fit_preference(prompt_len: int, dialogs: Dict[str, ChatTokens], max_len: in
     if prompt_len >= max_len:
         counts.skip("prompt_too_long", line)
         return None
-    fitted = {}
+    fitted, cut, notes = {}, 0, []
     for key, tokens in dialogs.items():
         if len(tokens) <= max_len:
             fitted[key] = tokens
         elif key == "edited" and on_too_long == "skip":
-            counts.note("edited_dropped_too_long")
+            notes.append("edited_dropped_too_long")
         elif on_too_long == "skip":
             counts.skip("too_long", line)
             return None
         else:
-            counts.note("truncated")
+            cut += 1
             fitted[key] = tokens.truncated(max_len)
-    if fitted["chosen"].tokens == fitted["rejected"].tokens:
-        counts.skip("identical_after_truncation", line)
+    if fitted["chosen"].tokens == fitted["rejected"].tokens:  # the same tokens: cut to them, or encoded alike
+        counts.skip("identical_after_truncation" if cut else "identical_responses", line)
         return None
+    for note in notes + ["truncated"] * cut:  # said of the rows kept only (a note per response cut)
+        counts.note(note)
     return fitted
 
 

@@ -321,3 +321,14 @@ def test_an_answer_that_shows_nothing_is_empty(tok, tmp_path):
     with pytest.raises(AlignDataError, match=r"pref\.jsonl:1: missing 'completion' \(found keys: chosen, prompt, "
                                              r"rejected\) \(these look like preference rows"):
         load_sft(prefs, tok, max_len=512)
+
+
+def test_a_row_cut_to_identical_responses_is_counted_once(tok, tmp_path):
+    """Both responses cut to the same tokens: the row is skipped, and its cuts are not noted as truncations of
+    rows kept (the summary said '1 identical_after_truncation; 2 truncated'; H44)."""
+    same = "alike " * 60
+    path = write_rows(tmp_path / "pref.jsonl", [{"prompt": "q", "chosen": same + "good", "rejected": same + "bad"},
+                                                {"prompt": "q", "chosen": "yes", "rejected": "no"}])
+    examples, counts = load_preferences(path, tok, max_len=48)
+    assert len(examples) == 1 and counts.skipped == {"identical_after_truncation": 1}
+    assert counts.notes.get("truncated", 0) == 0
