@@ -29,6 +29,17 @@ def law(n, d):
     return E + A / n ** a + B / d ** b
 
 
+def law_runs() -> list:
+    """Five sizes around the optimum of three budgets, each run's loss on the law: the fits' test sweep."""
+    runs = []
+    for budget in (1e18, 1e19, 1e20):
+        n_opt = budget / (6 * K * budget ** ALPHA)
+        for n in n_opt * 10 ** np.linspace(-0.5, 0.5, 5):
+            runs.append({"name": f"r{len(runs)}", "budget": budget, "params": float(n), "dim": 64, "n_layers": 2,
+                         "tokens": budget / (6 * n), "steps": 10, "val_loss": float(law(n, budget / (6 * n)))})
+    return runs
+
+
 def optimal_tokens(noise: float, seed: int) -> list:
     rng = np.random.default_rng(seed)
     tokens = []

@@ -15,6 +15,7 @@ from engine.config import ScalingConfig
 from engine.errors import ConfigError, HerdError
 from launch.cli import main as herd
 from tests.unit.test_scaling_runs import corpus, write_sweep  # noqa: F401 (the module fixture)
+from tests.unit.test_scaling_fit import law_runs
 
 ROOT = Path(__file__).resolve().parents[2]
 GUARD_LINE = ("herd: error: guards: 6 steps in a row skipped, the last at step 7 (non-finite loss or gradients); "
@@ -202,18 +203,6 @@ def test_a_positive_or_non_finite_loss_is_read(tmp_path, monkeypatch):
     assert final_val_loss(tmp_path, run) == 4.0
     (tmp_path / "runs" / run["name"] / "metrics.jsonl").write_text('{"step": 5, "val_loss": NaN}\n')
     assert math.isnan(final_val_loss(tmp_path, run))
-
-
-def law_runs() -> list:
-    import numpy as np
-    from tests.unit.test_scaling_fit import ALPHA, K, law
-    runs = []
-    for budget in (1e18, 1e19, 1e20):
-        n_opt = budget / (6 * K * budget ** ALPHA)
-        for n in n_opt * 10 ** np.linspace(-0.5, 0.5, 5):
-            runs.append({"name": f"r{len(runs)}", "budget": budget, "params": float(n), "dim": 64, "n_layers": 2,
-                         "tokens": budget / (6 * n), "steps": 10, "val_loss": float(law(n, budget / (6 * n)))})
-    return runs
 
 
 def test_an_absurd_loss_gives_no_parabola_and_never_a_nan_law():

@@ -194,13 +194,8 @@ def test_results_are_strict_json(tmp_path):
     """scaling.json never holds a bare NaN (not JSON): a two-budget power law has no standard error, written as
     null; a budget with a diverged run's loss gets no parabola instead of a nan one."""
     from scaling.report import fit_sweep, write_results
-    from tests.unit.test_scaling_fit import ALPHA, K, law
-    runs = []
-    for budget in (1e18, 1e19, 1e20):
-        n_opt = budget / (6 * K * budget ** ALPHA)
-        for n in n_opt * 10 ** np.linspace(-0.5, 0.5, 5):
-            runs.append({"name": f"r{len(runs)}", "budget": budget, "params": float(n), "dim": 64, "n_layers": 2,
-                         "tokens": budget / (6 * n), "steps": 10, "val_loss": float(law(n, budget / (6 * n)))})
+    from tests.unit.test_scaling_fit import ALPHA, K, law_runs
+    runs = law_runs()
     runs[7]["val_loss"] = float("nan")  # the middle budget
     fits = fit_sweep(runs, [1e21])
     write_results(tmp_path, runs, fits, "test")
