@@ -158,6 +158,17 @@ class GuardCallback(Callback):
         self.checkpointer = next((c.checkpointer for c in trainer.callbacks if isinstance(c, CheckpointCallback)),
                                  None)
 
+    def _check_learned(self, trainer, skipped: bool) -> None:
+        """A run from step 0 whose every step, to its last, was skipped (fewer than max_consecutive_skips of them)
+        ended as if it had trained: a DPO stage of an absurd beta was recorded finished with its starting weights
+        (helper H44). Raised from the last step, so the trainer's abort path releases what the run holds; a resumed
+        run (it trained before) and a preempted one (it goes on later) are left alone."""
+        self.fit_steps, self.fit_skips = self.fit_steps + 1, self.fit_skips + skipped
+        s = trainer.state
+        if self.fit_skips == self.fit_steps == s.step and s.step >= s.total_steps and not s.stop_requested:
+            raise GuardError(f"guards: every one of the {s.step} steps of this run was skipped for non-finite loss "
+                             f"or gradients or loss spikes (the last at step {s.step}); it learned nothing")
+
     def _describe(self, bit: int) -> str:
         if bit == NONFINITE:
             return "non-finite loss or gradients"
@@ -165,18 +176,9 @@ class GuardCallback(Callback):
         return (f"loss spike ({g.loss:.4g} > {self.spike_factor:g} x {g.median:.4g}, the median of the last "
                 f"{len(g.losses)} steps)")
 
-    def on_fit_end(self, trainer) -> None:
-        """A run whose every step was skipped (fewer than max_consecutive_skips of them) ended as if it had
-        trained: a DPO stage of an absurd beta was recorded finished with its starting weights (helper H44)."""
-        if self.fit_steps and self.fit_skips == self.fit_steps:
-            raise GuardError(f"guards: every one of the {self.fit_steps} steps of this run was skipped (the last at "
-                             f"step {trainer.state.step}: {self.events[-1]['kind'] if self.events else 'skipped'}); "
-                             f"it learned nothing")
-
     def on_step_end(self, trainer, metrics: Dict[str, float]) -> None:
         verdict, step = self.guard.verdict, trainer.state.step
-        self.fit_steps += 1
-        self.fit_skips += bool(verdict)
+        self._check_learned(trainer, bool(verdict))
         if verdict:
             bit = NONFINITE if verdict & NONFINITE else SPIKE
             kind, what = ("nonfinite" if bit == NONFINITE else "spike"), self._describe(bit)

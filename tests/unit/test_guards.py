@@ -67,7 +67,7 @@ def test_step_guard_median_window():
 
 class _Trainer:
     def __init__(self):
-        self.state = types.SimpleNamespace(step=0)
+        self.state = types.SimpleNamespace(step=0, total_steps=100, stop_requested=False)
 
 
 def test_consecutive_skips_stop_the_run():
@@ -82,22 +82,32 @@ def test_consecutive_skips_stop_the_run():
         callback.on_step_end(trainer, {})
 
 
-def test_a_run_that_skipped_every_step_is_not_a_finished_run():
+def test_a_run_that_skipped_every_step_is_not_a_finished_run(corpus, tmp_path, monkeypatch):
     """Fewer skipped steps than max_consecutive_skips ended with rc 0, and a DPO stage of an absurd beta was
-    recorded finished with its starting weights (helper H44); one step that learned is enough."""
-    guard = types.SimpleNamespace(verdict=NONFINITE, loss=math.nan, median=math.nan, losses=[])
-    callback = GuardCallback(guard, "skip", "skip", 0.0, max_consecutive_skips=5, max_rollbacks=1)
-    trainer = _Trainer()
-    for step in (1, 2, 3):
-        trainer.state.step = step
-        callback.on_step_end(trainer, {})
-    with pytest.raises(GuardError, match=r"^guards: every one of the 3 steps of this run was skipped \(the last at "
-                                         r"step 3: nonfinite\); it learned nothing$"):
-        callback.on_fit_end(trainer)
-    guard.verdict = 0
-    trainer.state.step = 4
-    callback.on_step_end(trainer, {})
-    callback.on_fit_end(trainer)  # one update: a run that learned
+    recorded finished with its starting weights (helper H44). Raised from the last step, through the trainer's
+    abort path: the run's locks are released (the same run builds again at once); a resumed run whose remaining
+    steps are all skipped trained before, and is left alone."""
+    args = ["train.eval_every=0", "train.steps=3", "checkpoint.every=3"]
+    with pytest.raises(GuardError, match=r"^guards: every one of the 3 steps of this run was skipped for "
+                                         r"non-finite loss or gradients .*it learned nothing$"):
+        _every_step_nan(corpus, tmp_path, args, monkeypatch)
+    build_trainer(tiny_config(corpus, tmp_path, ["train.eval_every=0", "train.steps=2", "checkpoint.every=2"]),
+                  stream=io.StringIO()).fit()  # its locks were released: a good run of the same name trains
+    _every_step_nan(corpus, tmp_path, ["train.eval_every=0", "train.steps=4", "checkpoint.every=4"], monkeypatch)
+
+
+def _every_step_nan(corpus, run_dir, args, monkeypatch):
+    """A run whose every step has a non-finite loss."""
+    from engine.callbacks.guards import StepGuard
+    real = StepGuard.check
+
+    def always_nonfinite(self, loss, grad_norm):
+        return real(self, torch.tensor(math.nan), grad_norm)
+    monkeypatch.setattr(StepGuard, "check", always_nonfinite)
+    try:
+        build_trainer(tiny_config(corpus, run_dir, args), stream=io.StringIO()).fit()
+    finally:
+        monkeypatch.setattr(StepGuard, "check", real)
 
 
 def test_a_checkpoint_is_never_written_from_a_nonfinite_state(corpus, tmp_path):
