@@ -142,7 +142,7 @@ def _lone_surrogate(value, where: str = "") -> Optional[str]:
 def _parse_line(path, number: int, raw: bytes) -> Optional[Dict[str, Any]]:
     """A non-blank line's object, None for a blank line; an AlignDataError (with its reason) for a bad one."""
     try:
-        row = json_object(raw)
+        row = json_object(raw, strict=True)
     except BadLine as e:
         raise _error(path, number, str(e), e.reason) from None
     if row is not None and _ESCAPED_SURROGATE.search(raw.decode("utf-8")):

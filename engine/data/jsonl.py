@@ -36,10 +36,12 @@ def _no_constant(name: str):
     raise _Refused(f"{name} is not a JSON value")
 
 
-def json_object(raw: bytes, expected: str = "a JSON object") -> Optional[Dict[str, Any]]:
+def json_object(raw: bytes, expected: str = "a JSON object", strict: bool = False) -> Optional[Dict[str, Any]]:
     """The object on a line of raw bytes, None for a blank line (only whitespace, Unicode's included); BadLine when
     it is not UTF-8, not JSON (or beyond the parser's limits: nesting, integer digits) or not an object
-    (`expected` names what the caller wants)."""
+    (`expected` names what the caller wants). `strict` (alignment rows, which herd copies into rows of its own):
+    also a key repeated in one object and NaN/Infinity; a corpus's documents keep Python's leniency (their other
+    fields, a quality score of NaN say, are never read)."""
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -47,8 +49,8 @@ def json_object(raw: bytes, expected: str = "a JSON object") -> Optional[Dict[st
     if not text.strip():
         return None
     try:
-        value = json.loads(text.removeprefix("\ufeff"),  # a byte-order mark some editors write before line 1
-                           object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+        hooks = {"object_pairs_hook": _unique_keys, "parse_constant": _no_constant} if strict else {}
+        value = json.loads(text.removeprefix("\ufeff"), **hooks)  # a byte-order mark some editors write first
     except _Refused as e:
         raise BadLine("bad_json", f"invalid JSON: {e}") from None
     except json.JSONDecodeError as e:

@@ -263,3 +263,13 @@ def test_rejection_sampling_prompts_whose_turns_do_not_alternate_are_refused_or_
         read_prompts(path, tok, max_prompt_tokens=200)
     prompts, counts = read_prompts(path, tok, max_prompt_tokens=200, on_bad_data="skip")
     assert [p.line for p in prompts] == [1] and dict(counts.skipped) == {"turns_not_alternating": 1}
+
+
+def test_only_alignment_rows_are_read_as_strict_json():
+    """A corpus document's other fields (a quality score of NaN, say) are never read: prepare-data keeps Python's
+    leniency; alignment rows, which herd copies into rows of its own, are strict (H47's review of H44's fix)."""
+    from engine.data.jsonl import BadLine, json_object
+    for raw in (b'{"text": "a doc", "score": NaN}', b'{"text": "a doc", "meta": {"k": 1, "k": 2}}'):
+        assert json_object(raw)["text"] == "a doc"
+        with pytest.raises(BadLine, match="invalid JSON: (NaN is not a JSON value|the key \"k\" appears twice)"):
+            json_object(raw, strict=True)
