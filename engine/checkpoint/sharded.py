@@ -201,7 +201,7 @@ def saved_shape(root: Path, fqn: str) -> Optional[tuple]:
     step = store.latest_step()
     if step is None:
         return None
-    files = store.verify(step).get("files", {})
+    files = store.verify(step, only=(".metadata",)).get("files", {})  # the one file read here, not the shards
     entry = SafeReader(str(store.step_dir(step)), files).read_metadata().state_dict_metadata.get(fqn)
     return tuple(entry.size) if isinstance(entry, TensorStorageMetadata) else None
 

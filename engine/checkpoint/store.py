@@ -27,7 +27,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from engine.errors import HerdError
 from engine.files import fsync_dir, write_atomic
@@ -223,9 +223,10 @@ class CheckpointStore:
         complete = self.complete_steps()
         return complete[-1] if complete else None
 
-    def verify(self, step: int) -> dict:
+    def verify(self, step: int, only: Optional[Sequence[str]] = None) -> dict:
         """Check step `step` before anything reads it; returns the manifest. Raises CheckpointError naming the
-        file that is missing, truncated, altered or escaping the checkpoint directory."""
+        file that is missing, truncated, altered or escaping the checkpoint directory. `only`: hash just these
+        files (a look at the DCP metadata, not a load)."""
         path = self.step_dir(step)
         if path.is_symlink() or not path.is_dir():
             raise CheckpointError(f"{path}: not a checkpoint directory")
@@ -253,7 +254,7 @@ class CheckpointStore:
             if file.stat().st_size != info["bytes"]:
                 raise CheckpointError(f"{file}: {file.stat().st_size} bytes, the manifest says {info['bytes']} "
                                       f"(truncated or altered)")
-        for name in self._to_hash(files):
+        for name in self._to_hash(files) if only is None else sorted(set(only) & set(files)):
             file = path / name
             if sha256_file(file) != files[name]["sha256"]:
                 raise CheckpointError(f"{file}: sha256 differs from the manifest (corrupt or altered)")

@@ -103,3 +103,9 @@ def test_a_checkpoint_of_the_other_kind_is_refused_before_sampling(corpus, tmp_p
     with pytest.raises(ConfigError, match=r"^init: .*holds a reward model \(its output head is 1 x \d+\), not a "
                                           r"policy"):
         check_model_kind(reward, False, "init")
+    from engine.checkpoint.sharded import saved_shape
+    from engine.checkpoint.store import CheckpointStore
+    step = CheckpointStore(policy).step_dir(CheckpointStore(policy).latest_step())
+    shard = next(p for p in step.iterdir() if p.suffix == ".distcp")
+    shard.write_bytes(bytes(len(shard.read_bytes())))  # same size, other bytes: only a full verify sees it
+    assert saved_shape(policy, "model.output.weight")[0] == 512  # the look reads .metadata, not every shard (H47)
