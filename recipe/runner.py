@@ -258,9 +258,8 @@ class RecipeRunner:
             from engine.run import build_trainer
             trainer = build_trainer(job, self.stream)  # a refusal of the job (its checkpoint directory) is one line
             if trainer.state.step > end:  # it was marked done at a step its checkpoint is not at (H43)
-                raise ConfigError(f"stages.{plan.stage.name}.tokens", f"the run is at step {trainer.state.step}, "
-                                  f"past step {end}, where the stage now ends: it trained more than the recipe now "
-                                  f"gives it; give it its tokens back, or use another run_dir")
+                trainer._abort()  # the run's claim and locks, taken by build_trainer
+                raise self.past_end(plan, trainer.state.step, end, budget_end)
             if not record["chunks"]:  # on disk before the stage's first checkpoint: the run directory is this recipe's
                 record.update(stream_record(job), schedule={"horizon": horizon, "warmup": warmup})
                 self.save_state(state)
@@ -283,6 +282,18 @@ class RecipeRunner:
             fault_point("recipe_stage_done")  # the kill tests stop the runner here, between two runs
             if record["done"]:
                 return
+
+    @staticmethod
+    def past_end(plan: StagePlan, step: int, end: int, budget_end: int) -> ConfigError:
+        """The refusal of a run already past where its stage (or this chunk of a gated stage) now ends."""
+        name = plan.stage.name
+        if step > budget_end:
+            return ConfigError(f"stages.{name}.tokens", f"the run is at step {step}, past step {budget_end}, where "
+                               f"the stage now ends: it trained more than the recipe now gives it; give it its "
+                               f"tokens back, or use another run_dir")
+        return ConfigError(f"stages.{name}.gate.check_every_tokens", f"the run is at step {step}, past step {end}, "
+                           f"where this check of the gate now falls: its interval changed since the stage began; "
+                           f"put it back, or use another run_dir")
 
     def mark_writing(self, state: dict, name: str) -> None:
         """Record that <run_dir>/NAME is being written (a kill before its result is recorded leaves it to be

@@ -28,9 +28,9 @@ _IDENTITY_CHANGED = {
     "vocab_sha256": "the checkpoint was trained with another tokenizer (another token -> id mapping than this run's "
                     "data.tokenizer): its weights would read every id as other text; use the tokenizer it was "
                     "trained with",
-    "rows_sha256": "the checkpoint was trained on other rows (align.train_file or align.valid_file changed since it "
-                   "was saved): a resume would continue another dataset at this one's position; put the files back, "
-                   "or start the stage over in a new run directory",
+    "rows_sha256": "the checkpoint was trained on other rows (align.train_file changed since it was saved): a "
+                   "resume would continue another dataset at this one's position; put the file back, or start the "
+                   "stage over in a new run directory",
 }
 
 
@@ -101,7 +101,7 @@ class Checkpointer:
         self.claimed: Optional[Claim] = None
         self.model_cfg = None  # this run's ModelConfig: a resume refuses a checkpoint of another model
         # what the weights were trained on, saved in meta.identity: vocab_sha256 (the tokenizer's token -> id
-        # mapping; a resume or a load refuses another) and rows_sha256 (align's row files; a resume refuses others)
+        # mapping; a resume or a load refuses another) and rows_sha256 (align's training rows; a resume refuses others)
         self.identity: Dict[str, str] = {}
 
     def claim(self, on_foreign: str, resume: str, writes: bool, run_dir: Optional[Path] = None,
