@@ -250,7 +250,7 @@ def _check_turns(path, line: int, messages: Sequence[Mapping[str, str]], name) -
         # a reward model read its score at the end of a user's reply, and SFT learned nothing from the turn
         # (helper H44): an answer ends the dialog (a dialog without one is counted as no_assistant_turn)
         raise _error(path, line, f"{name(len(messages) - 1)}.role: the dialog must end with an 'assistant' turn, "
-                                 f"got '{messages[-1]['role']}'", "turns_not_alternating")
+                                 f"got '{messages[-1]['role']}'", "ends_without_answer")
 
 
 def _nothing_to_learn(messages: Sequence[Mapping[str, str]], learn_from: int) -> Optional[str]:

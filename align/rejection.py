@@ -52,7 +52,7 @@ from engine.train_module import LMTrainModule
 from parallel.mesh import Mesh
 
 from align.chat import ChatFormatError, ChatTokens, alternation_problem, chat_format, check_messages
-from align.formats import AlignDataError, SkipCounts, read_jsonl, rows_of, skip_report, write_jsonl
+from align.formats import AlignDataError, SkipCounts, blank, read_jsonl, rows_of, skip_report, write_jsonl
 from align.generate import SamplingConfig, sample_k
 from align.modules import RewardTrainModule
 from align.preference import reward_sequence
@@ -292,7 +292,8 @@ def generate_candidates(policy: LMTrainModule, prompts: List[Prompt], k: int, sa
 def choose_best(candidates: Sequence[Candidate]) -> Optional[int]:
     """Index of the candidate to keep: the best score among the non-empty ones that stopped, else among all
     non-empty ones (none stopped), the first of equal scores; None if no candidate is scored and non-empty."""
-    usable = [j for j, c in enumerate(candidates) if c.score is not None and c.text]
+    usable = [j for j, c in enumerate(candidates) if c.score is not None and not blank(c.text)]  # the SFT reader's
+    # empty: an answer of zero-width characters would stop the next stage on herd's own rows (H47)
     pool = [j for j in usable if candidates[j].stopped] or usable
     if not pool:
         return None

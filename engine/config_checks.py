@@ -238,7 +238,7 @@ RECIPE_KEYS = {"train.steps": "stages[i].tokens", "schedule.total_tokens": "the 
                "an anneal stage", "schedule.anneal_tokens": "an anneal stage", "data.stages": "nothing (the "
                "earlier stages)", "data.stage_start_sample": "nothing (the stage's position)", "log.name":
                "run_dir (the run is <run_dir>/train)", "log.run_dir": "the recipe's run_dir", "checkpoint.resume":
-               "nothing (every stage resumes from the one before)", "long_eval.at_start": "nothing"}
+               "nothing (every stage resumes from the one before)"}
 # ... and what only the whole recipe may set: every stage continues one lineage of checkpoints
 STAGE_LINEAGE_KEYS = {"checkpoint.dir": "the recipe's overrides (all stages share one lineage)",
                       "checkpoint.on_foreign": "the recipe's overrides"}

@@ -145,8 +145,8 @@ def position_job(plan: StagePlan, start: Position, end_step: int, history: List[
         job.checkpoint.every = max(1, end_step)  # none before it in the run); the next stage starts from there
     if plan.stage.kind == "anneal":  # keep every checkpoint the stage may save (preemptions too): they are averaged
         job.checkpoint.keep_last = max(job.checkpoint.keep_last, plan.steps + 2)
-    if hasattr(job.long_eval, "at_start"):  # the pre-stage measurement once, not before every chunk
-        job.long_eval.at_start = first_chunk
+    if hasattr(job.long_eval, "at_start"):  # the pre-stage measurement once (if wanted), not before every chunk
+        job.long_eval.at_start = first_chunk and job.long_eval.at_start
     validate(job, world_size)
     return job
 

@@ -71,6 +71,21 @@ def check_fixed_data(first: StagePlan, plan: StagePlan) -> None:
                               f"{theirs}: every stage of a recipe {why}, keep it the same")
 
 
+def check_average_saves(plan: StagePlan, gated_before: bool) -> None:
+    """The anneal stage saves at least 2 checkpoints to average: counted at its planned steps, or, when a gated
+    stage before it may end early and move its start, for the worst start (ceil(steps / every) saves)."""
+    every = effective_every(plan)
+    saves = (-(-plan.steps // every) if gated_before and plan.job.checkpoint.every > 0 else
+             anneal_save_count(plan.start.step, plan.start.step + plan.steps, every))
+    if saves < 2:
+        fix = "set a smaller checkpoint.every in its overrides" if every > 1 else "give the stage more tokens"
+        where = ("for any start (a gated stage before it may end early)" if gated_before else
+                 f"(steps {plan.start.step + 1} to {plan.start.step + plan.steps})")
+        raise ConfigError(f"stages.{plan.stage.name}.average", f"the stage saves {saves} checkpoint(s) in its "
+                          f"{plan.steps} steps {where}, checkpoint.every={plan.job.checkpoint.every}; an average "
+                          f"needs at least 2: {fix}")
+
+
 def _dotted(obj, key: str):
     for part in key.split("."):
         obj = getattr(obj, part)
@@ -103,14 +118,8 @@ class RecipeRunner:
         plans = static_plan(self.recipe, self.world_size)
         for plan in plans:
             gates.check_stage(plan)
-            every = effective_every(plan)
-            saves = anneal_save_count(plan.start.step, plan.start.step + plan.steps, every)
-            if plan.stage.average and saves < 2:
-                fix = "set a smaller checkpoint.every in its overrides" if every > 1 else "give the stage more tokens"
-                raise ConfigError(f"stages.{plan.stage.name}.average", f"the stage saves {saves} checkpoint(s) in "
-                                  f"its {plan.steps} steps (steps {plan.start.step + 1} to {plan.start.step + plan.steps}"
-                                  f", checkpoint.every={plan.job.checkpoint.every}); an average needs at least 2: "
-                                  f"{fix}")
+            if plan.stage.average:
+                check_average_saves(plan, gated_before=any(p.stage.gate.enabled for p in plans[:plans.index(plan)]))
             check_fixed_data(plans[0], plan)
             if not plan.job.data.train:
                 raise ConfigError(f"stages.{plan.stage.name}", "data.train is empty: the stage has nothing to train on")

@@ -197,3 +197,5 @@ def test_choose_best_prefers_stopped_non_empty_answers():
     assert choose_best([c("", True, 5.0), c("b", False, 1.0)]) == 1  # an empty answer is never kept
     assert choose_best([c("a", True, None), c("b", True, 0.5), c("c", True, 0.5)]) == 1  # unscorable out; ties: first
     assert choose_best([c("", True, 1.0), c("a", True, None)]) is None
+    assert choose_best([c("\u200b\u200d", True, 9.0), c("b", True, 1.0)]) == 1  # shows nothing: the SFT reader's
+    # empty_assistant, which would stop the next stage on herd's own rows (H47)

@@ -56,6 +56,8 @@ GOOD_PREF = {"prompt": "What is two plus two?", "chosen": "Four.", "rejected": "
     ('{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "w": NaN}',
      r"s\.jsonl:2: invalid JSON: NaN is not a JSON value"),
     ({**GOOD_SFT, "prompt": "x", "completion": "y"}, r"s\.jsonl:2: holds both 'messages' and 'prompt'"),
+    ({"prompt": "a", "completion": [msg("assistant", "b"), msg("user", "c")]},
+     r"s\.jsonl:2: completion\[1\]\.role: the dialog must end with an 'assistant' turn, got 'user'"),
 ])
 def test_sft_malformed_row_is_one_line_naming_file_line_and_field(tok, tmp_path, row, where):
     path = write_lines(tmp_path / "s.jsonl", [GOOD_SFT, row])
@@ -77,6 +79,9 @@ def test_sft_malformed_row_is_one_line_naming_file_line_and_field(tok, tmp_path,
      r"p\.jsonl:2: chosen\[0\]: expected an object with 'role' and 'content', got int"),
     ('"just a string"', r"p\.jsonl:2: expected a JSON object, got a string"),
     ('{"prompt": "q", "chosen": "\\ud83d", "rejected": "b"}', r"p\.jsonl:2: chosen: holds a lone surrogate"),
+    # the reward model read its score at the end of the user's reply (H44)
+    ({"prompt": "q", "chosen": [msg("assistant", "good"), msg("user", "thanks, that is wrong")], "rejected": "bad"},
+     r"p\.jsonl:2: chosen\[1\]\.role: the dialog must end with an 'assistant' turn, got 'user'"),
 ])
 def test_preference_malformed_row_is_one_line_naming_file_line_and_field(tok, tmp_path, row, where):
     path = write_lines(tmp_path / "p.jsonl", [GOOD_PREF, row])

@@ -242,3 +242,18 @@ def test_a_preempted_stage_edited_on_the_rerun_is_refused(tmp_path):
     with pytest.raises(ConfigError, match=r"^stages\.ramp-128: began with 2048 tokens per step at sequence length "
                                           r"128; the recipe now says 4096 at 256"):
         check(longer)
+
+
+def test_after_a_gated_stage_the_average_needs_two_saves_from_any_start():
+    """An early gate moves the anneal stage's start: 3 steps at every=3 save twice from step 4 (steps 6 and 7),
+    once from step 3 (step 6 only), so after a gated stage the worst start is counted (H47)."""
+    from types import SimpleNamespace
+    from recipe.plan import Position
+    from recipe.runner import check_average_saves
+    plan = SimpleNamespace(steps=3, start=Position(step=4, tokens=0, samples=0),
+                           job=SimpleNamespace(checkpoint=SimpleNamespace(every=3)),
+                           stage=SimpleNamespace(name="anneal"))
+    check_average_saves(plan, gated_before=False)
+    with pytest.raises(ConfigError, match=r"^stages\.anneal\.average: the stage saves 1 checkpoint\(s\) in its 3 "
+                                          r"steps for any start \(a gated stage before it may end early\)"):
+        check_average_saves(plan, gated_before=True)
