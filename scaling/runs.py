@@ -198,7 +198,6 @@ def check_same_sweep(sweep: Path, plan: dict) -> None:
         resolved = isinstance(old.get("job_config"), dict)  # the overrides are compared by what they resolve to
         same_job = [old["job"], *([] if resolved else old["overrides"])] == \
             [plan["job"], *([] if resolved else plan["overrides"])]
-        edited = "the sweep's overrides" if old["overrides"] != plan["overrides"] else plan["job"]
         again = [(before[r["name"]], r) for r in plan["runs"] if r["name"] in before]
         changed = sorted(now["name"] for then, now in again if then["overrides"] != now["overrides"])
         if isinstance(old.get("job_config"), dict):  # the job's resolved fields: compare those that shape results
@@ -215,9 +214,18 @@ def check_same_sweep(sweep: Path, plan: dict) -> None:
         raise HerdError(f"{path}: the sweep there {what} (job, overrides or schedule changed); use another name, or "
                         f"remove {sweep} to start over")
     if rehashed:
+        edited = "the sweep's overrides" if _set_by_overrides(keys, [*old["overrides"], *plan["overrides"]]) \
+            else plan["job"]
         raise HerdError(f"{path}: run {rehashed[0]} was planned from a different job config ({edited}: "
                         f"{keys or 'its resolved contents'} changed); use another name, or remove {sweep} to start "
                         f"over")
+
+
+def _set_by_overrides(keys: str, overrides: list) -> bool:
+    """Whether a changed key (of _changed_fields' list) is one an override sets (else the job YAML changed)."""
+    named = {str(o).split("=", 1)[0].strip().lstrip("+~") for o in overrides}
+    changed = [k.strip() for k in keys.split(" and ")[0].split(",") if k.strip()]
+    return any(k == n or k.startswith(n + ".") for k in changed for n in named)
 
 
 def _check_no_unplanned_runs(sweep: Path, plan: dict, before: dict, missing: bool) -> None:
