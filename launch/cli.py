@@ -318,6 +318,9 @@ def _convert(args: argparse.Namespace) -> int:
 def _average(args: argparse.Namespace) -> int:
     """Average checkpoints' model weights into one checkpoint (engine/checkpoint/average.py)."""
     from engine.checkpoint.average import average_checkpoints, parse_numbers, resolve_sources
+    for flag, value in (("--steps", args.steps), ("--weights", args.weights)):
+        if value is not None and not value.strip():  # `--steps=` was taken as not given (H46)
+            raise HerdError(f"{flag}: empty; give a comma-separated list, or leave the flag out")
     steps = parse_numbers(args.steps, "--steps", int) if args.steps else None
     weights = parse_numbers(args.weights, "--weights", float) if args.weights else None
     try:
@@ -436,7 +439,7 @@ def _add_tool_commands(sub) -> None:
     average.add_argument("--steps", help="these steps of each root given, e.g. 9000,9500,10000")
     average.add_argument("--weights", help="one weight per checkpoint, in the order averaged (default: equal)")
     average.add_argument("--overwrite", action="store_true", help="replace --out when it holds an earlier average "
-                         "(or no herd checkpoint state); never a source")
+                         "(only that: never a source or a directory of other files)")
     average.set_defaults(func=_average)
 
     prep = sub.add_parser("prepare-data", help="tokenize text files or JSONL into .bin/.idx token files")

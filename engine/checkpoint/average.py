@@ -71,6 +71,9 @@ def resolve_sources(paths: Sequence[Path], all_steps: bool = False, steps: Optio
     verifies every source before it reads one)."""
     if all_steps and steps:
         raise CheckpointError("--all and --steps each choose a root's checkpoints: give one of them")
+    if (all_steps or steps) and paths and all(_is_step_dir(Path(p)) for p in paths):  # they chose nothing (H46)
+        raise CheckpointError(f"{paths[0]}: every source is a step directory (one checkpoint each); --all and "
+                              f"--steps choose among a root's checkpoints: give the roots")
     out: List[Path] = []
     for path in map(Path, paths):
         if not path.is_dir():
@@ -231,8 +234,8 @@ def _check_weights(weights: Optional[Sequence[float]], count: int) -> List[float
 
 
 def _refuse_destination(out_root: Path, step_dirs: List[Path], overwrite: bool) -> None:
-    """OUT is new or an empty directory; with `overwrite` also an earlier average or a directory holding no herd
-    checkpoint state. Never a source, a directory above or inside one, the current directory or one above it."""
+    """OUT is new or an empty directory; with `overwrite` also an earlier average. Never a source, a directory
+    above or inside one, the current directory or one above it, nor a directory of the user's files."""
     if out_root.is_symlink():
         raise CheckpointError(f"{out_root}: is a symbolic link; choose a new directory")
     check_directory(str(out_root), "--out")  # neither a file nor under one, nor (for non-root) unwritable
@@ -255,6 +258,9 @@ def _refuse_destination(out_root: Path, step_dirs: List[Path], overwrite: bool) 
     if found is not None:
         raise CheckpointError(f"{out_root}: holds herd checkpoint state ({found}) that is not an earlier average; "
                               f"--overwrite replaces only that, choose another directory")
+    # anything else is a user's (a corpus, notes): --overwrite deleted it (helper H46)
+    raise CheckpointError(f"{out_root}: is not an earlier average (it holds files of its own); --overwrite replaces "
+                          f"only herd average's output, choose another directory")
 
 
 def _is_average_root(root: Path) -> bool:

@@ -204,6 +204,8 @@ class CheckpointStore:
         newest step directory lacks (a manifest that cannot be read is not a missing checkpoint), or that there
         is none."""
         steps = self._step_dirs()
+        if not steps and (self.root / MANIFEST).is_file():  # a step directory given for its root (H46)
+            return f"it is a step directory itself: give its checkpoint root, {self.root.parent}"
         if not steps:
             return "no step_* directories"
         path = self.step_dir(steps[-1])

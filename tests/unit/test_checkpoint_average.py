@@ -285,3 +285,24 @@ def test_weights_whose_sum_overflows_are_one_line():
     from engine.checkpoint.store import CheckpointError
     with pytest.raises(CheckpointError, match="--weights"):
         _check_weights([1e308, 1e308], 2)
+
+
+def test_flags_that_choose_nothing_and_overwriting_a_users_directory_are_refused(runs, tmp_path, capfd):
+    """Found by helper H46: --overwrite deleted a directory of the user's files (a corpus), --steps was ignored
+    with step-directory sources and an empty --steps=/--weights= was taken as not given; herd convert called a
+    step directory 'no step_* directories'."""
+    mine = tmp_path / "corpus"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious\n")
+    code, lines = run_herd(["average", str(runs.a), str(runs.b), "--out", str(mine), "--overwrite"], capfd)
+    assert code == 2 and "is not an earlier average (it holds files of its own)" in lines[-1], lines
+    assert (mine / "notes.txt").read_text() == "precious\n"
+    step = sorted(runs.a.glob("step_*"))[-1]
+    for argv, text in (([str(step), str(sorted(runs.b.glob("step_*"))[-1]), "--steps", "5"], "every source is a step "
+                        "directory (one checkpoint each)"),
+                       ([str(runs.a), str(runs.b), "--steps="], "--steps: empty"),
+                       ([str(runs.a), str(runs.b), "--weights="], "--weights: empty")):
+        code, lines = run_herd(["average", *argv, "--out", str(tmp_path / "new")], capfd)
+        assert code == 2 and text in lines[-1] and not (tmp_path / "new").exists(), lines
+    code, lines = run_herd(["convert", "herd-to-hf", str(step), str(tmp_path / "hf")], capfd)
+    assert code == 2 and f"it is a step directory itself: give its checkpoint root, {runs.a}" in lines[-1], lines
