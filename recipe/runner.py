@@ -239,9 +239,11 @@ class RecipeRunner:
                                    f"{record.get('seq_len')}; the recipe now says {tokens_per_step(plan.job)} at "
                                    f"{plan.job.data.seq_len}: use another run_dir")
         for name, value in (record.get("fixed") or {}).items():
-            if name in FIXED_DATA_KEYS and _dotted(plan.job, name) != value:  # later stages replay its data
+            recorded = os.path.realpath(value) if name == "data.tokenizer.path" and isinstance(value, str) and value \
+                else value
+            if name in FIXED_DATA_KEYS and _fixed_value(plan.job, name) != recorded:  # later stages replay its data
                 raise ConfigError(name, f"stage {plan.stage.name} {ran} with {name}={value}; the recipe now says "
-                                        f"{_dotted(plan.job, name)} (the later stages continue its data stream): "
+                                        f"{_fixed_value(plan.job, name)} (the later stages continue its data stream): "
                                         f"keep it, or use another run_dir")
         steps = record["end"]["step"] - record["start"]["step"] if record.get("done") else 0
         if record.get("done") and (steps > plan.steps or (steps < plan.steps and not plan.stage.gate.enabled)):
@@ -347,7 +349,13 @@ class RecipeRunner:
 def stream_record(job) -> dict:
     """What a stage's data stream was, as the state records it (later stages replay it)."""
     return {"tokens_per_step": tokens_per_step(job), "seq_len": job.data.seq_len, "blend": blend_of(job),
-            "fixed": {key: _dotted(job, key) for key in FIXED_DATA_KEYS}}
+            "fixed": {key: _fixed_value(job, key) for key in FIXED_DATA_KEYS}}
+
+
+def _fixed_value(job, key: str):
+    """A data-stream key as recorded and compared: the tokenizer's path resolved (./tok.json is tok.json)."""
+    value = _dotted(job, key)
+    return os.path.realpath(value) if key == "data.tokenizer.path" and value else value
 
 
 def blend_of(job) -> list:
