@@ -29,7 +29,7 @@ from engine.checkpoint.store import CheckpointStore
 from engine.config import PipelineConfig, StageConfig, config_fields, load_config, override_sets
 from engine.config_checks import check_existing_directory
 from engine.config_schema import MODEL_SHAPE_KEYS
-from engine.errors import ConfigError
+from engine.errors import ConfigError, HerdError
 from engine.files import file_problem, write_atomic
 from engine.secrets import scrub
 from engine.train_module import fault_point
@@ -49,6 +49,19 @@ STAGE_KEYS = {"align.kind": "the stage's kind", "align.train_file": "the stage's
 # process is finished on four), where logs and checkpoints go, and the device
 NOT_FINGERPRINTED = ("parallel", "log", "checkpoint", "watchdog", "slurm", "train.device", "data.micro_batch_size")
 # model fields that shape the weights every stage hands on to the next
+
+
+def _same_vocabulary(ours: tuple, theirs: tuple) -> bool:
+    """Two tokenizer files of one token -> id mapping (a copy elsewhere) are one tokenizer; unreadable: not known."""
+    if ours[0] != theirs[0] or not (ours[1] and theirs[1]):
+        return False
+    from engine.config import TokenizerConfig
+    from engine.data.tokenizer import load_tokenizer
+    try:
+        return len({load_tokenizer(TokenizerConfig(kind=kind, path=path)).vocab_fingerprint
+                    for kind, path in (ours, theirs)}) == 1
+    except HerdError:  # missing or malformed: check_inputs says so, naming the file
+        return False
 
 
 def _rank() -> int:
@@ -138,7 +151,8 @@ class PipelineRunner:
                 if shape[key] != reference[key]:
                     raise ConfigError(f"stages.{name}", f"model.{key} is {shape[key]} here but {reference[key]} in "
                                                         f"stage {first}: the stages hand one model's weights on")
-            if shape["data.tokenizer"] != reference["data.tokenizer"]:
+            if shape["data.tokenizer"] != reference["data.tokenizer"] and not _same_vocabulary(
+                    shape["data.tokenizer"], reference["data.tokenizer"]):
                 ours, theirs = (" ".join(filter(None, s["data.tokenizer"])) for s in (shape, reference))
                 raise ConfigError(f"stages.{name}", f"data.tokenizer is {ours} here but {theirs} in stage {first}: "
                                                     f"the stages hand on weights that read one tokenizer's ids")

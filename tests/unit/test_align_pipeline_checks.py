@@ -332,6 +332,11 @@ def test_a_stage_with_another_tokenizer_is_refused_up_front(files, tmp_path):
     with pytest.raises(ConfigError, match=r"^stages\.dpo: data\.tokenizer is hf .*other\.json here but hf "
                                           r".*tok\.json in stage sft"):
         runner.check()
+    import shutil  # a copy of the same tokenizer elsewhere is the same tokenizer (its mapping, not its path)
+    shutil.copy(files["root"] / "tok.json", tmp_path / "copy.json")
+    stages = sft_rm_stages(files) + (f"  - {{name: dpo, kind: dpo, data: {files['pref']}, "
+                                     f"overrides: [data.tokenizer.path={tmp_path / 'copy.json'}]}}\n")
+    PipelineRunner(load_pipeline(str(pipeline_file(files, tmp_path, stages, "copy")))).check()
 
 
 def test_max_new_tokens_without_room_is_said_of_the_setting(files, tmp_path):
