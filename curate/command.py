@@ -6,6 +6,8 @@ from pathlib import Path
 
 from engine.errors import HerdError
 
+MAX_EPOCHS = 1000  # fastText's usual 5-50; more only overfits small example sets, and runs for hours
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("pipeline", help="curation pipeline YAML (configs/curate/demo.yaml), or train-classifier")
@@ -16,7 +18,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--class", dest="classes", action="append", default=[], metavar="LABEL=PATH",
                         help="train-classifier: examples of one class of a domain classifier (repeatable)")
     parser.add_argument("--out", help="train-classifier: the fastText model file to write")
-    parser.add_argument("--epochs", type=int, default=25, help="train-classifier: fastText epochs")
+    parser.add_argument("--epochs", type=int, default=25, help="train-classifier: fastText epochs (1 to 1000)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -25,21 +27,42 @@ def run(args: argparse.Namespace) -> int:
     if args.positive or args.negative or args.classes or args.out:
         raise HerdError("--positive, --negative, --class and --out go with `herd curate train-classifier`")
     from curate.config import load
-    from curate.run import run_local, submit_slurm
+    from curate.run import release_output
     cfg = load(args.pipeline, args.overrides)
-    if cfg.executor.kind == "slurm":
-        ids = submit_slurm(cfg)
-        submitted = [job for job in ids if job != "-1"]  # -1: a pass complete in an earlier run, not submitted
-        report = Path(cfg.output_dir).resolve() / "report.md"
-        if not submitted:
-            print(f"herd curate: every pass is complete; the report is {report}", flush=True)
-            return 0
-        print(f"herd curate: submitted {len(submitted)} job arrays (last {submitted[-1]}; {len(ids) - len(submitted)} "
-              f"passes already complete); the report will be {report}", flush=True)
-        return 0
-    run_local(cfg)
+    try:
+        return _run_slurm(cfg) if cfg.executor.kind == "slurm" else _run_local(cfg)
+    finally:
+        release_output(Path(cfg.output_dir))
+
+
+def _run_slurm(cfg) -> int:
+    from curate.report import write_report
+    from curate.run import submit_slurm
+    ids = submit_slurm(cfg)
+    submitted = [job for job in ids if job != "-1"]  # -1: a pass complete in an earlier run, not submitted
     report = Path(cfg.output_dir).resolve() / "report.md"
+    if not submitted:
+        write_report(cfg)  # cheap, and current: `examples` may have changed, or report.md been removed
+        print(f"herd curate: every pass is complete; the report is {report}", flush=True)
+        return 0
+    print(f"herd curate: submitted {len(submitted)} job arrays (last {submitted[-1]}; {len(ids) - len(submitted)} "
+          f"passes already complete); the report will be {report}", flush=True)
+    return 0
+
+
+def _run_local(cfg) -> int:
+    import json
+    from curate.run import run_local
+    run_local(cfg)
+    root = Path(cfg.output_dir).resolve()
+    report = root / "report.md"
+    if not report.is_file():  # the report pass runs on every rerun; this is only a removal while it ran
+        raise HerdError(f"{report}: missing after the report pass; rerun herd curate to write it again")
     print(report.read_text(), end="", flush=True)
+    empty = json.loads((root / "report.json").read_text()).get("empty", "")
+    if empty:
+        print(f"herd curate: nothing to train on: {empty} (report {report})", flush=True)
+        return 1
     print(f"herd curate: report {report} (and report.json beside it)", flush=True)
     return 0
 
@@ -76,8 +99,8 @@ def _train_classifier(args: argparse.Namespace) -> int:
             if other is not None:  # one text under two labels teaches the classifier nothing but noise
                 raise HerdError(f"{example_flag(label)}: '{path}' overlaps the examples of {example_flag(other)}")
             seen[Path(path).resolve()] = label
-    if args.epochs < 1:
-        raise HerdError(f"--epochs must be at least 1, got {args.epochs}")
+    if not 1 <= args.epochs <= MAX_EPOCHS:
+        raise HerdError(f"--epochs must be between 1 and {MAX_EPOCHS}, got {args.epochs}")
     out = Path(args.out)
     if out.exists() and not out.is_file():
         raise HerdError(f"--out {out}: is not a file")

@@ -1,14 +1,17 @@
 """Loading and checking a curation pipeline YAML: every mistake is one ConfigError naming the key."""
 
 import math
+import re
 from pathlib import Path
 from typing import List, Optional
 
 from curate.schema import CurateConfig
-from engine.errors import ConfigError
+from engine.errors import ConfigError, HerdError
 
 EXECUTORS = ("local", "slurm")
 TOKENIZERS = ("hf", "llama3")
+MAX_HTML_TIMEOUT_S = 2147483  # the extractor sandbox waits in milliseconds on a signed 32-bit int: 2^31 ms
+_SLURM_TIME = re.compile(r"(?:\d+-)?\d+:\d{2}:\d{2}")  # [D-]HH:MM:SS, as herd's slurm.time
 
 
 def load(path: str, overrides: Optional[List[str]] = None) -> CurateConfig:
@@ -37,6 +40,11 @@ def validate(cfg: CurateConfig) -> None:
     timeout = cfg.input.html_timeout_s
     _require(math.isfinite(timeout) and timeout > 0, "input.html_timeout_s",
              f"must be a positive number of seconds, got {timeout}")
+    _require(timeout <= MAX_HTML_TIMEOUT_S, "input.html_timeout_s",
+             f"at most {MAX_HTML_TIMEOUT_S} (the extractor sandbox's longest wait), got {timeout:g}")
+    for i, pattern in enumerate(cfg.input.include):
+        _require(bool(pattern) and not pattern.startswith("/"), f"input.include[{i}]",
+                 f"'{pattern}' must be a file name pattern or a path pattern relative to an input directory")
     _require(bool(cfg.output_dir), "output_dir", "name the directory the stages write to")
     _check_output_apart(cfg)
     ex = cfg.executor
@@ -46,6 +54,8 @@ def validate(cfg: CurateConfig) -> None:
     if ex.kind == "slurm":
         _require(bool(ex.partition), "executor.partition", "the slurm executor needs a partition")
         _require(ex.cpus_per_task >= 1, "executor.cpus_per_task", f"must be at least 1, got {ex.cpus_per_task}")
+        _require(bool(_SLURM_TIME.fullmatch(ex.time)), "executor.time",
+                 f"'{ex.time}' is not a SLURM time limit: write [D-]HH:MM:SS, e.g. 01:00:00 or 2-00:00:00")
         _require(ex.mem_per_cpu_gb >= 0, "executor.mem_per_cpu_gb", "must be >= 0 (0: do not ask for memory)")
         if ex.venv_path:
             _file(ex.venv_path, "executor.venv_path", "a venv's bin/activate")
@@ -72,6 +82,9 @@ def _validate_models(cfg: CurateConfig) -> None:
         _require(bool(md.language_model), "models.language_model",
                  "language identification needs a fastText language-id model you supply: set "
                  "models.language_model=PATH (e.g. lid.176.bin from fasttext.cc), or models.language=false")
+    _require(md.language or not md.language_model, "models.language",
+             "models.language_model is set but language identification is off: set models.language=true to run "
+             "it, or leave models.language_model empty")
     from curate.models import is_fasttext_model
     for key in ("quality_model", "language_model", "domain_model"):
         if getattr(md, key):
@@ -81,6 +94,41 @@ def _validate_models(cfg: CurateConfig) -> None:
     for key in ("quality_threshold", "language_threshold"):
         _require(0 <= getattr(md, key) <= 1, f"models.{key}", f"must be in [0, 1], got {getattr(md, key)}")
     _require(bool(md.languages), "models.languages", "list the languages kept as general, e.g. [en]")
+    _check_model_labels(cfg)
+
+
+def _labels(path: str, key: str) -> List[str]:
+    from curate.models import model_labels
+    try:
+        return model_labels(path)
+    except HerdError as e:
+        raise ConfigError(key, str(e)) from None
+
+
+def _shown(labels: List[str]) -> str:
+    return ", ".join(labels[:8]) + (f" and {len(labels) - 8} more" if len(labels) > 8 else "")
+
+
+def _check_model_labels(cfg: CurateConfig) -> None:
+    """Each model's labels fit its role (a model of other labels would empty or misroute the corpus silently)."""
+    from curate.models import DOMAINS
+    md = cfg.models
+    if md.quality_model:
+        labels = _labels(md.quality_model, "models.quality_model")
+        _require("hq" in labels, "models.quality_model", f"'{md.quality_model}' has no label hq (its labels: "
+                 f"{_shown(labels)}); train it with herd curate train-classifier --positive --negative")
+    if md.language:
+        labels = _labels(md.language_model, "models.language_model")
+        missing = [lang for lang in md.languages if lang not in labels]
+        _require(not missing, "models.languages", f"{', '.join(missing)} not among the labels of "
+                 f"models.language_model '{md.language_model}' ({_shown(labels)})")
+    if md.domain_model:
+        labels = _labels(md.domain_model, "models.domain_model")
+        wanted = [d for d in DOMAINS if not cfg.tokenize.enabled or getattr(cfg.tokenize.mix, d) > 0]
+        _require(any(label in wanted for label in labels), "models.domain_model",
+                 f"'{md.domain_model}' has none of the domains {', '.join(wanted)} (those tokenize.mix blends) "
+                 f"among its labels ({_shown(labels)}); train it with herd curate train-classifier --class code=... "
+                 f"--class math=...")
 
 
 def _check_word_list(path: str) -> None:
@@ -106,6 +154,9 @@ def _validate_tokenize(cfg: CurateConfig) -> None:
     from curate.models import DOMAINS
     t = cfg.tokenize
     _require(t.tokenizer in TOKENIZERS, "tokenize.tokenizer", f"'{t.tokenizer}' is not one of {', '.join(TOKENIZERS)}")
+    _require(not (t.tokenizer == "llama3" and t.tokenizer_path), "tokenize.tokenizer_path",
+             "tokenize.tokenizer=llama3 uses herd's built-in Llama 3 tokenizer; leave tokenizer_path empty (or use "
+             "tokenize.tokenizer=hf for a tokenizer.json)")
     if t.tokenizer_path:
         _file(t.tokenizer_path, "tokenize.tokenizer_path", "a tokenizer.json")
         if t.enabled and t.tokenizer == "hf":

@@ -69,13 +69,22 @@ def heuristic_domain(text: str) -> str:
 
 
 class LocalFastTextFilter(FastTextClassifierFilter):
-    """datatrove's fastText filter reading the model straight from the user's file (see load_fasttext)."""
+    """datatrove's fastText filter reading the model straight from the user's file (see load_fasttext). A removed
+    document keeps its text (datatrove's filter() leaves only the kept spans, none, so the removal record and the
+    report would show an empty document of 0 bytes) and is removed as `low_quality`."""
 
     @property
     def model(self):
         if self._model is None:
             self._model = load_fasttext(self.model_url)
         return self._model
+
+    def filter(self, doc: Document):
+        text = doc.text
+        if super().filter(doc):
+            return True
+        doc.text = text
+        return False, "low_quality"
 
 
 class LanguageLabel(BaseFilter):

@@ -2,9 +2,11 @@
 
 datatrove's JsonlReader warns and drops a bad JSON line without counting it, and stops reading a file at its first
 invalid UTF-8 byte; herd's reader instead counts every malformed input by reason (bad_utf8, bad_json, no_text,
-empty_file, binary_file, bad_gzip, unreadable, not_regular_file, bad_file_name) and writes one record per problem to the stage's removed/ folder,
-so the report names the file and line. Every document carries `url`, `date` (ISO 8601) and `source` metadata: from
-the JSONL record's keys when present, else file://PATH and the file's modification time.
+empty_file, binary_file, bad_gzip, unreadable, not_regular_file, bad_file_name; bad_url and bad_date for a JSONL
+record whose url is not a string or whose date is not an ISO 8601 string) and writes one record per problem to
+the stage's removed/ folder, so the report names the file and line. Every document carries `url`, `date` (ISO
+8601) and `source` metadata: from the JSONL record's keys when present, else file://PATH and the file's
+modification time.
 """
 
 import datetime
@@ -28,7 +30,8 @@ SNIPPET = 200  # characters of a malformed input kept in its removal record
 
 def list_corpus(paths: List[str], include: List[str]) -> List[str]:
     """Files named directly, plus files under named directories whose name matches an `include` pattern (a
-    `.gz` file matches by its name without `.gz`); sorted, so that every task sees the same list."""
+    pattern holding '/' matches the path relative to the named directory instead, e.g. sub/*.md; a `.gz` file
+    matches by its name without `.gz`); sorted, so that every task sees the same list."""
     files = []
     for entry in paths:
         path = Path(entry)
@@ -37,10 +40,15 @@ def list_corpus(paths: List[str], include: List[str]) -> List[str]:
             continue
         for root, _, names in os.walk(path):
             for name in names:
-                plain = name[:-3] if name.endswith(".gz") else name
-                if any(fnmatch.fnmatch(plain, pattern) or fnmatch.fnmatch(name, pattern) for pattern in include):
+                relative = (Path(root) / name).relative_to(path).as_posix()
+                if any(_matches(relative if "/" in pattern else name, pattern) for pattern in include):
                     files.append(str((Path(root) / name).resolve()))
     return sorted(set(files))
+
+
+def _matches(name: str, pattern: str) -> bool:
+    plain = name[:-3] if name.endswith(".gz") else name
+    return fnmatch.fnmatch(plain, pattern) or fnmatch.fnmatch(name, pattern)
 
 
 def _format_of(path: str) -> str:
@@ -140,11 +148,31 @@ class CorpusReader(BaseReader):
             # a record's URL and date are its own: the file's URL would make every URL-less record of the file one
             # URL for URL dedup (all but one removed), and the file's mtime would rank an undated record newest
             metadata = {"source": meta["source"], "format": "jsonl"}
-            for key, field in ((self.url_key, "url"), (self.date_key, "date")):
-                if isinstance(record.get(key), str) and record[key]:
-                    metadata[field] = record[key]
+            problem = _url_and_date(record, self.url_key, self.date_key, metadata)
+            if problem:  # a year or an unparsable date would rank the record as undated in URL dedup: counted
+                yield None, (problem, where, line[:SNIPPET].decode("utf-8", "replace"), len(line))
+                continue
             doc_id = record.get(self.id_key)
             yield Document(text=text, id=str(doc_id) if doc_id is not None else where, metadata=metadata), None
+
+
+def _url_and_date(record: dict, url_key: str, date_key: str, metadata: dict) -> Optional[str]:
+    """Copy a record's url and date into `metadata`; a reason (bad_url, bad_date) when one is present (not
+    null or "") but not a string, or the date is not ISO 8601."""
+    url, date = record.get(url_key), record.get(date_key)
+    if url is not None and url != "":
+        if not isinstance(url, str):
+            return "bad_url"
+        metadata["url"] = url
+    if date is not None and date != "":
+        if not isinstance(date, str):
+            return "bad_date"
+        try:
+            datetime.datetime.fromisoformat(date.replace("Z", "+00:00"))
+        except ValueError:
+            return "bad_date"
+        metadata["date"] = date
+    return None
 
 
 def printable(text: str) -> str:

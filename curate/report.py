@@ -17,6 +17,7 @@ from typing import Dict, List, Tuple
 from datatrove.pipeline.base import PipelineStep
 
 from curate.schema import CurateConfig
+from curate.tokenize import NO_BLEND
 from engine.files import write_atomic
 
 EXAMPLE_CHARS = 160
@@ -75,8 +76,22 @@ def build_report(cfg: CurateConfig) -> dict:
             domains[folder.name] = _count(folder)[0]
     tokens_file = lay.root / "tokens" / "summary.json"
     tokens = json.loads(tokens_file.read_text()) if tokens_file.is_file() else {}
+    blend = lay.root / "blend.yaml"
+    empty = blend.is_file() and blend.read_text(encoding="utf-8").startswith(NO_BLEND)
     return {"name": cfg.name, "output_dir": str(lay.root), "stages": rows, "domains": dict(domains),
-            "tokens": tokens, "blend": str(lay.root / "blend.yaml") if (lay.root / "blend.yaml").is_file() else ""}
+            "tokens": tokens, "blend": str(blend) if blend.is_file() and not empty else "",
+            "empty": _empty_reason(cfg, dict(domains), empty)}
+
+
+def _empty_reason(cfg: CurateConfig, domains: dict, empty_blend: bool) -> str:
+    """Why the run has nothing to train on ("" when it has something)."""
+    if not any(domains.values()):
+        return "no document was kept"
+    if empty_blend or (cfg.tokenize.enabled and not any(getattr(cfg.tokenize.mix, d, 0) > 0 and n
+                                                        for d, n in domains.items())):
+        return (f"no document reached a domain of tokenize.mix (kept: {', '.join(d for d, n in domains.items() if n)}"
+                f"), so there is no blend to train on")
+    return ""
 
 
 def markdown(report: dict) -> str:
@@ -99,6 +114,8 @@ def markdown(report: dict) -> str:
                                           f"(`{t['prefix']}.bin/.idx`)" for d, t in report["tokens"].items()]
     if report["blend"]:
         lines += ["", f"Blend for a herd job: `{report['blend']}`"]
+    if report.get("empty"):
+        lines += ["", f"**Nothing to train on**: {report['empty']}."]
     return "\n".join(lines) + "\n"
 
 

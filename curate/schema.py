@@ -13,6 +13,7 @@ class CurateInputConfig:
 
     paths: List[str] = field(default_factory=list)  # files or directories (searched recursively for `include`)
     include: List[str] = field(default_factory=lambda: ["*.txt", "*.md", "*.jsonl", "*.html", "*.htm"])
+    #  a pattern without '/' matches a file's name; one with '/' its path relative to the input directory
     text_key: str = "text"  # JSONL field holding the text
     id_key: str = "id"  # JSONL field holding the document id (default: FILE:LINE)
     url_key: str = "url"  # JSONL field holding the source URL (default: file:// of the file)
@@ -31,7 +32,7 @@ class CurateExecutorConfig:
     tasks: int = 4  # shards of the corpus; every stage keeps the same number (dedup filters re-read by index)
     workers: int = 2  # local: tasks run at once; slurm: array tasks at once (-1: no limit)
     partition: str = ""  # slurm: partition
-    time: str = "01:00:00"  # slurm: time limit per array task
+    time: str = "01:00:00"  # slurm: time limit per array task, [D-]HH:MM:SS
     cpus_per_task: int = 1  # slurm
     mem_per_cpu_gb: int = 2  # slurm
     venv_path: str = ""  # slurm: activate script sourced by each job (default: this Python's venv)
@@ -78,7 +79,8 @@ class ModelStageConfig:
 
     quality_model: str = ""  # `herd curate train-classifier --positive --negative` output; empty: stage off
     quality_threshold: float = 0.5  # keep documents whose P(hq) is at least this
-    language_model: str = ""  # a fastText language-id model the user supplies (lid.176.bin); empty: stage off
+    language_model: str = ""  # a fastText language-id model the user supplies (lid.176.bin); used (and required)
+    #                           only with language=true, refused without it
     languages: List[str] = field(default_factory=lambda: ["en"])  # kept as general; others go to multilingual
     language: bool = False  # run language id (needs language_model)
     language_threshold: float = 0.65  # below: the document is removed as unknown language
@@ -102,7 +104,8 @@ class CurateTokenizeConfig:
 
     enabled: bool = True
     tokenizer: str = "hf"  # hf | llama3 (as herd prepare-data)
-    tokenizer_path: str = ""  # tokenizer.json; empty with hf: a byte-level BPE is trained on the curated text
+    tokenizer_path: str = ""  # tokenizer.json (hf only; refused with llama3); empty with hf: a byte-level BPE
+    #                           is trained on the curated text
     vocab_size: int = 4096  # of the trained BPE
     mix: MixConfig = field(default_factory=MixConfig)
 

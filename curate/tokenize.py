@@ -4,7 +4,8 @@ config whose weights are the target mix (Llama 3's 50% general, 25% math and rea
 multilingual by default) over the domains that kept documents.
 
 With tokenize.tokenizer=hf and no tokenizer_path, a byte-level BPE is trained on all curated text first
-(OUT/tokens/tokenizer.json) and the blend names it.
+(OUT/tokens/tokenizer.json) and the blend names it. When no domain of tokenize.mix kept a document, nothing is
+trained or tokenized and blend.yaml is only a comment saying so (the report and the command's exit say so too).
 """
 
 import dataclasses
@@ -31,12 +32,15 @@ def read_domain(folder: Path) -> List:
     return documents
 
 
+NO_BLEND = "# herd curate: no domain of the target mix kept any document"
+
+
 def blend_yaml(paths: Dict[str, str], mix: Dict[str, float], tokenizer: Dict[str, str]) -> str:
     """A herd job config fragment (data.train with weights normalized over the domains present)."""
     mix = {d: share for d, share in mix.items() if share > 0}
     present = {d: mix[d] for d in mix if d in paths}
     if not present:
-        return "# herd curate: no domain of the target mix kept any document\n"
+        return NO_BLEND + "\n"
     total = sum(present.values())
     lines = ["# herd curate: the curated domains as a blend; include it or copy data.train into a job config",
              "data:", "  train:"]
@@ -65,6 +69,11 @@ def tokenize_domains(cfg: CurateConfig) -> Dict[str, dict]:
         if (root / "domains").is_dir() else {}
     domains = {d: docs for d, docs in domains.items() if docs}
     t = cfg.tokenize
+    mix = dataclasses.asdict(t.mix)
+    if not any(mix.get(d, 0) > 0 for d in domains):  # no BPE trained on, nor tokens made of, nothing to blend
+        write_atomic(root / "blend.yaml", blend_yaml({}, mix, {"kind": t.tokenizer, "path": ""}))
+        write_atomic(out / "summary.json", "{}\n")
+        return {}
     path = t.tokenizer_path
     if t.tokenizer == "hf" and not path:
         path = str(out / "tokenizer.json")
@@ -77,7 +86,6 @@ def tokenize_domains(cfg: CurateConfig) -> Dict[str, dict]:
         report = prepare_data([str(root / "domains" / domain)], prefix, tokenizer, documents=docs)
         summary[domain] = {"documents": report.documents["all"], "tokens": report.tokens["all"], "prefix": prefix}
         prefixes[domain] = prefix
-    mix = dataclasses.asdict(t.mix)
     write_atomic(root / "blend.yaml", blend_yaml(prefixes, mix, {"kind": t.tokenizer, "path": path}))
     write_atomic(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary

@@ -386,8 +386,9 @@ def _committed_foreign_checkpoint(root: Path, lineage: str) -> None:
 
 
 def test_a_recipe_on_local_ranks_refuses_before_any_rank_starts(corpus, tmp_path, capsys, monkeypatch):
-    """`herd recipe --nproc 2` whose second stage saves into another run's directory: one line naming that stage's
-    directory, no rank started, nothing of the recipe's run directory made."""
+    """`herd recipe --nproc 2` whose stages save into another run's directory: one line naming the directory, no
+    rank started, nothing of the recipe's run directory made. (A stage's own checkpoint.dir is refused by the
+    recipe's loader: every stage continues one lineage; the recipe's overrides set it for all.)"""
     ckpt = tmp_path / "theirs"
     _committed_foreign_checkpoint(ckpt, "other")
     before = snapshot(ckpt)
@@ -397,9 +398,10 @@ def test_a_recipe_on_local_ranks_refuses_before_any_rank_starts(corpus, tmp_path
     recipe.write_text(f"""name: tiny
 config: {job}
 run_dir: {tmp_path / 'recipe-run'}
+overrides: [checkpoint.dir={ckpt}]
 stages:
   - {{name: first, tokens: 512}}
-  - {{name: second, tokens: 512, overrides: [checkpoint.dir={ckpt}]}}
+  - {{name: second, tokens: 512}}
 """)
     line = _one_line_before_any_rank(["recipe", str(recipe), "--nproc", "2"], capsys, monkeypatch)
     print(f"recipe: {line}")
@@ -410,6 +412,6 @@ stages:
     from recipe.command import check_stage_checkpoints
     from recipe.runner import RecipeRunner
     plans = RecipeRunner(load_recipe(str(recipe)), world_size=2).plan(check_files=False)
-    check_stage_checkpoints(plans, {"stages": {"second": {"done": True}}})
+    check_stage_checkpoints(plans, {"stages": {"first": {"done": True}, "second": {"done": True}}})
     with pytest.raises(CheckpointError):
         check_stage_checkpoints(plans, {"stages": {"first": {"done": True}}})
