@@ -136,6 +136,10 @@ class RecipeRunner:
                 for suffix in (".bin", ".idx"):
                     if not Path(ds.path + suffix).is_file():
                         raise ConfigError(f"stages.{plan.stage.name}", f"data file {ds.path + suffix} does not exist")
+        horizon, warmup = schedule_horizon(self.recipe, plans), warmup_tokens(self.recipe, plans)
+        if self.recipe.total_tokens and horizon < warmup:  # warmup_steps, counted in tokens only here (H47)
+            raise ConfigError("total_tokens", f"{horizon:,} is shorter than the warmup ({warmup:,} tokens: "
+                                              f"warmup_steps={self.recipe.warmup_steps} of the first stages)")
         return plans
 
     def load_state(self) -> dict:

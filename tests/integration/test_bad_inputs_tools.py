@@ -77,6 +77,8 @@ RECIPE = [
         "stages.long: long_eval.needle_lengths: 32 tokens cannot hold the needle"),
     Case("recipe_warmup_tokens_outlast", recipe("warmup_steps=0", "warmup_tokens=100000"),
          "warmup_tokens: 100000 warmup tokens outlast the recipe's"),
+    Case("recipe_horizon_below_warmup_steps", recipe("total_tokens=10"), "total_tokens: 10 is shorter than the "
+         "warmup ("),
     Case("recipe_horizon_below_warmup", recipe("warmup_steps=0", "warmup_tokens=64", "total_tokens=10"),
          "total_tokens: 10 is shorter than the warmup (64 tokens)"),
     Case("recipe_tokens_nan", recipe(), "tokens", _recipe_line("tokens: 128", "tokens: .nan")),
